@@ -1,0 +1,197 @@
+"""Implicit-GEMM 2-D convolution with a fused BatchNorm+ReLU prologue and bias+ReLU epilogue.
+
+    out = [relu]( conv2d( relu(x * in_scale + in_shift) , weight ) + bias )
+
+GEMM view: M = N*OH*OW output pixels, N = Cout, K = KH*KW*Cin.  Every tensor is a 4-D
+NHWC view with arbitrary strides, so the input may be a channel prefix of a
+concatenation buffer (or an NCHW tensor permuted to NHWC) and the output may be a
+channel slice of another buffer.  Zero padding belongs to the *activated* tensor.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_block, check_nhwc, check_same_device, check_vector, COMPUTE_DTYPES
+
+
+@triton.jit
+def _bn_relu_conv_kernel(
+    x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr,
+    N, H, W, C_in, OH, OW, C_out,
+    stride_xn, stride_xh, stride_xw, stride_xc,
+    stride_on, stride_oh, stride_ow, stride_oc,
+    stride_scale, stride_shift, stride_bias,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+
+    # Rows of the tile are output pixels (n, oh, ow) flattened; columns are output channels.
+    offs_pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pix_mask = offs_pix < N * OH * OW
+    co_mask = offs_co < C_out
+
+    ow = offs_pix % OW
+    oh = (offs_pix // OW) % OH
+    # int64 batch index: n * stride_n is the one term that can pass 2**31 on big batches.
+    n = (offs_pix // (OW * OH)).to(tl.int64)
+    ih_base = oh * STRIDE - PAD
+    iw_base = ow * STRIDE - PAD
+    x_pix_ptr = x_ptr + n * stride_xn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        ih = ih_base + kh
+        iw = iw_base + kw
+        # False for padded taps and for rows past the last output pixel.
+        tap_mask = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_tap_ptr = x_pix_ptr + ih * stride_xh + iw * stride_xw
+        w_tap_row = tap * C_in
+        for k0 in range(0, C_in, BLOCK_K):
+            offs_ci = k0 + tl.arange(0, BLOCK_K)
+            ci_mask = offs_ci < C_in
+
+            a = tl.load(
+                x_tap_ptr[:, None] + offs_ci[None, :] * stride_xc,
+                mask=tap_mask[:, None] & ci_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            if HAS_PROLOGUE:
+                scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
+                shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=ci_mask, other=0.0)
+                a = tl.maximum(a * scale[None, :] + shift[None, :], 0.0)
+                # Padding is zero in the activated tensor, not relu(0 * scale + shift).
+                a = tl.where(tap_mask[:, None], a, 0.0)
+
+            # Tail rows (ci >= C_in) load as zero, so they add nothing whatever `a` holds.
+            w = tl.load(
+                w_ptr + (w_tap_row + offs_ci)[:, None] * C_out + offs_co[None, :],
+                mask=ci_mask[:, None] & co_mask[None, :],
+                other=0.0,
+            )
+            if IEEE_DOT:
+                acc = tl.dot(a.to(w.dtype), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a.to(w.dtype), w, acc)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_co * stride_bias, mask=co_mask, other=0.0)
+        acc = acc + bias[None, :]
+    if RELU_OUT:
+        acc = tl.maximum(acc, 0.0)
+
+    out_pix_ptr = out_ptr + n * stride_on + oh * stride_oh + ow * stride_ow
+    tl.store(
+        out_pix_ptr[:, None] + offs_co[None, :] * stride_oc,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=pix_mask[:, None] & co_mask[None, :],
+    )
+
+
+def pack_conv_weight(w_torch_oikk, dtype):
+    """torch conv weight [Cout, Cin, KH, KW] -> contiguous [KH*KW*Cin, Cout] in `dtype`.
+
+    Row index is (kh*KW + kw)*Cin + ci, the order the kernel walks K in.
+    """
+    if w_torch_oikk.dim() != 4:
+        raise ValueError(f"conv weight must be [Cout, Cin, KH, KW], got {tuple(w_torch_oikk.shape)}")
+    c_out, c_in, kh, kw = w_torch_oikk.shape
+    return (
+        w_torch_oikk.permute(2, 3, 1, 0)
+        .reshape(kh * kw * c_in, c_out)
+        .to(dtype)
+        .contiguous()
+    )
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return v, v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) for e in v):
+        return int(v[0]), int(v[1])
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def bn_relu_conv(
+    x, weight, out, *, kernel_size, stride=1, padding=0,
+    in_scale=None, in_shift=None, bias=None, relu_out=False,
+    BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=None,
+):
+    """out <- [relu](conv2d(relu(x*in_scale + in_shift), weight, stride, padding) + bias).
+
+    x: [N, H, W, Cin] view; out: [N, OH, OW, Cout] view (written in place, nothing is
+    allocated); weight: pack_conv_weight(...) output, [KH*KW*Cin, Cout] contiguous.
+    in_scale/in_shift (both or neither) and bias are float32 vectors.
+    """
+    check_nhwc("x", x)
+    check_nhwc("out", out)
+    kh, kw = _pair(kernel_size, "kernel_size")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"kernel_size must be positive, got {kernel_size!r}")
+    if not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+
+    n, h, w, c_in = x.shape
+    oh = (h + 2 * padding - kh) // stride + 1
+    ow = (w + 2 * padding - kw) // stride + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input {h}x{w} too small for kernel {kh}x{kw} with padding {padding}")
+    c_out = out.shape[3]
+    if tuple(out.shape) != (n, oh, ow, c_out):
+        raise ValueError(f"out must have shape {(n, oh, ow, c_out)} (N, OH, OW, Cout), got {tuple(out.shape)}")
+
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D prepacked [KH*KW*Cin, Cout] tensor (see pack_conv_weight)")
+    if tuple(weight.shape) != (kh * kw * c_in, c_out):
+        raise ValueError(
+            f"weight must have shape {(kh * kw * c_in, c_out)} for kernel {kh}x{kw}, Cin={c_in}, "
+            f"Cout={c_out}; got {tuple(weight.shape)}"
+        )
+    if weight.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous (see pack_conv_weight)")
+    check_same_device(x.device, weight=weight, out=out)
+
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together or not at all")
+    has_prologue = in_scale is not None
+    if has_prologue:
+        check_vector("in_scale", in_scale, c_in, x.device)
+        check_vector("in_shift", in_shift, c_in, x.device)
+    if bias is not None:
+        check_vector("bias", bias, c_out, x.device)
+    for name, value in (("BLOCK_M", BLOCK_M), ("BLOCK_N", BLOCK_N), ("BLOCK_K", BLOCK_K)):
+        check_block(name, value, minimum=16)  # tl.dot needs every tile dim >= 16
+
+    if out.numel() == 0:
+        return out
+    # Unused pointer arguments get a valid tensor; the constexpr flags compile their loads away.
+    scale = in_scale if has_prologue else weight
+    shift = in_shift if has_prologue else weight
+    bias_arg = bias if bias is not None else weight
+    grid = (triton.cdiv(n * oh * ow, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
+    launch_opts = {"num_warps": num_warps}
+    if num_stages is not None:
+        launch_opts["num_stages"] = num_stages
+    _bn_relu_conv_kernel[grid](
+        x, weight, out, scale, shift, bias_arg,
+        n, h, w, c_in, oh, ow, c_out,
+        *x.stride(), *out.stride(),
+        scale.stride(0), shift.stride(0), bias_arg.stride(0),
+        KH=kh, KW=kw, STRIDE=stride, PAD=padding,
+        HAS_PROLOGUE=has_prologue, HAS_BIAS=bias is not None, RELU_OUT=bool(relu_out),
+        IEEE_DOT=weight.dtype == torch.float32,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        **launch_opts,
+    )
+    return out
