@@ -1,0 +1,231 @@
+"""bn_relu_conv against float64 PyTorch on CPU, over the roles it plays in DenseNet."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from densetriton.kernels import bn_relu_conv, pack_conv_weight
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),
+]
+SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+
+
+def rel_err(out, ref):
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def reference(x, w_oikk, *, stride, padding, scale=None, shift=None, bias=None, relu_out=False):
+    """float64 NHWC reference; padding applied to the *activated* tensor, as F.conv2d does."""
+    a = x.double().cpu().permute(0, 3, 1, 2)
+    if scale is not None:
+        a = F.relu(a * scale.double().cpu()[None, :, None, None] + shift.double().cpu()[None, :, None, None])
+    y = F.conv2d(a, w_oikk.double().cpu(), bias=None if bias is None else bias.double().cpu(),
+                 stride=stride, padding=padding)
+    if relu_out:
+        y = F.relu(y)
+    return y.permute(0, 2, 3, 1)
+
+
+def randn(gen, *shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+
+def assert_close(out, ref, dtype):
+    assert not torch.isnan(out).any(), "kernel left poisoned (unwritten) elements"
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n,h,w,c_in,c_out,k,stride,pad,prologue,bias,relu_out",
+    [
+        # 1x1 bottleneck: BN1-ReLU prologue, BN2 folded into bias, ReLU epilogue.
+        (3, 7, 7, 37, 19, 1, 1, 0, True, True, True),
+        # 3x3 over the bottleneck scratch: plain conv, pad 1.
+        (2, 9, 5, 13, 5, 3, 1, 1, False, False, False),
+        # plain dense layer's 3x3 with the BN-ReLU prologue.
+        (2, 7, 7, 37, 19, 3, 1, 1, True, False, False),
+        # CIFAR-style stem 3x3 pad 1 with bias + ReLU, three input channels.
+        (1, 8, 8, 3, 16, 3, 1, 1, False, True, True),
+        # strided, unpadded, odd size: rows and taps that stop short of the border.
+        (2, 9, 7, 13, 19, 3, 2, 0, True, True, False),
+    ],
+)
+def test_conv_matches_torch(device, gen, dtype, n, h, w, c_in, c_out, k, stride, pad, prologue, bias, relu_out):
+    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    w_oikk = randn(gen, c_out, c_in, k, k) / (c_in * k * k) ** 0.5
+    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    scale = randn(gen, c_in, device=device) if prologue else None
+    shift = randn(gen, c_in, device=device) if prologue else None
+    b = randn(gen, c_out, device=device) if bias else None
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    out = torch.full((n, oh, ow, c_out), float("nan"), dtype=dtype, device=device)
+
+    bn_relu_conv(x, weight, out, kernel_size=k, stride=stride, padding=pad,
+                 in_scale=scale, in_shift=shift, bias=b, relu_out=relu_out, **SMALL_BLOCKS)
+
+    ref = reference(x, w_oikk.to(dtype), stride=stride, padding=pad, scale=scale, shift=shift, bias=b, relu_out=relu_out)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_layer_in_place_concat(device, gen, dtype):
+    """Reads the channel prefix buf[..., :c] and writes buf[..., c:c+g] of the same buffer."""
+    n, h, w, c, g, c_total = 2, 7, 7, 21, 19, 48
+    buf = torch.full((n, h, w, c_total), float("nan"), dtype=dtype, device=device)
+    buf[..., :c] = randn(gen, n, h, w, c, dtype=dtype, device=device)
+    before = buf.clone()
+    w_oikk = randn(gen, g, c, 3, 3) / (9 * c) ** 0.5
+    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    scale, shift = randn(gen, c, device=device), randn(gen, c, device=device)
+
+    bn_relu_conv(buf[..., :c], weight, buf[..., c:c + g], kernel_size=3, padding=1,
+                 in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+
+    ref = reference(before[..., :c], w_oikk.to(dtype), stride=1, padding=1, scale=scale, shift=shift)
+    assert_close(buf[..., c:c + g], ref, dtype)
+    assert torch.equal(buf[..., :c], before[..., :c]), "input channels were modified"
+    assert torch.isnan(buf[..., c + g:]).all(), "kernel wrote past its output slice"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_slice_in_middle_of_wider_buffer(device, gen, dtype):
+    """Input: prefix of a wider buffer; output: a middle channel slice; nothing else touched."""
+    n, h, w, c_in, c_out = 3, 5, 6, 37, 19
+    src = randn(gen, n, h, w, 40, dtype=dtype, device=device)
+    dst = torch.full((n, h, w, 30), float("nan"), dtype=dtype, device=device)
+    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
+    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
+    bias = randn(gen, c_out, device=device)
+
+    bn_relu_conv(src[..., :c_in], weight, dst[..., 5:5 + c_out], kernel_size=1,
+                 in_scale=scale, in_shift=shift, bias=bias, relu_out=True, **SMALL_BLOCKS)
+
+    ref = reference(src[..., :c_in], w_oikk.to(dtype), stride=1, padding=0,
+                    scale=scale, shift=shift, bias=bias, relu_out=True)
+    assert_close(dst[..., 5:5 + c_out], ref, dtype)
+    assert torch.isnan(dst[..., :5]).all() and torch.isnan(dst[..., 5 + c_out:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,h,w", [(2, 9, 9), (1, 8, 5)])
+def test_imagenet_stem_7x7_s2_p3_from_nchw(device, gen, dtype, n, h, w):
+    """The stem reads the caller's NCHW image through a permuted (non-contiguous) view."""
+    c_out = 19
+    x_nchw = randn(gen, n, 3, h, w, dtype=dtype, device=device)
+    w_oikk = randn(gen, c_out, 3, 7, 7) / (3 * 49) ** 0.5
+    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    bias = randn(gen, c_out, device=device)
+    oh, ow = (h + 6 - 7) // 2 + 1, (w + 6 - 7) // 2 + 1
+    out = torch.full((n, oh, ow, c_out), float("nan"), dtype=dtype, device=device)
+
+    x = x_nchw.permute(0, 2, 3, 1)
+    assert not x.is_contiguous()
+    bn_relu_conv(x, weight, out, kernel_size=7, stride=2, padding=3, bias=bias, relu_out=True,
+                 BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+
+    ref = reference(x, w_oikk.to(dtype), stride=2, padding=3, bias=bias, relu_out=True)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("w_dtype", DTYPES)
+def test_classifier_float32_logits(device, gen, w_dtype):
+    """Classifier: pooled features as [N, 1, 1, C], 16-bit weights, float32 logits."""
+    n, c, classes = 3, 37, 10
+    feats = randn(gen, n, c, device=device)
+    w_oikk = randn(gen, classes, c, 1, 1) / c ** 0.5
+    weight = pack_conv_weight(w_oikk, w_dtype).to(device)
+    bias = randn(gen, classes, device=device)
+    logits = torch.full((n, classes), float("nan"), dtype=torch.float32, device=device)
+
+    bn_relu_conv(feats.view(n, 1, 1, c), weight, logits.view(n, 1, 1, classes), kernel_size=1,
+                 bias=bias, **SMALL_BLOCKS)
+
+    ref = feats.double().cpu() @ w_oikk.to(w_dtype).double()[:, :, 0, 0].T + bias.double().cpu()
+    assert_close(logits, ref, w_dtype)
+
+
+def test_default_block_sizes(device, gen):
+    n, h, w, c_in, c_out = 2, 6, 6, 13, 5
+    x = randn(gen, n, h, w, c_in, device=device)
+    w_oikk = randn(gen, c_out, c_in, 3, 3)
+    out = torch.full((n, h, w, c_out), float("nan"), device=device)
+    bn_relu_conv(x, pack_conv_weight(w_oikk, torch.float32).to(device), out, kernel_size=3, padding=1)
+    assert_close(out, reference(x, w_oikk, stride=1, padding=1), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padding_is_zero_after_activation(device, gen, dtype):
+    """With a strongly positive shift, relu(0*scale + shift) > 0; padded taps must still add 0."""
+    n, h, w, c_in, c_out = 2, 5, 5, 13, 5
+    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    w_oikk = randn(gen, c_out, c_in, 3, 3).abs()  # all-positive: wrong padding can't cancel out
+    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    scale = randn(gen, c_in, device=device) * 0.1
+    shift = torch.full((c_in,), 5.0, device=device)
+    out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype, device=device)
+
+    bn_relu_conv(x, weight, out, kernel_size=3, padding=1, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+
+    ref = reference(x, w_oikk.to(dtype), stride=1, padding=1, scale=scale, shift=shift)
+    assert_close(out, ref, dtype)
+    # The wrong answer (pad the raw input, then activate) differs by far more than the tolerance.
+    xd = x.double().cpu()
+    x_padded = F.pad(xd.permute(0, 3, 1, 2), (1, 1, 1, 1))
+    a_wrong = F.relu(x_padded * scale.double().cpu()[None, :, None, None] + 5.0)
+    wrong = F.conv2d(a_wrong, w_oikk.to(dtype).double()).permute(0, 2, 3, 1)
+    assert rel_err(out, wrong) > 10 * TOL[dtype]
+
+
+def test_validation_errors(device, gen):
+    x = randn(gen, 2, 7, 7, 13, device=device)
+    weight = pack_conv_weight(randn(gen, 5, 13, 3, 3), torch.float32).to(device)
+    out = torch.empty(2, 7, 7, 5, device=device)
+    vec13, vec5 = randn(gen, 13, device=device), randn(gen, 5, device=device)
+    ok = dict(kernel_size=3, padding=1)
+
+    with pytest.raises(ValueError, match="out must have shape"):
+        bn_relu_conv(x, weight, torch.empty(2, 6, 7, 5, device=device), **ok)
+    with pytest.raises(ValueError, match="out must have shape"):
+        bn_relu_conv(x, weight, out, kernel_size=3, padding=0)  # out is 7x7 but OH would be 5
+    with pytest.raises(ValueError, match="weight must have shape"):
+        bn_relu_conv(x, weight, out, kernel_size=1)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        bn_relu_conv(x, torch.zeros(117, 6, device=device), out, **ok)  # Cout 6 vs out's 5
+    with pytest.raises(ValueError, match="contiguous"):
+        bn_relu_conv(x, weight.T.contiguous().T, out, **ok)
+    with pytest.raises(ValueError, match="4-D"):
+        bn_relu_conv(x[0], weight, out, **ok)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        bn_relu_conv(x.to(torch.int32), weight, out, **ok)
+    with pytest.raises(ValueError, match="together"):
+        bn_relu_conv(x, weight, out, in_scale=vec13, **ok)
+    with pytest.raises(ValueError, match=r"in_scale must have shape \[13\]"):
+        bn_relu_conv(x, weight, out, in_scale=vec5, in_shift=vec13, **ok)
+    with pytest.raises(ValueError, match="in_shift must be float32"):
+        bn_relu_conv(x, weight, out, in_scale=vec13, in_shift=vec13.half(), **ok)
+    with pytest.raises(ValueError, match=r"bias must have shape \[5\]"):
+        bn_relu_conv(x, weight, out, bias=vec13, **ok)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        bn_relu_conv(x, weight, out, BLOCK_K=8, **ok)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        bn_relu_conv(x, weight, out, BLOCK_M=48, **ok)
+    with pytest.raises(ValueError, match="too small"):
+        bn_relu_conv(x[:, :2, :2], weight, out, **dict(ok, padding=0))
+
+
+def test_pack_conv_weight_layout(gen):
+    w = randn(gen, 5, 3, 2, 4)
+    packed = pack_conv_weight(w, torch.float16)
+    assert packed.shape == (2 * 4 * 3, 5) and packed.dtype == torch.float16 and packed.is_contiguous()
+    for kh, kw, ci, co in [(0, 0, 0, 0), (1, 3, 2, 4), (1, 0, 1, 2), (0, 2, 2, 1)]:
+        assert packed[(kh * 4 + kw) * 3 + ci, co] == w[co, ci, kh, kw].half()
+    with pytest.raises(ValueError):
+        pack_conv_weight(w[0], torch.float32)
