@@ -1,0 +1,1 @@
+"""`densetriton bench`: densetriton against torchvision and torch.compile, results kept in bench/results/."""

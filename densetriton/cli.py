@@ -1,0 +1,114 @@
+"""The `densetriton` command line: info, convert, bench, predict, embed.
+
+Errors print as one line (`densetriton: error: ...`); `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _info(args) -> int:
+    from .spec import get_spec
+
+    spec = get_spec(args.model)
+    size = args.image_size or (224 if spec.stem == "imagenet" else 32)
+    print(args.model)
+    print(f"  growth rate k       {spec.growth_rate}")
+    print(f"  layers per block    {'-'.join(map(str, spec.block_config))}")
+    print(f"  layer               {'bottleneck BN-ReLU-conv1x1(' + str(spec.bottleneck_channels) + ')-BN-ReLU-conv3x3' if spec.bn_size else 'plain BN-ReLU-conv3x3'}")
+    print(f"  compression theta   {spec.compression}")
+    print(f"  stem                {spec.stem} ({spec.num_init_features} channels)")
+    print(f"  depth L             {spec.depth}")
+    print(f"  classes             {spec.num_classes}")
+    sizes = spec.feature_sizes(size, size)
+    transitions = spec.transition_channels() + [None]
+    for b, ((c_in, c_out), layers, (h, w), t) in enumerate(zip(spec.block_channels(), spec.block_config, sizes, transitions), 1):
+        tail = f" -> transition -> {t}" if t is not None else " -> norm5, global pool"
+        print(f"  block {b}: {layers:3d} layers, {h}x{w}, channels {c_in} -> {c_out}{tail}")
+    print(f"  parameters          {spec.num_parameters():,}")
+    print(f"  multiply-adds       {spec.macs(size):,} at {size}x{size} ({spec.macs(size) / 1e9:.2f} GMACs)")
+    print(f"  smallest input      {spec.min_input_size()}x{spec.min_input_size()}")
+    if args.json:
+        print(json.dumps({"spec": spec.to_dict(), "parameters": spec.num_parameters(), "macs": spec.macs(size)}))
+    return 0
+
+
+def _convert(args) -> int:
+    from .weights_tools.convert import convert_checkpoint, convert_torchvision
+
+    if args.arch is None and args.checkpoint is None:
+        raise ValueError("give --arch NAME (torchvision's pretrained weights) or --checkpoint FILE (a local checkpoint)")
+    class_names = None
+    if args.class_names:
+        class_names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+    if args.checkpoint is not None:
+        out = convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names)
+    else:
+        if class_names is not None:
+            raise ValueError("--class-names applies to --checkpoint; torchvision's weights carry their own")
+        out = convert_torchvision(args.arch, args.out)
+    from .weights import describe_spec, load_weights
+
+    w = load_weights(out)
+    names = f", {len(w.class_names)} class names" if w.class_names else ""
+    print(f"wrote {out}: {describe_spec(w.spec)}, {w.spec.num_parameters():,} parameters{names}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .spec import list_models
+
+    parser = argparse.ArgumentParser(
+        prog="densetriton",
+        description="DenseNet inference with fused Triton kernels: convert weights, inspect models, classify, benchmark.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="print a model's architecture, parameter count and multiply-adds")
+    p.add_argument("model", choices=list_models(), metavar="NAME", help="one of: " + ", ".join(list_models()))
+    p.add_argument("--image-size", type=int, help="input size for the multiply-add count (default 224; 32 for CIFAR models)")
+    p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert torchvision's pretrained weights or a checkpoint into a .safetensors weights file",
+        description="Convert torchvision's pretrained weights (--arch) or a local checkpoint (--checkpoint: .pth, .pt, "
+        ".pth.tar, .safetensors; nested state dicts, 'module.' prefixes, legacy keys and Sequential classifiers are "
+        "handled) into a densetriton weights file. Pickles load with weights_only=True: no code runs.",
+    )
+    p.add_argument("--out", required=True, help="the .safetensors file to write (written atomically)")
+    p.add_argument("--arch", choices=list_models(), metavar="NAME", help="architecture; without --checkpoint, fetch torchvision's weights")
+    p.add_argument("--checkpoint", help="a local checkpoint file; the architecture is inferred unless --arch is given")
+    p.add_argument("--class-names", help="a text file with one class name per line, stored in the weights file")
+    p.set_defaults(func=_convert)
+
+    for module in ("densetriton.bench.cli", "densetriton.predict"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("densetriton: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line unless --debug
+        if args.debug:
+            raise
+        print(f"densetriton: error: {e}", file=sys.stderr)
+        return 1

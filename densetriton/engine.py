@@ -1,0 +1,198 @@
+"""`load()` and the engine it returns: validated inputs in, float32 logits or features out."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .reference import ReferenceDenseNet
+from .spec import MODELS, TORCHVISION_MODELS, DenseNetSpec, get_spec
+from .weights import IMAGENET_PREPROCESSING, Weights, WeightsError, cache_dir, describe_spec, load_weights
+
+BACKENDS = ("auto", "reference", "triton")
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = tuple(DTYPE_NAMES.values())
+
+
+class Engine:
+    """A DenseNet ready to run: `engine(x)` gives logits, `engine.features(x)` pooled features.
+
+    x is a float tensor of NCHW images [N, 3, H, W] on the engine's device, as torchvision takes
+    them; results are float32 whatever the compute dtype.
+    """
+
+    def __init__(self, weights: Weights, *, device: torch.device, dtype: torch.dtype, backend: str, pretrained: bool):
+        self.weights = weights
+        self.spec: DenseNetSpec = weights.spec
+        self.device = device
+        self.dtype = dtype
+        self.backend = backend
+        self.pretrained = pretrained
+        self.class_names = weights.class_names
+        self.preprocessing = weights.preprocessing or (IMAGENET_PREPROCESSING if self.spec.stem == "imagenet" else None)
+        # Buffers of a plan serve one call at a time.
+        self._lock = threading.Lock()
+        if backend == "reference":
+            model = ReferenceDenseNet(self.spec)
+            model.load_state_dict(weights.tensors, strict=False)  # num_batches_tracked is not stored
+            self._model = model.to(device=device, dtype=dtype).eval()
+        else:
+            from .executor import TritonExecutor
+
+            self._model = TritonExecutor(self.spec, weights.tensors, device=device, dtype=dtype)
+
+    def __repr__(self) -> str:
+        trained = "pretrained" if self.pretrained else ("untrained (random weights)" if self.weights.source == "random" else "weights from " + str(self.weights.source))
+        return (
+            f"Engine({describe_spec(self.spec)}, backend={self.backend!r}, device={str(self.device)!r}, "
+            f"dtype={self.dtype}, {trained})"
+        )
+
+    # -- running ---------------------------------------------------------------------------
+
+    def check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of images [N, 3, H, W], got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected images of shape [N, 3, H, W] (rank 4), got shape {tuple(x.shape)} (rank {x.dim()})")
+        if x.shape[1] != 3:
+            raise ValueError(f"expected 3 channels in dimension 1 (NCHW), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point tensor (float32, float16 or bfloat16), got {x.dtype}")
+        if x.device.type != self.device.type or (
+            self.device.index is not None and x.device.index not in (None, self.device.index)
+        ):
+            raise ValueError(f"expected a tensor on {self.device} (the engine's device), got one on {x.device}")
+        self.spec.feature_sizes(x.shape[2], x.shape[3])  # raises with the smallest size that works
+
+    @torch.inference_mode()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features [N, C] (float32): what the classifier sees."""
+        self.check_input(x)
+        if x.shape[0] == 0:
+            return torch.empty(0, self.spec.num_features, device=self.device)
+        with self._lock:
+            if self.backend == "reference":
+                return self._model.forward_features(x.to(self.dtype)).float()
+            return self._model.features(x)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [N, num_classes] (float32)."""
+        self.check_input(x)
+        if x.shape[0] == 0:
+            return torch.empty(0, self.spec.num_classes, device=self.device)
+        with self._lock:
+            if self.backend == "reference":
+                return self._model(x.to(self.dtype)).float()
+            return self._model(x)
+
+    def release(self) -> None:
+        """Free the buffers of every cached plan (the weights stay)."""
+        release = getattr(self._model, "release", None)
+        if release is not None:
+            with self._lock:
+                release()
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def pretrained_path(name: str) -> Path:
+    """Where the converted torchvision weights of a registry model are cached."""
+    from .weights_tools.convert import torchvision_weights
+
+    entry = torchvision_weights(name)
+    return cache_dir() / f"{name}-{entry.name}.safetensors"
+
+
+def pretrained_weights(name: str) -> Path:
+    """The cached pretrained file, converted from torchvision's weights on first use."""
+    from .weights_tools.convert import convert_torchvision
+
+    path = pretrained_path(name)
+    if not path.is_file():
+        convert_torchvision(name, path)
+    return path
+
+
+def random_weights(spec: DenseNetSpec) -> Weights:
+    """torchvision's initialisation from torch's global RNG (torch.manual_seed reproduces it)."""
+    model = ReferenceDenseNet(spec)
+    tensors = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    return Weights(spec, tensors, None, None, "random")
+
+
+def _same_architecture(a: DenseNetSpec, b: DenseNetSpec) -> bool:
+    return a.replace(num_classes=1) == b.replace(num_classes=1)
+
+
+def load(
+    model: str | os.PathLike | DenseNetSpec,
+    *,
+    weights: str | os.PathLike | None = "DEFAULT",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    backend: str = "auto",
+) -> Engine:
+    """Build an engine.
+
+    model: a registry name (see list_models()), a .safetensors path, or a DenseNetSpec.
+    weights: "DEFAULT" for torchvision's pretrained weights (converted once, then cached under
+        $DENSETRITON_HOME, $XDG_CACHE_HOME/densetriton or ~/.cache/densetriton); None for random,
+        untrained weights; or a path to a weights file.
+    device: default CUDA when available, else CPU.  dtype: default float16 on CUDA, float32 on CPU.
+    backend: "triton" (fused kernels), "reference" (plain PyTorch), or "auto" (triton on CUDA).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if isinstance(dtype, str):
+        dtype = DTYPE_NAMES.get(dtype, dtype)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "reference"
+
+    pretrained = False
+    if isinstance(model, DenseNetSpec):
+        spec, name = model, None
+    elif isinstance(model, str) and model in MODELS:
+        spec, name = get_spec(model), model
+    elif isinstance(model, (str, os.PathLike)) and (str(model).endswith(".safetensors") or Path(model).is_file()):
+        if weights not in ("DEFAULT", None) and Path(weights) != Path(model):
+            raise ValueError("model is already a weights file; leave weights at its default")
+        spec, name, weights = None, None, model
+    else:
+        raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}, a .safetensors path or a DenseNetSpec")
+
+    if weights is None:
+        loaded = random_weights(spec)
+        warnings.warn(
+            f"{describe_spec(spec)} has random weights: it is untrained and its predictions mean nothing",
+            stacklevel=2,
+        )
+    else:
+        if isinstance(weights, str) and weights == "DEFAULT":
+            if name not in TORCHVISION_MODELS:
+                what = name or "a custom DenseNetSpec"
+                raise ValueError(
+                    f"no pretrained weights are published for {what}; pass weights=None for random (untrained) "
+                    f"weights, or weights=PATH for a converted file (densetriton convert)"
+                )
+            weights = pretrained_weights(name)
+            pretrained = True
+        loaded = load_weights(weights)
+        if spec is not None and not _same_architecture(spec, loaded.spec):
+            raise WeightsError(
+                f"{weights} holds {describe_spec(loaded.spec)}, not {describe_spec(spec)}"
+            )
+    return Engine(loaded, device=device, dtype=dtype, backend=backend, pretrained=pretrained)

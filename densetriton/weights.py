@@ -1,0 +1,208 @@
+"""The weights file: safetensors under torchvision's state-dict names, plus metadata.
+
+Tensors are stored unfolded (every BatchNorm keeps weight, bias, running_mean, running_var), so
+a file converts back to a torchvision state dict bit-exactly; folding happens when a plan is
+built. Metadata (all strings, as safetensors requires):
+
+    format          "densetriton"
+    format_version  "1"
+    spec            the DenseNetSpec as JSON
+    class_names     JSON list of class names, when known
+    preprocessing   JSON {"resize_size", "crop_size", "mean", "std"}, when known
+    source          where the weights came from
+
+A plain safetensors file with torchvision-layout keys and no metadata (timm's DenseNet files,
+for instance) loads too: the spec is inferred from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .spec import DenseNetSpec
+
+FORMAT = "densetriton"
+FORMAT_VERSION = "1"
+
+# ImageNet preprocessing as torchvision's DenseNet weights define it.
+IMAGENET_PREPROCESSING = {
+    "resize_size": 256,
+    "crop_size": 224,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+
+
+class WeightsError(ValueError):
+    """A weights file or checkpoint that cannot be used; the message says why."""
+
+
+@dataclass
+class Weights:
+    spec: DenseNetSpec
+    tensors: dict[str, torch.Tensor]
+    class_names: list[str] | None = None
+    preprocessing: dict | None = None
+    source: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    """Where pretrained files are cached: $DENSETRITON_HOME, else $XDG_CACHE_HOME/densetriton,
+    else ~/.cache/densetriton."""
+    if os.environ.get("DENSETRITON_HOME"):
+        return Path(os.environ["DENSETRITON_HOME"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "densetriton"
+    return Path.home() / ".cache" / "densetriton"
+
+
+def _listing(names, limit=12) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> None:
+    """One error listing every missing, unexpected, mis-shaped or unusable tensor."""
+    expected = spec.state_dict_shapes()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    misshaped = [
+        f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != expected[k]
+    ]
+    not_float = [f"{k} ({tensors[k].dtype})" for k in expected if k in tensors and not tensors[k].is_floating_point()]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+    if misshaped:
+        problems.append(f"{len(misshaped)} mis-shaped: {_listing(misshaped)}")
+    if not_float:
+        problems.append(f"{len(not_float)} not floating point: {_listing(not_float)}")
+    if not problems:
+        not_finite = [k for k in expected if not torch.isfinite(tensors[k]).all()]
+        if not_finite:
+            problems.append(f"{len(not_finite)} with NaN or Inf values: {_listing(not_finite)}")
+    if problems:
+        raise WeightsError(
+            f"weights do not fit {describe_spec(spec)}: " + "; ".join(problems)
+        )
+
+
+def describe_spec(spec: DenseNetSpec) -> str:
+    from .spec import MODELS
+
+    for name, s in MODELS.items():
+        if s == spec:
+            return name
+    return (
+        f"DenseNet(k={spec.growth_rate}, blocks={list(spec.block_config)}, init={spec.num_init_features}, "
+        f"bn_size={spec.bn_size}, theta={spec.compression}, classes={spec.num_classes}, stem={spec.stem})"
+    )
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call write(tmp_path), then rename into place: a failure never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def save_weights(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    spec: DenseNetSpec,
+    *,
+    class_names: list[str] | None = None,
+    preprocessing: dict | None = None,
+    source: str | None = None,
+) -> Path:
+    """Validate and write a weights file atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    check_tensors(tensors, spec)
+    if class_names is not None and len(class_names) != spec.num_classes:
+        raise WeightsError(f"{len(class_names)} class names given for a {spec.num_classes}-class classifier")
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json()}
+    if class_names is not None:
+        metadata["class_names"] = json.dumps(list(class_names))
+    if preprocessing is not None:
+        metadata["preprocessing"] = json.dumps(preprocessing)
+    if source is not None:
+        metadata["source"] = source
+    ordered = {k: tensors[k].detach().to("cpu").contiguous() for k in spec.state_dict_shapes()}
+    return atomic_write(path, lambda tmp: save_file(ordered, tmp, metadata=metadata))
+
+
+def load_weights(path: str | os.PathLike) -> Weights:
+    """Read a weights file: ours (with metadata) or a plain torchvision-layout safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
+
+    if "spec" in metadata:
+        if metadata.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise WeightsError(
+                f"{path} has format version {metadata.get('format_version')}; this densetriton reads {FORMAT_VERSION}"
+            )
+        try:
+            spec = DenseNetSpec.from_json(metadata["spec"])
+            class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+            preprocessing = json.loads(metadata["preprocessing"]) if "preprocessing" in metadata else None
+        except (ValueError, TypeError) as e:
+            raise WeightsError(f"{path} has unreadable metadata ({e})") from None
+        try:
+            check_tensors(tensors, spec)
+        except WeightsError as e:
+            raise WeightsError(f"{path}: its metadata contradicts its tensors: {e}") from None
+        if class_names is not None and len(class_names) != spec.num_classes:
+            raise WeightsError(
+                f"{path}: metadata names {len(class_names)} classes but the classifier has {spec.num_classes}"
+            )
+    else:
+        # A plain torchvision-layout file (e.g. timm's): normalise the names, infer the spec.
+        from .weights_tools.convert import normalize_state_dict, infer_spec
+
+        tensors = normalize_state_dict(tensors)
+        spec = infer_spec(tensors)
+        try:
+            check_tensors(tensors, spec)
+        except WeightsError as e:
+            raise WeightsError(f"{path}: {e}") from None
+        class_names = preprocessing = None
+    return Weights(spec, tensors, class_names, preprocessing, metadata.get("source"), metadata)
+
+
+def to_torchvision_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The file's tensors as a torchvision DenseNet state dict (bit-exact)."""
+    return load_weights(path).tensors

@@ -1,0 +1,255 @@
+"""Turn DenseNet checkpoints -- torchvision's, timm's, and people's own -- into weights files.
+
+Checkpoints from the wild differ in packaging, not in substance: weights nested under
+"state_dict" or "model", keys prefixed by "module." (DataParallel) or a wrapper's attribute
+name, the legacy "norm.1"/"conv.2" keys of old torchvision files, a classifier wrapped in a
+Sequential (CheXNet-style heads). All of that is normalised to torchvision's names, the spec is
+inferred from the tensor shapes (or taken from --arch), everything is validated, and only then
+is a file written (to a temporary name, then renamed).
+
+Pickle checkpoints are read with torch.load(weights_only=True): loading never executes code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
+from ..weights import IMAGENET_PREPROCESSING, WeightsError, check_tensors, describe_spec, save_weights
+
+# Containers under which training scripts commonly nest the weights.
+_NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+
+# Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_SEQUENTIAL_CLASSIFIER = re.compile(r"^classifier\.(\d+)\.(weight|bias)$")
+
+
+class ConversionError(WeightsError):
+    """A checkpoint that cannot be converted; the message says why and nothing was written."""
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a .safetensors, .pth, .pt or .pth.tar file without executing any code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ConversionError(f"{path} is not a readable safetensors file ({e})") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(
+            f"refusing to load {path}: it holds objects that only arbitrary code could rebuild, and checkpoints "
+            f"are loaded with weights_only=True so that they never execute code. Save the model's state_dict() "
+            f"instead. ({str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+
+
+def _unnest(obj) -> dict[str, torch.Tensor]:
+    """Find the state dict inside a checkpoint: the dict itself, or one nested under a common key."""
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            break
+        if any(isinstance(v, torch.Tensor) for v in obj.values()) and not any(
+            k in obj and isinstance(obj[k], dict) for k in _NESTING_KEYS
+        ):
+            return obj
+        inner = next((obj[k] for k in _NESTING_KEYS if k in obj and isinstance(obj[k], dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise ConversionError(
+        "no state dict found in the checkpoint: expected a dict of tensors, possibly nested under one of "
+        + ", ".join(repr(k) for k in _NESTING_KEYS)
+    )
+
+
+def normalize_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Rename a DenseNet state dict to torchvision's current names (see the module docstring)."""
+    tensors = {k: v for k, v in _unnest(state_dict).items() if isinstance(v, torch.Tensor)}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith("num_batches_tracked"):
+            continue  # a training counter, not a weight
+        parts = key.split(".")
+        # Drop any wrapper prefix ("module.", "model.", "densenet121.", "backbone.", ...).
+        start = next((i for i, p in enumerate(parts) if p in ("features", "classifier")), 0)
+        name = ".".join(parts[start:])
+        name = _LEGACY_KEY.sub(r"\1\2", name)
+        if name in out:
+            raise ConversionError(f"two checkpoint tensors map to {name!r} (one is {key!r})")
+        out[name] = value
+    return _unwrap_sequential_classifier(out)
+
+
+def _unwrap_sequential_classifier(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """classifier = Sequential(Linear, Sigmoid) -> the Linear's weight and bias."""
+    indices = {m.group(1) for k in tensors if (m := _SEQUENTIAL_CLASSIFIER.match(k))}
+    if not indices:
+        return tensors
+    linear = [i for i in indices if tensors.get(f"classifier.{i}.weight") is not None and tensors[f"classifier.{i}.weight"].dim() == 2]
+    if len(indices) != 1 or len(linear) != 1 or "classifier.weight" in tensors:
+        raise ConversionError(
+            "the classifier is a multi-layer head (" + ", ".join(sorted(k for k in tensors if k.startswith("classifier.")))
+            + "); densetriton supports DenseNet's single linear classifier, optionally wrapped in a Sequential"
+        )
+    (i,) = linear
+    return {
+        (f"classifier.{k.rsplit('.', 1)[1]}" if _SEQUENTIAL_CLASSIFIER.match(k) else k): v for k, v in tensors.items()
+    }
+
+
+def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
+    """Read the architecture off a normalised state dict's shapes."""
+
+    def shape(name):
+        if name not in tensors:
+            raise ConversionError(f"cannot infer the architecture: no tensor {name!r} (is this a DenseNet checkpoint?)")
+        return tuple(tensors[name].shape)
+
+    conv0 = shape("features.conv0.weight")
+    if len(conv0) != 4 or conv0[1] != 3 or conv0[2] not in (3, 7):
+        raise ConversionError(f"cannot infer the architecture: features.conv0.weight has shape {conv0}")
+    stem = "imagenet" if conv0[2] == 7 else "cifar"
+    block_config = []
+    while f"features.denseblock{len(block_config) + 1}.denselayer1.norm1.weight" in tensors:
+        b = len(block_config) + 1
+        layers = 0
+        while f"features.denseblock{b}.denselayer{layers + 1}.norm1.weight" in tensors:
+            layers += 1
+        block_config.append(layers)
+    if not block_config:
+        raise ConversionError("cannot infer the architecture: no features.denseblock1.denselayer1 tensors")
+    first = "features.denseblock1.denselayer1"
+    if f"{first}.conv2.weight" in tensors:
+        growth_rate = shape(f"{first}.conv2.weight")[0]
+        width = shape(f"{first}.conv1.weight")[0]
+        if width % growth_rate:
+            raise ConversionError(f"cannot infer bn_size: bottleneck width {width} is not a multiple of k={growth_rate}")
+        bn_size = width // growth_rate
+    else:
+        growth_rate, bn_size = shape(f"{first}.conv1.weight")[0], None
+    compression = 1.0
+    if len(block_config) > 1:
+        t_out, t_in = shape("features.transition1.conv.weight")[:2]
+        compression = t_out / t_in
+        # Prefer a short decimal (0.5, not 0.50000001) that reproduces every transition's width.
+        for digits in range(1, 7):
+            theta = round(compression, digits)
+            if math.floor(theta * t_in) == t_out:
+                compression = theta
+                break
+    num_classes = shape("classifier.weight")[0]
+    try:
+        return DenseNetSpec(growth_rate, tuple(block_config), conv0[0], bn_size, compression, num_classes, stem)
+    except ValueError as e:
+        raise ConversionError(f"cannot infer the architecture: {e}") from None
+
+
+# -- converting ---------------------------------------------------------------------------
+
+
+def convert_state_dict(
+    state_dict: dict,
+    out: str | os.PathLike,
+    *,
+    arch: str | DenseNetSpec | None = None,
+    class_names: list[str] | None = None,
+    preprocessing: dict | None = None,
+    source: str | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Normalise, validate against the spec (given or inferred) and write `out` atomically."""
+    tensors = normalize_state_dict(state_dict)
+    if arch is None:
+        spec = infer_spec(tensors)
+    elif isinstance(arch, DenseNetSpec):
+        spec = arch
+    else:
+        spec = get_spec(arch)
+        if "classifier.weight" in tensors and tensors["classifier.weight"].dim() == 2:
+            # A fine-tuned head of any size is still this architecture.
+            spec = spec.replace(num_classes=tensors["classifier.weight"].shape[0])
+    check_tensors(tensors, spec)
+    # Copy to CPU with progress: the slow part for large checkpoints on slow disks.
+    cpu = {}
+    shown = None if progress is None else not progress  # None: show on a terminal only
+    for name in tqdm(spec.state_dict_shapes(), desc=f"converting {describe_spec(spec)}", unit="tensor", disable=shown, leave=False):
+        cpu[name] = tensors[name].detach().to("cpu").contiguous()
+    if preprocessing is None and spec.stem == "imagenet":
+        preprocessing = IMAGENET_PREPROCESSING
+    return save_weights(out, cpu, spec, class_names=class_names, preprocessing=preprocessing, source=source)
+
+
+def convert_checkpoint(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    arch: str | DenseNetSpec | None = None,
+    class_names: list[str] | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Convert a checkpoint file (.pth, .pt, .pth.tar, .safetensors)."""
+    state_dict = load_checkpoint(path)
+    return convert_state_dict(
+        state_dict, out, arch=arch, class_names=class_names, source=f"checkpoint:{Path(path).name}", progress=progress
+    )
+
+
+def convert_module(model: torch.nn.Module, out: str | os.PathLike, *, class_names: list[str] | None = None) -> Path:
+    """Convert a live torchvision.models.DenseNet (or any module with its layout)."""
+    return convert_state_dict(model.state_dict(), out, class_names=class_names, source=f"module:{type(model).__name__}")
+
+
+def torchvision_weights(arch: str):
+    """torchvision's DEFAULT weights enum entry for a registry name."""
+    import torchvision
+
+    if arch not in TORCHVISION_MODELS:
+        raise ConversionError(
+            f"torchvision publishes no pretrained weights for {arch!r}; it does for: {', '.join(TORCHVISION_MODELS)}"
+        )
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+def convert_torchvision(arch: str, out: str | os.PathLike, *, progress: bool | None = None) -> Path:
+    """Fetch torchvision's pretrained weights through its own weights API and convert them."""
+    weights = torchvision_weights(arch)
+    try:
+        state_dict = weights.get_state_dict(progress=progress is not False, check_hash=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch is a RuntimeError
+        name = Path(weights.url).name
+        raise ConversionError(
+            f"could not get torchvision's {arch} weights from {weights.url} ({e}). Without network access, fetch "
+            f"that file on another machine and convert it with: densetriton convert --checkpoint {name} --arch {arch} "
+            f"--out {out}  (or put it in {torch.hub.get_dir()}/checkpoints/ where torchvision looks first)"
+        ) from None
+    return convert_state_dict(
+        state_dict,
+        out,
+        arch=arch,
+        class_names=list(weights.meta["categories"]),
+        source=f"torchvision:{weights}",
+        progress=progress,
+    )
