@@ -1,0 +1,109 @@
+"""bn_relu_avgpool_conv (DenseNet transition) against torchvision's order of operations.
+
+The reference is avgpool(conv1x1(relu(bn(x)))) in float64, i.e. what torchvision's
+_Transition computes; the kernel pools first, so agreement also checks the commutation.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from densetriton.kernels import bn_relu_avgpool_conv, pack_conv_weight
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),
+]
+SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+
+
+def randn(gen, *shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+
+def reference(x, w_oikk, scale, shift):
+    a = x.double().cpu().permute(0, 3, 1, 2)
+    a = F.relu(a * scale.double().cpu()[None, :, None, None] + shift.double().cpu()[None, :, None, None])
+    y = F.avg_pool2d(F.conv2d(a, w_oikk.double().cpu()), kernel_size=2, stride=2)
+    return y.permute(0, 2, 3, 1)
+
+
+def assert_close(out, ref, dtype):
+    assert not torch.isnan(out).any(), "kernel left poisoned (unwritten) elements"
+    err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n,h,w,c_in,c_out",
+    [
+        (2, 8, 8, 37, 19),  # even size, channel tails in K and N
+        (3, 7, 7, 13, 5),   # odd size: last row/column dropped (floor), as nn.AvgPool2d(2, 2)
+        (1, 9, 5, 40, 16),  # odd and non-square; Cout exactly one block
+    ],
+)
+def test_transition_matches_torchvision_order(device, gen, dtype, n, h, w, c_in, c_out):
+    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
+    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
+    out = torch.full((n, h // 2, w // 2, c_out), float("nan"), dtype=dtype, device=device)
+
+    bn_relu_avgpool_conv(x, weight, out, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+
+    assert_close(out, reference(x, w_oikk.to(dtype), scale, shift), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefix_input_and_middle_output_slices(device, gen, dtype):
+    """Input is buf[..., :37] of a 40-channel buffer; output is the middle of a wider buffer."""
+    n, h, w, c_in, c_out = 2, 7, 9, 37, 19
+    src = randn(gen, n, h, w, 40, dtype=dtype, device=device)
+    dst = torch.full((n, h // 2, w // 2, 32), float("nan"), dtype=dtype, device=device)
+    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
+    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device).abs()
+
+    bn_relu_avgpool_conv(src[..., :c_in], weight, dst[..., 6:6 + c_out],
+                         in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+
+    assert_close(dst[..., 6:6 + c_out], reference(src[..., :c_in], w_oikk.to(dtype), scale, shift), dtype)
+    assert torch.isnan(dst[..., :6]).all() and torch.isnan(dst[..., 6 + c_out:]).all()
+
+
+def test_default_block_sizes(device, gen):
+    n, h, w, c_in, c_out = 2, 6, 6, 13, 5
+    x = randn(gen, n, h, w, c_in, device=device)
+    w_oikk = randn(gen, c_out, c_in, 1, 1)
+    scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
+    out = torch.full((n, 3, 3, c_out), float("nan"), device=device)
+    bn_relu_avgpool_conv(x, pack_conv_weight(w_oikk, torch.float32).to(device), out, in_scale=scale, in_shift=shift)
+    assert_close(out, reference(x, w_oikk, scale, shift), torch.float32)
+
+
+def test_validation_errors(device, gen):
+    x = randn(gen, 2, 7, 7, 13, device=device)
+    weight = pack_conv_weight(randn(gen, 5, 13, 1, 1), torch.float32).to(device)
+    out = torch.empty(2, 3, 3, 5, device=device)
+    scale, shift = randn(gen, 13, device=device), randn(gen, 13, device=device)
+    ok = dict(in_scale=scale, in_shift=shift)
+
+    with pytest.raises(ValueError, match="out must have shape"):
+        bn_relu_avgpool_conv(x, weight, torch.empty(2, 4, 4, 5, device=device), **ok)  # ceil, not floor
+    with pytest.raises(ValueError, match="weight must be a prepacked"):
+        bn_relu_avgpool_conv(x, pack_conv_weight(randn(gen, 5, 13, 3, 3), torch.float32), out, **ok)
+    with pytest.raises(ValueError, match="contiguous"):
+        bn_relu_avgpool_conv(x, weight.T.contiguous().T, out, **ok)
+    with pytest.raises(ValueError, match="in_scale must have shape"):
+        bn_relu_avgpool_conv(x, weight, out, in_scale=scale[:5], in_shift=shift)
+    with pytest.raises(ValueError, match="in_shift must be float32"):
+        bn_relu_avgpool_conv(x, weight, out, in_scale=scale, in_shift=shift.double())
+    with pytest.raises(ValueError, match="4-D"):
+        bn_relu_avgpool_conv(x.flatten(1, 2), weight, out, **ok)
+    with pytest.raises(ValueError, match="too small"):
+        bn_relu_avgpool_conv(x[:, :1], weight, out[:, :0], **ok)
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        bn_relu_avgpool_conv(x, weight, out, BLOCK_N=24, **ok)

@@ -1,0 +1,85 @@
+"""bn_relu_global_avgpool (the DenseNet head) against float64 PyTorch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from densetriton.kernels import bn_relu_global_avgpool
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bfloat16 is fine in the interpreter
+
+
+def randn(gen, *shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+
+def reference(x, scale, shift):
+    a = F.relu(x.double().cpu() * scale.double().cpu() + shift.double().cpu())
+    return a.mean(dim=(1, 2))
+
+
+def assert_close(out, ref, tol):
+    assert not torch.isnan(out).any(), "kernel left poisoned (unwritten) elements"
+    err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n,h,w,c",
+    [
+        (3, 7, 7, 37),  # 49 pixels = 3 full BLOCK_HW=16 chunks + a 1-pixel tail
+        (2, 9, 5, 13),
+        (2, 1, 1, 40),  # single pixel
+    ],
+)
+def test_head_matches_torch(device, gen, dtype, n, h, w, c):
+    x = randn(gen, n, h, w, c, dtype=dtype, device=device)
+    scale = randn(gen, c, device=device)
+    # Positive shift: masked tail pixels would add relu(shift) if they leaked into the sum.
+    shift = randn(gen, c, device=device).abs() + 0.5
+    out = torch.full((n, c), float("nan"), device=device)
+    bn_relu_global_avgpool(x, scale, shift, out, BLOCK_C=16, BLOCK_HW=16)
+    # Only the input is rounded; the float32 sum and mean are nearly exact.
+    assert_close(out, reference(x, scale, shift), 1e-5)
+
+
+def test_strided_input_and_output(device, gen):
+    """x: channel prefix of a wider buffer, NCHW-permuted; out: a non-contiguous column view."""
+    n, h, w, c = 2, 7, 6, 37
+    x = randn(gen, n, 40, h, w, device=device).permute(0, 2, 3, 1)[..., :c]
+    scale, shift = randn(gen, c, device=device), randn(gen, c, device=device)
+    big = torch.full((c, 2 * n), float("nan"), device=device)
+    out = big.T[::2]  # [n, c] with strides (2, 2n)
+    bn_relu_global_avgpool(x, scale, shift, out, BLOCK_C=16, BLOCK_HW=16)
+    assert_close(out, reference(x, scale, shift), 1e-5)
+    assert torch.isnan(big.T[1::2]).all(), "kernel wrote outside its output view"
+
+
+def test_default_block_sizes(device, gen):
+    x = randn(gen, 2, 7, 7, 13, device=device)
+    scale, shift = randn(gen, 13, device=device), randn(gen, 13, device=device)
+    out = torch.full((2, 13), float("nan"), device=device)
+    bn_relu_global_avgpool(x, scale, shift, out)
+    assert_close(out, reference(x, scale, shift), 1e-5)
+
+
+def test_validation_errors(device, gen):
+    x = randn(gen, 2, 7, 7, 13, device=device)
+    scale, shift = randn(gen, 13, device=device), randn(gen, 13, device=device)
+    out = torch.empty(2, 13, device=device)
+    with pytest.raises(ValueError, match="out must have shape"):
+        bn_relu_global_avgpool(x, scale, shift, torch.empty(2, 12, device=device))
+    with pytest.raises(ValueError, match="out must have shape"):
+        bn_relu_global_avgpool(x, scale, shift, torch.empty(2, 1, 1, 13, device=device))
+    with pytest.raises(ValueError, match="out must be float32"):
+        bn_relu_global_avgpool(x, scale, shift, out.half())
+    with pytest.raises(ValueError, match="scale must have shape"):
+        bn_relu_global_avgpool(x, scale[:12], shift, out)
+    with pytest.raises(ValueError, match="shift must be float32"):
+        bn_relu_global_avgpool(x, scale, shift.half(), out)
+    with pytest.raises(ValueError, match="4-D"):
+        bn_relu_global_avgpool(x.flatten(1, 2), scale, shift, out)
+    with pytest.raises(ValueError, match="BLOCK_C"):
+        bn_relu_global_avgpool(x, scale, shift, out, BLOCK_C=20)
