@@ -105,6 +105,8 @@ def describe_spec(spec: DenseNetSpec) -> str:
     for name, s in MODELS.items():
         if s == spec:
             return name
+        if s == spec.replace(num_classes=s.num_classes):
+            return f"{name} with {spec.num_classes} classes"
     return (
         f"DenseNet(k={spec.growth_rate}, blocks={list(spec.block_config)}, init={spec.num_init_features}, "
         f"bn_size={spec.bn_size}, theta={spec.compression}, classes={spec.num_classes}, stem={spec.stem})"

@@ -55,10 +55,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise ConversionError(f"{path} is not a readable PyTorch checkpoint (unpickling failed)") from None
         raise ConversionError(
-            f"refusing to load {path}: it holds objects that only arbitrary code could rebuild, and checkpoints "
-            f"are loaded with weights_only=True so that they never execute code. Save the model's state_dict() "
-            f"instead. ({str(e).splitlines()[0]})"
+            f"refusing to load {path}: it holds an object ({found.group(1)}) that only running code from the file "
+            f"could rebuild, and checkpoints are read with weights_only=True so that they never execute code. "
+            f"Save the model's state_dict() instead, or convert from a .safetensors file"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
@@ -191,6 +194,12 @@ def convert_state_dict(
         if "classifier.weight" in tensors and tensors["classifier.weight"].dim() == 2:
             # A fine-tuned head of any size is still this architecture.
             spec = spec.replace(num_classes=tensors["classifier.weight"].shape[0])
+        try:
+            found = infer_spec(tensors)
+        except ConversionError:
+            found = None  # not even inferable: the listing below says what is wrong
+        if found is not None and found != spec:
+            raise ConversionError(f"the checkpoint holds {describe_spec(found)}, not {describe_spec(spec)} (--arch {arch})")
     check_tensors(tensors, spec)
     # Copy to CPU with progress: the slow part for large checkpoints on slow disks.
     cpu = {}

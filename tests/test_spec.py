@@ -1,0 +1,128 @@
+"""The spec and registry: derived counts checked against torchvision and an independent count."""
+
+import pytest
+import torch
+import torchvision
+
+import densetriton
+from densetriton import DenseNetSpec, get_spec, list_models
+from densetriton.cli import main
+from densetriton.reference import ReferenceDenseNet
+
+TORCHVISION = ["densenet121", "densenet161", "densenet169", "densenet201"]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_models_have_torchvisions_tensors_and_parameter_count(name):
+    model = torchvision.models.get_model(name)
+    spec = get_spec(name)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert spec.state_dict_shapes() == shapes
+    assert spec.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_registry_holds_the_papers_models():
+    names = list_models()
+    for name in TORCHVISION + ["densenet264", "densenet_bc100_k12", "densenet40_k12"]:
+        assert name in names
+    d264 = get_spec("densenet264")
+    assert (d264.growth_rate, d264.block_config) == (32, (6, 12, 64, 48))
+    assert d264.depth == 265  # the paper calls it 264; its Table 1 counts to 265 (121, 169, 201 do add up)
+    bc = get_spec("densenet_bc100_k12")
+    assert (bc.growth_rate, bc.block_config, bc.bn_size, bc.compression, bc.stem) == (12, (16, 16, 16), 4, 0.5, "cifar")
+    assert bc.depth == 100
+    assert 0.75e6 < bc.num_parameters() < 0.85e6  # the paper's 0.8M
+    plain = get_spec("densenet40_k12")
+    assert plain.depth == 40 and plain.bn_size is None and plain.compression == 1.0
+    assert 0.95e6 < plain.num_parameters() < 1.1e6  # the paper's 1.0M
+
+
+def test_densenet121_numbers():
+    spec = get_spec("densenet121")
+    assert spec.num_parameters() == 7_978_856
+    assert spec.block_channels() == [(64, 256), (128, 512), (256, 1024), (512, 1024)]
+    assert spec.transition_channels() == [128, 256, 512]
+    assert spec.feature_sizes(224, 224) == [(56, 56), (28, 28), (14, 14), (7, 7)]
+    assert spec.macs(224) == 2_834_161_664  # torchvision's published 2.83 GFLOPS (multiply-adds)
+
+
+def _count_macs(model, x):
+    """Multiply-adds of convs and linears, counted by hooks on a real forward pass."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        if isinstance(m, torch.nn.Conv2d):
+            total += out.numel() // out.shape[0] * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            total += m.in_features * m.out_features
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model.eval()(x)
+    return total
+
+
+@pytest.mark.parametrize(
+    "spec,size",
+    [
+        (get_spec("densenet121"), 67),
+        (DenseNetSpec(4, (5,), 8, None, 1.0, 7, "cifar"), 9),
+        (DenseNetSpec(6, (2, 3, 2), 10, 2, 0.7, 3, "cifar"), 13),
+    ],
+)
+def test_macs_match_a_hook_count(spec, size):
+    count = _count_macs(ReferenceDenseNet(spec), torch.randn(1, 3, size, size))
+    assert spec.macs(size) == count
+    pooled = spec.macs(size, pooled_transitions=True)
+    assert pooled < count or len(spec.block_config) == 1
+
+
+def test_compression_floors_and_channels():
+    spec = DenseNetSpec(5, (3, 3), 7, None, 0.3, 4, "cifar")
+    assert spec.block_channels() == [(7, 22), (6, 21)]  # floor(0.3 * 22) = 6
+    assert spec.transition_channels() == [6]
+
+
+def test_spec_json_round_trip_and_hashable():
+    spec = DenseNetSpec(12, [16, 16, 16], 24, 4, 0.5, 10, "cifar")
+    assert spec.block_config == (16, 16, 16)
+    assert DenseNetSpec.from_json(spec.to_json()) == spec
+    assert hash(spec) == hash(get_spec("densenet_bc100_k12"))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(growth_rate=0), "growth_rate"),
+        (dict(block_config=()), "block_config"),
+        (dict(bn_size=0), "bn_size"),
+        (dict(compression=1.5), "compression"),
+        (dict(stem="resnet"), "stem"),
+        (dict(num_classes=0), "num_classes"),
+    ],
+)
+def test_invalid_specs_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DenseNetSpec(**kwargs)
+
+
+def test_too_small_input_names_the_smallest_size():
+    spec = get_spec("densenet121")
+    assert spec.min_input_size() == 29
+    spec.feature_sizes(29, 29)
+    with pytest.raises(ValueError, match="29x29"):
+        spec.feature_sizes(28, 28)
+    with pytest.raises(ValueError, match="unknown model"):
+        get_spec("resnet50")
+
+
+def test_info_command(capsys):
+    assert main(["info", "densenet121"]) == 0
+    out = capsys.readouterr().out
+    assert "7,978,856" in out and "2,834,161,664" in out
+    assert main(["info", "densenet_bc100_k12"]) == 0
+    assert "32x32" in capsys.readouterr().out
+    assert densetriton.__version__

@@ -1,0 +1,198 @@
+"""The converter: checkpoints from the wild, bit-exact round trips, clear errors, no half-written files."""
+
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+import densetriton
+from densetriton.cli import main
+from densetriton.weights import WeightsError, load_weights, to_torchvision_state_dict
+from densetriton.weights_tools import convert_checkpoint, convert_module, infer_spec, normalize_state_dict
+
+from conftest import randomize_batchnorm, rel_err
+
+
+@pytest.fixture
+def small_model():
+    """A small torchvision DenseNet with non-trivial BatchNorms: cheap, but every code path."""
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+    return randomize_batchnorm(model, seed=1, image_size=32)
+
+
+def logits_agree(model, weights_path, num_classes=None):
+    engine = densetriton.load(weights_path, device="cpu", backend="reference")
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+    got = engine(x)
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < 1e-5
+    return engine
+
+
+def legacy_keys(sd):
+    """Old torchvision checkpoints: denselayer modules named norm.1, conv.1, norm.2, conv.2."""
+    return {re.sub(r"(denselayer\d+\.)(norm|conv)([12])\.", r"\1\2.\3.", k): v for k, v in sd.items()}
+
+
+FORMS = {
+    "plain": lambda sd: sd,
+    "nested-state_dict": lambda sd: {"epoch": 3, "state_dict": sd, "optimizer": {"lr": 0.1}},
+    "nested-model": lambda sd: {"model": sd, "args": ["--lr", "0.1"]},
+    "dataparallel": lambda sd: {f"module.{k}": v for k, v in sd.items()},
+    "wrapper-prefix": lambda sd: {"state_dict": {f"module.densenet121.{k}": v for k, v in sd.items()}},
+    "backbone-prefix": lambda sd: {f"backbone.{k}": v for k, v in sd.items()},
+    "legacy-keys": legacy_keys,
+    "legacy-dataparallel": lambda sd: {f"module.{k}": v for k, v in legacy_keys(sd).items()},
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("suffix", [".pth", ".pth.tar"])
+def test_checkpoint_forms_convert(small_model, tmp_path, form, suffix):
+    ckpt = tmp_path / f"ckpt{suffix}"
+    torch.save(FORMS[form](small_model.state_dict()), ckpt)
+    out = convert_checkpoint(ckpt, tmp_path / "w.safetensors", progress=False)
+    logits_agree(small_model, out)
+
+
+def test_sequential_classifier_of_any_size_converts(tmp_path):
+    """CheXNet-style: DataParallel-wrapped densenet121 whose classifier is Sequential(Linear(1024, 14), Sigmoid)."""
+    torch.manual_seed(2)
+    model = torchvision.models.densenet121()
+    model.classifier = torch.nn.Sequential(torch.nn.Linear(1024, 14), torch.nn.Sigmoid())
+    model = randomize_batchnorm(model, seed=5)
+    ckpt = tmp_path / "chexnet.pth.tar"
+    torch.save({"epoch": 10, "state_dict": {f"module.densenet121.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"finding{i}" for i in range(14)) + "\n")
+    out = tmp_path / "chexnet.safetensors"
+    assert main(["convert", "--checkpoint", str(ckpt), "--arch", "densenet121", "--class-names", str(names), "--out", str(out)]) == 0
+    engine = densetriton.load(out, device="cpu", backend="reference")
+    assert engine.spec.num_classes == 14 and engine.class_names[3] == "finding3"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model[0](x) if isinstance(model, torch.nn.Sequential) else model.classifier[0](
+            torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(model.features(x)), 1), 1)
+        )
+    assert rel_err(engine(x), expected) < 1e-5
+    # load("densenet121", weights=that file) is accepted: same architecture, its own head.
+    assert densetriton.load("densenet121", weights=out, device="cpu").spec.num_classes == 14
+
+
+def test_round_trip_to_torchvision_is_bit_exact(small_model, tmp_path):
+    out = convert_module(small_model, tmp_path / "w.safetensors")
+    sd = to_torchvision_state_dict(out)
+    original = small_model.state_dict()
+    assert set(sd) == {k for k in original if not k.endswith("num_batches_tracked")}
+    for k, v in sd.items():
+        assert v.dtype == original[k].dtype and torch.equal(v, original[k]), k
+    fresh = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+    fresh.load_state_dict(sd, strict=False)
+    missing = set(fresh.state_dict()) - set(sd)
+    assert all(k.endswith("num_batches_tracked") for k in missing)
+    for k, v in sd.items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_metadata(small_model, tmp_path):
+    out = convert_module(small_model, tmp_path / "w.safetensors", class_names=list("abcde"))
+    w = load_weights(out)
+    assert w.metadata["format"] == "densetriton" and w.metadata["format_version"] == "1"
+    assert w.spec == infer_spec(normalize_state_dict(small_model.state_dict()))
+    assert w.class_names == list("abcde") and w.source == "module:DenseNet"
+    assert w.preprocessing["crop_size"] == 224
+
+
+def test_plain_safetensors_without_metadata_loads(small_model, tmp_path):
+    """timm publishes DenseNets as plain safetensors with torchvision-layout keys."""
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in small_model.state_dict().items() if "num_batches" not in k}, str(path))
+    engine = logits_agree(small_model, path)
+    assert engine.spec.growth_rate == 4 and engine.spec.block_config == (2, 3) and engine.spec.bn_size == 2
+    # and it converts like any checkpoint
+    out = convert_checkpoint(path, tmp_path / "converted.safetensors")
+    logits_agree(small_model, out)
+
+
+def test_plain_and_cifar_specs_are_inferred(tmp_path):
+    for spec in (densetriton.DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"), densetriton.DenseNetSpec(6, (2, 3, 2), 10, 2, 0.7, 3, "cifar")):
+        sd = densetriton.engine.random_weights(spec).tensors
+        assert infer_spec(sd) == spec
+
+
+def _assert_refused(ckpt, out, *patterns, arch=None):
+    with pytest.raises(WeightsError) as info:  # ConversionError is one too
+        convert_checkpoint(ckpt, out, arch=arch)
+    for p in patterns:
+        assert re.search(p, str(info.value)), str(info.value)
+    return info.value
+
+
+def test_errors_list_the_tensors_and_write_nothing(small_model, tmp_path):
+    sd = dict(small_model.state_dict())
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous contents")  # a failed conversion must not clobber it
+
+    missing = {k: v for k, v in sd.items() if "denseblock1.denselayer2.norm2" not in k}
+    torch.save(missing, tmp_path / "missing.pth")
+    _assert_refused(tmp_path / "missing.pth", out, r"4 missing", r"denseblock1\.denselayer2\.norm2\.running_var")
+
+    extra = dict(sd, **{"features.extra.weight": torch.ones(3), "head.fc.weight": torch.ones(2)})
+    torch.save(extra, tmp_path / "extra.pth")
+    _assert_refused(tmp_path / "extra.pth", out, r"2 unexpected", r"features\.extra\.weight", r"head\.fc\.weight")
+
+    bad = dict(sd)
+    bad["features.denseblock1.denselayer1.conv2.weight"] = torch.ones(4, 8, 1, 1)
+    torch.save(bad, tmp_path / "bad.pth")
+    _assert_refused(tmp_path / "bad.pth", out, r"mis-shaped", r"conv2\.weight \(4, 8, 1, 1\) \(expected \(4, 8, 3, 3\)\)")
+
+    torch.save(sd, tmp_path / "ok.pth")
+    _assert_refused(tmp_path / "ok.pth", out, r"holds DenseNet\(k=4, blocks=\[2, 3\].*not densenet121 with 5 classes", arch="densenet121")
+
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    _assert_refused(tmp_path / "garbage.pth", out, r"not a readable PyTorch checkpoint")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    _assert_refused(tmp_path / "garbage.safetensors", out, r"not a readable safetensors file")
+    _assert_refused(tmp_path / "absent.pth", out, r"not found")
+    torch.save({"epoch": 3}, tmp_path / "empty.pth")
+    _assert_refused(tmp_path / "empty.pth", out, r"no state dict found")
+
+    assert out.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    target = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.pth"
+    with open(ckpt, "wb") as f:
+        pickle.dump({"state_dict": {"x": _Payload(target)}}, f, protocol=2)
+    torch.save({"model": _Payload(target)}, tmp_path / "evil-zip.pth")
+    for path in (ckpt, tmp_path / "evil-zip.pth"):
+        _assert_refused(path, tmp_path / "out.safetensors", r"refusing to load", r"weights_only")
+    assert not target.exists()
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    torch.save({"epoch": 1}, tmp_path / "x.pth")
+    assert main(["convert", "--checkpoint", str(tmp_path / "x.pth"), "--out", str(tmp_path / "y.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("densetriton: error: ") and "\n" not in err
+    assert main(["convert", "--out", str(tmp_path / "y.safetensors")]) == 1
+    assert "--arch" in capsys.readouterr().err
+    assert not (tmp_path / "y.safetensors").exists()
