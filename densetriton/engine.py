@@ -91,6 +91,13 @@ class Engine:
                 return self._model(x.to(self.dtype)).float()
             return self._model(x)
 
+    def planned_memory_bytes(self, batch: int, height: int, width: int) -> int | None:
+        """Device bytes the Triton backend holds for this input size: buffers, scratch and folded
+        weights (None on the reference backend, which allocates as PyTorch does)."""
+        if self.backend == "reference":
+            return None
+        return self._model.planned_bytes(batch, height, width) + self._model.weight_bytes
+
     def release(self) -> None:
         """Free the buffers of every cached plan (the weights stay)."""
         release = getattr(self._model, "release", None)

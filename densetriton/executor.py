@@ -1,0 +1,98 @@
+"""The Triton backend's executor: a plan per input shape, cached, and a call that only launches."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+
+from .plan import Plan, build_stages, fold_batchnorm
+from .spec import DenseNetSpec
+
+DEFAULT_PLAN_CACHE_BYTES = 4 << 30
+
+
+def _interpreter_ready() -> bool:
+    """Kernels run on CPU tensors only through Triton's interpreter, chosen when triton loads."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonExecutor:
+    def __init__(self, spec: DenseNetSpec, tensors: dict, *, device: torch.device, dtype: torch.dtype,
+                 plan_cache_bytes: int = DEFAULT_PLAN_CACHE_BYTES):
+        self.interpreted = device.type != "cuda"
+        if self.interpreted and not _interpreter_ready():
+            raise RuntimeError(
+                f"backend='triton' on {device} runs the kernels through Triton's interpreter, which must be switched "
+                "on before triton is imported: set TRITON_INTERPRET=1 in the environment (or use backend='reference')"
+            )
+        try:
+            from . import kernels  # noqa: F401  (fails here, not mid-call, when triton is missing)
+        except ImportError as e:
+            raise RuntimeError(f"backend='triton' needs the triton package ({e}); use backend='reference'") from None
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.stages = build_stages(spec)
+        self.folded = fold_batchnorm(tensors, spec, dtype, device)
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.folded.values())
+        self.plan_cache_bytes = plan_cache_bytes
+        self.plans: OrderedDict[tuple, Plan] = OrderedDict()
+
+    def plan(self, n: int, height: int, width: int) -> Plan:
+        """The plan for this input size: reused when cached, else built (and the cache trimmed)."""
+        key = (n, height, width)
+        plan = self.plans.get(key)
+        if plan is not None:
+            self.plans.move_to_end(key)
+            return plan
+        # Make room first, so old buffers are free before the new ones are allocated.
+        self._trim(budget=self.plan_cache_bytes - self.planned_bytes(n, height, width))
+        try:
+            plan = Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted)
+        except torch.OutOfMemoryError:
+            self.release()
+            try:
+                plan = Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted)
+            except torch.OutOfMemoryError:
+                raise MemoryError(
+                    f"out of memory building the plan for batch {n} at {height}x{width}: its buffers need "
+                    f"{self.planned_bytes(n, height, width) / 2**20:,.0f} MiB on {self.device}; use a smaller batch"
+                ) from None
+        self.plans[key] = plan
+        return plan
+
+    def planned_bytes(self, n: int, height: int, width: int) -> int:
+        """Bytes of the buffers and scratch a plan for this size allocates (weights not counted)."""
+        from .plan import buffer_shapes
+
+        shapes = buffer_shapes(self.spec, height, width)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        arenas = [0, 0]
+        for name, (h, w, c) in shapes.items():
+            if name.startswith("block"):
+                a = (int(name[5:]) - 1) % 2
+                arenas[a] = max(arenas[a], n * h * w * c)
+            elif name == "stem":
+                arenas[1] = max(arenas[1], n * h * w * c)
+        scratch = n * shapes["bottleneck_scratch"][0] * shapes["bottleneck_scratch"][2] if "bottleneck_scratch" in shapes else 0
+        return (sum(arenas) + scratch) * size + n * self.spec.num_features * 4
+
+    def _trim(self, budget: int) -> None:
+        while self.plans and sum(p.nbytes for p in self.plans.values()) > max(budget, 0):
+            self.plans.popitem(last=False)
+
+    def release(self) -> None:
+        self.plans.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.plan(x.shape[0], x.shape[2], x.shape[3])
+        plan.run(x, None)
+        return plan.features.clone()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.plan(x.shape[0], x.shape[2], x.shape[3])
+        logits = torch.empty(x.shape[0], self.spec.num_classes, dtype=torch.float32, device=self.device)
+        plan.run(x, logits)
+        return logits

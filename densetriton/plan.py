@@ -1,0 +1,276 @@
+"""From a spec to kernel launches: the stage graph, folded weights, buffers, the launch list.
+
+Three steps, each cached at its own level:
+
+1. `build_stages(spec)` -- the network as a list of stages (one kernel launch each), naming the
+   folded weights it uses and the buffer slices it reads and writes. Depends on the spec only.
+2. `fold_weights(spec, tensors, dtype, device)` -- BatchNorms turned into per-channel
+   scale/shift (applied as a kernel prologue) or folded into the following conv's weights
+   plus a bias; conv weights packed as [KH*KW*Cin, Cout] GEMM operands. Once per engine.
+3. `Plan(...)` -- for one (N, H, W): the preallocated buffers and every launch bound to its
+   views and block sizes. A call only launches.
+
+Buffers (NHWC). Each dense block owns a concatenation buffer [N, H, W, C0 + L*k]: layer l
+reads the channel prefix [0, C0 + l*k) and writes its k channels at [C0 + l*k, C0 + (l+1)*k).
+Nothing is concatenated or copied. Block buffers live in two arenas used alternately (block b
+is dead once transition b has read it, so block b+2 may take its memory); the ImageNet stem's
+conv output lives in the second arena before block 2 needs it. All bottleneck layers share one
+`bottleneck_scratch` for their bn_size*k intermediate channels.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from .spec import DenseNetSpec
+
+BN_EPS = 1e-5  # torchvision's BatchNorm2d default
+
+
+@dataclass(frozen=True)
+class View:
+    """A channel slice [start, stop) of a named buffer."""
+
+    buffer: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    op: str  # "conv", "transition", "max_pool", "head", "classifier"
+    reads: View
+    writes: View
+    weights: dict = field(default_factory=dict)  # launcher argument -> folded tensor name
+    kernel_size: int = 1
+    stride: int = 1
+    padding: int = 0
+    relu_out: bool = False
+
+
+def buffer_shapes(spec: DenseNetSpec, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+    """(H, W, C) of every named buffer for one image."""
+    sizes = spec.feature_sizes(height, width)
+    shapes = {}
+    if spec.stem == "imagenet":
+        shapes["stem"] = ((height - 1) // 2 + 1, (width - 1) // 2 + 1, spec.num_init_features)
+    for b, ((h, w), (_, c_end)) in enumerate(zip(sizes, spec.block_channels()), 1):
+        shapes[f"block{b}"] = (h, w, c_end)
+    if spec.bn_size is not None:
+        # One scratch for every bottleneck layer, as large as the largest block needs.
+        shapes["bottleneck_scratch"] = (max(h * w for h, w in sizes), 1, spec.bn_size * spec.growth_rate)
+    return shapes
+
+
+def build_stages(spec: DenseNetSpec) -> list[Stage]:
+    """The network as a list of kernel launches, in order."""
+    stages = []
+    c0, k, last = spec.num_init_features, spec.growth_rate, len(spec.block_config)
+    if spec.stem == "imagenet":
+        stages.append(Stage("conv0", "conv", View("input", 0, 3), View("stem", 0, c0),
+                            {"weight": "conv0.weight", "bias": "conv0.bias"}, 7, 2, 3, relu_out=True))
+        stages.append(Stage("pool0", "max_pool", View("stem", 0, c0), View("block1", 0, c0)))
+    else:
+        stages.append(Stage("conv0", "conv", View("input", 0, 3), View("block1", 0, c0),
+                            {"weight": "conv0.weight"}, 3, 1, 1))
+    transitions = spec.transition_channels()
+    for b, ((c_in, c_end), layers) in enumerate(zip(spec.block_channels(), spec.block_config), 1):
+        block = f"block{b}"
+        for i in range(layers):
+            p = f"denseblock{b}.denselayer{i + 1}"
+            c, prologue = c_in + i * k, {"in_scale": f"{p}.norm1.scale", "in_shift": f"{p}.norm1.shift"}
+            new_channels = View(block, c, c + k)
+            if spec.bn_size is None:
+                # Plain layer: BN-ReLU prologue, 3x3 conv straight into the block buffer.
+                stages.append(Stage(f"{p}.conv1", "conv", View(block, 0, c), new_channels,
+                                    {"weight": f"{p}.conv1.weight", **prologue}, 3, 1, 1))
+            else:
+                width = spec.bn_size * k
+                # relu(BN2(conv1x1(relu(BN1(x))))): BN1 in the prologue, BN2 folded into conv1.
+                stages.append(Stage(f"{p}.conv1", "conv", View(block, 0, c), View("bottleneck_scratch", 0, width),
+                                    {"weight": f"{p}.conv1.weight", "bias": f"{p}.conv1.bias", **prologue},
+                                    relu_out=True))
+                stages.append(Stage(f"{p}.conv2", "conv", View("bottleneck_scratch", 0, width), new_channels,
+                                    {"weight": f"{p}.conv2.weight"}, 3, 1, 1))
+        if b < last:
+            t = f"transition{b}"
+            stages.append(Stage(t, "transition", View(block, 0, c_end), View(f"block{b + 1}", 0, transitions[b - 1]),
+                                {"weight": f"{t}.conv.weight", "in_scale": f"{t}.norm.scale", "in_shift": f"{t}.norm.shift"}))
+    c_final = spec.num_features
+    stages.append(Stage("norm5", "head", View(f"block{last}", 0, c_final), View("features", 0, c_final),
+                        {"scale": "norm5.scale", "shift": "norm5.shift"}))
+    stages.append(Stage("classifier", "classifier", View("features", 0, c_final), View("logits", 0, spec.num_classes),
+                        {"weight": "classifier.weight", "bias": "classifier.bias"}))
+    return stages
+
+
+def _bn_scale_shift(tensors: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as y = x * scale + shift, computed in float64."""
+    w, b = tensors[f"{prefix}.weight"].double(), tensors[f"{prefix}.bias"].double()
+    mean, var = tensors[f"{prefix}.running_mean"].double(), tensors[f"{prefix}.running_var"].double()
+    scale = w / torch.sqrt(var + BN_EPS)
+    return scale, b - mean * scale
+
+
+def fold_batchnorm(tensors: dict, spec: DenseNetSpec, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Every tensor the stages name, folded and packed, on `device`.
+
+    Scales, shifts and biases stay float32 (the kernels accumulate in float32); conv weights are
+    packed in the compute dtype; the classifier runs in float32 on the float32 features.
+    """
+    from .kernels import pack_conv_weight
+
+    t = {k: v.to(device="cpu") for k, v in tensors.items()}
+    folded = {}
+
+    def vec(v):
+        return v.to(device=device, dtype=torch.float32).contiguous()
+
+    def packed(w, dt=dtype):
+        return pack_conv_weight(w, dt).to(device)
+
+    def prologue(name, bn_prefix):
+        scale, shift = _bn_scale_shift(t, f"features.{bn_prefix}")
+        folded[f"{name}.scale"], folded[f"{name}.shift"] = vec(scale), vec(shift)
+
+    w0 = t["features.conv0.weight"].double()
+    if spec.stem == "imagenet":
+        # norm0 follows conv0 directly: fold it into the weights and a bias.
+        scale, shift = _bn_scale_shift(t, "features.norm0")
+        folded["conv0.weight"], folded["conv0.bias"] = packed(w0 * scale[:, None, None, None]), vec(shift)
+    else:
+        folded["conv0.weight"] = packed(w0)
+    for b, layers in enumerate(spec.block_config, 1):
+        for i in range(layers):
+            p = f"denseblock{b}.denselayer{i + 1}"
+            prologue(f"{p}.norm1", f"{p}.norm1")
+            w1 = t[f"features.{p}.conv1.weight"].double()
+            if spec.bn_size is None:
+                folded[f"{p}.conv1.weight"] = packed(w1)
+            else:
+                scale, shift = _bn_scale_shift(t, f"features.{p}.norm2")
+                folded[f"{p}.conv1.weight"] = packed(w1 * scale[:, None, None, None])
+                folded[f"{p}.conv1.bias"] = vec(shift)
+                folded[f"{p}.conv2.weight"] = packed(t[f"features.{p}.conv2.weight"].double())
+        if b < len(spec.block_config):
+            prologue(f"transition{b}.norm", f"transition{b}.norm")
+            folded[f"transition{b}.conv.weight"] = packed(t[f"features.transition{b}.conv.weight"].double())
+    prologue("norm5", "norm5")
+    folded["classifier.weight"] = packed(t["classifier.weight"].double()[:, :, None, None], torch.float32)
+    folded["classifier.bias"] = vec(t["classifier.bias"])
+    return folded
+
+
+def block_sizes(stage: Stage, rows: int, c_in: int, c_out: int, interpreted: bool) -> dict:
+    """Tile sizes for one launch.
+
+    Under the interpreter every program instance costs Python time, so take the largest tiles.
+    On the GPU: tiles no wider than the channels there are (tensor-core minimum 16), and a
+    K step that keeps the 3-input-channel stem from wasting most of each tile.
+    """
+
+    def fit(n, lo, hi):
+        p = lo
+        while p < n and p < hi:
+            p *= 2
+        return p
+
+    if stage.op in ("max_pool",):
+        return {"BLOCK_M": 64, "BLOCK_C": fit(c_out, 16, 64)}
+    if stage.op == "head":
+        return {"BLOCK_C": fit(c_out, 16, 128), "BLOCK_HW": fit(rows, 16, 64)}
+    if interpreted:
+        return {"BLOCK_M": fit(rows, 16, 256), "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": fit(c_in, 16, 128)}
+    return {"BLOCK_M": 128 if rows >= 4096 else 64, "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": fit(c_in, 16, 64)}
+
+
+class Plan:
+    """Buffers and bound launches for one (N, H, W): built once, then run many times."""
+
+    def __init__(self, spec, stages, folded, n, height, width, dtype, device, interpreted):
+        from . import kernels
+
+        self.key = (n, height, width)
+        shapes = buffer_shapes(spec, height, width)
+        # Two arenas, used alternately by consecutive blocks; the stem's conv output goes in
+        # the one block 1 does not use.
+        arena_of = {name: (int(name[5:]) - 1) % 2 for name in shapes if name.startswith("block")}
+        arena_of["stem"] = 1
+        numel = lambda s: n * s[0] * s[1] * s[2]  # noqa: E731
+        arena_numel = [0, 0]
+        for name, a in arena_of.items():
+            if name in shapes:
+                arena_numel[a] = max(arena_numel[a], numel(shapes[name]))
+        self.arenas = [torch.empty(m, dtype=dtype, device=device) for m in arena_numel if m]
+        self.buffers = {name: self.arenas[arena_of[name]][: numel(shapes[name])].view(n, *shapes[name])
+                        for name in arena_of if name in shapes}
+        if "bottleneck_scratch" in shapes:
+            self.scratch = torch.empty(numel(shapes["bottleneck_scratch"]), dtype=dtype, device=device)
+        else:
+            self.scratch = None
+        self.features = torch.empty(n, spec.num_features, dtype=torch.float32, device=device)
+        self.nbytes = sum(t.numel() * t.element_size() for t in [*self.arenas, self.features] + ([self.scratch] if self.scratch is not None else []))
+
+        self.launches = []  # (stage, callable(x, logits))
+        for stage in stages:
+            self.launches.append((stage, self._bind(stage, folded, kernels, n, shapes, interpreted)))
+
+    def _view(self, v: View, n, shapes, block_hw):
+        if v.buffer == "bottleneck_scratch":
+            h, w = block_hw
+            return self.scratch[: n * h * w * (v.stop - v.start)].view(n, h, w, v.stop - v.start)
+        if v.buffer == "features":
+            return self.features[:, v.start:v.stop]
+        return self.buffers[v.buffer][..., v.start:v.stop]
+
+    def _bind(self, stage, folded, kernels, n, shapes, interpreted):
+        w = {arg: folded[name] for arg, name in stage.weights.items()}
+        # The scratch takes the spatial size of the block it serves.
+        block = stage.writes.buffer if stage.writes.buffer.startswith("block") else stage.reads.buffer
+        block_hw = shapes[block][:2] if block in shapes else None
+        c_in, c_out = stage.reads.stop - stage.reads.start, stage.writes.stop - stage.writes.start
+        if stage.op == "conv" and stage.reads.buffer == "input":
+            out = self._view(stage.writes, n, shapes, None)
+            rows = n * out.shape[1] * out.shape[2]
+            tiles = block_sizes(stage, rows, c_in * stage.kernel_size**2, c_out, interpreted)
+            if not interpreted:
+                tiles["BLOCK_K"] = 16  # three input channels per tap
+            conv = functools.partial(kernels.bn_relu_conv, weight=w["weight"], out=out, bias=w.get("bias"),
+                                     kernel_size=stage.kernel_size, stride=stage.stride, padding=stage.padding,
+                                     relu_out=stage.relu_out, **tiles)
+            # The stem reads the caller's NCHW tensor in place, through an NHWC-ordered view.
+            return lambda x, logits: conv(x.permute(0, 2, 3, 1))
+        if stage.op == "classifier":
+            feats = self.features.view(n, 1, 1, c_in)
+            tiles = block_sizes(stage, n, c_in, c_out, interpreted)
+            conv = functools.partial(kernels.bn_relu_conv, feats, w["weight"], kernel_size=1, bias=w["bias"], **tiles)
+            return lambda x, logits: conv(logits.view(n, 1, 1, c_out))
+        x = self._view(stage.reads, n, shapes, block_hw)
+        out = self._view(stage.writes, n, shapes, block_hw)
+        rows = n * out.shape[1] * out.shape[2] if out.dim() == 4 else x.shape[1] * x.shape[2]
+        tiles = block_sizes(stage, rows, c_in, c_out, interpreted)
+        if stage.op == "conv":
+            launch = functools.partial(kernels.bn_relu_conv, x, w["weight"], out, kernel_size=stage.kernel_size,
+                                       stride=stage.stride, padding=stage.padding, in_scale=w.get("in_scale"),
+                                       in_shift=w.get("in_shift"), bias=w.get("bias"), relu_out=stage.relu_out, **tiles)
+        elif stage.op == "transition":
+            launch = functools.partial(kernels.bn_relu_avgpool_conv, x, w["weight"], out,
+                                       in_scale=w["in_scale"], in_shift=w["in_shift"], **tiles)
+        elif stage.op == "max_pool":
+            launch = functools.partial(kernels.max_pool_3x3_s2, x, out, **tiles)
+        elif stage.op == "head":
+            launch = functools.partial(kernels.bn_relu_global_avgpool, x, w["scale"], w["shift"], out, **tiles)
+        else:
+            raise AssertionError(f"unknown stage op {stage.op!r}")
+        return lambda x_, logits: launch()
+
+    def run(self, x: torch.Tensor, logits: torch.Tensor | None) -> None:
+        """Launch every stage; stop after the features when no logits tensor is given."""
+        for stage, launch in self.launches:
+            if stage.op == "classifier" and logits is None:
+                break
+            launch(x, logits)
