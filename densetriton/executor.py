@@ -35,8 +35,18 @@ class TritonExecutor:
         self.stages = build_stages(spec)
         self.folded = fold_batchnorm(tensors, spec, dtype, device)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in self.folded.values())
-        self.plan_cache_bytes = plan_cache_bytes
         self.plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self.plan_cache_bytes = plan_cache_bytes
+
+    @property
+    def plan_cache_bytes(self) -> int:
+        """Bound on the bytes that cached plans hold (the newest plan is kept even if larger)."""
+        return self._plan_cache_bytes
+
+    @plan_cache_bytes.setter
+    def plan_cache_bytes(self, value: int) -> None:
+        self._plan_cache_bytes = int(value)
+        self._trim(self._plan_cache_bytes)
 
     def plan(self, n: int, height: int, width: int) -> Plan:
         """The plan for this input size: reused when cached, else built (and the cache trimmed)."""

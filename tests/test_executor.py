@@ -1,0 +1,192 @@
+"""Whole networks through backend="triton" (Triton's interpreter on CPU, the GPU when there is one)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import densetriton
+from densetriton.weights_tools import convert_module
+from densetriton import DenseNetSpec, get_spec
+from densetriton.reference import ReferenceDenseNet
+
+from conftest import randomize_batchnorm, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def densenet121_file(tmp_path_factory):
+    """A torchvision densenet121 with non-trivial BatchNorms, and its converted weights file."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(torchvision.models.densenet121(), seed=1)
+    path = tmp_path_factory.mktemp("w") / "densenet121.safetensors"
+    convert_module(model, path)
+    return model, path
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+def test_densenet121_matches_torchvision(densenet121_file, dtype, tol):
+    model, path = densenet121_file
+    engine = densetriton.load(path, device=DEVICE, dtype=dtype, backend="triton")
+    assert engine.backend == "triton" and engine.dtype == dtype
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        expected_features = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(model.features(x)), 1), 1)
+    logits = engine(x.to(DEVICE))
+    assert logits.dtype == torch.float32 and logits.shape == (2, 1000)
+    assert rel_err(logits, expected) < tol
+    assert rel_err(engine.features(x.to(DEVICE)), expected_features) < tol
+
+
+def _random_model(spec, seed, size):
+    torch.manual_seed(seed)
+    return randomize_batchnorm(ReferenceDenseNet(spec), seed=seed + 1, image_size=size)
+
+
+@pytest.mark.parametrize(
+    "spec,size,batch",
+    [
+        (DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"), 9, 3),  # the paper's Figure 1, plain layers
+        (DenseNetSpec(4, (5, 3), 8, None, 0.5, 7, "imagenet"), 37, 3),  # plain layers, ImageNet stem, odd size
+        (get_spec("densenet_bc100_k12"), 32, 2),  # the paper's CIFAR DenseNet-BC
+        (DenseNetSpec(6, (3, 2, 4), 10, 3, 0.7, 5, "imagenet"), 61, 3),  # odd widths, theta 0.7
+    ],
+    ids=["plain-k4-cifar", "plain-k4-imagenet", "cifar-bc100", "odd-spec"],
+)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+def test_specs_match_the_reference(spec, size, batch, dtype, tol):
+    if spec.block_config == (16, 16, 16) and dtype == torch.float16 and DEVICE == "cpu":
+        pytest.skip("covered in float32; keeps the interpreter run short")
+    model = _random_model(spec, seed=5, size=size)
+    engine = densetriton.load(spec, weights=None, device=DEVICE, dtype=dtype, backend="triton")
+    engine_ref = densetriton.load(spec, weights=None, device="cpu", backend="reference")
+    weights = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    engine = densetriton.Engine(densetriton.weights.Weights(spec, weights), device=engine.device, dtype=dtype,
+                                backend="triton", pretrained=False)
+    engine_ref._model.load_state_dict(weights, strict=False)
+    x = torch.randn(batch, 3, size, size)
+    assert rel_err(engine(x.to(DEVICE)), engine_ref(x)) < tol
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    spec = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet")
+    model = _random_model(spec, seed=9, size=40)
+    weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
+    return model, densetriton.Engine(weights, device=torch.device(DEVICE), dtype=torch.float32, backend="triton", pretrained=False)
+
+
+def test_forward_calls_no_cat(tiny_engine):
+    _, engine = tiny_engine
+    x = torch.randn(2, 3, 40, 40, device=DEVICE)
+    engine(x)  # build the plan outside the profile
+    with torch.profiler.profile() as prof:
+        engine(x)
+        engine.features(x)
+    names = {e.name for e in prof.events()}
+    assert "aten::cat" not in names
+    # the profile does see aten ops: the returned logits are allocated, features cloned
+    assert any(n.startswith("aten::") for n in names)
+
+
+def test_plans_are_reused_and_results_never_alias(tiny_engine):
+    model, engine = tiny_engine
+    x1, x2 = torch.randn(2, 3, 40, 40, device=DEVICE), torch.randn(2, 3, 40, 40, device=DEVICE)
+    a = engine(x1)
+    a_copy = a.clone()
+    f = engine.features(x1)
+    executor = engine._model
+    plan = executor.plans[(2, 40, 40)]
+    arena_ptrs = [t.data_ptr() for t in plan.arenas]
+    b = engine(x2)
+    assert torch.equal(a, a_copy)  # a later call never changes an earlier result
+    assert executor.plans[(2, 40, 40)] is plan and [t.data_ptr() for t in plan.arenas] == arena_ptrs
+    owned = [*plan.arenas, plan.features, plan.scratch]
+    for out in (a, b, f):
+        assert all(out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in owned)
+    with torch.no_grad():
+        assert rel_err(b, model(x2.cpu())) < 1e-4
+    # the plan's own byte count is what it allocated
+    assert engine.planned_memory_bytes(2, 40, 40) == plan.nbytes + executor.weight_bytes
+
+
+def test_channels_last_and_noncontiguous_inputs(tiny_engine):
+    model, engine = tiny_engine
+    base = torch.randn(3, 3, 50, 44, device=DEVICE)
+    views = {
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "cropped": base[:, :, 3:43, 2:42],
+        "float16 input": base.half(),
+    }
+    for what, x in views.items():
+        with torch.no_grad():
+            expected = model(x.float().cpu().contiguous())
+        assert rel_err(engine(x), expected) < (1e-3 if x.dtype == torch.float16 else 1e-4), what
+
+
+def test_plan_cache_stays_within_its_bound(tiny_engine):
+    _, engine = tiny_engine
+    executor = engine._model
+    one = executor.planned_bytes(2, 40, 40)
+    executor.plan_cache_bytes = int(2.5 * one)
+    for size in (40, 41, 44, 48, 40):
+        engine(torch.randn(2, 3, size, size, device=DEVICE))
+        assert sum(p.nbytes for p in executor.plans.values()) <= executor.plan_cache_bytes
+    assert len(executor.plans) == 2
+    engine.release()
+    assert not executor.plans
+    assert engine(torch.randn(1, 3, 40, 40, device=DEVICE)).shape == (1, 5)
+
+
+def test_input_too_small_and_empty_batch(tiny_engine):
+    _, engine = tiny_engine
+    smallest = engine.spec.min_input_size()
+    with pytest.raises(ValueError, match=f"{smallest}x{smallest}"):
+        engine(torch.randn(1, 3, smallest - 1, smallest - 1, device=DEVICE))
+    engine(torch.randn(1, 3, smallest, smallest, device=DEVICE))
+    assert engine(torch.randn(0, 3, 40, 40, device=DEVICE)).shape == (0, 5)
+
+
+def test_cpu_triton_without_the_interpreter_is_one_clear_error():
+    code = (
+        "import densetriton, torch\n"
+        "from densetriton import DenseNetSpec\n"
+        "try:\n"
+        "    densetriton.load(DenseNetSpec(4, (2,), 8, 2, 0.5, 3, 'cifar'), weights=None, device='cpu', backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ERROR:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+# -- on the GPU -----------------------------------------------------------------------------
+
+GPU_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", densetriton.list_models())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_gpu_registry_models_at_224(name, dtype):
+    spec = get_spec(name)
+    size = 224 if spec.stem == "imagenet" else 32
+    model = _random_model(spec, seed=11, size=64 if spec.stem == "imagenet" else 32).cuda()
+    weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
+    engine = densetriton.Engine(weights, device=torch.device("cuda", torch.cuda.current_device()), dtype=dtype,
+                                backend="triton", pretrained=False)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for batch in (1, 64):
+        x = torch.randn(batch, 3, size, size, device="cuda")
+        with torch.no_grad():
+            expected = model(x)
+        out = engine(x)
+        torch.cuda.synchronize()
+        assert rel_err(out, expected) < GPU_TOL[dtype], (name, batch, dtype)

@@ -1,0 +1,77 @@
+"""The stage graph, the folded weights and the buffers of a plan."""
+
+import pytest
+import torch
+
+import densetriton
+from densetriton import DenseNetSpec, get_spec
+from densetriton.plan import BN_EPS, View, buffer_shapes, build_stages, fold_batchnorm
+
+SPECS = [
+    get_spec("densenet121"),
+    get_spec("densenet_bc100_k12"),
+    DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"),
+    DenseNetSpec(6, (3, 2, 4), 10, 3, 0.7, 5, "imagenet"),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"k{s.growth_rate}-{'-'.join(map(str, s.block_config))}-{s.stem}")
+def test_each_layer_appends_its_k_channels_to_its_block_buffer(spec):
+    stages = build_stages(spec)
+    k = spec.growth_rate
+    for b, ((c_in, c_end), layers) in enumerate(zip(spec.block_channels(), spec.block_config), 1):
+        writers = [s for s in stages if s.writes.buffer == f"block{b}"]
+        # The block's first channels come from the stem or the previous transition...
+        assert writers[0].writes == View(f"block{b}", 0, c_in)
+        # ...then layer l writes exactly [c_in + l*k, c_in + (l+1)*k), having read the prefix before it.
+        for layer, stage in enumerate(writers[1:]):
+            assert stage.writes == View(f"block{b}", c_in + layer * k, c_in + (layer + 1) * k)
+        assert writers[-1].writes.stop == c_end and len(writers) == layers + 1
+        readers = [s for s in stages if s.reads.buffer == f"block{b}"]
+        assert [s.reads for s in readers[:layers]] == [View(f"block{b}", 0, c_in + l * k) for l in range(layers)]
+    per_layer = 1 if spec.bn_size is None else 2
+    stem = 2 if spec.stem == "imagenet" else 1
+    assert len(stages) == stem + per_layer * sum(spec.block_config) + len(spec.block_config) - 1 + 2
+
+
+def test_bottleneck_layers_share_one_scratch_and_blocks_share_two_arenas():
+    spec = get_spec("densenet121")
+    shapes = buffer_shapes(spec, 224, 224)
+    assert shapes["bottleneck_scratch"] == (56 * 56, 1, 128)
+    assert shapes["stem"] == (112, 112, 64) and shapes["block4"] == (7, 7, 1024)
+    stages = build_stages(spec)
+    assert sum(s.writes.buffer == "bottleneck_scratch" for s in stages) == sum(spec.block_config)
+    engine = densetriton.load("densenet121", weights=None, device="cpu", backend="reference")
+    # The reference engine has no plan; the plan's own arithmetic is checked in test_executor.
+    assert engine.planned_memory_bytes(1, 224, 224) is None
+
+
+def test_fold_batchnorm_matches_eval_batchnorm():
+    torch.manual_seed(0)
+    spec = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "imagenet")
+    tensors = dict(densetriton.engine.random_weights(spec).tensors)
+    for name in list(tensors):
+        if name.endswith("running_var"):
+            tensors[name] = torch.rand(tensors[name].shape) + 0.2
+        elif name.endswith(("running_mean", "norm1.bias", "norm2.bias", "norm.bias", "norm0.bias")):
+            tensors[name] = torch.randn(tensors[name].shape)
+        elif name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+            tensors[name] = torch.rand(tensors[name].shape) + 0.5
+    folded = fold_batchnorm(tensors, spec, torch.float32, "cpu")
+    p = "features.denseblock2.denselayer1"
+    x = torch.randn(5, spec.block_channels()[1][0])
+    bn = torch.nn.functional.batch_norm(
+        x, tensors[f"{p}.norm1.running_mean"], tensors[f"{p}.norm1.running_var"], tensors[f"{p}.norm1.weight"],
+        tensors[f"{p}.norm1.bias"], False, 0.0, BN_EPS,
+    )
+    f = "denseblock2.denselayer1.norm1"
+    torch.testing.assert_close(x * folded[f"{f}.scale"] + folded[f"{f}.shift"], bn, rtol=1e-5, atol=1e-5)
+    # conv1 with norm2 folded in: packed [Cin, width] weight and a bias equal conv-then-BN.
+    w1 = tensors[f"{p}.conv1.weight"][:, :, 0, 0]
+    y = torch.nn.functional.batch_norm(
+        x @ w1.T, tensors[f"{p}.norm2.running_mean"], tensors[f"{p}.norm2.running_var"],
+        tensors[f"{p}.norm2.weight"], tensors[f"{p}.norm2.bias"], False, 0.0, BN_EPS,
+    )
+    torch.testing.assert_close(x @ folded["denseblock2.denselayer1.conv1.weight"] + folded["denseblock2.denselayer1.conv1.bias"], y, rtol=1e-5, atol=1e-5)
+    assert folded["classifier.weight"].dtype == torch.float32
+    assert fold_batchnorm(tensors, spec, torch.float16, "cpu")["conv0.weight"].dtype == torch.float16
