@@ -1,0 +1,298 @@
+"""Images in, batch tensors out; logits in, labelled top-k out.
+
+    img = load_image("photo.jpg")                 # any PIL-readable file -> RGB, upright
+    x = preprocess([img, "other.png"], engine)     # [N, 3, crop, crop] on engine.device
+    topk(engine(x), 5, engine.class_names)         # [[("tabby", 0.83), ...], ...]
+
+Reading is robust to what real files contain:
+
+* EXIF orientation is applied (ImageOps.exif_transpose), so photos come out upright.
+* Grayscale ("L", "1"), CMYK, YCbCr, LAB and HSV files are converted with PIL (no colour
+  management: an embedded ICC profile is not applied).
+* Transparency (RGBA, LA, premultiplied RGBa, palette images with a transparent colour, PA) is
+  composited onto white, the way a viewer shows the image on a white page. Dropping the alpha
+  channel instead would expose whatever colour the fully transparent pixels happen to store
+  (often black, sometimes garbage).
+* 16-bit images (modes "I;16*", and "I" as older Pillow opens 16-bit PNGs) are scaled from the
+  full 16-bit range to 8 bits, round(v / 257), so 65535 -> 255; PIL's own conversion would clip
+  everything above 255 to white. Values of mode "I" outside 0..65535 and 32-bit float images
+  ("F") outside 0..1 are stretched linearly from their minimum to their maximum; float images
+  within 0..1 are scaled by 255.
+* Multi-frame files (GIF, TIFF) give their first frame.
+
+A file that cannot be read raises ImageError, whose `reason` says why in a few words.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .weights import IMAGENET_PREPROCESSING
+
+# Folder scans pick files by suffix (case-insensitive); a file named explicitly is always tried.
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+        ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico",
+    }
+)
+
+# Used when neither the weights file nor the spec defines preprocessing (CIFAR-stem models):
+# the image is used at its own size, only scaled to 0..1 and normalised with ImageNet's mean/std.
+NO_RESIZE_PREPROCESSING = {
+    "resize_size": None,
+    "crop_size": None,
+    "mean": IMAGENET_PREPROCESSING["mean"],
+    "std": IMAGENET_PREPROCESSING["std"],
+}
+
+_WHITE = (255, 255, 255)
+
+
+class ImageError(ValueError):
+    """A file that could not be read as an image; `reason` says why in a few words."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """Whether a folder scan picks this file up (by its suffix)."""
+    return os.path.splitext(str(path))[1].lower() in IMAGE_SUFFIXES
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def _composite_on_white(img):
+    from PIL import Image
+
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale one channel of 16-bit, 32-bit integer or float pixels to uint8."""
+    values = values.astype(np.float64)
+    if values.size == 0:
+        return values.astype(np.uint8)
+    lo, hi = float(values.min()), float(values.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(values.min()), float(values.max())
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+        scaled = values / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scaled = values * 255.0
+    elif hi > lo:
+        scaled = (values - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img):
+    """A PIL image of any mode as an 8-bit RGB PIL image (see the module docstring for the rules).
+
+    Orientation is left alone: load_image applies EXIF orientation before calling this.
+    """
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode in ("RGBA", "LA", "RGBa", "PA"):
+        return _composite_on_white(img)
+    if mode == "P":
+        if "transparency" in img.info:
+            return _composite_on_white(img)
+        return img.convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        gray = _to_uint8(np.asarray(img), mode)
+        return Image.fromarray(gray).convert("RGB")  # uint8 [H, W] -> "L"
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
+
+
+def load_image(path: str | os.PathLike):
+    """Read an image file as an upright 8-bit RGB PIL image; raises ImageError if it cannot."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            try:
+                upright = ImageOps.exif_transpose(img)
+            except Exception:  # malformed EXIF: keep the pixels as stored rather than lose the image
+                upright = img
+            if upright is None:  # exif_transpose(in_place=...) semantics in some versions
+                upright = img
+            return to_rgb(upright)
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (PIL cannot identify the file)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"too large ({e})") from None
+    except OSError as e:
+        raise ImageError(path, f"corrupt or truncated image ({e})") from None
+    except Exception as e:  # SyntaxError, ValueError, struct.error ... from format plugins
+        raise ImageError(path, f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+# -- preprocessing --------------------------------------------------------------------------
+
+
+def resolve_preprocessing(engine_or_preprocessing=None) -> dict:
+    """The preprocessing dict of an engine, a dict (missing keys filled), or None.
+
+    None, or an engine without preprocessing (CIFAR-stem specs whose file defines none), gives
+    NO_RESIZE_PREPROCESSING: images at their own size, normalised with ImageNet's mean and std.
+    """
+    if engine_or_preprocessing is None:
+        pre = None
+    elif isinstance(engine_or_preprocessing, dict):
+        pre = engine_or_preprocessing
+    elif hasattr(engine_or_preprocessing, "preprocessing"):
+        pre = engine_or_preprocessing.preprocessing
+    else:
+        raise TypeError(
+            f"expected an Engine, a preprocessing dict or None, got {type(engine_or_preprocessing).__name__}"
+        )
+    if pre is None:
+        return dict(NO_RESIZE_PREPROCESSING)
+    out = dict(NO_RESIZE_PREPROCESSING)
+    out.update({k: pre[k] for k in ("resize_size", "crop_size", "mean", "std") if k in pre})
+    return out
+
+
+def build_transform(engine_or_preprocessing=None):
+    """torchvision transforms for a preprocessing dict: Resize (bilinear, antialiased; the shorter
+    side to resize_size), CenterCrop(crop_size), ToTensor, Normalize(mean, std). Resize and crop
+    are left out when their size is None."""
+    from torchvision import transforms
+
+    pre = resolve_preprocessing(engine_or_preprocessing)
+    steps = []
+    if pre.get("resize_size") is not None:
+        steps.append(transforms.Resize(pre["resize_size"], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True))
+    if pre.get("crop_size") is not None:
+        steps.append(transforms.CenterCrop(pre["crop_size"]))
+    steps.append(transforms.ToTensor())
+    steps.append(transforms.Normalize(mean=list(pre["mean"]), std=list(pre["std"])))
+    return transforms.Compose(steps)
+
+
+def describe_preprocessing(engine_or_preprocessing=None) -> str:
+    pre = resolve_preprocessing(engine_or_preprocessing)
+    parts = []
+    if pre.get("resize_size") is not None:
+        parts.append(f"resize {pre['resize_size']}")
+    if pre.get("crop_size") is not None:
+        parts.append(f"center crop {pre['crop_size']}")
+    if not parts:
+        parts.append("no resize or crop")
+    fmt = lambda v: "[" + ", ".join(f"{x:g}" for x in v) + "]"  # noqa: E731
+    parts.append(f"mean {fmt(pre['mean'])}, std {fmt(pre['std'])}")
+    return ", ".join(parts)
+
+
+def preprocess(images_or_paths, engine_or_preprocessing=None) -> torch.Tensor:
+    """Paths and/or PIL images (one or a list) -> the float32 batch [N, 3, H, W] an engine takes.
+
+    Paths are read with load_image (EXIF orientation, any mode -> RGB); PIL images are converted
+    to RGB with to_rgb (their orientation is left as it is). With an engine the batch is put on
+    engine.device and its preprocessing is used; with a dict (or None: see resolve_preprocessing)
+    the batch stays on the CPU.
+    """
+    from PIL import Image
+
+    if isinstance(images_or_paths, (str, os.PathLike, Image.Image)):
+        images_or_paths = [images_or_paths]
+    transform = build_transform(engine_or_preprocessing)
+    tensors = []
+    for item in images_or_paths:
+        img = to_rgb(item) if isinstance(item, Image.Image) else load_image(item)
+        tensors.append(transform(img))
+    if not tensors:
+        raise ValueError("no images given")
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"the images have different sizes after preprocessing ({', '.join(str(s[1]) + 'x' + str(s[2]) for s in sorted(shapes))}) "
+            f"and cannot form one batch: use a preprocessing with a crop_size, or preprocess them one at a time"
+        )
+    batch = torch.stack(tensors)
+    device = getattr(engine_or_preprocessing, "device", None)
+    return batch.to(device) if device is not None else batch
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+def probabilities(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
+    """Softmax over classes, or with multi_label an independent sigmoid per class (float32, CPU)."""
+    logits = logits.detach().float().cpu()
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(0)
+    if logits.dim() != 2:
+        raise ValueError(f"expected logits of shape [N, classes], got {tuple(logits.shape)}")
+    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+
+
+def topk(
+    logits: torch.Tensor,
+    k: int = 5,
+    class_names: Sequence[str] | None = None,
+    multi_label: bool = False,
+) -> list[list[tuple[str, float]]]:
+    """Per image, the k most probable classes as [(name, probability), ...], most probable first.
+
+    Probabilities are a softmax over the classes, or with multi_label a sigmoid per class (as
+    multi-label models such as chest X-ray classifiers need). Names come from class_names, else
+    are the class indices as strings; k is capped at the number of classes. A single image's
+    logits [classes] count as a batch of one.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    probs = probabilities(logits, multi_label)
+    num_classes = probs.shape[1]
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+    values, indices = probs.topk(min(k, num_classes), dim=1)
+    names = class_names if class_names is not None else [str(i) for i in range(num_classes)]
+    return [
+        [(names[i], p) for i, p in zip(row_indices, row_values)]
+        for row_indices, row_values in zip(indices.tolist(), values.tolist())
+    ]
+
+
+def format_prob(p: float) -> str:
+    """The shortest decimal that reads back as the same float32 value."""
+    return str(np.float32(p))
+
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageError",
+    "build_transform",
+    "describe_preprocessing",
+    "is_image_path",
+    "load_image",
+    "preprocess",
+    "probabilities",
+    "resolve_preprocessing",
+    "to_rgb",
+    "topk",
+]
+

@@ -1,0 +1,725 @@
+"""`densetriton predict` and `densetriton embed`: classify images and folders, extract features.
+
+Files are streamed through a DataLoader (worker processes decode and preprocess while the model
+computes; pinned memory on CUDA), a progress bar shows images/s, and predictions are appended to
+the output file batch by batch, so `--resume` can pick up an interrupted run.
+
+Under torchrun (RANK and WORLD_SIZE in the environment) the work is sharded: rank r takes the
+files i with i % world_size == r of the input list, runs on cuda:LOCAL_RANK (or the CPU with the
+gloo backend), writes `<out>.part<r>`, and rank 0 merges the parts into --out in input order and
+deletes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .images import ImageError, build_transform, describe_preprocessing, format_prob, is_image_path, load_image, topk
+
+PREDICT_FORMATS = (".csv", ".jsonl")
+EMBED_FORMATS = (".npy", ".safetensors")
+SUMMARY_LIMIT = 50  # skipped files listed by name in the summary; the rest are counted
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _default_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
+
+
+_INPUTS_HELP = """\
+Inputs: each PATH is an image file (always tried, whatever its name) or a folder, searched
+recursively in sorted order for files with an image suffix; other files in folders are ignored.
+{suffixes}
+Images are read with PIL: EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images
+become RGB (16-bit scaled from the full 0..65535 range); transparency is composited onto white.
+Files that cannot be read are skipped, never stopping the run, and listed in the final summary.
+
+Preprocessing: as the weights define it -- torchvision's for pretrained ImageNet models (resize
+256, center crop 224, ImageNet mean/std), a converted file's own when it carries one. A model
+without any (CIFAR-stem, no preprocessing in the file) gets no resize or crop, only scaling to
+0..1 and normalisation with ImageNet's mean/std, so images should already be the size it expects.
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from .spec import TORCHVISION_MODELS, list_models
+
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model", choices=list_models(), metavar="NAME",
+        help="a registry model (see `densetriton info`). Alone: torchvision's pretrained weights, fetched and "
+        "converted once, then cached (" + ", ".join(TORCHVISION_MODELS) + "). With --weights: the architecture the "
+        "file must hold",
+    )
+    g.add_argument("--weights", metavar="FILE", help="a weights file (.safetensors, see `densetriton convert`)")
+    g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
+    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype (default: float16 on CUDA, float32 on CPU)")
+    g.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto",
+                   help="triton (fused kernels), reference (plain PyTorch) or auto: triton on CUDA (default)")
+    g = p.add_argument_group("running")
+    g.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="images per batch (default 32)")
+    g.add_argument("--workers", type=_nonnegative_int, default=_default_workers(), metavar="W",
+                   help="DataLoader worker processes decoding images (default %(default)s; 0 decodes in the main process)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+
+
+def register(subparsers) -> None:
+    """Add the `predict` and `embed` subcommands to densetriton's command line."""
+    from .images import IMAGE_SUFFIXES
+
+    suffixes = textwrap.fill(
+        "Image suffixes: " + " ".join(sorted(IMAGE_SUFFIXES)) + ".", width=98, initial_indent="  ", subsequent_indent="  "
+    )
+    p = subparsers.add_parser(
+        "predict",
+        help="classify images and folders: top-k labels and probabilities, to the screen, CSV or JSON lines",
+        description="Classify images with a DenseNet: for each image, its top-k classes and their probabilities\n"
+        "(softmax; --multi-label: a sigmoid per class). Class names come from the weights file (ImageNet's\n"
+        "for pretrained models), else are class indices.",
+        epilog=_INPUTS_HELP.format(suffixes=suffixes) + """
+Output: without --out, a table on stdout. With --out FILE.csv: columns path, label_1, prob_1, ...,
+label_k, prob_k. With --out FILE.jsonl: one {"path": ..., "topk": [{"label": ..., "prob": ...}, ...]}
+per line. Probabilities are written as the shortest decimals that read back as the same float32.
+Rows are appended batch by batch as they are computed; without --resume an existing FILE is replaced.
+
+Several GPUs or nodes: run under torchrun, e.g.
+  torchrun --nproc-per-node 4 -m densetriton predict photos/ --model densenet121 --out results.csv
+Each rank classifies every world_size-th file and writes FILE.part<rank>; rank 0 merges the parts
+into FILE in input order and deletes them.
+
+Examples:
+  densetriton predict cat.jpg --model densenet121
+  densetriton predict photos/ --model densenet201 --topk 3 --out results.csv
+  densetriton predict xrays/ --weights chexnet.safetensors --multi-label --topk 14 --out findings.jsonl --resume
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes reported per image (default 5; at most the number of classes)")
+    g.add_argument("--out", metavar="FILE", help="write results to FILE.csv or FILE.jsonl instead of the screen")
+    g.add_argument("--multi-label", action="store_true",
+                   help="independent sigmoid probability per class instead of a softmax (multi-label models such as chest X-ray classifiers)")
+    g.add_argument("--resume", action="store_true", help="keep FILE's rows and classify only the images not already in it")
+    p.set_defaults(func=predict_command)
+
+    p = subparsers.add_parser(
+        "embed",
+        help="extract pooled features (what the classifier sees) for images and folders, to .npy or .safetensors",
+        description="Extract each image's pooled features as float32: engine.features, the global average pool\n"
+        "after the final BatchNorm-ReLU, which is what the classifier sees.",
+        epilog=_INPUTS_HELP.format(suffixes=suffixes) + """
+Output (written atomically, only once every image has been processed):
+  FILE.npy          a float32 array [N, features]; the N image paths, one per line (UTF-8), go to
+                    FILE.npy.paths.txt -- e.g. feats.npy and feats.npy.paths.txt
+  FILE.safetensors  a float32 tensor "features" [N, features]; metadata "paths" holds the paths as a
+                    JSON list, "model" describes the network
+Row i belongs to path i; skipped images have no row. Under torchrun each rank writes FILE.part<rank>
+and rank 0 merges them in input order.
+
+Examples:
+  densetriton embed photos/ --model densenet121 --out feats.npy
+  torchrun --nproc-per-node 2 -m densetriton embed photos/ --model densenet121 --out feats.safetensors
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.npy (plus FILE.npy.paths.txt) or FILE.safetensors")
+    p.set_defaults(func=embed_command)
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def collect_files(paths) -> list[str]:
+    """The input list: files as named, folders expanded (recursively, sorted, image suffixes only).
+
+    Each path keeps the spelling it was given (folder + relative path); duplicates (the same file
+    reached twice) are kept once, at their first position.
+    """
+    files: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: str) -> None:
+        key = os.path.normcase(os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for raw in paths:
+        path = os.fspath(raw)
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                found.extend(os.path.join(root, n) for n in names if is_image_path(n))
+            for f in sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep)):
+                add(f)
+        else:
+            add(path)  # a missing or non-image file is reported as skipped when it is read
+    return files
+
+
+def _load_engine(args, dist: "_Dist"):
+    import densetriton
+
+    from .spec import TORCHVISION_MODELS
+
+    if args.model is None and args.weights is None:
+        raise ValueError("give --model NAME (torchvision's pretrained weights) or --weights FILE (a converted weights file)")
+    device = args.device
+    if dist.active and torch.cuda.is_available() and device in (None, "cuda"):
+        device = f"cuda:{dist.local_rank}"
+    if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
+    if args.weights is not None:
+        return densetriton.load(args.model or args.weights, weights=args.weights, device=device, dtype=args.dtype, backend=args.backend)
+    if args.model not in TORCHVISION_MODELS:
+        raise ValueError(
+            f"no pretrained weights are published for {args.model}; pass --weights FILE (a converted file, "
+            f"see `densetriton convert`)"
+        )
+    if dist.active:  # one rank fetches and converts torchvision's file into the cache, then all load it
+        from .engine import pretrained_weights
+
+        if dist.rank == 0:
+            pretrained_weights(args.model)
+        dist.barrier()
+    return densetriton.load(args.model, device=device, dtype=args.dtype, backend=args.backend)
+
+
+# -- torch.distributed ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    active: bool = False
+    _initialised_here: bool = False
+
+    @classmethod
+    def from_env(cls, device: str | None) -> "_Dist":
+        """torchrun's environment -> an initialised process group (nccl on CUDA, gloo otherwise)."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        except ValueError:
+            raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+        if world <= 1 or "RANK" not in os.environ:
+            return cls()
+        import torch.distributed as dist
+
+        use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        initialised_here = False
+        if not dist.is_initialized():
+            if use_cuda:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            initialised_here = True
+        return cls(rank, world, local_rank, True, initialised_here)
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
+
+    def all_gather(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self._initialised_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._initialised_here = False
+
+
+def _part_path(out: str, rank: int) -> str:
+    return f"{out}.part{rank}"
+
+
+def _stale_parts(out: str, world: int) -> list[Path]:
+    """Part files of an earlier run with more ranks than this one."""
+    out_path = Path(out)
+    parent = out_path.parent
+    prefix = out_path.name + ".part"
+    stale = []
+    if parent.is_dir():
+        for f in parent.iterdir():
+            suffix = f.name[len(prefix):]
+            if f.name.startswith(prefix) and suffix.isdigit() and int(suffix) >= world:
+                stale.append(f)
+    return sorted(stale)
+
+
+# -- streaming images through the model ----------------------------------------------------------
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """(index, path) items -> (index, path, tensor or None, reason or None); never raises."""
+
+    def __init__(self, items: list[tuple[int, str]], transform):
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        index, path = self.items[i]
+        try:
+            return index, path, self.transform(load_image(path)), None
+        except ImageError as e:
+            return index, path, None, e.reason
+        except Exception as e:  # an image that breaks a transform must not stop the run
+            return index, path, None, f"cannot preprocess ({type(e).__name__}: {e})"
+
+
+def _collate(samples):
+    """Group the batch's readable images by size (one stacked tensor per size); list the failures."""
+    groups: dict[tuple, list] = {}
+    failed = []
+    for index, path, tensor, reason in samples:
+        if tensor is None:
+            failed.append((index, path, reason))
+        else:
+            groups.setdefault(tuple(tensor.shape), []).append((index, path, tensor))
+    stacked = [
+        ([i for i, _, _ in members], [p for _, p, _ in members], torch.stack([t for _, _, t in members]))
+        for members in groups.values()
+    ]
+    return stacked, failed
+
+
+@dataclass
+class _Tally:
+    done: int = 0
+    skipped: list = field(default_factory=list)  # (index, path, reason)
+
+
+def _stream(engine, items, args, *, run, on_batch, desc: str, show: bool) -> _Tally:
+    """Decode, preprocess and run `run(x)` over items; on_batch([(index, path, row)]) in input order."""
+    from tqdm.auto import tqdm
+
+    tally = _Tally()
+    if not items:
+        return tally
+    pin = engine.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(items, build_transform(engine)),
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=min(args.workers, len(items)),
+        collate_fn=_collate,
+        pin_memory=pin,
+    )
+    bar = tqdm(total=len(items), unit="img", desc=desc, disable=None if show else True, dynamic_ncols=True, smoothing=0.1)
+    try:
+        for groups, failed in loader:
+            tally.skipped.extend(failed)
+            results = []
+            for indices, paths, x in groups:
+                try:
+                    engine.spec.feature_sizes(x.shape[2], x.shape[3])
+                except ValueError as e:
+                    tally.skipped.extend((i, p, f"too small for the model ({e})") for i, p in zip(indices, paths))
+                    continue
+                out = run(x.to(engine.device, non_blocking=pin)).float().cpu()
+                results.extend(zip(indices, paths, out))
+            results.sort(key=lambda r: r[0])
+            if results:
+                on_batch(results)
+            tally.done += len(results)
+            bar.update(sum(len(g[0]) for g in groups) + len(failed))
+            if tally.skipped:
+                bar.set_postfix(skipped=len(tally.skipped), refresh=False)
+    finally:
+        bar.close()
+    return tally
+
+
+def _print_summary(verb: str, done: int, skipped: list, elapsed: float, *, already: int = 0, out: str | None = None) -> None:
+    rate = f" in {elapsed:.1f} s ({done / elapsed:.1f} images/s)" if done and elapsed > 0 else ""
+    line = f"{verb} {done} image{'s' if done != 1 else ''}{rate}"
+    if already:
+        line += f"; {already} already in {out} (--resume)"
+    if skipped:
+        line += f"; skipped {len(skipped)}:"
+    else:
+        line += "; skipped 0"
+    print(line, file=sys.stderr)
+    for _, path, reason in sorted(skipped, key=lambda s: s[0])[:SUMMARY_LIMIT]:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    if len(skipped) > SUMMARY_LIMIT:
+        print(f"  ... and {len(skipped) - SUMMARY_LIMIT} more", file=sys.stderr)
+    if out is not None and (done or already):
+        print(f"results: {out}", file=sys.stderr)
+
+
+# -- predict: output files --------------------------------------------------------------------------
+
+
+class _Records:
+    """The rows of a CSV or JSON-lines prediction file, keyed by path."""
+
+    def __init__(self, fmt: str, k: int):
+        self.fmt = fmt
+        self.k = k
+
+    def header(self) -> list[str]:
+        return ["path"] + [c for i in range(1, self.k + 1) for c in (f"label_{i}", f"prob_{i}")]
+
+    def header_line(self) -> str:
+        return self._csv_line(self.header()) if self.fmt == ".csv" else ""
+
+    @staticmethod
+    def _csv_line(row) -> str:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(row)
+        return buf.getvalue()
+
+    def line(self, path: str, top: list[tuple[str, float]]) -> str:
+        if self.fmt == ".csv":
+            return self._csv_line([path] + [v for name, p in top for v in (name, format_prob(p))])
+        ranks = ", ".join(f'{{"label": {json.dumps(name)}, "prob": {format_prob(p)}}}' for name, p in top)
+        return f'{{"path": {json.dumps(path)}, "topk": [{ranks}]}}\n'
+
+    def read(self, path: str) -> tuple[list[tuple[str, str]], int]:
+        """Complete records [(path, line)] of an existing file, and the byte length they span
+        (an unfinished last line, left by an interrupted run, is not counted)."""
+        data = Path(path).read_bytes()
+        end = data.rfind(b"\n") + 1
+        try:
+            text = data[:end].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a UTF-8 {self.fmt} results file; cannot resume from it") from None
+        records = []
+        if self.fmt == ".csv":
+            rows = list(csv.reader(io.StringIO(text, newline="")))
+            if not rows:
+                return [], 0
+            if rows[0] != self.header():
+                width = (len(rows[0]) - 1) // 2
+                raise ValueError(
+                    f"{path} has {width} ranks per row (columns {','.join(rows[0][:3])},...), not --topk {self.k}: "
+                    f"use the same --topk to resume, or another --out"
+                    if rows[0][:1] == ["path"] else f"{path} does not start with a densetriton CSV header; cannot resume from it"
+                )
+            for row in rows[1:]:
+                if row:
+                    records.append((row[0], self._csv_line(row)))
+        else:
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    rec_path, ranks = record["path"], record["topk"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path}: line {n} is not a densetriton JSON record; cannot resume from it") from None
+                if len(ranks) != self.k:
+                    raise ValueError(
+                        f"{path} has {len(ranks)} ranks per record, not --topk {self.k}: use the same --topk to resume, or another --out"
+                    )
+                records.append((rec_path, line + "\n"))
+        return records, end
+
+
+def _path_key(path: str) -> str:
+    return os.path.normcase(os.path.abspath(path))
+
+
+def _open_for_append(path: str, records: _Records, resume: bool):
+    """Open the results file for appending: on --resume after its last complete row, else fresh."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if resume and os.path.isfile(path):
+        _, end = records.read(path)
+        with open(path, "r+b") as f:  # drop an unfinished last line from an interrupted run
+            f.truncate(end)
+        f = open(path, "a", encoding="utf-8", newline="")
+        if end == 0:
+            f.write(records.header_line())
+        return f
+    f = open(path, "w", encoding="utf-8", newline="")
+    f.write(records.header_line())
+    f.flush()
+    return f
+
+
+def _print_table(rows, multi_label: bool, write) -> None:
+    for _, path, top in rows:
+        lines = [path]
+        for rank, (name, p) in enumerate(top, 1):
+            lines.append(f"  {rank:>2}. {100 * p:7.3f}%  {name}")
+        write("\n".join(lines))
+
+
+def predict_command(args) -> int:
+    out = args.out
+    fmt = None
+    if out is not None:
+        fmt = os.path.splitext(out)[1].lower()
+        if fmt not in PREDICT_FORMATS:
+            raise ValueError(f"--out must end in .csv or .jsonl, got {out!r}")
+    elif args.resume:
+        raise ValueError("--resume needs --out FILE (the results file to resume)")
+    dist = _Dist.from_env(args.device)
+    try:
+        return _predict(args, dist, out, fmt)
+    finally:
+        dist.close()
+
+
+def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
+    from tqdm.auto import tqdm
+
+    if dist.active and out is None:
+        raise ValueError("under torchrun, give --out FILE.csv or FILE.jsonl: each rank writes a part and rank 0 merges them")
+    files = collect_files(args.paths)
+    if not files:
+        raise ValueError("no image files found in " + ", ".join(args.paths))
+    engine = _load_engine(args, dist)
+    k = min(args.topk, engine.spec.num_classes)
+    records = _Records(fmt, k) if fmt else None
+    show = dist.rank == 0
+
+    # What --resume skips: the rows of --out, and under torchrun those of any part left behind.
+    done_keys: set[str] = set()
+    if args.resume:
+        sources = [out] + ([_part_path(out, r) for r in range(dist.world)] + [str(p) for p in _stale_parts(out, dist.world)] if dist.active else [])
+        for source in sources:
+            if os.path.isfile(source):
+                done_keys.update(_path_key(p) for p, _ in records.read(source)[0])
+    elif dist.active and dist.rank == 0:
+        for stale in _stale_parts(out, dist.world):
+            stale.unlink()
+    indexed = list(enumerate(files))
+    todo = [(i, p) for i, p in indexed if _path_key(p) not in done_keys]
+    already = len(files) - len(todo)
+    mine = [(i, p) for i, p in todo if i % dist.world == dist.rank]
+    if show:
+        print(f"{engine!r}; preprocessing: {describe_preprocessing(engine)}", file=sys.stderr)
+        if already:
+            print(f"resuming: {already} of {len(files)} images already in {out}", file=sys.stderr)
+    dist.barrier()  # every rank has read the old results before any rank writes
+
+    target = _part_path(out, dist.rank) if dist.active else out
+    sink = _open_for_append(target, records, args.resume) if out is not None else None
+    start = time.perf_counter()
+
+    def on_batch(rows):
+        tops = topk(torch.stack([r[2] for r in rows]), k, engine.class_names, multi_label=args.multi_label)
+        labelled = [(i, p, t) for (i, p, _), t in zip(rows, tops)]
+        if sink is not None:
+            sink.write("".join(records.line(p, t) for _, p, t in labelled))
+            sink.flush()
+        else:
+            _print_table(labelled, args.multi_label, lambda s: tqdm.write(s, file=sys.stdout))
+
+    try:
+        tally = _stream(engine, mine, args, run=engine, on_batch=on_batch, desc=_desc("predict", dist), show=show)
+    finally:
+        if sink is not None:
+            sink.close()
+    elapsed = time.perf_counter() - start
+
+    tallies = dist.all_gather((tally.done, tally.skipped))  # also a barrier: every part is complete
+    done = sum(d for d, _ in tallies)
+    skipped = [s for _, sk in tallies for s in sk]
+    if dist.active and dist.rank == 0:
+        _merge_predictions(out, records, files, dist.world, keep_old=args.resume)
+    dist.barrier()
+    if show:
+        _print_summary("classified", done, skipped, elapsed, already=already, out=out)
+    return 1 if done == 0 and skipped else 0
+
+
+def _merge_predictions(out: str, records: _Records, files: list[str], world: int, *, keep_old: bool) -> None:
+    """Rank 0: --out's old rows (with --resume), then the parts' rows in input order; delete the parts."""
+    from .weights import atomic_write
+
+    order = {_path_key(p): i for i, p in enumerate(files)}
+    old = records.read(out)[0] if keep_old and os.path.isfile(out) else []
+    seen = {_path_key(p) for p, _ in old}
+    parts = [Path(_part_path(out, r)) for r in range(world)] + (_stale_parts(out, world) if keep_old else [])
+    new = []
+    for part in parts:
+        if part.is_file():
+            for p, line in records.read(str(part))[0]:
+                key = _path_key(p)
+                if key not in seen:
+                    seen.add(key)
+                    new.append((order.get(key, len(files)), len(new), line))
+    new.sort()
+    text = records.header_line() + "".join(line for _, line in old) + "".join(line for _, _, line in new)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    atomic_write(out, write)
+    for part in parts:
+        if part.is_file():
+            part.unlink()
+
+
+def _desc(verb: str, dist: _Dist) -> str:
+    return f"{verb} (rank 0 of {dist.world})" if dist.active else verb
+
+
+# -- embed ----------------------------------------------------------------------------------------
+
+
+def _save_features(out: str, features: torch.Tensor, paths: list[str], model: str) -> None:
+    from safetensors.torch import save_file
+
+    from .weights import atomic_write
+
+    features = features.float().contiguous()
+    if out.lower().endswith(".npy"):
+        array = features.numpy()
+
+        def write_npy(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+                np.save(f, array)
+
+        def write_paths(tmp):
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.write("".join(p + "\n" for p in paths))
+
+        atomic_write(out, write_npy)
+        atomic_write(out + ".paths.txt", write_paths)
+    else:
+        metadata = {"format": "densetriton-features", "paths": json.dumps(paths), "model": model}
+        atomic_write(out, lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
+
+
+def _read_feature_part(path: Path) -> tuple[torch.Tensor, list[str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("features"), json.loads(f.metadata()["paths"])
+
+
+def embed_command(args) -> int:
+    out = args.out
+    if not out.lower().endswith(EMBED_FORMATS):
+        raise ValueError(f"--out must end in .npy or .safetensors, got {out!r}")
+    dist = _Dist.from_env(args.device)
+    try:
+        return _embed(args, dist, out)
+    finally:
+        dist.close()
+
+
+def _embed(args, dist: _Dist, out: str) -> int:
+    from .weights import describe_spec
+
+    files = collect_files(args.paths)
+    if not files:
+        raise ValueError("no image files found in " + ", ".join(args.paths))
+    engine = _load_engine(args, dist)
+    show = dist.rank == 0
+    items = [(i, p) for i, p in enumerate(files) if i % dist.world == dist.rank]
+    pre_skipped = []
+    if out.lower().endswith(".npy"):  # the .paths.txt sidecar lists one path per line
+        pre_skipped = [(i, p, "its path contains a line break (use --out FILE.safetensors)") for i, p in items if "\n" in p or "\r" in p]
+        items = [(i, p) for i, p in items if "\n" not in p and "\r" not in p]
+    if show:
+        print(f"{engine!r}; preprocessing: {describe_preprocessing(engine)}", file=sys.stderr)
+
+    rows: list[tuple[int, str, torch.Tensor]] = []
+    start = time.perf_counter()
+    tally = _stream(engine, items, args, run=engine.features, on_batch=rows.extend, desc=_desc("embed", dist), show=show)
+    tally.skipped = pre_skipped + tally.skipped
+    elapsed = time.perf_counter() - start
+    model = describe_spec(engine.spec)
+    width = engine.spec.num_features
+    features = torch.stack([r[2] for r in rows]) if rows else torch.empty(0, width)
+    paths = [r[1] for r in rows]
+
+    if dist.active:
+        part = Path(_part_path(out, dist.rank))
+        from safetensors.torch import save_file
+
+        from .weights import atomic_write
+
+        atomic_write(part, lambda tmp: save_file({"features": features.contiguous()}, tmp, metadata={"paths": json.dumps(paths)}))
+    tallies = dist.all_gather((tally.done, tally.skipped))
+    done = sum(d for d, _ in tallies)
+    skipped = [s for _, sk in tallies for s in sk]
+    if dist.rank == 0 and done:
+        if dist.active:
+            order = {p: i for i, p in enumerate(files)}
+            pieces, all_paths = [], []
+            for r in range(dist.world):
+                f, ps = _read_feature_part(Path(_part_path(out, r)))
+                pieces.append(f)
+                all_paths.extend(ps)
+            merged = torch.cat(pieces) if pieces else torch.empty(0, width)
+            perm = sorted(range(len(all_paths)), key=lambda j: order[all_paths[j]])
+            features, paths = merged[perm], [all_paths[j] for j in perm]
+        _save_features(out, features, paths, model)
+    if dist.active:
+        dist.barrier()
+        if dist.rank == 0:
+            for r in range(dist.world):
+                Path(_part_path(out, r)).unlink(missing_ok=True)
+    if show:
+        written = out + (f" and {out}.paths.txt" if out.lower().endswith(".npy") else "")
+        _print_summary("embedded", done, skipped, elapsed, out=written if done else None)
+        if not done:
+            print(f"nothing written to {out}: no image could be read", file=sys.stderr)
+    return 1 if done == 0 else 0
