@@ -34,7 +34,8 @@ class Engine:
         self.pretrained = pretrained
         self.class_names = weights.class_names
         self.preprocessing = weights.preprocessing or (IMAGENET_PREPROCESSING if self.spec.stem == "imagenet" else None)
-        # Buffers of a plan serve one call at a time.
+        # A plan's buffers serve one call at a time: callers on several threads take turns to
+        # launch (the reference backend keeps no state between calls and needs no lock).
         self._lock = threading.Lock()
         if backend == "reference":
             model = ReferenceDenseNet(self.spec)
@@ -75,9 +76,9 @@ class Engine:
         self.check_input(x)
         if x.shape[0] == 0:
             return torch.empty(0, self.spec.num_features, device=self.device)
+        if self.backend == "reference":
+            return self._model.forward_features(x.to(self.dtype)).float()
         with self._lock:
-            if self.backend == "reference":
-                return self._model.forward_features(x.to(self.dtype)).float()
             return self._model.features(x)
 
     @torch.inference_mode()
@@ -86,9 +87,9 @@ class Engine:
         self.check_input(x)
         if x.shape[0] == 0:
             return torch.empty(0, self.spec.num_classes, device=self.device)
+        if self.backend == "reference":
+            return self._model(x.to(self.dtype)).float()
         with self._lock:
-            if self.backend == "reference":
-                return self._model(x.to(self.dtype)).float()
             return self._model(x)
 
     def planned_memory_bytes(self, batch: int, height: int, width: int) -> int | None:

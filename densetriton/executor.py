@@ -50,7 +50,10 @@ class TritonExecutor:
 
     def plan(self, n: int, height: int, width: int) -> Plan:
         """The plan for this input size: reused when cached, else built (and the cache trimmed)."""
-        key = (n, height, width)
+        # Kernels queued on different CUDA streams may run at the same time: each stream gets its
+        # own plan, so no two calls ever share buffers (one stream runs its kernels in order).
+        stream = torch.cuda.current_stream(self.device).stream_id if self.device.type == "cuda" else 0
+        key = (n, height, width, stream)
         plan = self.plans.get(key)
         if plan is not None:
             self.plans.move_to_end(key)

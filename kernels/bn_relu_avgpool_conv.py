@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._relu import _relu
 from ._common import check_block, check_nhwc, check_same_device, check_vector, COMPUTE_DTYPES
 
 
@@ -52,7 +53,7 @@ def _bn_relu_avgpool_conv_kernel(
         for dh in tl.static_range(2):
             for dw in tl.static_range(2):
                 v = tl.load(x_ci_ptr + dh * stride_xh + dw * stride_xw, mask=load_mask, other=0.0)
-                a += tl.maximum(v.to(tl.float32) * scale + shift, 0.0)
+                a += _relu(v.to(tl.float32) * scale + shift)
         a = a * 0.25
         # Masked rows may hold relu(shift) > 0; zero weight rows cover the channel tail,
         # and rows past the last pixel are never stored, so no extra where() is needed.

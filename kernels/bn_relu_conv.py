@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._relu import _relu
 from ._common import check_block, check_nhwc, check_same_device, check_vector, COMPUTE_DTYPES
 
 
@@ -66,7 +67,7 @@ def _bn_relu_conv_kernel(
             if HAS_PROLOGUE:
                 scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
                 shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=ci_mask, other=0.0)
-                a = tl.maximum(a * scale[None, :] + shift[None, :], 0.0)
+                a = _relu(a * scale[None, :] + shift[None, :])
                 # Padding is zero in the activated tensor, not relu(0 * scale + shift).
                 a = tl.where(tap_mask[:, None], a, 0.0)
 
@@ -85,7 +86,7 @@ def _bn_relu_conv_kernel(
         bias = tl.load(bias_ptr + offs_co * stride_bias, mask=co_mask, other=0.0)
         acc = acc + bias[None, :]
     if RELU_OUT:
-        acc = tl.maximum(acc, 0.0)
+        acc = _relu(acc)
 
     out_pix_ptr = out_ptr + n * stride_on + oh * stride_oh + ow * stride_ow
     tl.store(

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._relu import _relu
 from ._common import check_block, check_nhwc, check_same_device, check_vector
 
 
@@ -39,7 +40,7 @@ def _bn_relu_global_avgpool_kernel(
         pw = offs_p % W
         mask = p_mask[:, None] & c_mask[None, :]
         v = tl.load(x_img_ptr + (ph * stride_xh + pw * stride_xw)[:, None], mask=mask, other=0.0)
-        a = tl.maximum(v.to(tl.float32) * scale + shift, 0.0)
+        a = _relu(v.to(tl.float32) * scale + shift)
         # Pixels past H*W would add relu(shift); keep them out of the sum.
         acc += tl.where(mask, a, 0.0)
 

@@ -45,7 +45,9 @@ def _max_pool_3x3_s2_kernel(
                 mask=tap_mask[:, None] & c_mask[None, :],
                 other=float("-inf"),
             )
-            result = tl.maximum(result, v.to(tl.float32))
+            v = v.to(tl.float32)
+            # NaN wins, as in torch's max_pool2d (tl.maximum would drop it).
+            result = tl.where((v > result) | (v != v), v, result)
 
     out_pix_ptr = out_ptr + n * stride_on + oh * stride_oh + ow * stride_ow
     tl.store(

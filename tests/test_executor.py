@@ -101,11 +101,11 @@ def test_plans_are_reused_and_results_never_alias(tiny_engine):
     a_copy = a.clone()
     f = engine.features(x1)
     executor = engine._model
-    plan = executor.plans[(2, 40, 40)]
+    plan = executor.plan(2, 40, 40)
     arena_ptrs = [t.data_ptr() for t in plan.arenas]
     b = engine(x2)
     assert torch.equal(a, a_copy)  # a later call never changes an earlier result
-    assert executor.plans[(2, 40, 40)] is plan and [t.data_ptr() for t in plan.arenas] == arena_ptrs
+    assert executor.plan(2, 40, 40) is plan and [t.data_ptr() for t in plan.arenas] == arena_ptrs
     owned = [*plan.arenas, plan.features, plan.scratch]
     for out in (a, b, f):
         assert all(out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in owned)
