@@ -550,7 +550,7 @@ def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
     already = len(files) - len(todo)
     mine = [(i, p) for i, p in todo if i % dist.world == dist.rank]
     if show:
-        print(f"{engine!r}; preprocessing: {describe_preprocessing(engine)}", file=sys.stderr)
+        print(_describe_run(engine, args), file=sys.stderr)
         if already:
             print(f"resuming: {already} of {len(files)} images already in {out}", file=sys.stderr)
     dist.barrier()  # every rank has read the old results before any rank writes
@@ -613,6 +613,17 @@ def _merge_predictions(out: str, records: _Records, files: list[str], world: int
     for part in parts:
         if part.is_file():
             part.unlink()
+
+
+def _describe_run(engine, args) -> str:
+    from .weights import describe_spec
+
+    source = args.weights if args.weights is not None else "torchvision's pretrained weights"
+    dtype = str(engine.dtype).replace("torch.", "")
+    return (
+        f"{describe_spec(engine.spec)} ({source}) on {engine.device}, {dtype}, {engine.backend} backend; "
+        f"preprocessing: {describe_preprocessing(engine)}"
+    )
 
 
 def _desc(verb: str, dist: _Dist) -> str:
@@ -678,7 +689,7 @@ def _embed(args, dist: _Dist, out: str) -> int:
         pre_skipped = [(i, p, "its path contains a line break (use --out FILE.safetensors)") for i, p in items if "\n" in p or "\r" in p]
         items = [(i, p) for i, p in items if "\n" not in p and "\r" not in p]
     if show:
-        print(f"{engine!r}; preprocessing: {describe_preprocessing(engine)}", file=sys.stderr)
+        print(_describe_run(engine, args), file=sys.stderr)
 
     rows: list[tuple[int, str, torch.Tensor]] = []
     start = time.perf_counter()
