@@ -1,0 +1,214 @@
+"""densetriton.images: reading awkward files as upright RGB, preprocessing, top-k."""
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from densetriton.images import (
+    ImageError,
+    build_transform,
+    is_image_path,
+    load_image,
+    preprocess,
+    resolve_preprocessing,
+    to_rgb,
+    topk,
+)
+
+MEAN = [0.5, 0.4, 0.3]
+STD = [0.2, 0.25, 0.3]
+
+
+@pytest.fixture
+def rng(request):
+    # A fresh stream per test, seeded by the test's name: random pixels, never blank images.
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+def _rgb(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_exif_orientation_is_applied(tmp_path, rng):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(_rgb(rng, 30, 48)).save(path, exif=exif.tobytes(), quality=95)
+    with Image.open(path) as raw:
+        assert raw.size == (48, 30)
+        expected = np.asarray(raw.convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == (30, 48)
+    assert np.array_equal(np.asarray(img), expected)
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path, rng):
+    gray = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    img = np.asarray(load_image(tmp_path / "g.png"))
+    assert img.shape == (20, 24, 3)
+    for c in range(3):
+        assert np.array_equal(img[..., c], gray)
+
+
+def test_rgba_is_composited_on_white(tmp_path, rng):
+    rgb = _rgb(rng, 16, 18)
+    alpha = rng.integers(0, 256, (16, 18), dtype=np.uint8)
+    alpha[0, :] = 0  # fully transparent row: white, whatever colour it stores
+    alpha[1, :] = 255  # fully opaque row: the colour itself
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "a.png")
+    img = np.asarray(load_image(tmp_path / "a.png")).astype(np.int32)
+    a = alpha[..., None].astype(np.float64) / 255
+    expected = rgb * a + 255 * (1 - a)
+    assert np.abs(img - expected).max() <= 1
+    assert (img[0] == 255).all()
+    assert np.array_equal(img[1], rgb[1])
+
+
+def test_palette_with_transparency(tmp_path, rng):
+    palette_rgb = rng.integers(0, 256, (8, 3), dtype=np.uint8)
+    indices = rng.integers(0, 8, (12, 14), dtype=np.uint8)
+    indices[0, 0] = 3
+    img = Image.fromarray(indices, "P")
+    img.putpalette(palette_rgb.flatten().tolist())
+    img.save(tmp_path / "p.png", transparency=3)
+    out = np.asarray(load_image(tmp_path / "p.png"))
+    expected = palette_rgb[indices]
+    expected[indices == 3] = 255
+    assert np.array_equal(out, expected)
+
+    img.save(tmp_path / "opaque.png")  # no transparent colour: plain palette lookup
+    assert np.array_equal(np.asarray(load_image(tmp_path / "opaque.png")), palette_rgb[indices])
+
+
+def test_cmyk_jpeg(tmp_path, rng):
+    cmyk = rng.integers(0, 256, (20, 22, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "c.jpg", quality=95)
+    with Image.open(tmp_path / "c.jpg") as raw:
+        assert raw.mode == "CMYK"
+        expected = np.asarray(raw.convert("RGB"))
+    out = load_image(tmp_path / "c.jpg")
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), expected)
+    assert expected.std() > 10  # not a degenerate image
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path, rng):
+    deep = rng.integers(0, 65536, (18, 20), dtype=np.uint16)
+    deep[0, 0], deep[0, 1], deep[0, 2] = 0, 65535, 257 * 100
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    with Image.open(tmp_path / "d.png") as raw:
+        assert raw.mode in ("I;16", "I")  # 16-bit on disk
+    out = np.asarray(load_image(tmp_path / "d.png"))
+    expected = np.rint(deep / 257).astype(np.uint8)
+    assert np.array_equal(out[..., 0], expected) and np.array_equal(out[..., 2], expected)
+    assert out[0, 0, 0] == 0 and out[0, 1, 0] == 255 and out[0, 2, 0] == 100
+    assert 100 < out.mean() < 155  # PIL's own conversion clips nearly everything to 255
+
+
+def test_32_bit_modes(rng):
+    wide = rng.integers(-1000, 5000, (6, 7), dtype=np.int32)
+    out = np.asarray(to_rgb(Image.fromarray(wide, "I")))[..., 0]
+    assert out.min() == 0 and out.max() == 255  # stretched: outside 0..65535
+    unit = rng.random((6, 7), dtype=np.float32)
+    out = np.asarray(to_rgb(Image.fromarray(unit, "F")))[..., 0]
+    assert np.array_equal(out, np.rint(unit.astype(np.float64) * 255).astype(np.uint8))
+
+
+def test_unreadable_files_raise_image_error_with_a_reason(tmp_path, rng):
+    (tmp_path / "noise.jpg").write_bytes(rng.bytes(500))
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    buf = tmp_path / "good.jpg"
+    Image.fromarray(_rgb(rng, 64, 64)).save(buf, quality=95)
+    data = buf.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    cases = {
+        "noise.jpg": "not an image",
+        "notes.txt": "not an image",
+        "truncated.jpg": "corrupt or truncated",
+        "missing.png": "file not found",
+    }
+    for name, reason in cases.items():
+        with pytest.raises(ImageError) as info:
+            load_image(tmp_path / name)
+        assert info.value.reason.startswith(reason), (name, info.value.reason)
+        assert name in str(info.value)
+    assert load_image(buf).size == (64, 64)
+
+
+def test_image_suffixes():
+    assert is_image_path("a/B.JPG") and is_image_path("x.tiff") and is_image_path("x.png")
+    assert not is_image_path("notes.txt") and not is_image_path("jpg")
+
+
+def test_preprocess_crop_and_normalise_exactly(rng):
+    """Crop-only preprocessing checked against numpy slicing: the order and the arithmetic."""
+    pixels = _rgb(rng, 40, 48)
+    pre = {"resize_size": None, "crop_size": 32, "mean": MEAN, "std": STD}
+    x = preprocess(Image.fromarray(pixels), pre)
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
+    crop = pixels[4:36, 8:40].astype(np.float32) / 255
+    expected = (crop - np.array(MEAN, dtype=np.float32)) / np.array(STD, dtype=np.float32)
+    assert np.allclose(x[0].permute(1, 2, 0).numpy(), expected, atol=1e-6)
+
+
+def test_preprocess_resizes_the_shorter_side_then_crops(tmp_path, rng):
+    pre = {"resize_size": 40, "crop_size": 32, "mean": MEAN, "std": STD}
+    a, b = Image.fromarray(_rgb(rng, 50, 90)), Image.fromarray(_rgb(rng, 120, 60))
+    b.save(tmp_path / "b.png")
+    x = preprocess([a, tmp_path / "b.png"], pre)
+    assert x.shape == (2, 3, 32, 32)
+    # the same as torchvision's transforms applied by hand
+    from torchvision import transforms
+
+    manual = transforms.Compose(
+        [transforms.Resize(40), transforms.CenterCrop(32), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    )
+    assert torch.equal(x[0], manual(a)) and torch.equal(x[1], manual(b))
+    assert not torch.equal(x[0], x[1])
+
+
+def test_preprocess_without_crop_needs_equal_sizes(rng):
+    images = [Image.fromarray(_rgb(rng, 20, 20)), Image.fromarray(_rgb(rng, 24, 20))]
+    with pytest.raises(ValueError, match="different sizes"):
+        preprocess(images, None)
+    x = preprocess(images[0], None)  # no preprocessing: own size, ImageNet mean/std
+    assert x.shape == (1, 3, 20, 20)
+    pre = resolve_preprocessing(None)
+    assert pre["resize_size"] is None and pre["crop_size"] is None and pre["mean"] == [0.485, 0.456, 0.406]
+    assert len(build_transform(None).transforms) == 2
+
+
+def test_preprocess_converts_pil_modes(rng):
+    rgba = Image.fromarray(np.dstack([_rgb(rng, 8, 8), np.full((8, 8), 255, np.uint8)]), "RGBA")
+    rgb = rgba.convert("RGB")
+    pre = {"resize_size": None, "crop_size": None, "mean": MEAN, "std": STD}
+    assert torch.equal(preprocess(rgba, pre), preprocess(rgb, pre))
+
+
+def test_topk_softmax_and_names():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 4.0]])
+    probs = torch.softmax(logits, dim=1)
+    out = topk(logits, 2, ["cat", "dog", "eel"])
+    assert [n for n, _ in out[0]] == ["dog", "eel"] and [n for n, _ in out[1]] == ["eel", "cat"]
+    assert out[0][0][1] == probs[0, 1].item() and out[1][1][1] == probs[1, 0].item()
+    assert [n for n, _ in topk(logits, 10, None)[0]] == ["1", "2", "0"]  # k capped, indices as names
+    single = topk(logits[1], 1, ["cat", "dog", "eel"])
+    assert single == [[("eel", probs[1, 2].item())]]
+
+
+def test_topk_multi_label_uses_a_sigmoid_per_class():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = topk(logits, 4, ["a", "b", "c", "d"], multi_label=True)[0]
+    assert [n for n, _ in out] == ["d", "a", "c", "b"]
+    assert [p for _, p in out] == torch.sigmoid(logits)[0, [3, 0, 2, 1]].tolist()
+    assert sum(p for _, p in out) > 1.5  # independent, not a distribution
+
+
+def test_topk_errors():
+    with pytest.raises(ValueError, match="class names"):
+        topk(torch.zeros(1, 3), 1, ["a", "b"])
+    with pytest.raises(ValueError, match="at least 1"):
+        topk(torch.zeros(1, 3), 0)

@@ -1,0 +1,452 @@
+"""`densetriton predict` / `embed`: outputs checked against the engine called directly.
+
+A tiny random-weight DenseNet (ImageNet stem, BatchNorm statistics randomised) is saved with class
+names and its own preprocessing; generated images of every awkward kind, plus files that are not
+images, go through the command line, and every probability and feature row is compared with
+engine(preprocess(load_image(path))).
+"""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import densetriton
+from densetriton import DenseNetSpec
+from densetriton.cli import main
+from densetriton.images import load_image, preprocess, topk
+from densetriton.reference import ReferenceDenseNet
+
+from conftest import randomize_batchnorm, rel_err
+
+SPEC = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "imagenet")
+CIFAR_SPEC = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "cifar")
+NAMES = ["cat", "dog", "eel"]
+PRE = {"resize_size": 40, "crop_size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+PROB_TOL = 2e-6  # batch composition may change the last bits of a float32 probability
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions on a small CPU runner: one intra-op thread is far faster than several.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tensors(spec, seed):
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(ReferenceDenseNet(spec), seed=seed, image_size=32)
+    with torch.no_grad():
+        model.classifier.weight.mul_(8)  # well-separated logits: no near-ties between classes
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    densetriton.save_weights(path, _tensors(SPEC, 0), SPEC, class_names=NAMES, preprocessing=PRE)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def engine(weights):
+    return densetriton.load(weights, device="cpu", backend="reference")
+
+
+def _rng(name):
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def _noise(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def make_images(folder: Path, seed: str) -> dict:
+    """One image of each awkward kind plus unreadable files; returns {kind: path}."""
+    rng = _rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sub").mkdir(exist_ok=True)
+    p = {}
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p["exif"] = folder / "photo_exif.jpg"
+    Image.fromarray(_noise(rng, 30, 56)).save(p["exif"], exif=exif.tobytes(), quality=95)
+    p["gray"] = folder / "gray.png"
+    Image.fromarray(rng.integers(0, 256, (44, 40), dtype=np.uint8)).save(p["gray"])
+    p["rgba"] = folder / "rgba.png"
+    Image.fromarray(np.dstack([_noise(rng, 40, 40), rng.integers(0, 256, (40, 40), dtype=np.uint8)]), "RGBA").save(p["rgba"])
+    p["palette"] = folder / "palette.png"
+    pal = Image.fromarray(rng.integers(0, 16, (40, 48), dtype=np.uint8), "P")
+    pal.putpalette(rng.integers(0, 256, 48, dtype=np.uint8).tolist())
+    pal.save(p["palette"], transparency=2)
+    p["cmyk"] = folder / "cmyk.jpg"
+    Image.fromarray(rng.integers(0, 256, (40, 42, 4), dtype=np.uint8), "CMYK").save(p["cmyk"], quality=95)
+    p["deep"] = folder / "deep.png"
+    Image.fromarray(rng.integers(0, 65536, (48, 40), dtype=np.uint16)).save(p["deep"])
+    p["nested"] = folder / "sub" / "nested.bmp"
+    Image.fromarray(_noise(rng, 36, 36)).save(p["nested"])
+    p["corrupt"] = folder / "corrupt.jpg"
+    p["corrupt"].write_bytes(rng.bytes(700))
+    p["fake"] = folder / "sub" / "fake.png"
+    p["fake"].write_text("this is text with an image suffix\n")
+    p["txt"] = folder / "notes.txt"
+    p["txt"].write_text("ignored in folder scans\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images") / "data"
+    return folder, make_images(folder, "module")
+
+
+def scan_order(folder: Path, kinds: dict) -> list[str]:
+    """What a folder scan should classify or skip: image suffixes, sorted by relative path."""
+    files = [p for k, p in kinds.items() if k != "txt"]
+    return [str(p) for p in sorted(files, key=lambda p: p.relative_to(folder).parts)]
+
+
+def direct(engine, path, k, multi_label=False):
+    logits = engine(preprocess(load_image(path), engine))
+    return topk(logits, k, engine.class_names, multi_label=multi_label)[0]
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    k = (len(header) - 1) // 2
+    assert header == ["path"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")]
+    return [(r[0], [(r[1 + 2 * i], float(r[2 + 2 * i])) for i in range(k)]) for r in body]
+
+
+def read_jsonl(path):
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        out.append((rec["path"], [(t["label"], t["prob"]) for t in rec["topk"]]))
+    return out
+
+
+def assert_matches_engine(rows, engine, k, multi_label=False):
+    for path, top in rows:
+        expected = direct(engine, path, k, multi_label)
+        assert [n for n, _ in top] == [n for n, _ in expected], path
+        for (_, p), (_, q) in zip(top, expected):
+            assert abs(p - q) <= PROB_TOL, (path, p, q)
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def common(weights, *extra):
+    return ["--weights", weights, "--backend", "reference", "--device", "cpu", *extra]
+
+
+# -- predict ------------------------------------------------------------------------------------
+
+
+def test_predict_folder_csv_matches_the_engine(weights, engine, images, tmp_path, capsys):
+    folder, kinds = images
+    out = tmp_path / "results.csv"
+    rc, stdout, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--topk", "2", "--batch-size", "3", "--workers", "0"))
+    assert rc == 0
+    rows = read_csv(out)
+    bad = {str(kinds["corrupt"]), str(kinds["fake"])}
+    assert [p for p, _ in rows] == [p for p in scan_order(folder, kinds) if p not in bad]
+    assert len(rows) == 7 and all(len(top) == 2 for _, top in rows)
+    assert_matches_engine(rows, engine, 2)
+    assert len({top[0][1] for _, top in rows}) == len(rows)  # different images, different answers
+    assert {top[0][0] for _, top in rows} <= set(NAMES)
+
+    assert "classified 7 images" in err and "skipped 2:" in err
+    assert f"{kinds['corrupt']}: not an image" in err and f"{kinds['fake']}: not an image" in err
+    assert "notes.txt" not in err  # not an image suffix: ignored by the folder scan
+    assert stdout == ""
+
+
+def test_predict_jsonl_multi_label_with_workers(weights, engine, images, tmp_path, capsys):
+    folder, kinds = images
+    out = tmp_path / "results.jsonl"
+    rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--topk", "3", "--multi-label", "--batch-size", "4", "--workers", "2"))
+    assert rc == 0
+    rows = read_jsonl(out)
+    assert len(rows) == 7
+    assert_matches_engine(rows, engine, 3, multi_label=True)
+    path, top = rows[0]
+    sig = torch.sigmoid(engine(preprocess(load_image(path), engine)))[0]
+    assert sorted(p for _, p in top) == pytest.approx(sorted(sig.tolist()), abs=PROB_TOL)
+    assert any(abs(sum(p for _, p in t) - 1) > 0.05 for _, t in rows)  # sigmoids, not a softmax
+    assert "skipped 2:" in err
+
+
+def test_predict_each_awkward_kind_individually(weights, engine, images, capsys):
+    """Files named explicitly: always attempted (even .txt), reported in argument order."""
+    folder, kinds = images
+    order = ["exif", "gray", "rgba", "palette", "cmyk", "deep", "txt", "nested", "corrupt"]
+    argv = [kinds[k] for k in order] + [folder / "missing.jpg"]
+    rc, stdout, err = run_cli(capsys, "predict", *argv, *common(weights, "--topk", "3", "--workers", "0"))
+    assert rc == 0
+    blocks = []
+    for line in stdout.splitlines():
+        if line.startswith(" "):
+            blocks[-1][1].append(line.split())
+        else:
+            blocks.append((line, []))
+    assert [path for path, _ in blocks] == [str(kinds[k]) for k in order if k not in ("txt", "corrupt")]
+    for path, ranks in blocks:
+        expected = direct(engine, path, 3)
+        assert [r[0] for r in ranks] == ["1.", "2.", "3."]
+        assert [r[2] for r in ranks] == [name for name, _ in expected]
+        assert [r[1] for r in ranks] == [f"{100 * p:.3f}%" for _, p in expected]
+    assert "classified 7 images" in err and "skipped 3:" in err
+    assert f"{kinds['txt']}: not an image" in err and f"{kinds['corrupt']}: not an image" in err
+    assert "missing.jpg: file not found" in err
+
+
+def test_exif_rotation_reaches_the_model(weights, engine, images):
+    """The rotated photo is classified upright: its batch differs from the unrotated pixels'."""
+    _, kinds = images
+    upright = load_image(kinds["exif"])
+    assert upright.size == (30, 56)
+    with Image.open(kinds["exif"]) as raw:
+        assert raw.size == (56, 30)
+        stored = raw.convert("RGB")
+    assert not torch.equal(preprocess(upright, engine), preprocess(stored, engine))
+
+
+def test_resume_processes_only_new_images(weights, engine, tmp_path, capsys, monkeypatch):
+    import densetriton.predict as predict_module
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = _rng("resume")
+    for name in ("b.jpg", "d.jpg", "f.jpg"):
+        Image.fromarray(_noise(rng, 40, 40)).save(folder / name)
+    out = tmp_path / "results.csv"
+    args = ["predict", folder, *common(weights, "--out", out, "--workers", "0", "--batch-size", "2")]
+    assert run_cli(capsys, *args)[0] == 0
+    first = read_csv(out)
+    assert [Path(p).name for p, _ in first] == ["b.jpg", "d.jpg", "f.jpg"]
+
+    for name in ("a.jpg", "e.jpg"):
+        Image.fromarray(_noise(rng, 40, 40)).save(folder / name)
+    seen = []
+    real = predict_module.load_image
+    monkeypatch.setattr(predict_module, "load_image", lambda p: seen.append(Path(p).name) or real(p))
+    rc, _, err = run_cli(capsys, *args, "--resume")
+    assert rc == 0
+    assert seen == ["a.jpg", "e.jpg"]
+    assert "classified 2 images" in err and "3 already in" in err
+    second = read_csv(out)
+    assert second[:3] == first and [Path(p).name for p, _ in second[3:]] == ["a.jpg", "e.jpg"]
+    assert_matches_engine(second, engine, 3)
+
+    # An interrupted run leaves half a row: it is dropped and that image classified again.
+    data = out.read_bytes()
+    out.write_bytes(data[:-9])
+    seen.clear()
+    assert run_cli(capsys, *args, "--resume")[0] == 0
+    assert seen == ["e.jpg"]
+    third = read_csv(out)
+    assert [p for p, _ in third] == [p for p, _ in second]
+    assert_matches_engine(third, engine, 3)
+
+    # Nothing left to do: nothing read, nothing duplicated.
+    seen.clear()
+    rc, _, err = run_cli(capsys, *args, "--resume")
+    assert rc == 0 and seen == [] and read_csv(out) == third and "classified 0 images" in err
+
+    # Without --resume the file is replaced.
+    assert run_cli(capsys, *args)[0] == 0
+    assert [Path(p).name for p, _ in read_csv(out)] == ["a.jpg", "b.jpg", "d.jpg", "e.jpg", "f.jpg"]
+
+
+def test_resume_jsonl_and_mismatched_topk(weights, engine, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = _rng("resume-jsonl")
+    Image.fromarray(_noise(rng, 40, 40)).save(folder / "one.png")
+    out = tmp_path / "r.jsonl"
+    args = ["predict", folder, *common(weights, "--out", out, "--workers", "0", "--topk", "2")]
+    assert run_cli(capsys, *args)[0] == 0
+    Image.fromarray(_noise(rng, 40, 40)).save(folder / "two.png")
+    assert run_cli(capsys, *args, "--resume")[0] == 0
+    rows = read_jsonl(out)
+    assert [Path(p).name for p, _ in rows] == ["one.png", "two.png"]
+    assert_matches_engine(rows, engine, 2)
+
+    rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--workers", "0", "--topk", "3", "--resume"))
+    assert rc == 1 and "not --topk 3" in err and err.count("\n") == 1
+    assert read_jsonl(out) == rows
+
+
+def test_mixed_sizes_without_preprocessing(tmp_path, capsys):
+    """A CIFAR-stem file without preprocessing: images at their own size, batched by size; an
+    image too small for the network is skipped with the reason."""
+    path = tmp_path / "cifar.safetensors"
+    densetriton.save_weights(path, _tensors(CIFAR_SPEC, 3), CIFAR_SPEC, class_names=NAMES)
+    eng = densetriton.load(path, device="cpu", backend="reference")
+    assert eng.preprocessing is None
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = _rng("mixed")
+    for name, size in [("a.png", 32), ("b.png", 24), ("c.png", 32), ("d.png", 1), ("e.png", 24)]:
+        Image.fromarray(_noise(rng, size, size)).save(folder / name)
+    out = tmp_path / "r.csv"
+    rc, _, err = run_cli(capsys, "predict", folder, "--weights", path, "--backend", "reference", "--device", "cpu", "--out", out, "--workers", "0", "--batch-size", "5")
+    assert rc == 0
+    rows = read_csv(out)
+    assert [Path(p).name for p, _ in rows] == ["a.png", "b.png", "c.png", "e.png"]
+    assert_matches_engine(rows, eng, 3)
+    assert "d.png: too small for the model" in err
+    assert "no resize or crop" in err
+
+
+# -- embed --------------------------------------------------------------------------------------
+
+
+def test_embed_npy_and_safetensors(weights, engine, images, tmp_path, capsys):
+    from safetensors import safe_open
+
+    folder, kinds = images
+    expected_paths = [p for p in scan_order(folder, kinds) if p not in {str(kinds["corrupt"]), str(kinds["fake"])}]
+    expected = torch.cat([engine.features(preprocess(load_image(p), engine)) for p in expected_paths])
+    assert expected.shape == (7, SPEC.num_features)
+
+    npy = tmp_path / "feats.npy"
+    rc, _, err = run_cli(capsys, "embed", folder, *common(weights, "--out", npy, "--workers", "0", "--batch-size", "3"))
+    assert rc == 0 and "embedded 7 images" in err and "skipped 2:" in err
+    array = np.load(npy)
+    assert array.dtype == np.float32 and array.shape == (7, SPEC.num_features)
+    assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == expected_paths
+    assert rel_err(torch.from_numpy(array), expected) < 1e-5
+
+    st = tmp_path / "feats.safetensors"
+    rc, _, _ = run_cli(capsys, "embed", folder, *common(weights, "--out", st, "--workers", "1", "--batch-size", "4"))
+    assert rc == 0
+    with safe_open(str(st), framework="pt") as f:
+        features = f.get_tensor("features")
+        metadata = f.metadata()
+    assert json.loads(metadata["paths"]) == expected_paths
+    assert rel_err(features, expected) < 1e-5
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*tmp"))
+
+
+# -- errors and help ----------------------------------------------------------------------------
+
+
+def test_errors_are_one_line(weights, images, tmp_path, capsys):
+    folder, _ = images
+    cases = [
+        (["predict", folder, *common(weights, "--out", tmp_path / "r.txt")], "--out must end in .csv or .jsonl"),
+        (["embed", folder, *common(weights, "--out", tmp_path / "f.pt")], "--out must end in .npy or .safetensors"),
+        (["predict", folder, "--device", "cpu"], "give --model NAME"),
+        (["predict", folder, "--model", "densenet40_k12", "--device", "cpu"], "no pretrained weights are published for densenet40_k12"),
+        (["predict", folder, *common(weights, "--resume")], "--resume needs --out"),
+        (["predict", tmp_path / "empty", *common(weights)], "no image files found"),
+        (["predict", folder, "--weights", tmp_path / "nope.safetensors", "--device", "cpu"], "weights file not found"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for argv, message in cases:
+        rc, out, err = run_cli(capsys, *argv)
+        assert rc == 1, argv
+        assert err.startswith("densetriton: error: ") and message in err and err.count("\n") == 1, err
+        assert "Traceback" not in err
+    with pytest.raises(ValueError, match="--out must end"):
+        main(["--debug", "predict", str(folder), *common(weights, "--out", str(tmp_path / "r.txt"))])
+    with pytest.raises(ValueError, match="--out must end"):
+        main(["predict", str(folder), *common(weights, "--out", str(tmp_path / "r.txt")), "--debug"])
+
+
+def test_all_skipped_is_a_failure(weights, images, capsys):
+    _, kinds = images
+    rc, _, err = run_cli(capsys, "predict", kinds["corrupt"], kinds["txt"], *common(weights, "--workers", "0"))
+    assert rc == 1 and "classified 0 images" in err and "skipped 2:" in err
+
+
+def test_help_reads_well(capsys):
+    for command, words in {
+        "predict": ["--topk", "--multi-label", "--resume", "--out", "torchrun", "EXIF", "composited onto white", "label_1, prob_1"],
+        "embed": [".npy.paths.txt", "safetensors", "engine.features", "torchrun"],
+    }.items():
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        text = capsys.readouterr().out
+        for word in words:
+            assert word in text, (command, word)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "predict" in text and "embed" in text
+
+
+# -- torchrun -----------------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*argv, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()), "-m", "densetriton", *map(str, argv),
+    ]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
+    from safetensors import safe_open
+
+    folder = tmp_path / "data"
+    kinds = make_images(folder, "torchrun")
+    rng = _rng("torchrun-extra")
+    for i in range(4):  # an odd number of files in all, so the ranks' shares differ
+        Image.fromarray(_noise(rng, 40, 44)).save(folder / "sub" / f"extra{i}.jpg")
+
+    single = tmp_path / "single.csv"
+    rc, _, _ = run_cli(capsys, "predict", folder, *common(weights, "--out", single, "--workers", "0", "--topk", "2"))
+    assert rc == 0
+
+    merged = tmp_path / "merged.csv"
+    proc = _torchrun("predict", folder, *common(weights, "--out", merged, "--workers", "1", "--topk", "2", "--batch-size", "2"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_csv(single), read_csv(merged)
+    assert len(a) == 11 and [p for p, _ in b] == [p for p, _ in a]  # input order
+    for (_, ta), (_, tb) in zip(a, b):
+        assert [n for n, _ in ta] == [n for n, _ in tb]
+        assert all(abs(p - q) <= PROB_TOL for (_, p), (_, q) in zip(ta, tb))
+    assert_matches_engine(b, engine, 2)
+    assert "classified 11 images" in proc.stderr and "skipped 2:" in proc.stderr
+    assert str(kinds["corrupt"]) in proc.stderr and str(kinds["fake"]) in proc.stderr
+    assert not list(tmp_path.glob("merged.csv.part*"))
+
+    feats = tmp_path / "feats.safetensors"
+    proc = _torchrun("embed", folder, *common(weights, "--out", feats, "--workers", "0", "--batch-size", "3"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with safe_open(str(feats), framework="pt") as f:
+        features, paths = f.get_tensor("features"), json.loads(f.metadata()["paths"])
+    assert paths == [p for p, _ in a]
+    expected = torch.cat([engine.features(preprocess(load_image(p), engine)) for p in paths])
+    assert rel_err(features, expected) < 1e-5
+    assert not list(tmp_path.glob("feats.safetensors.part*"))
