@@ -26,7 +26,7 @@ A file that cannot be read raises ImageError, whose `reason` says why in a few w
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

@@ -450,3 +450,13 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
     expected = torch.cat([engine.features(preprocess(load_image(p), engine)) for p in paths])
     assert rel_err(features, expected) < 1e-5
     assert not list(tmp_path.glob("feats.safetensors.part*"))
+
+    # --resume under torchrun: only the new file is classified, appended after the old rows.
+    Image.fromarray(_noise(rng, 40, 44)).save(folder / "aaa.png")
+    proc = _torchrun("predict", folder, *common(weights, "--out", merged, "--workers", "0", "--topk", "2", "--resume"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "classified 1 image " in proc.stderr and "11 already in" in proc.stderr
+    c = read_csv(merged)
+    assert c[:11] == b and [p for p, _ in c[11:]] == [str(folder / "aaa.png")]
+    assert_matches_engine(c[11:], engine, 2)
+    assert not list(tmp_path.glob("merged.csv.part*"))
