@@ -1,0 +1,51 @@
+"""`densetriton bench`: the subcommand. Kept light: torch is imported only when it runs."""
+
+from __future__ import annotations
+
+PEER_IDS = ("densetriton", "torchvision-eager-fp32", "torchvision-eager-fp16-cl", "torch-compile-default",
+            "torch-compile-max-autotune")
+BENCH_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")  # ImageNet stems
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark densetriton against torchvision and torch.compile; results go to bench/results/",
+        description="Time densetriton and its peers (torchvision eager float32, torchvision eager 16-bit channels_last, "
+        "torch.compile default and max-autotune) on the same weights and inputs, in one process. Prints a table and "
+        "writes <date>-<device>.json, .md and .png under --out. Defaults: densenet121 and densenet201, batches 1 8 64 "
+        "256, float16 (bfloat16 on CPU), 224x224, every peer (the compile peers run on CPU only when named). "
+        "--quick: few repeats; on CPU also densenet121 only, batches 1 2.",
+    )
+    p.add_argument("--model", nargs="+", action="extend", choices=BENCH_MODELS, metavar="NAME",
+                   help="models (default densenet121 densenet201; one of: " + ", ".join(BENCH_MODELS) + ")")
+    p.add_argument("--batch-size", nargs="+", action="extend", type=int, metavar="N", help="batch sizes (default 1 8 64 256)")
+    p.add_argument("--dtype", nargs="+", action="extend", choices=("float16", "bfloat16", "float32"),
+                   help="compute dtypes of densetriton and the 16-bit peers (default float16; bfloat16 on CPU)")
+    p.add_argument("--image-size", type=int, metavar="S", help="square input size (default 224)")
+    p.add_argument("--peers", nargs="+", action="extend", choices=PEER_IDS, metavar="PEER",
+                   help="peers to run (default all; " + ", ".join(PEER_IDS) + ")")
+    p.add_argument("--quick", action="store_true", help="few repeats (on CPU also smaller defaults); under 2 minutes on 2 CPU cores")
+    p.add_argument("--out", metavar="DIR", help="where the results files go (default bench/results/)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default cuda when available)")
+    p.add_argument("--repeats", type=int, metavar="N", help="timed repeats per record, instead of filling a time target")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
+    p.add_argument("--budget-s", type=float, metavar="S",
+                   help="start no new record after S seconds; the rest are listed as skipped")
+    p.add_argument("--warm-caches", action="store_true",
+                   help="keep Triton's and Inductor's on-disk caches (default: empty ones, so cold start is cold)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from . import report
+    from .run import resolve
+    from .run import run as run_bench
+
+    settings = resolve(args)
+    doc, paths = run_bench(settings, progress=not args.no_progress)
+    print(report.text_table(doc), end="")
+    for p in paths.values():
+        print(f"wrote {p}")
+    return 0

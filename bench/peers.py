@@ -1,0 +1,190 @@
+"""The peers: what a user would pick instead of densetriton, built from one set of weights.
+
+Every peer is built from the same tensors (a cached pretrained file, else random weights with
+calibrated BatchNorm statistics), and ``build`` times nothing: the caller times it, so cold start
+covers building, moving to the device, compiling and the first forward alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PEERS = (
+    "densetriton",
+    "torchvision-eager-fp32",
+    "torchvision-eager-fp16-cl",
+    "torch-compile-default",
+    "torch-compile-max-autotune",
+)
+COMPILE_MODES = {"torch-compile-default": "default", "torch-compile-max-autotune": "max-autotune"}
+CPU_PEERS = PEERS[:3]  # the compile peers run on CPU only when named with --peers
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def peer_dtype(peer: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a peer computes in for a requested dtype.
+
+    densetriton follows the request; torchvision-eager-fp32 is always float32; the 16-bit
+    channels_last peers (fp16-cl and both compile peers) use the request when it is 16-bit and
+    float16 otherwise, except on CPU, where they always use bfloat16 (float16 convolutions are
+    emulated there, ~60x slower than float32).
+    """
+    if peer == "densetriton":
+        return dtype
+    if peer == "torchvision-eager-fp32":
+        return torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def peer_backend(peer: str, device: torch.device) -> str | None:
+    """densetriton's backend: the fused Triton kernels on CUDA, the plain-PyTorch reference on CPU."""
+    if peer != "densetriton":
+        return None
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def skip_reason(peer: str, device: torch.device, named: bool) -> str | None:
+    """Why a peer cannot (or by default does not) run here; None when it runs."""
+    if peer in COMPILE_MODES:
+        if device.type == "cpu" and not named:
+            return "torch.compile peers run on CPU only when named with --peers (compiling takes minutes there)"
+        if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+            return "torch.compile's GPU code generation needs triton, which is not installed"
+    if peer == "densetriton" and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "the triton backend needs triton, which is not installed"
+    return None
+
+
+# -- weights -----------------------------------------------------------------------------
+
+
+@dataclass
+class BenchWeights:
+    model: str
+    spec: object  # DenseNetSpec
+    tensors: dict  # torchvision-layout state dict, on the CPU, float32
+    path: Path  # a densetriton weights file holding the same tensors
+    source: str  # "pretrained" or a description of the random weights
+
+
+def torchvision_model(model: str, spec) -> torch.nn.Module:
+    """torchvision's DenseNet for a registry name, with torchvision's own random initialisation."""
+    import torchvision
+
+    if model in torchvision.models.list_models():
+        return torchvision.models.get_model(model, weights=None)
+    if spec.stem != "imagenet" or spec.bn_size is None:
+        raise ValueError(f"torchvision has no model for {model} (ImageNet stem and bottleneck layers only)")
+    return torchvision.models.DenseNet(spec.growth_rate, spec.block_config, spec.num_init_features, spec.bn_size,
+                                       num_classes=spec.num_classes)
+
+
+def calibrated_random_state_dict(model: str, spec, *, seed: int, image_size: int = 64, batch: int = 8,
+                                 passes: int = 2) -> dict:
+    """Random weights whose BatchNorm statistics fit the network's own activations.
+
+    torchvision's initialisation (seeded), random BatchNorm affine parameters and classifier bias,
+    then a few train-mode passes over random images with cumulative running averages, so that
+    eval mode normalises every layer about as training mode does and deep nets stay numerically sane.
+    """
+    torch.manual_seed(seed)
+    net = torchvision_model(model, spec)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                m.momentum = None  # cumulative average over the passes
+                m.reset_running_stats()
+            elif isinstance(m, torch.nn.Linear):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        net.train()
+        for _ in range(passes):
+            net(torch.randn(batch, 3, image_size, image_size, generator=g))
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def prepare_weights(model: str, workdir: Path, *, seed: int) -> BenchWeights:
+    """The cached pretrained weights when there are some, else calibrated random ones (written to workdir)."""
+    from densetriton.spec import get_spec
+    from densetriton.weights import load_weights, save_weights
+
+    spec = get_spec(model)
+    try:
+        from densetriton.engine import pretrained_path
+
+        cached = pretrained_path(model)
+    except Exception:  # no published weights for this name
+        cached = None
+    if cached is not None and cached.is_file():
+        w = load_weights(cached)
+        return BenchWeights(model, spec, w.tensors, cached, "pretrained")
+    tensors = calibrated_random_state_dict(model, spec, seed=seed)
+    source = f"random (torchvision init, calibrated BatchNorm statistics, seed {seed}): no cached pretrained file"
+    path = save_weights(Path(workdir) / f"{model}-bench-random.safetensors", tensors, spec, source=source)
+    return BenchWeights(model, spec, tensors, path, source)
+
+
+# -- building ----------------------------------------------------------------------------
+
+
+@dataclass
+class Built:
+    fn: object  # callable: the peer's input (prepare_input) -> logits
+    engine: object = None  # the densetriton Engine (for planned_memory_bytes)
+
+
+def prepare_input(peer: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The peer's input made from float32 NCHW images, before any clock starts: the peer's dtype,
+    channels_last for the 16-bit torchvision and compile peers."""
+    if peer in ("densetriton", "torchvision-eager-fp32"):
+        return x.to(dtype).contiguous()
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def build(peer: str, weights: BenchWeights, device: torch.device, dtype: torch.dtype) -> Built:
+    """Build a peer from the weights; for compile peers the first call compiles."""
+    if peer == "densetriton":
+        import densetriton
+
+        engine = densetriton.load(weights.path, device=device, dtype=dtype, backend=peer_backend(peer, device))
+        return Built(engine, engine)
+
+    net = torchvision_model(weights.model, weights.spec)
+    net.load_state_dict(weights.tensors, strict=False)  # num_batches_tracked is not stored
+    net.eval()
+    if peer == "torchvision-eager-fp32":
+        return Built(net.to(device=device, dtype=torch.float32))
+    net = net.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    if peer == "torchvision-eager-fp16-cl":
+        return Built(net)
+    # Static shapes: each record compiles for its own batch size (and reports the time it took).
+    torch._dynamo.reset()
+    return Built(torch.compile(net, mode=COMPILE_MODES[peer], dynamic=False))
+
+
+def fresh_compile_caches(root: Path) -> dict:
+    """Point Triton's and Inductor's on-disk caches at empty folders under root; returns the old values."""
+    saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    return saved
+
+
+def restore_env(saved: dict) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,243 @@
+"""Results out: the JSON file, the Markdown summary, the PNG chart and the table on stdout.
+
+    python -m densetriton.bench.report RESULTS.json   # re-render RESULTS.md and RESULTS.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+# The record fields issue 4 names, in its order; extras follow, the raw times last.
+RECORD_FIELDS = ("model", "batch", "dtype", "image_size", "peer", "median_ms", "p90_ms", "images_per_s",
+                 "peak_mem_bytes", "cold_start_s", "max_rel_err", "top1_agree", "floor_ms")
+TOP_FIELDS = ("device", "torch", "triton", "torchvision", "commit", "created", "results")
+
+
+def order_record(rec: dict) -> dict:
+    first = {k: rec[k] for k in RECORD_FIELDS if k in rec}
+    rest = {k: v for k, v in rec.items() if k not in first and k != "times_ms"}
+    return {**first, **rest, "times_ms": rec.get("times_ms", [])}
+
+
+def _finite(obj):
+    """NaN and infinities become null, so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def _num(x, digits=3) -> str:
+    """A few significant figures without exponents for the usual ranges."""
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(x)))))
+    return f"{x:.{decimals}f}"
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+COLUMNS = ("peer", "batch", "dtype", "median ms", "p90 ms", "images/s", "peak MiB", "plan MiB", "cold s",
+           "max rel err", "top-1", "floor ms", "% floor")
+
+
+def _row(r: dict) -> list[str]:
+    dtype = r.get("peer_dtype") or r["dtype"]
+    peer = r["peer"] + (f" [{r['backend']}]" if r.get("backend") == "reference" else "")
+    err = "-" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"
+    return [
+        peer, str(r["batch"]), dtype, _num(r["median_ms"]), _num(r["p90_ms"]), _num(r["images_per_s"]),
+        _mib(r.get("peak_mem_bytes")), _mib(r.get("planned_mem_bytes")), _num(r.get("cold_start_s")), err,
+        "-" if r.get("top1_agree") is None else f"{100 * r['top1_agree']:.0f}%", _num(r.get("floor_ms")),
+        "-" if r.get("pct_of_floor") is None else f"{r['pct_of_floor']:.1f}%",
+    ]
+
+
+def _groups(doc: dict, by_dtype: bool = True) -> dict[tuple, list[dict]]:
+    """Records by (model, image size, dtype of the run) -- or without the dtype, for the chart."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in doc.get("results", []):
+        key = (r["model"], r["image_size"]) + ((r["dtype"],) if by_dtype else ())
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _title(key: tuple) -> str:
+    model, size, dtype = key
+    return f"{model} {size}x{size}, {dtype} run"
+
+
+def _footnotes(doc: dict) -> list[str]:
+    lines = []
+    if any(r.get("backend") == "reference" for r in doc.get("results", [])):
+        lines.append("[reference]: densetriton ran its plain-PyTorch reference backend (no GPU), not the Triton kernels")
+    kinds = {r.get("peak_mem_kind") for r in doc.get("results", [])}
+    if "cpu_rss_peak" in kinds:
+        lines.append("peak MiB on CPU: the process's peak RSS during one forward (mark reset just before) less its RSS "
+                     "before the peer was built: weights, buffers and the forward's temporaries; page-granular")
+    if "cpu_maxrss_growth" in kinds:
+        lines.append("peak MiB on CPU (no /proc/self/clear_refs): growth of ru_maxrss while the peer was built and "
+                     "run; coarse, 0 when the process had been higher before")
+    if "cuda_max_allocated" in kinds:
+        lines.append("peak MiB: torch.cuda.max_memory_allocated during one forward (after a reset) less what was "
+                     "allocated before the peer was built (the bench's inputs): weights, buffers, workspace, output")
+    lines.append("dtype: what the peer computed in; max rel err: max over images of ||logits - ref|| / ||ref||, ref = torchvision float32 on the same "
+                 "inputs and weights; top-1: share of images whose top class matches ref; % floor = floor / median")
+    return lines
+
+
+def text_table(doc: dict) -> str:
+    """Fixed-width tables, one per model, for stdout."""
+    out = []
+    for key, rows in _groups(doc).items():
+        cells = [list(COLUMNS)] + [_row(r) for r in rows]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+        out.append(f"{_title(key)} on {doc.get('device')}")
+        for j, c in enumerate(cells):
+            out.append("  ".join(c[i].ljust(widths[i]) if i < 3 else c[i].rjust(widths[i]) for i in range(len(c))))
+            if j == 0:
+                out.append("  ".join("-" * w for w in widths))
+        out.append("")
+    for s in doc.get("skipped", []):
+        where = " ".join(str(s[k]) for k in ("model", "batch", "dtype") if k in s)
+        out.append(f"skipped {s['peer']}{' (' + where + ')' if where else ''}: {s['reason']}")
+    out.extend(doc.get("notes", []))
+    out.extend(_footnotes(doc))
+    return "\n".join(out).rstrip() + "\n"
+
+
+def markdown(doc: dict, chart_name: str | None) -> str:
+    m = doc.get("machine", {})
+    commit = doc.get("commit") or "not a git checkout"
+    if doc.get("commit_dirty"):
+        commit += " (with uncommitted changes)"
+    lines = [
+        f"# densetriton bench: {doc.get('device')}",
+        "",
+        f"- device: {doc.get('device_detail', doc.get('device'))}",
+        f"- torch {doc.get('torch')}, torchvision {doc.get('torchvision')}, triton {doc.get('triton')}, "
+        f"python {doc.get('python')}",
+        f"- commit {commit}; created {doc.get('created')}; wall time {_num(doc.get('wall_s'))} s"
+        + ("" if doc.get("complete", True) else "; **incomplete run**"),
+    ]
+    if m:
+        rates = ", ".join(f"{d} {v / 1e12:.3g} TFLOP/s" for d, v in m.get("matmul_flops_per_s", {}).items())
+        lines.append(f"- machine, timed in this run: matmul {rates}; copy {m.get('copy_bytes_per_s', 0) / 1e9:.3g} GB/s")
+    for model, src in doc.get("weights", {}).items():
+        lines.append(f"- weights of {model}: {src}")
+    for key, rows in _groups(doc).items():
+        lines += ["", f"## {_title(key)}", "", "| " + " | ".join(COLUMNS) + " |",
+                  "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
+        lines += ["| " + " | ".join(_row(r)) + " |" for r in rows]
+    if chart_name:
+        lines += ["", f"![images/s by batch size]({chart_name})"]
+    roof = doc.get("roofline", [])
+    if roof:
+        lines += ["", "## Roofline", "",
+                  "Minimum traffic: input, weights and logits once, every activation written once and read once "
+                  "(bench/NOTES.md). Floor = max(2 x MACs / matmul rate, bytes / copy bandwidth).", "",
+                  "| model | batch | dtype | GMACs | MB (min) | MB (layer-wise) | compute ms | memory ms | floor ms |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for e in roof:
+            lines.append(f"| {e['model']} | {e['batch']} | {e['dtype']} | {e['macs'] / 1e9:.3g} | {e['bytes'] / 1e6:.4g} | "
+                         f"{e['bytes_layerwise'] / 1e6:.4g} | {_num(e['compute_ms'])} | {_num(e['memory_ms'])} | "
+                         f"{_num(e['floor_ms'])} |")
+        largest = {}
+        for e in roof:
+            if e["batch"] >= largest.get((e["model"], e["dtype"]), {"batch": 0})["batch"]:
+                largest[(e["model"], e["dtype"])] = e
+        for (model, dtype), e in largest.items():
+            lines += ["", f"Per layer kind, {model} batch {e['batch']} {dtype}:", "",
+                      "| kind | GMACs | MB (min) | MB (layer-wise) | compute ms | memory ms (min) | memory ms (layer-wise) |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+            for kind, d in e["kinds"].items():
+                lines.append(f"| {kind} | {d['macs'] / 1e9:.3g} | {d['bytes'] / 1e6:.4g} | {d['bytes_layerwise'] / 1e6:.4g} | "
+                             f"{_num(d['compute_ms'])} | {_num(d['memory_ms'])} | {_num(d['memory_layerwise_ms'])} |")
+    notes = [f"skipped {s['peer']}" + "".join(f" {s[k]}" for k in ("model", "batch", "dtype") if k in s) + f": {s['reason']}"
+             for s in doc.get("skipped", [])] + doc.get("notes", []) + _footnotes(doc)
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def draw_chart(doc: dict, path: Path) -> Path:
+    """images/s by batch size, one line per peer (and dtype), one panel per model; log-log axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = _groups(doc, by_dtype=False) or {("no results", 0): []}
+    fig = Figure(figsize=(6 * len(groups), 4.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    dtypes = {r["dtype"] for r in doc.get("results", [])}
+    for ax, ((model, size), rows) in zip(fig.subplots(1, len(groups), squeeze=False)[0], groups.items()):
+        lines: dict[str, list] = {}
+        for r in rows:
+            label = r["peer"] + (" [reference]" if r.get("backend") == "reference" else "")
+            label += f" ({r['dtype']})" if len(dtypes) > 1 else ""
+            lines.setdefault(label, []).append((r["batch"], r["images_per_s"]))
+        for label, pts in lines.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images/s")
+        ax.set_title(f"{model} {size}x{size}" if size else model)
+        ax.grid(True, which="both", alpha=0.3)
+        if lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"densetriton bench on {doc.get('device')} ({doc.get('created', '')[:10]})")
+    fig.savefig(path, format="png")
+    return path
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def write(doc: dict, out: Path, stem: str, *, chart: bool = True, write_json: bool = True) -> dict[str, Path]:
+    """stem.json and stem.md (and stem.png when chart) under out, each written atomically."""
+    from densetriton.weights import atomic_write
+
+    out = Path(out)
+    paths = {"md": out / f"{stem}.md"}
+    if write_json:
+        paths["json"] = out / f"{stem}.json"
+        text = json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n"
+        atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(text))
+    png = out / f"{stem}.png"
+    if chart:
+        atomic_write(png, lambda tmp: draw_chart(doc, Path(tmp)))
+        paths["png"] = png
+    md = markdown(doc, png.name if (chart or png.exists()) else None)
+    atomic_write(paths["md"], lambda tmp: Path(tmp).write_text(md))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m densetriton.bench.report RESULTS.json", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    doc = json.loads(path.read_text())
+    paths = write(doc, path.parent, path.stem, write_json=False)  # the results file stays as it was
+    print(text_table(doc), end="")
+    print("\n".join(f"wrote {p}" for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
