@@ -5,8 +5,22 @@
 """
 
 from .engine import Engine, load
+from .images import ImageError, load_image, preprocess, topk
 from .spec import DenseNetSpec, get_spec, list_models
 from .weights import WeightsError, load_weights, save_weights
 
 __version__ = "0.1.0"
-__all__ = ["DenseNetSpec", "Engine", "WeightsError", "get_spec", "list_models", "load", "load_weights", "save_weights"]
+__all__ = [
+    "DenseNetSpec",
+    "Engine",
+    "ImageError",
+    "WeightsError",
+    "get_spec",
+    "list_models",
+    "load",
+    "load_image",
+    "load_weights",
+    "preprocess",
+    "save_weights",
+    "topk",
+]

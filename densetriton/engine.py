@@ -47,7 +47,12 @@ class Engine:
             self._model = TritonExecutor(self.spec, weights.tensors, device=device, dtype=dtype)
 
     def __repr__(self) -> str:
-        trained = "pretrained" if self.pretrained else ("untrained (random weights)" if self.weights.source == "random" else "weights from " + str(self.weights.source))
+        if self.pretrained:
+            trained = "pretrained"
+        elif self.weights.source == "random":
+            trained = "untrained (random weights)"
+        else:
+            trained = f"weights from {self.weights.source or 'a file'}"
         return (
             f"Engine({describe_spec(self.spec)}, backend={self.backend!r}, device={str(self.device)!r}, "
             f"dtype={self.dtype}, {trained})"
