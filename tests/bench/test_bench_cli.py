@@ -1,0 +1,132 @@
+"""`densetriton bench` end to end on the CPU, on a setting small enough for CI."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from densetriton.bench import peers as P
+from densetriton.bench.schema import RESULTS
+from densetriton.cli import build_parser, main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY_RUN = ["bench", "--quick", "--model", "densenet121", "--image-size", "64", "--batch-size", "1", "2",
+            "--repeats", "2", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One real run, shared by the tests below; it records every input the peers were given."""
+    out = tmp_path_factory.mktemp("bench-out")
+    seen = []
+    build = P.build
+
+    def recording_build(peer, *a, **k):
+        built = build(peer, *a, **k)
+        fn = built.fn
+
+        def wrapped(x):
+            seen.append((peer, x))
+            return fn(x)
+
+        built.fn = wrapped
+        return built
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(P, "build", recording_build)
+    mp.setenv("DENSETRITON_HOME", str(out / "cache"))  # no pretrained file: calibrated random weights
+    try:
+        import contextlib
+        import io
+
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            rc = main(TINY_RUN + ["--out", str(out)])
+    finally:
+        mp.undo()
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    return {"rc": rc, "out": out, "files": files, "stdout": stdout.getvalue(), "seen": seen}
+
+
+def test_quick_run_writes_valid_json_markdown_and_chart(quick_run):
+    assert quick_run["rc"] == 0
+    stems = {re.fullmatch(r"(\d{4}-\d\d-\d\d-cpu)\.(json|md|png)", f).group(1) for f in quick_run["files"]}
+    assert len(stems) == 1 and len(quick_run["files"]) == 3, quick_run["files"]
+    stem = quick_run["out"] / stems.pop()
+    doc = json.loads(stem.with_suffix(".json").read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(doc, RESULTS)
+    assert doc["device"] == "cpu" and doc["torch"] == torch.__version__ and doc["complete"] is True
+    assert stem.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    assert f"]({stem.name}.png)" in stem.with_suffix(".md").read_text()
+
+
+def test_quick_run_records(quick_run):
+    doc = json.loads(next(quick_run["out"].glob("*.json")).read_text())
+    recs = {(r["peer"], r["batch"]): r for r in doc["results"]}
+    assert set(recs) == {(p, b) for p in P.CPU_PEERS for b in (1, 2)}
+    for r in recs.values():
+        assert r["image_size"] == 64 and r["dtype"] == "bfloat16" and r["model"] == "densenet121"
+        assert len(r["times_ms"]) == 2 == r["repeats"]
+        assert r["median_ms"] == pytest.approx(sum(r["times_ms"]) / 2)
+        assert r["p90_ms"] >= r["median_ms"] > 0
+        assert r["images_per_s"] == pytest.approx(r["batch"] * 1e3 / r["median_ms"])
+        assert r["cold_start_s"] > 0 and r["peak_mem_bytes"] > 0
+        assert 0 <= r["top1_agree"] <= 1
+        entry = next(e for e in doc["roofline"] if e["batch"] == r["batch"])
+        assert r["floor_ms"] == entry["floor_ms"] > 0
+        assert r["pct_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["median_ms"])
+    dt = recs[("densetriton", 1)]
+    assert dt["backend"] == "reference" and dt["peer_dtype"] == "bfloat16" and dt["planned_mem_bytes"] is None
+    # same weights and inputs as the float32 reference: torchvision float32 matches it exactly,
+    # the bfloat16 peers are close but not equal
+    assert recs[("torchvision-eager-fp32", 2)]["max_rel_err"] < 1e-5
+    assert 1e-4 < dt["max_rel_err"] < 0.3
+    assert recs[("torchvision-eager-fp16-cl", 1)]["peer_dtype"] == "bfloat16"
+    skipped = {s["peer"]: s["reason"] for s in doc["skipped"]}
+    assert set(skipped) == set(P.COMPILE_MODES) and all("--peers" in r for r in skipped.values())
+    assert any("reference backend" in n for n in doc["notes"])
+
+
+def test_quick_run_never_times_zeros_and_rotates_fresh_inputs(quick_run):
+    seen = quick_run["seen"]
+    peers = {p for p, _ in seen}
+    assert peers == set(P.CPU_PEERS)
+    for peer in peers:
+        xs = [x for p, x in seen if p == peer and x.shape[0] == 2]
+        distinct = {x.float().sum().item() for x in xs}
+        assert len(distinct) >= 2  # several inputs, rotated
+        for x in xs:
+            assert x.float().std() > 0.5 and x.abs().max() > 1  # random normal images, never zeros
+
+
+def test_quick_run_prints_the_table(quick_run):
+    out = quick_run["stdout"]
+    assert "densenet121 64x64, bfloat16 run on cpu" in out
+    for peer in P.CPU_PEERS:
+        assert peer in out
+    assert "skipped torch-compile-max-autotune" in out and "wrote " in out
+
+
+def test_budget_skips_every_record_but_still_writes_valid_files(tmp_path, capsys, cache_home):
+    assert main(TINY_RUN + ["--out", str(tmp_path), "--budget-s", "0", "--peers", "torchvision-eager-fp32"]) == 0
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert doc["results"] == []
+    assert [s["batch"] for s in doc["skipped"]] == [1, 2]
+    assert all("budget" in s["reason"] for s in doc["skipped"])
+    assert (next(tmp_path.glob("*.png")).read_bytes()[:8]) == PNG_MAGIC
+
+
+def test_parser_and_errors(capsys, tmp_path):
+    args = build_parser().parse_args(["bench", "--model", "densenet121", "--model", "densenet201", "--batch-size", "1", "8"])
+    assert args.model == ["densenet121", "densenet201"] and args.batch_size == [1, 8] and args.func.__module__.endswith("bench.cli")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--peers", "onnxruntime"])
+    capsys.readouterr()
+    assert main(["bench", "--batch-size", "0", "--out", str(tmp_path), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("densetriton: error:") and "batch-size" in err and len(err.strip().splitlines()) == 1
+    assert main(["bench", "--image-size", "8", "--out", str(tmp_path), "--device", "cpu"]) == 1
+    assert "too small" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written for a rejected command

@@ -1,0 +1,93 @@
+"""Report writing: strict JSON, Markdown, stdout table and the PNG chart, from a synthetic document."""
+
+import json
+
+import pytest
+
+from densetriton.bench import report
+from densetriton.bench.schema import RESULTS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def record(peer, batch, ms, **extra):
+    rec = {"model": "densenet121", "batch": batch, "dtype": "float16", "image_size": 224, "peer": peer,
+           "median_ms": ms, "p90_ms": ms * 1.1, "images_per_s": batch / ms * 1e3, "peak_mem_bytes": 3 << 20,
+           "cold_start_s": 1.5, "max_rel_err": 2e-3, "top1_agree": 1.0, "floor_ms": ms / 4, "times_ms": [ms, ms * 1.1],
+           "pct_of_floor": 25.0, "peer_dtype": "float16", "peak_mem_kind": "cuda_max_allocated"}
+    rec.update(extra)
+    return report.order_record(rec)
+
+
+def synthetic_doc():
+    results = []
+    for b, base in ((1, 2.0), (8, 4.0), (64, 20.0)):
+        results.append(record("densetriton", b, base, backend="triton", planned_mem_bytes=2 << 20))
+        results.append(record("torchvision-eager-fp16-cl", b, base * 2))
+    return {
+        "device": "NVIDIA Test GPU", "torch": "2.11.0", "triton": "3.6.0", "torchvision": "0.26.0",
+        "commit": "0" * 40, "created": "2025-01-02T03:04:05+00:00", "results": results,
+        "skipped": [{"peer": "torch-compile-default", "reason": "because"}],
+        "notes": ["a note"], "machine": {"copy_bytes_per_s": 3e12, "matmul_flops_per_s": {"float16": 7e14}},
+    }
+
+
+def test_order_record_puts_the_issue_fields_first_and_times_last():
+    rec = record("densetriton", 1, 2.0, backend="triton")
+    keys = list(rec)
+    assert keys[: len(report.RECORD_FIELDS)] == list(report.RECORD_FIELDS)
+    assert keys[-1] == "times_ms"
+
+
+def test_write_produces_strict_json_markdown_and_a_png(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    doc = synthetic_doc()
+    doc["results"][0]["max_rel_err"] = float("nan")  # must not reach the file as NaN
+    paths = report.write(doc, tmp_path, "2025-01-02-nvidia-test-gpu")
+    text = paths["json"].read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["results"][0]["max_rel_err"] is None
+    jsonschema.validate(data, RESULTS)
+    png = paths["png"].read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 5000
+    md = paths["md"].read_text()
+    assert "![images/s by batch size](2025-01-02-nvidia-test-gpu.png)" in md
+    assert md.count("| densetriton |") == 3 and "skipped torch-compile-default: because" in md
+
+
+def test_chart_is_readable_by_matplotlib(tmp_path):
+    import matplotlib.image
+
+    path = report.draw_chart(synthetic_doc(), tmp_path / "c.png")
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    assert img[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_text_table_lists_every_record_with_planned_memory():
+    out = report.text_table(synthetic_doc())
+    lines = out.splitlines()
+    assert lines[0].startswith("densenet121 224x224, float16 run")
+    rows = [line for line in lines if line.startswith(("densetriton", "torchvision"))]
+    assert len(rows) == 6
+    assert rows[0].split()[:3] == ["densetriton", "1", "float16"]
+    assert "plan MiB" in lines[1] and " 2 " in rows[0]  # planned 2 MiB beside the 3 MiB peak
+
+
+def test_schema_rejects_a_record_missing_an_issue_field():
+    jsonschema = pytest.importorskip("jsonschema")
+    doc = json.loads(json.dumps(synthetic_doc()))
+    jsonschema.validate(doc, RESULTS)
+    del doc["results"][2]["top1_agree"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, RESULTS)
+
+
+def test_report_main_rerenders_without_touching_the_json(tmp_path, capsys):
+    paths = report.write(synthetic_doc(), tmp_path, "r", chart=False)
+    before = paths["json"].read_bytes()
+    assert not (tmp_path / "r.png").exists()
+    assert report.main([str(paths["json"])]) == 0
+    assert paths["json"].read_bytes() == before
+    assert (tmp_path / "r.png").read_bytes()[:8] == PNG_MAGIC
+    assert "densetriton" in capsys.readouterr().out
