@@ -1,6 +1,7 @@
 """Results out: the JSON file, the Markdown summary, the PNG chart and the table on stdout.
 
-    python -m densetriton.bench.report RESULTS.json   # re-render RESULTS.md and RESULTS.png
+    python -m densetriton.bench.report RESULTS.json           # re-render RESULTS.md and RESULTS.png
+    python -m densetriton.bench.report --short RESULTS.json   # print images/s, one column per peer
 """
 
 from __future__ import annotations
@@ -119,6 +120,27 @@ def text_table(doc: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def short_table(doc: dict) -> str:
+    """images/s per model, batch and dtype, one column per peer; densetriton's peak and planned memory."""
+    from .peers import PEERS
+
+    peers = [p for p in PEERS if any(r["peer"] == p for r in doc.get("results", []))]
+    cells: dict[tuple, dict] = {}
+    for r in doc.get("results", []):
+        cells.setdefault((r["model"], r["batch"], r["dtype"]), {})[r["peer"]] = r
+    head = ["model", "batch", "dtype"] + [p.replace("torchvision-", "tv-").replace("torch-compile-", "compile-") for p in peers]
+    head += ["dt peak/plan MiB"]
+    rows = [head]
+    for (model, batch, dtype), by_peer in cells.items():
+        dt = by_peer.get("densetriton")
+        mem = "-" if dt is None else f"{_mib(dt.get('peak_mem_bytes'))}/{_mib(dt.get('planned_mem_bytes'))}"
+        rows.append([model, str(batch), dtype] + [_num(by_peer[p]["images_per_s"]) if p in by_peer else "-" for p in peers] + [mem])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["images/s on " + str(doc.get("device"))]
+    lines += ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(doc: dict, chart_name: str | None) -> str:
     m = doc.get("machine", {})
     commit = doc.get("commit") or "not a git checkout"
@@ -218,21 +240,27 @@ def write(doc: dict, out: Path, stem: str, *, chart: bool = True, write_json: bo
         text = json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n"
         atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(text))
     png = out / f"{stem}.png"
-    if chart:
-        atomic_write(png, lambda tmp: draw_chart(doc, Path(tmp)))
-        paths["png"] = png
     md = markdown(doc, png.name if (chart or png.exists()) else None)
     atomic_write(paths["md"], lambda tmp: Path(tmp).write_text(md))
+    if chart:  # last: the slowest, and the one python -m densetriton.bench.report can redo
+        atomic_write(png, lambda tmp: draw_chart(doc, Path(tmp)))
+        paths["png"] = png
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    short = "--short" in argv
+    if short:
+        argv.remove("--short")
     if len(argv) != 1:
-        print("usage: python -m densetriton.bench.report RESULTS.json", file=sys.stderr)
+        print("usage: python -m densetriton.bench.report [--short] RESULTS.json", file=sys.stderr)
         return 2
     path = Path(argv[0])
     doc = json.loads(path.read_text())
+    if short:  # print only
+        print(short_table(doc), end="")
+        return 0
     paths = write(doc, path.parent, path.stem, write_json=False)  # the results file stays as it was
     print(text_table(doc), end="")
     print("\n".join(f"wrote {p}" for p in paths.values()))

@@ -14,6 +14,7 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import math
+import os
 import platform
 import re
 import resource
@@ -235,7 +236,11 @@ def package_version(name: str) -> str | None:
 
 
 def git_commit() -> tuple[str | None, bool | None]:
-    """(HEAD, dirty) of the checkout densetriton runs from; (None, None) when it is not one."""
+    """(HEAD, dirty) of the checkout densetriton runs from; (None, None) when it is not one.
+
+    Where the code is a copy without .git (a GPU host handed a work tree), the caller may name the
+    commit in $DENSETRITON_BENCH_COMMIT (40 hex digits); dirty is then unknown (None).
+    """
     import densetriton
 
     root = Path(densetriton.__file__).resolve().parent.parent
@@ -244,11 +249,14 @@ def git_commit() -> tuple[str | None, bool | None]:
         return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
 
     try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
-            return None, None
-        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == root:
+            return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        pass
+    named = os.environ.get("DENSETRITON_BENCH_COMMIT", "").strip().lower()
+    if re.fullmatch(r"[0-9a-f]{40}", named):
+        return named, None
+    return None, None
 
 
 def output_stem(out: Path, device_slug: str, today: str) -> str:

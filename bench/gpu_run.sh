@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# bench/gpu_run.sh OUTDIR [densetriton bench options...]
+#
+# One command for a GPU host without network access (torch, torchvision, triton, safetensors,
+# numpy, tqdm, matplotlib and pytest preinstalled): install the project, run the GPU tests (then
+# the rest of the suite while the test budget lasts), run the full bench, and leave in OUTDIR
+#   run.log    versions, nvidia-smi, install output, one status line per stage
+#   tests.log  pytest output
+#   bench.log  the bench's output
+#   <date>-<device>.json/.md/.png   the results (also copied into bench/results/)
+# ending with a short table. A failing stage is recorded and the next one still runs; the exit
+# status is 0 only if every stage that ran passed.
+#
+# Environment knobs:
+#   PYTHON=python3          the interpreter that holds torch
+#   RUN_INSTALL=1 RUN_TESTS=1 RUN_BENCH=1   set one to 0 to skip that stage
+#   TEST_BUDGET_S=360       seconds for all tests: GPU tests first, the rest with what is left
+#   BENCH_TIMEOUT_S=0       >0: the bench starts no record after 80% of this (--budget-s) and is
+#                           interrupted (SIGINT, partial results kept) at this many seconds
+#   DENSETRITON_BENCH_COMMIT=<sha>   the commit to record when this copy has no .git
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: bench/gpu_run.sh OUTDIR [densetriton bench options...]" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUTDIR=$(cd "$1" && pwd)
+shift
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PY=${PYTHON:-python3}
+RUN_INSTALL=${RUN_INSTALL:-1}
+RUN_TESTS=${RUN_TESTS:-1}
+RUN_BENCH=${RUN_BENCH:-1}
+TEST_BUDGET_S=${TEST_BUDGET_S:-360}
+BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-0}
+export PYTHONUNBUFFERED=1
+LOG=$OUTDIR/run.log
+FAILED=0
+SUMMARY=()
+
+note() {
+    echo "gpu_run: $*" | tee -a "$LOG"
+}
+stage() {  # stage NAME RC [detail]
+    local msg="$1: $([[ $2 == 0 ]] && echo ok || echo "FAILED (exit $2)")${3:+ - $3}"
+    [[ $2 == 0 ]] || FAILED=1
+    SUMMARY+=("$msg")
+    note "$msg"
+}
+
+: >"$LOG"
+note "started $(date -u +%Y-%m-%dT%H:%M:%SZ) in $(pwd)"
+{
+    nvidia-smi || echo "nvidia-smi: not available"
+    "$PY" - <<'EOF' || echo "python: version report failed"
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+for name in ("torchvision", "triton", "safetensors", "numpy", "matplotlib", "tqdm", "pytest"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "MISSING")
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name())
+EOF
+    git rev-parse HEAD 2>/dev/null || echo "git: no checkout here (DENSETRITON_BENCH_COMMIT=${DENSETRITON_BENCH_COMMIT:-unset})"
+} >>"$LOG" 2>&1
+
+if [[ $RUN_INSTALL == 1 ]]; then
+    rc=0
+    "$PY" -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || rc=$?
+    stage install "$rc"
+fi
+
+pytest_tail() {  # the closing line of the last pytest run in tests.log
+    grep -E "(passed|failed|error|skipped|no tests ran)" "$OUTDIR/tests.log" | tail -1 || true
+}
+
+if [[ $RUN_TESTS == 1 ]]; then
+    : >"$OUTDIR/tests.log"
+    start=$SECONDS
+    echo "=== python -m pytest -m gpu tests (limit ${TEST_BUDGET_S}s)" >>"$OUTDIR/tests.log"
+    rc=0
+    timeout -k 15 "$TEST_BUDGET_S" "$PY" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider \
+        >>"$OUTDIR/tests.log" 2>&1 || rc=$?
+    [[ $rc == 5 ]] && rc=0  # no test collected
+    stage "gpu tests" "$rc" "$( [[ $rc == 124 ]] && echo "timed out; " )$(pytest_tail)"
+    left=$((TEST_BUDGET_S - (SECONDS - start)))
+    if ((left >= 60)); then
+        echo "=== python -m pytest -m 'not gpu' tests (limit ${left}s)" >>"$OUTDIR/tests.log"
+        rc=0
+        timeout -k 15 "$left" "$PY" -m pytest -m "not gpu" tests -q -rfE -p no:cacheprovider \
+            >>"$OUTDIR/tests.log" 2>&1 || rc=$?
+        [[ $rc == 5 ]] && rc=0
+        stage "rest of the suite" "$rc" "$( [[ $rc == 124 ]] && echo "cut at the test budget; " )$(pytest_tail)"
+    else
+        SUMMARY+=("rest of the suite: not run (${left}s of TEST_BUDGET_S left)")
+        note "rest of the suite: not run (${left}s left)"
+    fi
+fi
+
+if [[ $RUN_BENCH == 1 ]]; then
+    args=(bench --out "$OUTDIR" --no-progress)
+    limit=()
+    if ((BENCH_TIMEOUT_S > 0)); then
+        args+=(--budget-s $((BENCH_TIMEOUT_S * 4 / 5)))
+        limit=(timeout -s INT -k 60 "$BENCH_TIMEOUT_S")
+    fi
+    args+=("$@")
+    note "bench: $PY -m densetriton ${args[*]}"
+    rc=0
+    ${limit[@]+"${limit[@]}"} "$PY" -m densetriton "${args[@]}" 2>&1 | tee "$OUTDIR/bench.log" || rc=$?
+    stage bench "$rc" "$( ((rc == 124)) && echo "interrupted at BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S}s; partial results kept" )"
+    mkdir -p bench/results
+    copied=0
+    while read -r path; do
+        case "$path" in
+            "$OUTDIR"/*.json | "$OUTDIR"/*.md | "$OUTDIR"/*.png)
+                cp "$path" bench/results/ && copied=$((copied + 1)) ;;
+        esac
+    done < <(sed -n 's/^wrote //p' "$OUTDIR/bench.log")
+    if ((copied == 0)); then  # interrupted before it printed: take the files it left
+        for path in "$OUTDIR"/20??-??-??-*.json "$OUTDIR"/20??-??-??-*.md "$OUTDIR"/20??-??-??-*.png; do
+            if [[ -e $path ]]; then
+                cp "$path" bench/results/
+                copied=$((copied + 1))
+            fi
+        done
+    fi
+    note "copied $copied results file(s) into bench/results/"
+fi
+
+echo
+echo "=== summary"
+for line in ${SUMMARY[@]+"${SUMMARY[@]}"}; do
+    echo "  $line"
+done | tee -a "$LOG"
+if [[ $RUN_BENCH == 1 ]]; then
+    latest=$(ls -t "$OUTDIR"/20??-??-??-*.json 2>/dev/null | head -1 || true)
+    if [[ -n $latest ]]; then
+        "$PY" -m densetriton.bench.report --short "$latest" | tee -a "$LOG" || true
+    fi
+fi
+exit "$FAILED"
