@@ -37,7 +37,10 @@ QUICK_CPU_MODELS = ["densenet121"]
 QUICK_CPU_BATCHES = [1, 2]
 QUICK_CPU_IMAGE_SIZE = 224
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# bench/results/ in a checkout (an editable install); ./bench-results where the package is installed
+# from a wheel (no results folder beside the module, and site-packages is no place for results).
+_CHECKOUT_RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = _CHECKOUT_RESULTS if _CHECKOUT_RESULTS.is_dir() else Path("bench-results")
 
 
 # -- timing --------------------------------------------------------------------------------
