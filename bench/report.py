@@ -199,6 +199,7 @@ def draw_chart(doc: dict, path: Path) -> Path:
     """images/s by batch size, one line per peer (and dtype), one panel per model; log-log axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     groups = _groups(doc, by_dtype=False) or {("no results", 0): []}
     fig = Figure(figsize=(6 * len(groups), 4.5), dpi=110, layout="constrained")
@@ -215,6 +216,19 @@ def draw_chart(doc: dict, path: Path) -> Path:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        batches = sorted({r["batch"] for r in rows})
+        if batches:
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _num(v, 2)))
+        ys = [r["images_per_s"] for r in rows if r.get("images_per_s")]
+        narrow = bool(ys) and max(ys) < 10 * min(ys)  # less than a decade: label every minor tick
+
+        def minor(v, _):
+            label = _num(v, 2)
+            return label if narrow or label[0] in "25" else ""
+
+        ax.yaxis.set_minor_formatter(FuncFormatter(minor))
         ax.set_xlabel("batch size")
         ax.set_ylabel("images/s")
         ax.set_title(f"{model} {size}x{size}" if size else model)

@@ -182,7 +182,7 @@ def resolve(args) -> Settings:
             notes.append("CPU: float16 is emulated there (~60x slower than float32), so the default dtype is bfloat16")
     if cpu and quick:
         notes.append(
-            f"--quick on CPU: {', '.join(models)}, batch {', '.join(map(str, batches))}, {image_size}x{image_size}, "
+            f"--quick on CPU: {', '.join(models)}, batch size {', '.join(map(str, batches))}, {image_size}x{image_size}, "
             f"{', '.join(dtypes)}, {POLICIES[('cpu', True)].min_repeats}-{POLICIES[('cpu', True)].max_repeats} "
             "timed repeats: a smoke run, not a measurement to quote"
         )
