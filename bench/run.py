@@ -193,7 +193,7 @@ def resolve(args) -> Settings:
         get_spec(m).feature_sizes(image_size, image_size)  # raises with the smallest size that works
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be positive, got {args.repeats}")
-    peers = list(dict.fromkeys(args.peers)) if args.peers else list(P.PEERS)
+    peers = [p for p in P.PEERS if p in args.peers] if args.peers else list(P.PEERS)  # in the order
     if cpu and "densetriton" in peers:
         notes.append("CPU: the densetriton peer runs its reference backend (plain PyTorch), not the Triton kernels")
     if cpu and "torchvision-eager-fp16-cl" in peers:
