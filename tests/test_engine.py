@@ -13,7 +13,7 @@ from densetriton import DenseNetSpec
 from densetriton.engine import pretrained_path
 from densetriton.weights import cache_dir
 
-from conftest import randomize_batchnorm, rel_err
+from helpers import randomize_batchnorm, rel_err
 
 TINY = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "cifar")
 

@@ -13,7 +13,7 @@ from densetriton.weights_tools import convert_module
 from densetriton import DenseNetSpec, get_spec
 from densetriton.reference import ReferenceDenseNet
 
-from conftest import randomize_batchnorm, rel_err
+from helpers import randomize_batchnorm, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -60,8 +60,6 @@ def _random_model(spec, seed, size):
 )
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
 def test_specs_match_the_reference(spec, size, batch, dtype, tol):
-    if spec.block_config == (16, 16, 16) and dtype == torch.float16 and DEVICE == "cpu":
-        pytest.skip("covered in float32; keeps the interpreter run short")
     model = _random_model(spec, seed=5, size=size)
     engine = densetriton.load(spec, weights=None, device=DEVICE, dtype=dtype, backend="triton")
     engine_ref = densetriton.load(spec, weights=None, device="cpu", backend="reference")

@@ -26,7 +26,7 @@ from densetriton.cli import main
 from densetriton.images import load_image, preprocess, topk
 from densetriton.reference import ReferenceDenseNet
 
-from conftest import randomize_batchnorm, rel_err
+from helpers import randomize_batchnorm, rel_err
 
 SPEC = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "imagenet")
 CIFAR_SPEC = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "cifar")

@@ -10,7 +10,7 @@ from densetriton import DenseNetSpec, get_spec
 from densetriton.cli import main
 from densetriton.reference import ReferenceDenseNet
 
-from conftest import randomize_batchnorm, rel_err
+from helpers import randomize_batchnorm, rel_err
 
 TORCHVISION = ["densenet121", "densenet161", "densenet169", "densenet201"]
 

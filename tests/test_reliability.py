@@ -15,7 +15,7 @@ from densetriton import DenseNetSpec
 from densetriton.engine import Engine, random_weights
 from densetriton.weights import WeightsError
 
-from conftest import rel_err
+from helpers import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet")

@@ -14,7 +14,7 @@ from densetriton.cli import main
 from densetriton.weights import WeightsError, load_weights, to_torchvision_state_dict
 from densetriton.weights_tools import convert_checkpoint, convert_module, infer_spec, normalize_state_dict
 
-from conftest import randomize_batchnorm, rel_err
+from helpers import randomize_batchnorm, rel_err
 
 
 @pytest.fixture

@@ -1,0 +1,37 @@
+"""Helpers shared by the tests (tests/ is on pytest's pythonpath: `from helpers import ...`)."""
+
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere fails every comparison."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    diff, size = (out - ref).norm().item(), ref.norm().item()
+    return diff / size if size > 0 else diff  # an all-zero reference asks for exact zeros
+
+
+def randomize_batchnorm(model: torch.nn.Module, *, seed: int, image_size: int = 64, passes: int = 2) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, then switch to eval.
+
+    A few train-mode passes over random images calibrate the running statistics to the model's
+    own activations (so deep networks stay numerically sane); random weight and bias make the
+    affine part non-trivial too.
+    """
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average over the passes
+            m.reset_running_stats()
+    with torch.no_grad():
+        for _ in range(passes):
+            model(torch.randn(4, 3, image_size, image_size, generator=g))
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+            elif isinstance(m, torch.nn.Linear):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model.eval()
