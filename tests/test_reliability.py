@@ -275,3 +275,59 @@ def test_triton_backend_equals_the_reference_on_random_specs(case, seed):
     got = triton_engine(x.to(triton_engine.device))
     assert rel_err(got, reference(x)) < 1e-4
     assert rel_err(triton_engine.features(x.to(triton_engine.device)), reference.features(x)) < 1e-4
+
+
+# -- on the GPU -----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_threads_on_their_own_streams_with_mixed_batches():
+    engine = densetriton.load("densenet121", weights=None, device="cuda", dtype=torch.float16)
+    batches = [1, 8, 3, 16, 1, 8, 3, 16]
+    inputs = [torch.randn(b, 3, 224, 224, device="cuda") for b in batches]
+    expected = [engine(x) for x in inputs]
+    torch.cuda.synchronize()
+    results, errors = [None] * len(inputs), []
+    start = threading.Barrier(len(inputs))
+
+    def work(i):
+        try:
+            stream = torch.cuda.Stream()
+            start.wait()
+            with torch.cuda.stream(stream):
+                for _ in range(5):
+                    results[i] = engine(inputs[i])
+            stream.synchronize()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_soak_10000_calls_without_memory_growth():
+    engine = densetriton.load("densenet121", weights=None, device="cuda", dtype=torch.float16)
+    sizes = [1, 2, 4, 8]
+    inputs = {b: torch.randn(b, 3, 224, 224, device="cuda") for b in sizes}
+    reference = {b: engine(x) for b, x in inputs.items()}  # builds every plan
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(0)
+    for i in range(10_000):
+        b = sizes[int(torch.randint(len(sizes), (1,), generator=g))]
+        out = engine(inputs[b])
+        if i % 1000 == 0:
+            assert torch.equal(out, reference[b])
+    del out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == baseline
+    # the only allocation per call is the returned logits
+    assert torch.cuda.max_memory_allocated() - baseline <= 4 * max(sizes) * 1000 * 4 + (1 << 20)
