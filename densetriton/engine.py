@@ -75,27 +75,25 @@ class Engine:
             raise ValueError(f"expected a tensor on {self.device} (the engine's device), got one on {x.device}")
         self.spec.feature_sizes(x.shape[2], x.shape[3])  # raises with the smallest size that works
 
-    @torch.inference_mode()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features [N, C] (float32): what the classifier sees."""
-        self.check_input(x)
-        if x.shape[0] == 0:
-            return torch.empty(0, self.spec.num_features, device=self.device)
-        if self.backend == "reference":
-            return self._model.forward_features(x.to(self.dtype)).float()
-        with self._lock:
-            return self._model.features(x)
+        return self._run(x, logits=False)
 
-    @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, num_classes] (float32)."""
+        return self._run(x, logits=True)
+
+    @torch.inference_mode()
+    def _run(self, x: torch.Tensor, logits: bool) -> torch.Tensor:
         self.check_input(x)
         if x.shape[0] == 0:
-            return torch.empty(0, self.spec.num_classes, device=self.device)
+            width = self.spec.num_classes if logits else self.spec.num_features
+            return torch.empty(0, width, device=self.device)
         if self.backend == "reference":
-            return self._model(x.to(self.dtype)).float()
+            model = self._model if logits else self._model.forward_features
+            return model(x.to(self.dtype)).float()
         with self._lock:
-            return self._model(x)
+            return self._model(x) if logits else self._model.features(x)
 
     def planned_memory_bytes(self, batch: int, height: int, width: int) -> int | None:
         """Device bytes the Triton backend holds for this input size: buffers, scratch and folded

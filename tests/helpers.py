@@ -1,5 +1,6 @@
 """Helpers shared by the tests (tests/ is on pytest's pythonpath: `from helpers import ...`)."""
 
+import pytest
 import torch
 
 
@@ -35,3 +36,23 @@ def randomize_batchnorm(model: torch.nn.Module, *, seed: int, image_size: int = 
             elif isinstance(m, torch.nn.Linear):
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model.eval()
+
+
+# -- kernel tests ------------------------------------------------------------------------------
+
+KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# tl.dot on bfloat16 gives garbage under Triton's interpreter (triton 3.8): GPU only there.
+DOT_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+
+
+def randn(gen, *shape, dtype=torch.float32, device="cpu"):
+    """Fresh normal values from the test's generator, rounded to `dtype`, on `device`."""
+    return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+
+def assert_close(out, ref, tol):
+    """No poisoned (unwritten) element left, and relative error under `tol` (a float or a dtype)."""
+    tol = KERNEL_TOL.get(tol, tol)
+    assert not torch.isnan(out).any(), "kernel left poisoned (unwritten) elements"
+    err = rel_err(out, ref)
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"

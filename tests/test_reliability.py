@@ -96,25 +96,29 @@ def test_threads_sharing_one_engine_get_their_own_results(engine):
     batches = [1, 3, 2, 1, 3, 2, 1, 2]
     inputs = [torch.randn(b, 3, 24, 24, device=engine.device) for b in batches]
     expected = [engine(x) for x in inputs]  # one at a time
-    results = [None] * len(inputs)
-    errors = []
-    start = threading.Barrier(len(inputs))
+    for got, want in zip(run_together(len(inputs), lambda i: engine(inputs[i])), expected):
+        assert torch.equal(got, want)
 
-    def work(i):
+
+def run_together(count, work):
+    """work(i) for i < count, each on its own thread, all released at once; their results."""
+    results, errors = [None] * count, []
+    start = threading.Barrier(count)
+
+    def run(i):
         try:
             start.wait()
-            results[i] = engine(inputs[i])
-        except Exception as e:  # pragma: no cover - reported below
+            results[i] = work(i)
+        except Exception as e:  # reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=300)
-    assert not errors
-    for got, want in zip(results, expected):
-        assert torch.equal(got, want)
+        t.join(timeout=600)
+    assert not errors, errors
+    return results
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -287,27 +291,16 @@ def test_gpu_threads_on_their_own_streams_with_mixed_batches():
     inputs = [torch.randn(b, 3, 224, 224, device="cuda") for b in batches]
     expected = [engine(x) for x in inputs]
     torch.cuda.synchronize()
-    results, errors = [None] * len(inputs), []
-    start = threading.Barrier(len(inputs))
 
-    def work(i):
-        try:
-            stream = torch.cuda.Stream()
-            start.wait()
-            with torch.cuda.stream(stream):
-                for _ in range(5):
-                    results[i] = engine(inputs[i])
-            stream.synchronize()
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+    def on_own_stream(i):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            for _ in range(5):
+                out = engine(inputs[i])
+        stream.synchronize()
+        return out
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors
-    for got, want in zip(results, expected):
+    for got, want in zip(run_together(len(inputs), on_own_stream), expected):
         assert torch.equal(got, want)
 
 

@@ -10,17 +10,10 @@ import torch.nn.functional as F
 
 from densetriton.kernels import bn_relu_avgpool_conv, pack_conv_weight
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),
-]
+from helpers import DOT_DTYPES, assert_close, randn
+
+DTYPES = DOT_DTYPES
 SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-
-
-def randn(gen, *shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, generator=gen).to(dtype).to(device)
 
 
 def reference(x, w_oikk, scale, shift):
@@ -28,12 +21,6 @@ def reference(x, w_oikk, scale, shift):
     a = F.relu(a * scale.double().cpu()[None, :, None, None] + shift.double().cpu()[None, :, None, None])
     y = F.avg_pool2d(F.conv2d(a, w_oikk.double().cpu()), kernel_size=2, stride=2)
     return y.permute(0, 2, 3, 1)
-
-
-def assert_close(out, ref, dtype):
-    assert not torch.isnan(out).any(), "kernel left poisoned (unwritten) elements"
-    err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
-    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]:.0e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,17 +6,10 @@ import torch.nn.functional as F
 
 from densetriton.kernels import bn_relu_conv, pack_conv_weight
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.gpu),
-]
+from helpers import DOT_DTYPES, KERNEL_TOL, assert_close, randn, rel_err
+
+DTYPES = DOT_DTYPES
 SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-
-
-def rel_err(out, ref):
-    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
 def reference(x, w_oikk, *, stride, padding, scale=None, shift=None, bias=None, relu_out=False):
@@ -29,16 +22,6 @@ def reference(x, w_oikk, *, stride, padding, scale=None, shift=None, bias=None, 
     if relu_out:
         y = F.relu(y)
     return y.permute(0, 2, 3, 1)
-
-
-def randn(gen, *shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, generator=gen).to(dtype).to(device)
-
-
-def assert_close(out, ref, dtype):
-    assert not torch.isnan(out).any(), "kernel left poisoned (unwritten) elements"
-    err = rel_err(out, ref)
-    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]:.0e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -181,7 +164,7 @@ def test_padding_is_zero_after_activation(device, gen, dtype):
     x_padded = F.pad(xd.permute(0, 3, 1, 2), (1, 1, 1, 1))
     a_wrong = F.relu(x_padded * scale.double().cpu()[None, :, None, None] + 5.0)
     wrong = F.conv2d(a_wrong, w_oikk.to(dtype).double()).permute(0, 2, 3, 1)
-    assert rel_err(out, wrong) > 10 * TOL[dtype]
+    assert rel_err(out, wrong) > 10 * KERNEL_TOL[dtype]
 
 
 def test_validation_errors(device, gen):

@@ -6,23 +6,14 @@ import torch.nn.functional as F
 
 from densetriton.kernels import bn_relu_global_avgpool
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+from helpers import assert_close, randn
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bfloat16 is fine in the interpreter
-
-
-def randn(gen, *shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, generator=gen).to(dtype).to(device)
 
 
 def reference(x, scale, shift):
     a = F.relu(x.double().cpu() * scale.double().cpu() + shift.double().cpu())
     return a.mean(dim=(1, 2))
-
-
-def assert_close(out, ref, tol):
-    assert not torch.isnan(out).any(), "kernel left poisoned (unwritten) elements"
-    err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
-    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

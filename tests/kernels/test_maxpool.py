@@ -6,11 +6,9 @@ import torch.nn.functional as F
 
 from densetriton.kernels import max_pool_3x3_s2
 
+from helpers import randn
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bfloat16 is fine in the interpreter
-
-
-def randn(gen, *shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, generator=gen).to(dtype).to(device)
 
 
 def reference(x):
