@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -37,6 +38,9 @@ class TritonExecutor:
         self.weight_bytes = sum(t.numel() * t.element_size() for t in self.folded.values())
         self.plans: OrderedDict[tuple, Plan] = OrderedDict()
         self.plan_cache_bytes = plan_cache_bytes
+        # On CUDA each plan's forward is captured once in a CUDA graph and replayed
+        # (DENSETRITON_CUDA_GRAPHS=0 launches kernel by kernel instead).
+        self.use_cuda_graphs = device.type == "cuda" and os.environ.get("DENSETRITON_CUDA_GRAPHS", "1") != "0"
 
     @property
     def plan_cache_bytes(self) -> int:
@@ -75,7 +79,8 @@ class TritonExecutor:
         return plan
 
     def planned_bytes(self, n: int, height: int, width: int) -> int:
-        """Bytes of the buffers and scratch a plan for this size allocates (weights not counted)."""
+        """Bytes of the buffers, scratch and CUDA-graph input/output a plan for this size allocates
+        (weights not counted)."""
         from .plan import buffer_shapes
 
         shapes = buffer_shapes(self.spec, height, width)
@@ -88,7 +93,8 @@ class TritonExecutor:
             elif name == "stem":
                 arenas[1] = max(arenas[1], n * h * w * c)
         scratch = n * shapes["bottleneck_scratch"][0] * shapes["bottleneck_scratch"][2] if "bottleneck_scratch" in shapes else 0
-        return (sum(arenas) + scratch) * size + n * self.spec.num_features * 4
+        graph_io = n * (3 * height * width + self.spec.num_classes) if self.use_cuda_graphs else 0  # float32
+        return (sum(arenas) + scratch) * size + (n * self.spec.num_features + graph_io) * 4
 
     def _trim(self, budget: int) -> None:
         while self.plans and sum(p.nbytes for p in self.plans.values()) > max(budget, 0):
@@ -99,13 +105,25 @@ class TritonExecutor:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def _forward(self, plan: Plan, x: torch.Tensor, logits: torch.Tensor | None) -> None:
+        if self.use_cuda_graphs and plan.graph is None and not plan.graph_failed:
+            try:
+                plan.capture(x)
+            except Exception as e:  # launching one by one is slower, never wrong
+                plan.graph_failed = True
+                warnings.warn(f"CUDA graph capture failed ({e}); this shape launches its kernels one by one", stacklevel=4)
+        if plan.graph is not None:
+            plan.replay(x, logits)
+        else:
+            plan.run(x, logits)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan(x.shape[0], x.shape[2], x.shape[3])
-        plan.run(x, None)
+        self._forward(plan, x, None)
         return plan.features.clone()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan(x.shape[0], x.shape[2], x.shape[3])
         logits = torch.empty(x.shape[0], self.spec.num_classes, dtype=torch.float32, device=self.device)
-        plan.run(x, logits)
+        self._forward(plan, x, logits)
         return logits

@@ -188,3 +188,22 @@ def test_gpu_registry_models_at_224(name, dtype):
         out = engine(x)
         torch.cuda.synchronize()
         assert rel_err(out, expected) < GPU_TOL[dtype], (name, batch, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
+    spec = get_spec("densenet121")
+    model = _random_model(spec, seed=13, size=64).cuda()
+    weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
+    device = torch.device("cuda", torch.cuda.current_device())
+    graphed = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
+    monkeypatch.setenv("DENSETRITON_CUDA_GRAPHS", "0")
+    eager = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
+    assert graphed._model.use_cuda_graphs and not eager._model.use_cuda_graphs
+    for batch in (1, 8, 8, 1):  # a replayed graph must read each call's new input
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        assert torch.equal(graphed(x), eager(x))
+        assert torch.equal(graphed.features(x), eager.features(x))
+    plans = list(graphed._model.plans.values())
+    assert plans and all(p.graph is not None for p in plans)
+    assert graphed.planned_memory_bytes(8, 224, 224) == graphed._model.plan(8, 224, 224).nbytes + graphed._model.weight_bytes
