@@ -92,6 +92,8 @@ class Engine:
         if self.backend == "reference":
             model = self._model if logits else self._model.forward_features
             return model(x.to(self.dtype)).float()
+        if x.dtype == torch.float64:
+            x = x.float()  # the kernels read 16- and 32-bit floats
         with self._lock:
             return self._model(x) if logits else self._model.features(x)
 

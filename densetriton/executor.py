@@ -64,19 +64,25 @@ class TritonExecutor:
             return plan
         # Make room first, so old buffers are free before the new ones are allocated.
         self._trim(budget=self.plan_cache_bytes - self.planned_bytes(n, height, width))
-        try:
-            plan = Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted)
-        except torch.OutOfMemoryError:
+        plan = self._build_plan(n, height, width)
+        if plan is None:
+            # Retry with every other plan freed; outside the except block, so that the traceback
+            # no longer holds the half-built plan's buffers.
             self.release()
-            try:
-                plan = Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted)
-            except torch.OutOfMemoryError:
-                raise MemoryError(
-                    f"out of memory building the plan for batch {n} at {height}x{width}: its buffers need "
-                    f"{self.planned_bytes(n, height, width) / 2**20:,.0f} MiB on {self.device}; use a smaller batch"
-                ) from None
+            plan = self._build_plan(n, height, width)
+        if plan is None:
+            raise MemoryError(
+                f"out of memory building the plan for batch {n} at {height}x{width}: its buffers need "
+                f"{self.planned_bytes(n, height, width) / 2**20:,.0f} MiB on {self.device}; use a smaller batch"
+            )
         self.plans[key] = plan
         return plan
+
+    def _build_plan(self, n: int, height: int, width: int) -> Plan | None:
+        try:
+            return Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted)
+        except torch.OutOfMemoryError:
+            return None
 
     def planned_bytes(self, n: int, height: int, width: int) -> int:
         """Bytes of the buffers, scratch and CUDA-graph input/output a plan for this size allocates
@@ -106,6 +112,14 @@ class TritonExecutor:
             torch.cuda.empty_cache()
 
     def _forward(self, plan: Plan, x: torch.Tensor, logits: torch.Tensor | None) -> None:
+        if self.device.type == "cuda":
+            # Triton launches on the current device, which need not be the engine's.
+            with torch.cuda.device(self.device):
+                self._launch(plan, x, logits)
+        else:
+            self._launch(plan, x, logits)
+
+    def _launch(self, plan: Plan, x: torch.Tensor, logits: torch.Tensor | None) -> None:
         if self.use_cuda_graphs and plan.graph is None and not plan.graph_failed:
             try:
                 plan.capture(x)

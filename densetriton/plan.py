@@ -165,7 +165,7 @@ def fold_batchnorm(tensors: dict, spec: DenseNetSpec, dtype: torch.dtype, device
     return folded
 
 
-def block_sizes(stage: Stage, rows: int, c_in: int, c_out: int, interpreted: bool) -> dict:
+def block_sizes(stage: Stage, rows: int, c_in: int, c_out: int, interpreted: bool, dtype: torch.dtype) -> dict:
     """Tile sizes for one launch.
 
     Under the interpreter every program instance costs Python time, so take the largest tiles.
@@ -185,7 +185,12 @@ def block_sizes(stage: Stage, rows: int, c_in: int, c_out: int, interpreted: boo
         return {"BLOCK_C": fit(c_out, 16, 128), "BLOCK_HW": fit(rows, 16, 64)}
     if interpreted:
         return {"BLOCK_M": fit(rows, 16, 256), "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": fit(c_in, 16, 128)}
-    return {"BLOCK_M": 128 if rows >= 4096 else 64, "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": fit(c_in, 16, 64)}
+    tiles = {"BLOCK_M": 128 if rows >= 4096 else 64, "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": fit(c_in, 16, 64)}
+    if stage.op == "transition" and dtype == torch.float32:
+        # The pipeliner keeps all four 2x2-window loads per K step: at BLOCK_K=64 in float32
+        # that is 361 KB of shared memory, over the H100's 227 KB (ptxas, triton 3.6 and 3.8).
+        tiles["BLOCK_K"] = min(tiles["BLOCK_K"], 32)
+    return tiles
 
 
 class Plan:
@@ -194,7 +199,7 @@ class Plan:
     def __init__(self, spec, stages, folded, n, height, width, dtype, device, interpreted):
         from . import kernels
 
-        self.key = (n, height, width)
+        self.key, self.dtype = (n, height, width), dtype
         shapes = buffer_shapes(spec, height, width)
         # Two arenas, used alternately by consecutive blocks; the stem's conv output goes in
         # the one block 1 does not use.
@@ -238,7 +243,7 @@ class Plan:
         if stage.op == "conv" and stage.reads.buffer == "input":
             out = self._view(stage.writes, n, shapes, None)
             rows = n * out.shape[1] * out.shape[2]
-            tiles = block_sizes(stage, rows, c_in * stage.kernel_size**2, c_out, interpreted)
+            tiles = block_sizes(stage, rows, c_in * stage.kernel_size**2, c_out, interpreted, self.dtype)
             if not interpreted:
                 tiles["BLOCK_K"] = 16  # three input channels per tap
             conv = functools.partial(kernels.bn_relu_conv, weight=w["weight"], out=out, bias=w.get("bias"),
@@ -248,13 +253,13 @@ class Plan:
             return lambda x, logits: conv(x.permute(0, 2, 3, 1))
         if stage.op == "classifier":
             feats = self.features.view(n, 1, 1, c_in)
-            tiles = block_sizes(stage, n, c_in, c_out, interpreted)
+            tiles = block_sizes(stage, n, c_in, c_out, interpreted, torch.float32)
             conv = functools.partial(kernels.bn_relu_conv, feats, w["weight"], kernel_size=1, bias=w["bias"], **tiles)
             return lambda x, logits: conv(logits.view(n, 1, 1, c_out))
         x = self._view(stage.reads, n, shapes, block_hw)
         out = self._view(stage.writes, n, shapes, block_hw)
         rows = n * out.shape[1] * out.shape[2] if out.dim() == 4 else x.shape[1] * x.shape[2]
-        tiles = block_sizes(stage, rows, c_in, c_out, interpreted)
+        tiles = block_sizes(stage, rows, c_in, c_out, interpreted, self.dtype)
         if stage.op == "conv":
             launch = functools.partial(kernels.bn_relu_conv, x, w["weight"], out, kernel_size=stage.kernel_size,
                                        stride=stage.stride, padding=stage.padding, in_scale=w.get("in_scale"),
@@ -291,7 +296,9 @@ class Plan:
         self.run(self.static_input, self.static_logits)  # compiles every kernel: no compiling while capturing
         torch.cuda.current_stream(x.device).synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls of other threads (other callers, other engines) during the
+        # capture neither fail nor break it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.run(self.static_input, self.static_logits)
         self.graph = graph
 

@@ -172,15 +172,16 @@ GPU_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", densetriton.list_models())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_gpu_registry_models_at_224(name, dtype):
+def test_gpu_registry_models_at_224(name, dtype, monkeypatch):
     spec = get_spec(name)
     size = 224 if spec.stem == "imagenet" else 32
     model = _random_model(spec, seed=11, size=64 if spec.stem == "imagenet" else 32).cuda()
     weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
     engine = densetriton.Engine(weights, device=torch.device("cuda", torch.cuda.current_device()), dtype=dtype,
                                 backend="triton", pretrained=False)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # A float32 reference, not TF32 (monkeypatch restores the global flags afterwards).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for batch in (1, 64):
         x = torch.randn(batch, 3, size, size, device="cuda")
         with torch.no_grad():

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -68,6 +68,11 @@ def test_bad_inputs_name_what_was_expected(engine, make, error, match):
         engine.features(x)
     # and the engine still works
     assert engine(torch.randn(1, 3, 40, 40, device=engine.device)).shape == (1, 5)
+
+
+def test_float64_input_is_computed_as_float32(engine):
+    x = torch.randn(2, 3, 40, 40, device=engine.device)
+    assert torch.equal(engine(x.double()), engine(x))
 
 
 def test_empty_batch(engine):
@@ -250,7 +255,7 @@ def test_same_input_same_bits_across_calls_and_rebuilt_plans(good_file):
 def specs_and_sizes(draw):
     blocks = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3)))
     stem = draw(st.sampled_from(["imagenet", "cifar"]))
-    spec = DenseNetSpec(
+    fields = dict(
         growth_rate=draw(st.integers(1, 9)),
         block_config=blocks,
         num_init_features=draw(st.integers(1, 12)),
@@ -259,6 +264,10 @@ def specs_and_sizes(draw):
         num_classes=draw(st.integers(1, 20)),
         stem=stem,
     )
+    try:
+        spec = DenseNetSpec(**fields)
+    except ValueError:  # a compression that leaves a transition no channel: refused, not a case
+        assume(False)
     smallest = spec.min_input_size()
     h = draw(st.integers(smallest, smallest + 9))
     w = draw(st.integers(smallest, smallest + 9))
@@ -269,10 +278,7 @@ def specs_and_sizes(draw):
 @given(specs_and_sizes(), st.integers(0, 2**31 - 1))
 def test_triton_backend_equals_the_reference_on_random_specs(case, seed):
     spec, batch, h, w = case
-    try:
-        triton_engine = make_engine(spec, backend="triton", seed=seed % 1000)
-    except ValueError:
-        return  # compression too strong for this spec: refused with a clear error, as it should be
+    triton_engine = make_engine(spec, backend="triton", seed=seed % 1000)
     reference = make_engine(spec, backend="reference", seed=seed % 1000)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, h, w, generator=g)
