@@ -17,6 +17,14 @@ from ._common import check_block, check_nhwc, check_same_device, check_vector, C
 
 
 @triton.jit
+def _dot(a, w, acc, IEEE_DOT: tl.constexpr):
+    # float32 operands: full IEEE products, not TF32 (results must match PyTorch to ~1e-5).
+    if IEEE_DOT:
+        return tl.dot(a, w, acc, input_precision="ieee")
+    return tl.dot(a, w, acc)
+
+
+@triton.jit
 def _bn_relu_conv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr,
     N, H, W, C_in, OH, OW, C_out,
@@ -25,7 +33,7 @@ def _bn_relu_conv_kernel(
     stride_scale, stride_shift, stride_bias,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr, FLAT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -46,41 +54,66 @@ def _bn_relu_conv_kernel(
     x_pix_ptr = x_ptr + n * stride_xn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(0, KH * KW):
-        kh = tap // KW
-        kw = tap % KW
-        ih = ih_base + kh
-        iw = iw_base + kw
-        # False for padded taps and for rows past the last output pixel.
-        tap_mask = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_tap_ptr = x_pix_ptr + ih * stride_xh + iw * stride_xw
-        w_tap_row = tap * C_in
-        for k0 in range(0, C_in, BLOCK_K):
-            offs_ci = k0 + tl.arange(0, BLOCK_K)
-            ci_mask = offs_ci < C_in
-
+    if FLAT_K:
+        # Few input channels (the stem's 3): walk K = (kh, kw, ci) as one axis, as the packed
+        # weight rows are laid out, so a K tile spans several taps instead of being mostly padding.
+        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < KH * KW * C_in
+            tap = offs_k // C_in
+            offs_ci = offs_k % C_in
+            ih = ih_base[:, None] + (tap // KW)[None, :]
+            iw = iw_base[:, None] + (tap % KW)[None, :]
+            in_mask = pix_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(
-                x_tap_ptr[:, None] + offs_ci[None, :] * stride_xc,
-                mask=tap_mask[:, None] & ci_mask[None, :],
+                x_pix_ptr[:, None] + ih * stride_xh + iw * stride_xw + offs_ci[None, :] * stride_xc,
+                mask=in_mask,
                 other=0.0,
             ).to(tl.float32)
             if HAS_PROLOGUE:
-                scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
-                shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=ci_mask, other=0.0)
+                scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=k_mask, other=0.0)
+                shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=k_mask, other=0.0)
                 a = _relu(a * scale[None, :] + shift[None, :])
-                # Padding is zero in the activated tensor, not relu(0 * scale + shift).
-                a = tl.where(tap_mask[:, None], a, 0.0)
-
-            # Tail rows (ci >= C_in) load as zero, so they add nothing whatever `a` holds.
+                a = tl.where(in_mask, a, 0.0)  # padding is zero after the activation
             w = tl.load(
-                w_ptr + (w_tap_row + offs_ci)[:, None] * C_out + offs_co[None, :],
-                mask=ci_mask[:, None] & co_mask[None, :],
+                w_ptr + offs_k[:, None] * C_out + offs_co[None, :],
+                mask=k_mask[:, None] & co_mask[None, :],
                 other=0.0,
             )
-            if IEEE_DOT:
-                acc = tl.dot(a.to(w.dtype), w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a.to(w.dtype), w, acc)
+            acc = _dot(a.to(w.dtype), w, acc, IEEE_DOT)
+    else:
+        for tap in range(0, KH * KW):
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih_base + kh
+            iw = iw_base + kw
+            # False for padded taps and for rows past the last output pixel.
+            tap_mask = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_tap_ptr = x_pix_ptr + ih * stride_xh + iw * stride_xw
+            w_tap_row = tap * C_in
+            for k0 in range(0, C_in, BLOCK_K):
+                offs_ci = k0 + tl.arange(0, BLOCK_K)
+                ci_mask = offs_ci < C_in
+
+                a = tl.load(
+                    x_tap_ptr[:, None] + offs_ci[None, :] * stride_xc,
+                    mask=tap_mask[:, None] & ci_mask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                if HAS_PROLOGUE:
+                    scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
+                    shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=ci_mask, other=0.0)
+                    a = _relu(a * scale[None, :] + shift[None, :])
+                    # Padding is zero in the activated tensor, not relu(0 * scale + shift).
+                    a = tl.where(tap_mask[:, None], a, 0.0)
+
+                # Tail rows (ci >= C_in) load as zero, so they add nothing whatever `a` holds.
+                w = tl.load(
+                    w_ptr + (w_tap_row + offs_ci)[:, None] * C_out + offs_co[None, :],
+                    mask=ci_mask[:, None] & co_mask[None, :],
+                    other=0.0,
+                )
+                acc = _dot(a.to(w.dtype), w, acc, IEEE_DOT)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_co * stride_bias, mask=co_mask, other=0.0)
@@ -191,7 +224,7 @@ def bn_relu_conv(
         scale.stride(0), shift.stride(0), bias_arg.stride(0),
         KH=kh, KW=kw, STRIDE=stride, PAD=padding,
         HAS_PROLOGUE=has_prologue, HAS_BIAS=bias is not None, RELU_OUT=bool(relu_out),
-        IEEE_DOT=weight.dtype == torch.float32,
+        IEEE_DOT=weight.dtype == torch.float32, FLAT_K=kh * kw > 1 and c_in < BLOCK_K,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         **launch_opts,
     )

@@ -36,6 +36,8 @@ def reference(x, w_oikk, *, stride, padding, scale=None, shift=None, bias=None, 
         (2, 7, 7, 37, 19, 3, 1, 1, True, False, False),
         # CIFAR-style stem 3x3 pad 1 with bias + ReLU, three input channels.
         (1, 8, 8, 3, 16, 3, 1, 1, False, True, True),
+        # few input channels: K walked flat over (kh, kw, ci), with the prologue and padding.
+        (2, 7, 5, 5, 19, 3, 1, 1, True, False, False),
         # strided, unpadded, odd size: rows and taps that stop short of the border.
         (2, 9, 7, 13, 19, 3, 2, 0, True, True, False),
     ],
