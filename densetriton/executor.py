@@ -85,8 +85,7 @@ class TritonExecutor:
             return None
 
     def planned_bytes(self, n: int, height: int, width: int) -> int:
-        """Bytes of the buffers, scratch and CUDA-graph input/output a plan for this size allocates
-        (weights not counted)."""
+        """Bytes of the buffers and scratch a plan for this size allocates (weights not counted)."""
         from .plan import buffer_shapes
 
         shapes = buffer_shapes(self.spec, height, width)
@@ -99,8 +98,7 @@ class TritonExecutor:
             elif name == "stem":
                 arenas[1] = max(arenas[1], n * h * w * c)
         scratch = n * shapes["bottleneck_scratch"][0] * shapes["bottleneck_scratch"][2] if "bottleneck_scratch" in shapes else 0
-        graph_io = n * (3 * height * width + self.spec.num_classes) if self.use_cuda_graphs else 0  # float32
-        return (sum(arenas) + scratch) * size + (n * self.spec.num_features + graph_io) * 4
+        return (sum(arenas) + scratch) * size + n * self.spec.num_features * 4
 
     def _trim(self, budget: int) -> None:
         while self.plans and sum(p.nbytes for p in self.plans.values()) > max(budget, 0):
@@ -120,9 +118,10 @@ class TritonExecutor:
             self._launch(plan, x, logits)
 
     def _launch(self, plan: Plan, x: torch.Tensor, logits: torch.Tensor | None) -> None:
-        if self.use_cuda_graphs and plan.graph is None and not plan.graph_failed:
+        if self.use_cuda_graphs and plan.graph is None and not plan.graph_failed and logits is not None:
             try:
-                plan.capture(x)
+                plan.capture(x, logits)
+                return  # capture ran the forward once, eagerly
             except Exception as e:  # launching one by one is slower, never wrong
                 plan.graph_failed = True
                 warnings.warn(f"CUDA graph capture failed ({e}); this shape launches its kernels one by one", stacklevel=4)

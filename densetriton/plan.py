@@ -282,28 +282,28 @@ class Plan:
                 break
             launch(x, logits)
 
-    def capture(self, x: torch.Tensor) -> None:
-        """Record every launch of the forward in one CUDA graph, replayed by `replay`.
+    def capture(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """Record the launches between the stem and the classifier in one CUDA graph.
 
-        ~200 launches cost more host time than a small batch costs the GPU; a replay is one
-        launch. A graph bakes in its pointers, so it reads a static copy of the input (3
-        channels: a small fraction of the traffic) and writes static logits.
+        ~200 launches cost more host time than a small batch costs the GPU; a replay is one.
+        The graph bakes in its pointers, so the two launches that touch the caller's tensors
+        stay outside it: the stem (it reads the caller's input in place) and the classifier
+        (it writes the returned logits). Both the graph's ends are this plan's own buffers.
         """
-        self.static_input = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        self.static_logits = torch.empty(x.shape[0], self.launches[-1][0].writes.stop, dtype=torch.float32, device=x.device)
-        self.nbytes += (self.static_input.numel() + self.static_logits.numel()) * 4
-        self.static_input.copy_(x)
-        self.run(self.static_input, self.static_logits)  # compiles every kernel: no compiling while capturing
+        self.run(x, logits)  # compiles every kernel: nothing may compile while capturing
         torch.cuda.current_stream(x.device).synchronize()
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (other callers, other engines) during the
         # capture neither fail nor break it.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.run(self.static_input, self.static_logits)
+            for stage, launch in self.launches[1:-1]:
+                launch(None, None)
         self.graph = graph
 
     def replay(self, x: torch.Tensor, logits: torch.Tensor | None) -> None:
-        self.static_input.copy_(x)
+        """The forward as three launches: the stem, the graph, the classifier."""
+        (_, stem), *_, (_, classifier) = self.launches
+        stem(x, logits)
         self.graph.replay()
         if logits is not None:
-            logits.copy_(self.static_logits)
+            classifier(x, logits)
