@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._relu import _relu
+from ._math import _dot, _relu
 from ._common import check_block, check_nhwc, check_same_device, check_vector, COMPUTE_DTYPES
 
 
@@ -63,10 +63,7 @@ def _bn_relu_avgpool_conv_kernel(
             mask=ci_mask[:, None] & co_mask[None, :],
             other=0.0,
         )
-        if IEEE_DOT:
-            acc = tl.dot(a.to(w.dtype), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a.to(w.dtype), w, acc)
+        acc = _dot(a.to(w.dtype), w, acc, IEEE_DOT)
 
     out_pix_ptr = out_ptr + n * stride_on + oh * stride_oh + ow * stride_ow
     tl.store(

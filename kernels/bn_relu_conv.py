@@ -12,16 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._relu import _relu
+from ._math import _dot, _relu
 from ._common import check_block, check_nhwc, check_same_device, check_vector, COMPUTE_DTYPES
-
-
-@triton.jit
-def _dot(a, w, acc, IEEE_DOT: tl.constexpr):
-    # float32 operands: full IEEE products, not TF32 (results must match PyTorch to ~1e-5).
-    if IEEE_DOT:
-        return tl.dot(a, w, acc, input_precision="ieee")
-    return tl.dot(a, w, acc)
 
 
 @triton.jit

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._relu import _relu
+from ._math import _relu
 from ._common import check_block, check_nhwc, check_same_device, check_vector
 
 
