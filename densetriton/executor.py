@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from .plan import Plan, build_stages, fold_batchnorm
+from .plan import Plan, build_stages, fold_batchnorm, memory_layout
 from .spec import DenseNetSpec
 
 DEFAULT_PLAN_CACHE_BYTES = 4 << 30
@@ -86,19 +86,9 @@ class TritonExecutor:
 
     def planned_bytes(self, n: int, height: int, width: int) -> int:
         """Bytes of the buffers and scratch a plan for this size allocates (weights not counted)."""
-        from .plan import buffer_shapes
-
-        shapes = buffer_shapes(self.spec, height, width)
+        _, _, arena_numel, scratch_numel = memory_layout(self.spec, n, height, width)
         size = torch.empty((), dtype=self.dtype).element_size()
-        arenas = [0, 0]
-        for name, (h, w, c) in shapes.items():
-            if name.startswith("block"):
-                a = (int(name[5:]) - 1) % 2
-                arenas[a] = max(arenas[a], n * h * w * c)
-            elif name == "stem":
-                arenas[1] = max(arenas[1], n * h * w * c)
-        scratch = n * shapes["bottleneck_scratch"][0] * shapes["bottleneck_scratch"][2] if "bottleneck_scratch" in shapes else 0
-        return (sum(arenas) + scratch) * size + n * self.spec.num_features * 4
+        return (sum(arena_numel) + scratch_numel) * size + n * self.spec.num_features * 4
 
     def _trim(self, budget: int) -> None:
         while self.plans and sum(p.nbytes for p in self.plans.values()) > max(budget, 0):

@@ -21,6 +21,7 @@ conv output lives in the second arena before block 2 needs it. All bottleneck la
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,24 @@ def buffer_shapes(spec: DenseNetSpec, height: int, width: int) -> dict[str, tupl
         # One scratch for every bottleneck layer, as large as the largest block needs.
         shapes["bottleneck_scratch"] = (max(h * w for h, w in sizes), 1, spec.bn_size * spec.growth_rate)
     return shapes
+
+
+def memory_layout(spec: DenseNetSpec, n: int, height: int, width: int):
+    """Where each buffer lives for a batch of n: (shapes, arena of each block/stem buffer,
+    elements of each arena, elements of the bottleneck scratch).
+
+    Two arenas, used alternately by consecutive blocks (block b is dead once transition b has
+    read it); the stem's conv output goes in the arena block 1 does not use.
+    """
+    shapes = buffer_shapes(spec, height, width)
+    arena_of = {name: (int(name[5:]) - 1) % 2 for name in shapes if name.startswith("block")}
+    if "stem" in shapes:
+        arena_of["stem"] = 1
+    arena_numel = [0, 0]
+    for name, a in arena_of.items():
+        arena_numel[a] = max(arena_numel[a], n * math.prod(shapes[name]))
+    scratch_numel = n * math.prod(shapes["bottleneck_scratch"]) if "bottleneck_scratch" in shapes else 0
+    return shapes, arena_of, arena_numel, scratch_numel
 
 
 def build_stages(spec: DenseNetSpec) -> list[Stage]:
@@ -200,25 +219,14 @@ class Plan:
         from . import kernels
 
         self.key, self.dtype = (n, height, width), dtype
-        shapes = buffer_shapes(spec, height, width)
-        # Two arenas, used alternately by consecutive blocks; the stem's conv output goes in
-        # the one block 1 does not use.
-        arena_of = {name: (int(name[5:]) - 1) % 2 for name in shapes if name.startswith("block")}
-        arena_of["stem"] = 1
-        numel = lambda s: n * s[0] * s[1] * s[2]  # noqa: E731
-        arena_numel = [0, 0]
-        for name, a in arena_of.items():
-            if name in shapes:
-                arena_numel[a] = max(arena_numel[a], numel(shapes[name]))
-        self.arenas = [torch.empty(m, dtype=dtype, device=device) for m in arena_numel if m]
-        self.buffers = {name: self.arenas[arena_of[name]][: numel(shapes[name])].view(n, *shapes[name])
-                        for name in arena_of if name in shapes}
-        if "bottleneck_scratch" in shapes:
-            self.scratch = torch.empty(numel(shapes["bottleneck_scratch"]), dtype=dtype, device=device)
-        else:
-            self.scratch = None
+        shapes, arena_of, arena_numel, scratch_numel = memory_layout(spec, n, height, width)
+        self.arenas = [torch.empty(m, dtype=dtype, device=device) for m in arena_numel]
+        self.buffers = {name: self.arenas[a][: n * math.prod(shapes[name])].view(n, *shapes[name])
+                        for name, a in arena_of.items()}
+        self.scratch = torch.empty(scratch_numel, dtype=dtype, device=device) if scratch_numel else None
         self.features = torch.empty(n, spec.num_features, dtype=torch.float32, device=device)
-        self.nbytes = sum(t.numel() * t.element_size() for t in [*self.arenas, self.features] + ([self.scratch] if self.scratch is not None else []))
+        owned = [*self.arenas, self.features] + ([self.scratch] if self.scratch is not None else [])
+        self.nbytes = sum(t.numel() * t.element_size() for t in owned)
 
         self.graph = None  # a CUDA graph of the whole forward, once captured
         self.graph_failed = False
