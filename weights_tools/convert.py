@@ -111,13 +111,13 @@ def _unwrap_sequential_classifier(tensors: dict[str, torch.Tensor]) -> dict[str,
     indices = {m.group(1) for k in tensors if (m := _SEQUENTIAL_CLASSIFIER.match(k))}
     if not indices:
         return tensors
-    linear = [i for i in indices if tensors.get(f"classifier.{i}.weight") is not None and tensors[f"classifier.{i}.weight"].dim() == 2]
-    if len(indices) != 1 or len(linear) != 1 or "classifier.weight" in tensors:
+    (i,) = indices if len(indices) == 1 else (None,)
+    weight = tensors.get(f"classifier.{i}.weight")
+    if weight is None or weight.dim() != 2 or "classifier.weight" in tensors:
         raise ConversionError(
             "the classifier is a multi-layer head (" + ", ".join(sorted(k for k in tensors if k.startswith("classifier.")))
             + "); densetriton supports DenseNet's single linear classifier, optionally wrapped in a Sequential"
         )
-    (i,) = linear
     return {
         (f"classifier.{k.rsplit('.', 1)[1]}" if _SEQUENTIAL_CLASSIFIER.match(k) else k): v for k, v in tensors.items()
     }

@@ -196,3 +196,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["convert", "--out", str(tmp_path / "y.safetensors")]) == 1
     assert "--arch" in capsys.readouterr().err
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_multi_layer_classifier_head_is_refused(small_model, tmp_path):
+    sd = {k: v for k, v in small_model.state_dict().items() if not k.startswith("classifier.")}
+    sd.update({"classifier.0.weight": torch.ones(16, 20), "classifier.0.bias": torch.ones(16),
+               "classifier.2.weight": torch.ones(5, 16), "classifier.2.bias": torch.ones(5)})
+    torch.save(sd, tmp_path / "mlp-head.pth")
+    _assert_refused(tmp_path / "mlp-head.pth", tmp_path / "out.safetensors", r"multi-layer head", r"classifier\.2\.weight")
+    assert not (tmp_path / "out.safetensors").exists()
