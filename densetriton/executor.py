@@ -35,7 +35,9 @@ class TritonExecutor:
         self.spec, self.device, self.dtype = spec, device, dtype
         self.stages = build_stages(spec)
         self.folded = fold_batchnorm(tensors, spec, dtype, device)
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.folded.values())
+        # Storage, not numel: packed weights are views with padded rows.
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.folded.values()}
+        self.weight_bytes = sum(storages.values())
         self.plans: OrderedDict[tuple, Plan] = OrderedDict()
         self.plan_cache_bytes = plan_cache_bytes
         # On CUDA each plan's forward is captured once in a CUDA graph and replayed

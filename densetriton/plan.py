@@ -15,7 +15,10 @@ reads the channel prefix [0, C0 + l*k) and writes its k channels at [C0 + l*k, C
 Nothing is concatenated or copied. Block buffers live in two arenas used alternately (block b
 is dead once transition b has read it, so block b+2 may take its memory); the ImageNet stem's
 conv output lives in the second arena before block 2 needs it. All bottleneck layers share one
-`bottleneck_scratch` for their bn_size*k intermediate channels.
+`bottleneck_scratch` for their bn_size*k intermediate channels. Every buffer's channel count
+is rounded up to a multiple of CHANNEL_ALIGN (the tail is never read): then each pixel's
+channels start on a 32-byte boundary and Triton sees strides divisible by 16, so its loads are
+vectorised and pipelined whatever the growth rate (k = 12 or 40 spilled registers without it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ import torch
 from .spec import DenseNetSpec
 
 BN_EPS = 1e-5  # torchvision's BatchNorm2d default
+CHANNEL_ALIGN = 16  # elements: Triton specialises integer arguments on divisibility by 16
+
+
+def _aligned(channels: int) -> int:
+    return -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
 
 
 @dataclass(frozen=True)
@@ -54,16 +62,16 @@ class Stage:
 
 
 def buffer_shapes(spec: DenseNetSpec, height: int, width: int) -> dict[str, tuple[int, int, int]]:
-    """(H, W, C) of every named buffer for one image."""
+    """(H, W, C) of every named buffer for one image; C is rounded up to CHANNEL_ALIGN."""
     sizes = spec.feature_sizes(height, width)
     shapes = {}
     if spec.stem == "imagenet":
-        shapes["stem"] = ((height - 1) // 2 + 1, (width - 1) // 2 + 1, spec.num_init_features)
+        shapes["stem"] = ((height - 1) // 2 + 1, (width - 1) // 2 + 1, _aligned(spec.num_init_features))
     for b, ((h, w), (_, c_end)) in enumerate(zip(sizes, spec.block_channels()), 1):
-        shapes[f"block{b}"] = (h, w, c_end)
+        shapes[f"block{b}"] = (h, w, _aligned(c_end))
     if spec.bn_size is not None:
         # One scratch for every bottleneck layer, as large as the largest block needs.
-        shapes["bottleneck_scratch"] = (max(h * w for h, w in sizes), 1, spec.bn_size * spec.growth_rate)
+        shapes["bottleneck_scratch"] = (max(h * w for h, w in sizes), 1, _aligned(spec.bn_size * spec.growth_rate))
     return shapes
 
 
@@ -150,7 +158,7 @@ def fold_batchnorm(tensors: dict, spec: DenseNetSpec, dtype: torch.dtype, device
         return v.to(device=device, dtype=torch.float32).contiguous()
 
     def packed(w, dt=dtype):
-        return pack_conv_weight(w, dt).to(device)
+        return pack_conv_weight(w, dt, device)
 
     def prologue(name, bn_prefix):
         scale, shift = _bn_scale_shift(t, f"features.{bn_prefix}")
@@ -204,11 +212,25 @@ def block_sizes(stage: Stage, rows: int, c_in: int, c_out: int, interpreted: boo
         return {"BLOCK_C": fit(c_out, 16, 128), "BLOCK_HW": fit(rows, 16, 64)}
     if interpreted:
         return {"BLOCK_M": fit(rows, 16, 256), "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": fit(c_in, 16, 128)}
+    if stage.op == "classifier":
+        # float32 IEEE products, one row per image: short, wide tiles (64 rows spill, ptxas).
+        return {"BLOCK_M": 16, "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": 16, "num_warps": 4}
     tiles = {"BLOCK_M": 128 if rows >= 4096 else 64, "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": fit(c_in, 16, 64)}
-    if stage.op == "transition" and dtype == torch.float32:
-        # The pipeliner keeps all four 2x2-window loads per K step: at BLOCK_K=64 in float32
-        # that is 361 KB of shared memory, over the H100's 227 KB (ptxas, triton 3.6 and 3.8).
-        tiles["BLOCK_K"] = min(tiles["BLOCK_K"], 32)
+    # Register budgets read off ptxas for sm_90 (python -m densetriton.bench.kernel_report):
+    # a 128x128 float32 accumulator is 128 registers per thread at 4 warps, and with the
+    # prologue's operands the 16-bit kernels hit the 255 cap and spill; 8 warps halve it.
+    big_tile = tiles["BLOCK_M"] * tiles["BLOCK_N"] >= 128 * 128
+    if dtype == torch.float32:
+        if stage.op == "transition":
+            # The pipeliner keeps all four 2x2-window loads per K step: at BLOCK_K=64 in float32
+            # that is 361 KB of shared memory, over the H100's 227 KB.
+            tiles["BLOCK_K"] = min(tiles["BLOCK_K"], 32)
+        else:
+            # IEEE float32 products run on the FMA units, operands in registers: a K step of
+            # 32 or 64 spills at any tile size, 16 does not.
+            tiles["BLOCK_K"] = 16
+            big_tile = tiles["BLOCK_M"] * tiles["BLOCK_N"] >= 64 * 64
+    tiles["num_warps"] = 8 if big_tile else 4
     return tiles
 
 
@@ -236,8 +258,8 @@ class Plan:
 
     def _view(self, v: View, n, shapes, block_hw):
         if v.buffer == "bottleneck_scratch":
-            h, w = block_hw
-            return self.scratch[: n * h * w * (v.stop - v.start)].view(n, h, w, v.stop - v.start)
+            (h, w), c = block_hw, shapes["bottleneck_scratch"][2]
+            return self.scratch[: n * h * w * c].view(n, h, w, c)[..., v.start:v.stop]
         if v.buffer == "features":
             return self.features[:, v.start:v.stop]
         return self.buffers[v.buffer][..., v.start:v.stop]
@@ -253,7 +275,10 @@ class Plan:
             rows = n * out.shape[1] * out.shape[2]
             tiles = block_sizes(stage, rows, c_in * stage.kernel_size**2, c_out, interpreted, self.dtype)
             if not interpreted:
-                tiles["BLOCK_K"] = 32  # K = 7*7*3 = 147 walked flat (FLAT_K): 5 steps, 8% padding
+                # K = 7*7*3 = 147 walked flat (FLAT_K): 5 steps of 32, 8% padding. The flat walk
+                # gathers from the caller's NCHW tensor element by element, which costs registers:
+                # at most 64 columns and 8 warps keep every dtype from spilling (ptxas).
+                tiles.update(BLOCK_N=min(tiles["BLOCK_N"], 64), BLOCK_K=32, num_warps=8)
             conv = functools.partial(kernels.bn_relu_conv, weight=w["weight"], out=out, bias=w.get("bias"),
                                      kernel_size=stage.kernel_size, stride=stage.stride, padding=stage.padding,
                                      relu_out=stage.relu_out, **tiles)

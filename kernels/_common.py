@@ -35,3 +35,12 @@ def check_same_device(device, **tensors):
 def check_block(name, value, minimum=1):
     if not isinstance(value, int) or value < minimum or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= {minimum}, got {value!r}")
+
+
+def check_weight_rows(weight):
+    """A [K, Cout] GEMM operand: unit column stride, rows no closer than Cout (padding allowed)."""
+    if weight.stride(1) != 1 or weight.stride(0) < weight.shape[1]:
+        raise ValueError(
+            f"weight must have unit column stride and rows at least Cout apart (see pack_conv_weight), "
+            f"got strides {tuple(weight.stride())} for shape {tuple(weight.shape)}"
+        )

@@ -11,16 +11,17 @@ import triton
 import triton.language as tl
 
 from ._math import _dot, _relu
-from ._common import check_block, check_nhwc, check_same_device, check_vector, COMPUTE_DTYPES
+from ._common import check_block, check_nhwc, check_same_device, check_vector, check_weight_rows, COMPUTE_DTYPES
 
 
-@triton.jit
+# Pixel counts are not specialised: one compile serves every batch and image size.
+@triton.jit(do_not_specialize=["N", "OH", "OW"])
 def _bn_relu_avgpool_conv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr,
     N, C_in, OH, OW, C_out,
     stride_xn, stride_xh, stride_xw, stride_xc,
     stride_on, stride_oh, stride_ow, stride_oc,
-    stride_scale, stride_shift,
+    stride_wk, stride_scale, stride_shift,
     IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -59,7 +60,7 @@ def _bn_relu_avgpool_conv_kernel(
         # and rows past the last pixel are never stored, so no extra where() is needed.
 
         w = tl.load(
-            w_ptr + offs_ci[:, None] * C_out + offs_co[None, :],
+            w_ptr + offs_ci[:, None] * stride_wk + offs_co[None, :],
             mask=ci_mask[:, None] & co_mask[None, :],
             other=0.0,
         )
@@ -80,7 +81,7 @@ def bn_relu_avgpool_conv(
     """out <- conv1x1(avgpool2x2_s2(relu(x*in_scale + in_shift)), weight).
 
     x: [N, H, W, Cin] view; out: [N, H//2, W//2, Cout] view (written in place);
-    weight: pack_conv_weight of a 1x1 conv, [Cin, Cout] contiguous;
+    weight: pack_conv_weight of a 1x1 conv, [Cin, Cout] with unit column stride;
     in_scale/in_shift: float32 [Cin].
     """
     check_nhwc("x", x)
@@ -97,8 +98,7 @@ def bn_relu_avgpool_conv(
         raise ValueError(f"weight must be a prepacked [Cin, Cout] = {(c_in, c_out)} tensor, got {got}")
     if weight.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
-    if not weight.is_contiguous():
-        raise ValueError("weight must be contiguous (see pack_conv_weight)")
+    check_weight_rows(weight)
     check_same_device(x.device, weight=weight, out=out)
     check_vector("in_scale", in_scale, c_in, x.device)
     check_vector("in_shift", in_shift, c_in, x.device)
@@ -115,7 +115,7 @@ def bn_relu_avgpool_conv(
         x, weight, out, in_scale, in_shift,
         n, c_in, oh, ow, c_out,
         *x.stride(), *out.stride(),
-        in_scale.stride(0), in_shift.stride(0),
+        weight.stride(0), in_scale.stride(0), in_shift.stride(0),
         IEEE_DOT=weight.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         **launch_opts,

@@ -13,16 +13,18 @@ import triton
 import triton.language as tl
 
 from ._math import _dot, _relu
-from ._common import check_block, check_nhwc, check_same_device, check_vector, COMPUTE_DTYPES
+from ._common import check_block, check_nhwc, check_same_device, check_vector, check_weight_rows, COMPUTE_DTYPES
 
 
-@triton.jit
+# N, H, W, OH, OW only bound rows (pixels); specialising on them (==1, %16) would compile a
+# new kernel per batch or image size for no gain, since loads are vectorised along channels.
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
 def _bn_relu_conv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr,
     N, H, W, C_in, OH, OW, C_out,
     stride_xn, stride_xh, stride_xw, stride_xc,
     stride_on, stride_oh, stride_ow, stride_oc,
-    stride_scale, stride_shift, stride_bias,
+    stride_wk, stride_scale, stride_shift, stride_bias,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr,
     IEEE_DOT: tl.constexpr, FLAT_K: tl.constexpr,
@@ -68,7 +70,7 @@ def _bn_relu_conv_kernel(
                 a = _relu(a * scale[None, :] + shift[None, :])
                 a = tl.where(in_mask, a, 0.0)  # padding is zero after the activation
             w = tl.load(
-                w_ptr + offs_k[:, None] * C_out + offs_co[None, :],
+                w_ptr + offs_k[:, None] * stride_wk + offs_co[None, :],
                 mask=k_mask[:, None] & co_mask[None, :],
                 other=0.0,
             )
@@ -101,7 +103,7 @@ def _bn_relu_conv_kernel(
 
                 # Tail rows (ci >= C_in) load as zero, so they add nothing whatever `a` holds.
                 w = tl.load(
-                    w_ptr + (w_tap_row + offs_ci)[:, None] * C_out + offs_co[None, :],
+                    w_ptr + (w_tap_row + offs_ci)[:, None] * stride_wk + offs_co[None, :],
                     mask=ci_mask[:, None] & co_mask[None, :],
                     other=0.0,
                 )
@@ -121,20 +123,31 @@ def _bn_relu_conv_kernel(
     )
 
 
-def pack_conv_weight(w_torch_oikk, dtype):
-    """torch conv weight [Cout, Cin, KH, KW] -> contiguous [KH*KW*Cin, Cout] in `dtype`.
+# Fewer input channels than the smallest tensor-core K step: walk K = (kh, kw, ci) flat, else a
+# per-tap K tile would be mostly padding (the stem's 3 channels fill 3 of 16). Not for more:
+# the flat walk's per-element tap arithmetic costs registers (ptxas: spills at Cin 16-63).
+FLAT_K_BELOW = 16
 
-    Row index is (kh*KW + kw)*Cin + ci, the order the kernel walks K in.
+
+# Packed weight rows start every WEIGHT_ROW_ALIGN elements, so Triton sees a row stride
+# divisible by 16 and vectorises the B loads (Cout = 40 or a compressed 660 spilled without it).
+WEIGHT_ROW_ALIGN = 16
+
+
+def pack_conv_weight(w_torch_oikk, dtype, device=None):
+    """torch conv weight [Cout, Cin, KH, KW] -> [KH*KW*Cin, Cout] GEMM operand in `dtype`.
+
+    Row index is (kh*KW + kw)*Cin + ci, the order the kernel walks K in. The result is a view
+    whose rows are padded to a multiple of WEIGHT_ROW_ALIGN elements (stride(0)); the padding
+    is zero and never read. The launchers take any [K, Cout] tensor with stride(1) == 1.
     """
     if w_torch_oikk.dim() != 4:
         raise ValueError(f"conv weight must be [Cout, Cin, KH, KW], got {tuple(w_torch_oikk.shape)}")
     c_out, c_in, kh, kw = w_torch_oikk.shape
-    return (
-        w_torch_oikk.permute(2, 3, 1, 0)
-        .reshape(kh * kw * c_in, c_out)
-        .to(dtype)
-        .contiguous()
-    )
+    row = -(-c_out // WEIGHT_ROW_ALIGN) * WEIGHT_ROW_ALIGN
+    padded = torch.zeros(kh * kw * c_in, row, dtype=dtype, device=device or w_torch_oikk.device)
+    padded[:, :c_out] = w_torch_oikk.permute(2, 3, 1, 0).reshape(kh * kw * c_in, c_out)
+    return padded[:, :c_out]
 
 
 def _pair(v, name):
@@ -153,7 +166,7 @@ def bn_relu_conv(
     """out <- [relu](conv2d(relu(x*in_scale + in_shift), weight, stride, padding) + bias).
 
     x: [N, H, W, Cin] view; out: [N, OH, OW, Cout] view (written in place, nothing is
-    allocated); weight: pack_conv_weight(...) output, [KH*KW*Cin, Cout] contiguous.
+    allocated); weight: pack_conv_weight(...) output, [KH*KW*Cin, Cout] with unit column stride.
     in_scale/in_shift (both or neither) and bias are float32 vectors.
     """
     check_nhwc("x", x)
@@ -184,8 +197,7 @@ def bn_relu_conv(
         )
     if weight.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
-    if not weight.is_contiguous():
-        raise ValueError("weight must be contiguous (see pack_conv_weight)")
+    check_weight_rows(weight)
     check_same_device(x.device, weight=weight, out=out)
 
     if (in_scale is None) != (in_shift is None):
@@ -213,10 +225,10 @@ def bn_relu_conv(
         x, weight, out, scale, shift, bias_arg,
         n, h, w, c_in, oh, ow, c_out,
         *x.stride(), *out.stride(),
-        scale.stride(0), shift.stride(0), bias_arg.stride(0),
+        weight.stride(0), scale.stride(0), shift.stride(0), bias_arg.stride(0),
         KH=kh, KW=kw, STRIDE=stride, PAD=padding,
         HAS_PROLOGUE=has_prologue, HAS_BIAS=bias is not None, RELU_OUT=bool(relu_out),
-        IEEE_DOT=weight.dtype == torch.float32, FLAT_K=kh * kw > 1 and c_in < BLOCK_K,
+        IEEE_DOT=weight.dtype == torch.float32, FLAT_K=kh * kw > 1 and c_in < FLAT_K_BELOW,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         **launch_opts,
     )

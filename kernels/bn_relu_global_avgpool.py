@@ -14,7 +14,8 @@ from ._math import _relu
 from ._common import check_block, check_nhwc, check_same_device, check_vector
 
 
-@triton.jit
+# Pixel counts are not specialised: one compile serves every image size.
+@triton.jit(do_not_specialize=["H", "W"])
 def _bn_relu_global_avgpool_kernel(
     x_ptr, scale_ptr, shift_ptr, out_ptr,
     H, W, C,

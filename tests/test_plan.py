@@ -5,7 +5,7 @@ import torch
 
 import densetriton
 from densetriton import DenseNetSpec, get_spec
-from densetriton.plan import BN_EPS, View, buffer_shapes, build_stages, fold_batchnorm
+from densetriton.plan import BN_EPS, CHANNEL_ALIGN, View, buffer_shapes, build_stages, fold_batchnorm
 
 SPECS = [
     get_spec("densenet121"),
@@ -44,6 +44,20 @@ def test_bottleneck_layers_share_one_scratch_and_blocks_share_two_arenas():
     engine = densetriton.load("densenet121", weights=None, device="cpu", backend="reference")
     # The reference engine has no plan; the plan's own arithmetic is checked in test_executor.
     assert engine.planned_memory_bytes(1, 224, 224) is None
+
+
+@pytest.mark.parametrize("spec", [get_spec("densenet_bc190_k40"), DenseNetSpec(6, (3, 2, 4), 10, 3, 0.7, 5, "imagenet")])
+def test_buffer_channels_are_padded_to_the_alignment_and_hold_every_view(spec):
+    # Strides divisible by 16 let Triton vectorise loads whatever the growth rate (k = 40, 6).
+    shapes = buffer_shapes(spec, 224, 224)
+    assert all(c % CHANNEL_ALIGN == 0 for _, _, c in shapes.values())
+    assert any(c != needed for (_, _, c), needed in zip(
+        [shapes[f"block{b}"] for b in range(1, len(spec.block_config) + 1)],
+        [c_end for _, c_end in spec.block_channels()]))  # the specs above do need padding
+    for stage in build_stages(spec):
+        for view in (stage.reads, stage.writes):
+            if view.buffer in shapes:
+                assert view.stop <= shapes[view.buffer][2], (stage.name, view)
 
 
 def test_fold_batchnorm_matches_eval_batchnorm():

@@ -35,7 +35,7 @@ def reference(x, w_oikk, scale, shift):
 def test_transition_matches_torchvision_order(device, gen, dtype, n, h, w, c_in, c_out):
     x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
     w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
-    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
     out = torch.full((n, h // 2, w // 2, c_out), float("nan"), dtype=dtype, device=device)
 
@@ -51,7 +51,7 @@ def test_prefix_input_and_middle_output_slices(device, gen, dtype):
     src = randn(gen, n, h, w, 40, dtype=dtype, device=device)
     dst = torch.full((n, h // 2, w // 2, 32), float("nan"), dtype=dtype, device=device)
     w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
-    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device).abs()
 
     bn_relu_avgpool_conv(src[..., :c_in], weight, dst[..., 6:6 + c_out],
@@ -67,13 +67,13 @@ def test_default_block_sizes(device, gen):
     w_oikk = randn(gen, c_out, c_in, 1, 1)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
     out = torch.full((n, 3, 3, c_out), float("nan"), device=device)
-    bn_relu_avgpool_conv(x, pack_conv_weight(w_oikk, torch.float32).to(device), out, in_scale=scale, in_shift=shift)
+    bn_relu_avgpool_conv(x, pack_conv_weight(w_oikk, torch.float32, device), out, in_scale=scale, in_shift=shift)
     assert_close(out, reference(x, w_oikk, scale, shift), torch.float32)
 
 
 def test_validation_errors(device, gen):
     x = randn(gen, 2, 7, 7, 13, device=device)
-    weight = pack_conv_weight(randn(gen, 5, 13, 1, 1), torch.float32).to(device)
+    weight = pack_conv_weight(randn(gen, 5, 13, 1, 1), torch.float32, device)
     out = torch.empty(2, 3, 3, 5, device=device)
     scale, shift = randn(gen, 13, device=device), randn(gen, 13, device=device)
     ok = dict(in_scale=scale, in_shift=shift)
@@ -82,7 +82,7 @@ def test_validation_errors(device, gen):
         bn_relu_avgpool_conv(x, weight, torch.empty(2, 4, 4, 5, device=device), **ok)  # ceil, not floor
     with pytest.raises(ValueError, match="weight must be a prepacked"):
         bn_relu_avgpool_conv(x, pack_conv_weight(randn(gen, 5, 13, 3, 3), torch.float32), out, **ok)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="unit column stride"):
         bn_relu_avgpool_conv(x, weight.T.contiguous().T, out, **ok)
     with pytest.raises(ValueError, match="in_scale must have shape"):
         bn_relu_avgpool_conv(x, weight, out, in_scale=scale[:5], in_shift=shift)
@@ -94,3 +94,22 @@ def test_validation_errors(device, gen):
         bn_relu_avgpool_conv(x[:, :1], weight, out[:, :0], **ok)
     with pytest.raises(ValueError, match="BLOCK_N"):
         bn_relu_avgpool_conv(x, weight, out, BLOCK_N=24, **ok)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padded_and_dense_weight_rows_give_the_same_result(device, gen, dtype):
+    n, h, w, c_in, c_out = 2, 6, 6, 21, 19
+    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    padded = pack_conv_weight(randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5, dtype, device)
+    dense = padded.contiguous()
+    assert padded.stride(0) == 32 and dense.stride(0) == c_out
+    # The padding columns are never read: poison them.
+    torch.as_strided(padded, (c_in, 32 - c_out), (32, 1), padded.storage_offset() + c_out).fill_(float("nan"))
+    scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
+    outs = []
+    for weight in (padded, dense):
+        out = torch.full((n, h // 2, w // 2, c_out), float("nan"), dtype=dtype, device=device)
+        bn_relu_avgpool_conv(x, weight, out, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+        outs.append(out)
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])

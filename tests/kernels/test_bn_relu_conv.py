@@ -45,7 +45,7 @@ def reference(x, w_oikk, *, stride, padding, scale=None, shift=None, bias=None, 
 def test_conv_matches_torch(device, gen, dtype, n, h, w, c_in, c_out, k, stride, pad, prologue, bias, relu_out):
     x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
     w_oikk = randn(gen, c_out, c_in, k, k) / (c_in * k * k) ** 0.5
-    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    weight = pack_conv_weight(w_oikk, dtype, device)
     scale = randn(gen, c_in, device=device) if prologue else None
     shift = randn(gen, c_in, device=device) if prologue else None
     b = randn(gen, c_out, device=device) if bias else None
@@ -67,7 +67,7 @@ def test_dense_layer_in_place_concat(device, gen, dtype):
     buf[..., :c] = randn(gen, n, h, w, c, dtype=dtype, device=device)
     before = buf.clone()
     w_oikk = randn(gen, g, c, 3, 3) / (9 * c) ** 0.5
-    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c, device=device), randn(gen, c, device=device)
 
     bn_relu_conv(buf[..., :c], weight, buf[..., c:c + g], kernel_size=3, padding=1,
@@ -86,7 +86,7 @@ def test_output_slice_in_middle_of_wider_buffer(device, gen, dtype):
     src = randn(gen, n, h, w, 40, dtype=dtype, device=device)
     dst = torch.full((n, h, w, 30), float("nan"), dtype=dtype, device=device)
     w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
-    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
     bias = randn(gen, c_out, device=device)
 
@@ -106,7 +106,7 @@ def test_imagenet_stem_7x7_s2_p3_from_nchw(device, gen, dtype, n, h, w):
     c_out = 19
     x_nchw = randn(gen, n, 3, h, w, dtype=dtype, device=device)
     w_oikk = randn(gen, c_out, 3, 7, 7) / (3 * 49) ** 0.5
-    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    weight = pack_conv_weight(w_oikk, dtype, device)
     bias = randn(gen, c_out, device=device)
     oh, ow = (h + 6 - 7) // 2 + 1, (w + 6 - 7) // 2 + 1
     out = torch.full((n, oh, ow, c_out), float("nan"), dtype=dtype, device=device)
@@ -126,7 +126,7 @@ def test_classifier_float32_logits(device, gen, w_dtype):
     n, c, classes = 3, 37, 10
     feats = randn(gen, n, c, device=device)
     w_oikk = randn(gen, classes, c, 1, 1) / c ** 0.5
-    weight = pack_conv_weight(w_oikk, w_dtype).to(device)
+    weight = pack_conv_weight(w_oikk, w_dtype, device)
     bias = randn(gen, classes, device=device)
     logits = torch.full((n, classes), float("nan"), dtype=torch.float32, device=device)
 
@@ -142,7 +142,7 @@ def test_default_block_sizes(device, gen):
     x = randn(gen, n, h, w, c_in, device=device)
     w_oikk = randn(gen, c_out, c_in, 3, 3)
     out = torch.full((n, h, w, c_out), float("nan"), device=device)
-    bn_relu_conv(x, pack_conv_weight(w_oikk, torch.float32).to(device), out, kernel_size=3, padding=1)
+    bn_relu_conv(x, pack_conv_weight(w_oikk, torch.float32, device), out, kernel_size=3, padding=1)
     assert_close(out, reference(x, w_oikk, stride=1, padding=1), torch.float32)
 
 
@@ -152,7 +152,7 @@ def test_padding_is_zero_after_activation(device, gen, dtype):
     n, h, w, c_in, c_out = 2, 5, 5, 13, 5
     x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
     w_oikk = randn(gen, c_out, c_in, 3, 3).abs()  # all-positive: wrong padding can't cancel out
-    weight = pack_conv_weight(w_oikk, dtype).to(device)
+    weight = pack_conv_weight(w_oikk, dtype, device)
     scale = randn(gen, c_in, device=device) * 0.1
     shift = torch.full((c_in,), 5.0, device=device)
     out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype, device=device)
@@ -171,7 +171,7 @@ def test_padding_is_zero_after_activation(device, gen, dtype):
 
 def test_validation_errors(device, gen):
     x = randn(gen, 2, 7, 7, 13, device=device)
-    weight = pack_conv_weight(randn(gen, 5, 13, 3, 3), torch.float32).to(device)
+    weight = pack_conv_weight(randn(gen, 5, 13, 3, 3), torch.float32, device)
     out = torch.empty(2, 7, 7, 5, device=device)
     vec13, vec5 = randn(gen, 13, device=device), randn(gen, 5, device=device)
     ok = dict(kernel_size=3, padding=1)
@@ -184,7 +184,7 @@ def test_validation_errors(device, gen):
         bn_relu_conv(x, weight, out, kernel_size=1)
     with pytest.raises(ValueError, match="weight must have shape"):
         bn_relu_conv(x, torch.zeros(117, 6, device=device), out, **ok)  # Cout 6 vs out's 5
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="unit column stride"):
         bn_relu_conv(x, weight.T.contiguous().T, out, **ok)
     with pytest.raises(ValueError, match="4-D"):
         bn_relu_conv(x[0], weight, out, **ok)
@@ -209,8 +209,31 @@ def test_validation_errors(device, gen):
 def test_pack_conv_weight_layout(gen):
     w = randn(gen, 5, 3, 2, 4)
     packed = pack_conv_weight(w, torch.float16)
-    assert packed.shape == (2 * 4 * 3, 5) and packed.dtype == torch.float16 and packed.is_contiguous()
+    assert packed.shape == (2 * 4 * 3, 5) and packed.dtype == torch.float16
+    assert packed.stride() == (16, 1)  # rows padded to WEIGHT_ROW_ALIGN elements
     for kh, kw, ci, co in [(0, 0, 0, 0), (1, 3, 2, 4), (1, 0, 1, 2), (0, 2, 2, 1)]:
         assert packed[(kh * 4 + kw) * 3 + ci, co] == w[co, ci, kh, kw].half()
     with pytest.raises(ValueError):
         pack_conv_weight(w[0], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_padded_and_dense_weight_rows_give_the_same_result(device, gen, dtype, k):
+    """The kernel walks weight rows by stride(0): packed rows padded to 16 elements (the default)
+    and a dense copy must give bitwise the same output."""
+    n, h, w, c_in, c_out = 2, 5, 6, 21, 19
+    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    padded = pack_conv_weight(randn(gen, c_out, c_in, k, k) / (c_in * k * k) ** 0.5, dtype, device)
+    dense = padded.contiguous()
+    assert padded.stride(0) == 32 and dense.stride(0) == c_out
+    # The padding columns are never read: poison them.
+    torch.as_strided(padded, (padded.shape[0], 32 - c_out), (32, 1), padded.storage_offset() + c_out).fill_(float("nan"))
+    scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
+    outs = []
+    for weight in (padded, dense):
+        out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype, device=device)
+        bn_relu_conv(x, weight, out, kernel_size=k, padding=k // 2, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+        outs.append(out)
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])

@@ -1,0 +1,247 @@
+"""What the kernels of a plan compile to on an NVIDIA GPU, read on a machine without one.
+
+For every distinct Triton specialisation that a plan (model x batch x dtype x image size)
+launches: registers per thread, bytes spilled to local memory, shared memory, and the time
+Triton plus ptxas took to build it, compiled for an NVIDIA target (default sm_90, the H100).
+
+Why: a kernel that spills or asks for more shared memory than an SM has is slow (or fails to
+launch) whatever its tile sizes promise, and that shows here, without a GPU. The number of
+specialisations and their summed build time is the cold start on an empty Triton cache.
+
+    python -m densetriton.bench.kernel_report --model densenet201 --batch-size 1 64 --dtype float16
+
+Run it without TRITON_INTERPRET (it needs Triton's compiler, not its interpreter). It uses
+Triton's own argument binder, so a specialisation here is one compile on the GPU host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+DTYPES = ("float16", "bfloat16", "float32")
+# Shared memory one thread block may use (KB), per compute capability; ptxas does not check it.
+SMEM_LIMIT_KB = {80: 163, 86: 99, 89: 99, 90: 227}
+
+
+@dataclass
+class Specialisation:
+    kernel: str
+    constants: dict  # constexpr arguments and launch options that differ between launches
+    stages: list = field(default_factory=list)  # stage names (model/batch/dtype) that launch it
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    compile_s: float | None = None
+    error: str | None = None
+
+
+def _kernels():
+    """Every @triton.jit kernel of densetriton.kernels, by name."""
+    import triton
+
+    from .. import kernels as _  # noqa: F401  (imports the kernel modules)
+
+    found = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("densetriton.kernels.") or mod is None:
+            continue
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel"):
+                if not isinstance(obj, triton.runtime.jit.JITFunction):
+                    raise RuntimeError(
+                        "kernel_report needs Triton's compiler: run it without TRITON_INTERPRET=1 "
+                        f"({name} is a {type(obj).__name__}, not a JITFunction)"
+                    )
+                found[name] = obj
+    return found
+
+
+@contextlib.contextmanager
+def _record_launches(kernels, sink):
+    """Launches of `kernels` append (name, args, kwargs) to sink instead of running."""
+
+    def recorder(name):
+        def run(*args, grid, warmup, **kwargs):
+            sink.append((name, args, kwargs))
+
+        return run
+
+    try:
+        for name, fn in kernels.items():
+            fn.run = recorder(name)  # an instance attribute: JITFunction.__getitem__ calls self.run
+        yield
+    finally:
+        for fn in kernels.values():
+            fn.__dict__.pop("run", None)
+
+
+def collect(models, batches, dtypes, image_size=None):
+    """{key: Specialisation} for every launch of every plan, plus the backend binder state."""
+    import torch
+
+    from ..engine import random_weights
+    from ..plan import Plan, build_stages, fold_batchnorm
+    from ..spec import get_spec
+
+    kernels = _kernels()
+    launches = []
+    for model in models:
+        spec = get_spec(model)
+        size = image_size or (224 if spec.stem == "imagenet" else 32)
+        stages = build_stages(spec)
+        tensors = random_weights(spec).tensors
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            folded = fold_batchnorm(tensors, spec, dtype, "cpu")
+            for n in batches:
+                # interpreted=False: the tile sizes the GPU gets. CPU tensors, nothing runs.
+                plan = Plan(spec, stages, folded, n, size, size, dtype, torch.device("cpu"), interpreted=False)
+                x = torch.empty(n, 3, size, size, dtype=dtype)
+                logits = torch.empty(n, spec.num_classes)
+                for stage, launch in plan.launches:
+                    start = len(launches)
+                    with _record_launches(kernels, launches):
+                        launch(x, logits)
+                    for i in range(start, len(launches)):
+                        launches[i] += (f"{model}/b{n}/{dtype_name}:{stage.name}",)
+                del plan
+    return kernels, launches
+
+
+def _target(arch: int):
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", arch, 32)
+
+
+def specialise(kernels, launches, arch):
+    """Group launches by the specialisation Triton would compile for each."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(_target(arch))
+    binders = {name: create_function_from_signature(fn.signature, fn.params, backend) for name, fn in kernels.items()}
+    groups = {}
+    for name, args, kwargs, where in launches:
+        kwargs = dict(kwargs, debug=False)
+        bound, specialization, options = binders[name](*args, **kwargs)
+        key = (name, repr(specialization), repr(sorted(options.items())))
+        if key not in groups:
+            constants = {k: v for k, v in bound.items() if kernels[name].params[list(bound).index(k)].is_constexpr}
+            constants.update({k: v for k, v in options.items() if k in ("num_warps", "num_stages")})
+            groups[key] = (Specialisation(name, constants), (bound, specialization, options, kwargs))
+        groups[key][0].stages.append(where)
+    return backend, groups
+
+
+def _ptxas_report(ptx: str, arch: int):
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                              f.name, "-o", os.devnull], capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    if out.returncode != 0 or regs is None:
+        raise RuntimeError(f"ptxas failed: {out.stderr.strip()[:300]}")
+    return int(regs.group(1)), int(spill.group(1)) if spill else 0
+
+
+def build(kernels, backend, groups, arch, progress=True):
+    """Compile each specialisation (empty Triton cache) and read its resources."""
+    import triton
+    from triton.compiler import ASTSource
+
+    target = _target(arch)
+    items = list(groups.values())
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # timing a compile, not a cache hit
+        for i, (spec, (bound, specialization, options, kwargs)) in enumerate(items, 1):
+            fn = kernels[spec.kernel]
+            try:
+                opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+                t0 = time.perf_counter()
+                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                          options=opts.__dict__)
+                spec.compile_s = time.perf_counter() - t0
+                spec.shared_bytes = compiled.metadata.shared
+                spec.registers, spec.spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
+            except Exception as e:  # one failure is a finding, not the end of the report
+                spec.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if progress:
+                print(f"[{i}/{len(items)}] {_describe(spec)}", file=sys.stderr, flush=True)
+    return [s for s, _ in items]
+
+
+def _describe(s: Specialisation) -> str:
+    consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in s.constants.items())
+    if s.error:
+        return f"{s.kernel} {consts}: FAILED {s.error}"
+    return (f"{s.kernel} {consts}: {s.registers} regs, {s.spill_bytes} B spilled, "
+            f"{s.shared_bytes} B shared, {s.compile_s:.2f} s")
+
+
+def table(specs, arch) -> str:
+    limit = SMEM_LIMIT_KB.get(arch, 227) * 1024
+    lines = ["| kernel | constants | launches | first launch | registers | spill B | shared B | compile s | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in sorted(specs, key=lambda s: (s.kernel, -len(s.stages))):
+        consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in s.constants.items())
+        notes = []
+        if s.error:
+            notes.append(s.error)
+        if s.spill_bytes:
+            notes.append("SPILLS")
+        if s.shared_bytes is not None and s.shared_bytes > limit:
+            notes.append(f"shared memory over sm_{arch}'s {limit // 1024} KB")
+        f = lambda v, fmt="{}": "-" if v is None else fmt.format(v)  # noqa: E731
+        lines.append(f"| {s.kernel} | {consts} | {len(s.stages)} | {s.stages[0]} | {f(s.registers)} | {f(s.spill_bytes)} | "
+                     f"{f(s.shared_bytes)} | {f(s.compile_s, '{:.2f}')} | {'; '.join(notes)} |")
+    built = [s for s in specs if s.compile_s is not None]
+    lines.append("")
+    lines.append(f"{len(specs)} specialisations, {sum(len(s.stages) for s in specs)} launches; "
+                 f"{sum(1 for s in specs if s.spill_bytes)} spill, {sum(1 for s in specs if s.error)} failed; "
+                 f"build time {sum(s.compile_s for s in built):.1f} s on this machine (serial, empty cache)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m densetriton.bench.kernel_report", description=__doc__.split("\n\n")[0])
+    from ..spec import list_models
+
+    p.add_argument("--model", nargs="+", default=["densenet121"], choices=list_models(), metavar="NAME",
+                   help="registry models (default densenet121; one of: " + ", ".join(list_models()) + ")")
+    p.add_argument("--batch-size", nargs="+", type=int, default=[1, 64], help="batch sizes (default 1 64)")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float16"], help="compute dtypes (default float16)")
+    p.add_argument("--image-size", type=int, help="square input size (default 224; 32 for CIFAR stems)")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (default 90: H100)")
+    p.add_argument("--count-only", action="store_true", help="count the specialisations, compile nothing")
+    p.add_argument("--fail-on-spill", action="store_true", help="exit 1 if a kernel spills or fails to build")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        p.error("unset TRITON_INTERPRET: the report compiles kernels, the interpreter does not")
+
+    kernels, launches = collect(args.model, args.batch_size, args.dtype, args.image_size)
+    backend, groups = specialise(kernels, launches, args.arch)
+    if args.count_only:
+        print(f"{len(groups)} specialisations, {len(launches)} launches")
+        return 0
+    specs = build(kernels, backend, groups, args.arch)
+    print(table(specs, args.arch), end="")
+    bad = [s for s in specs if s.spill_bytes or s.error]
+    return 1 if args.fail_on_spill and bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The kernel report: what the plan's kernels compile to for an H100 (sm_90), read without a GPU.
+
+It runs in a child process without TRITON_INTERPRET, since it needs Triton's compiler (this
+process may have the interpreter on).
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from densetriton.bench.kernel_report import Specialisation, table
+
+
+def report(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "densetriton.bench.kernel_report", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def count(*args) -> int:
+    out = report("--count-only", *args)
+    assert out.returncode == 0, out.stderr
+    return int(re.match(r"(\d+) specialisations", out.stdout).group(1))
+
+
+def test_a_new_batch_size_compiles_nothing_new_when_its_tiles_are_the_same():
+    # Batch 64 and 72 choose the same tiles at every layer of densenet121 at 224 (their row
+    # counts fall on the same side of every tile threshold); 72 is not a multiple of 16, so a
+    # kernel that specialised on N, H, W, OH or OW would need new compiles for it.
+    one = count("--model", "densenet121", "--batch-size", "64")
+    both = count("--model", "densenet121", "--batch-size", "64", "72")
+    assert both == one
+    # ...while a different dtype does need its own kernels, so the count can tell them apart.
+    assert count("--model", "densenet121", "--batch-size", "64", "--dtype", "float16", "float32") > one
+
+
+def test_densenet121_kernels_build_for_sm90_without_spills():
+    # Every kernel the float16 plans launch at batch 1 and 64, compiled by Triton and ptxas.
+    out = report("--model", "densenet121", "--batch-size", "1", "64", "--dtype", "float16", "--fail-on-spill")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| _")]
+    assert rows, out.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        registers, spill, shared = int(cells[4]), int(cells[5]), int(cells[6])
+        assert 0 < registers <= 255 and spill == 0 and 0 <= shared <= 227 * 1024, row
+    assert re.search(r"\d+ specialisations, \d+ launches; 0 spill, 0 failed", out.stdout)
+
+
+def test_table_flags_spills_failures_and_shared_memory_over_the_limit():
+    specs = [
+        Specialisation("_k", {"BLOCK_M": 128}, ["a", "b"], 255, 68, 1024, 1.0),
+        Specialisation("_k", {"BLOCK_M": 64}, ["c"], 120, 0, 240 * 1024, 0.5),
+        Specialisation("_k", {"BLOCK_M": 32}, ["d"], error="CompilationError: boom"),
+        Specialisation("_k", {"BLOCK_M": 16}, ["e"], 80, 0, 1024, 0.25),
+    ]
+    text = table(specs, 90)
+    lines = {line.split("|")[2].strip(): line for line in text.splitlines() if line.startswith("| _k")}
+    assert "SPILLS" in lines["BLOCK_M=128"]
+    assert "shared memory over sm_90's 227 KB" in lines["BLOCK_M=64"]
+    assert "CompilationError: boom" in lines["BLOCK_M=32"]
+    assert lines["BLOCK_M=16"].rstrip().endswith("|  |")  # nothing to say about a clean kernel
+    assert "4 specialisations, 5 launches; 1 spill, 1 failed; build time 1.8 s" in text
+
+
+def test_refuses_to_run_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "densetriton.bench.kernel_report", "--count-only"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "unset TRITON_INTERPRET" in out.stderr
+
+
+@pytest.mark.parametrize("bad", [["--dtype", "float64"], ["--model", "resnet50"]])
+def test_bad_arguments_are_one_clear_error(bad):
+    out = report("--count-only", *bad, timeout=120)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip()
