@@ -219,7 +219,7 @@ def block_sizes(stage: Stage, rows: int, c_in: int, c_out: int, interpreted: boo
     # Register budgets read off ptxas for sm_90 (python -m densetriton.bench.kernel_report):
     # a 128x128 float32 accumulator is 128 registers per thread at 4 warps, and with the
     # prologue's operands the 16-bit kernels hit the 255 cap and spill; 8 warps halve it.
-    big_tile = tiles["BLOCK_M"] * tiles["BLOCK_N"] >= 128 * 128
+    big_tile = tiles["BLOCK_M"] == 128 and tiles["BLOCK_N"] >= 64  # 128x64 spilled at k = 40
     if dtype == torch.float32:
         if stage.op == "transition":
             # The pipeliner keeps all four 2x2-window loads per K step: at BLOCK_K=64 in float32
