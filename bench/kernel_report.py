@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -35,6 +36,7 @@ SMEM_LIMIT_KB = {80: 163, 86: 99, 89: 99, 90: 227}
 class Specialisation:
     kernel: str
     constants: dict  # constexpr arguments and launch options that differ between launches
+    unaligned: list  # integer arguments not divisible by 16 and pointers not 16-byte aligned
     stages: list = field(default_factory=list)  # stage names (model/batch/dtype) that launch it
     registers: int | None = None
     spill_bytes: int | None = None
@@ -83,8 +85,12 @@ def _record_launches(kernels, sink):
             fn.__dict__.pop("run", None)
 
 
-def collect(models, batches, dtypes, image_size=None):
-    """{key: Specialisation} for every launch of every plan, plus the backend binder state."""
+def collect(models, batches, dtypes, image_sizes=(None,)):
+    """(kernels by name, launches): every launch of every plan as (kernel, args, kwargs, where).
+
+    The plans are built on CPU tensors with the GPU's tile sizes; the recorder stands in for
+    the kernels, so nothing runs. An image size of None is the model's own (224, or 32 for CIFAR).
+    """
     import torch
 
     from ..engine import random_weights
@@ -95,14 +101,13 @@ def collect(models, batches, dtypes, image_size=None):
     launches = []
     for model in models:
         spec = get_spec(model)
-        size = image_size or (224 if spec.stem == "imagenet" else 32)
         stages = build_stages(spec)
         tensors = random_weights(spec).tensors
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
             folded = fold_batchnorm(tensors, spec, dtype, "cpu")
-            for n in batches:
-                # interpreted=False: the tile sizes the GPU gets. CPU tensors, nothing runs.
+            for image_size, n in itertools.product(image_sizes, batches):
+                size = image_size or (224 if spec.stem == "imagenet" else 32)
                 plan = Plan(spec, stages, folded, n, size, size, dtype, torch.device("cpu"), interpreted=False)
                 x = torch.empty(n, 3, size, size, dtype=dtype)
                 logits = torch.empty(n, spec.num_classes)
@@ -110,8 +115,8 @@ def collect(models, batches, dtypes, image_size=None):
                     start = len(launches)
                     with _record_launches(kernels, launches):
                         launch(x, logits)
-                    for i in range(start, len(launches)):
-                        launches[i] += (f"{model}/b{n}/{dtype_name}:{stage.name}",)
+                    where = f"{model}/b{n}/{size}px/{dtype_name}:{stage.name}"
+                    launches[start:] = [(*launch_args, where) for launch_args in launches[start:]]
                 del plan
     return kernels, launches
 
@@ -135,17 +140,21 @@ def specialise(kernels, launches, arch):
         bound, specialization, options = binders[name](*args, **kwargs)
         key = (name, repr(specialization), repr(sorted(options.items())))
         if key not in groups:
-            constants = {k: v for k, v in bound.items() if kernels[name].params[list(bound).index(k)].is_constexpr}
+            params = kernels[name].params
+            constants = {p.name: bound[p.name] for p in params if p.is_constexpr}
             constants.update({k: v for k, v in options.items() if k in ("num_warps", "num_stages")})
-            groups[key] = (Specialisation(name, constants), (bound, specialization, options, kwargs))
+            # Triton's key per argument: ("i32", "D") divisible by 16, ("i32", "") not, None
+            # when not specialised (do_not_specialize); pointers likewise for 16-byte alignment.
+            unaligned = [p.name for p, (_, attr) in zip(params, specialization) if attr == ""]
+            groups[key] = (Specialisation(name, constants, unaligned), (bound, specialization, options, kwargs))
         groups[key][0].stages.append(where)
     return backend, groups
 
 
 def _ptxas_report(ptx: str, arch: int):
-    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = get_ptxas(arch).path  # the one Triton itself runs (honours TRITON_PTXAS_PATH)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
@@ -159,29 +168,39 @@ def _ptxas_report(ptx: str, arch: int):
 
 
 def build(kernels, backend, groups, arch, progress=True):
-    """Compile each specialisation (empty Triton cache) and read its resources."""
+    """Compile each specialisation (into an empty Triton cache) and read its resources."""
+    items = list(groups.values())
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # timing a compile, not a cache hit
+        try:
+            for i, (spec, packed) in enumerate(items, 1):
+                _build_one(kernels[spec.kernel], spec, packed, backend, arch)
+                if progress:
+                    print(f"[{i}/{len(items)}] {_describe(spec)}", file=sys.stderr, flush=True)
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
+    return [s for s, _ in items]
+
+
+def _build_one(fn, spec, packed, backend, arch):
     import triton
     from triton.compiler import ASTSource
 
-    target = _target(arch)
-    items = list(groups.values())
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache  # timing a compile, not a cache hit
-        for i, (spec, (bound, specialization, options, kwargs)) in enumerate(items, 1):
-            fn = kernels[spec.kernel]
-            try:
-                opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-                t0 = time.perf_counter()
-                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                          options=opts.__dict__)
-                spec.compile_s = time.perf_counter() - t0
-                spec.shared_bytes = compiled.metadata.shared
-                spec.registers, spec.spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
-            except Exception as e:  # one failure is a finding, not the end of the report
-                spec.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            if progress:
-                print(f"[{i}/{len(items)}] {_describe(spec)}", file=sys.stderr, flush=True)
-    return [s for s, _ in items]
+    bound, specialization, options, kwargs = packed
+    try:
+        opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        t0 = time.perf_counter()
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=_target(arch),
+                                  options=opts.__dict__)
+        compile_s = time.perf_counter() - t0
+        spec.registers, spec.spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
+        spec.shared_bytes, spec.compile_s = compiled.metadata.shared, compile_s
+    except Exception as e:  # one failure is a finding, not the end of the report
+        spec.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def _describe(s: Specialisation) -> str:
@@ -194,8 +213,8 @@ def _describe(s: Specialisation) -> str:
 
 def table(specs, arch) -> str:
     limit = SMEM_LIMIT_KB.get(arch, 227) * 1024
-    lines = ["| kernel | constants | launches | first launch | registers | spill B | shared B | compile s | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | constants | not /16 | launches | first launch | registers | spill B | shared B | compile s | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(specs, key=lambda s: (s.kernel, -len(s.stages))):
         consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in s.constants.items())
         notes = []
@@ -206,7 +225,8 @@ def table(specs, arch) -> str:
         if s.shared_bytes is not None and s.shared_bytes > limit:
             notes.append(f"shared memory over sm_{arch}'s {limit // 1024} KB")
         f = lambda v, fmt="{}": "-" if v is None else fmt.format(v)  # noqa: E731
-        lines.append(f"| {s.kernel} | {consts} | {len(s.stages)} | {s.stages[0]} | {f(s.registers)} | {f(s.spill_bytes)} | "
+        lines.append(f"| {s.kernel} | {consts} | {' '.join(s.unaligned)} | {len(s.stages)} | {s.stages[0]} | "
+                     f"{f(s.registers)} | {f(s.spill_bytes)} | "
                      f"{f(s.shared_bytes)} | {f(s.compile_s, '{:.2f}')} | {'; '.join(notes)} |")
     built = [s for s in specs if s.compile_s is not None]
     lines.append("")
@@ -224,9 +244,11 @@ def main(argv=None) -> int:
                    help="registry models (default densenet121; one of: " + ", ".join(list_models()) + ")")
     p.add_argument("--batch-size", nargs="+", type=int, default=[1, 64], help="batch sizes (default 1 64)")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float16"], help="compute dtypes (default float16)")
-    p.add_argument("--image-size", type=int, help="square input size (default 224; 32 for CIFAR stems)")
+    p.add_argument("--image-size", nargs="+", type=int, default=[None], metavar="S",
+                   help="square input sizes (default 224; 32 for CIFAR stems)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (default 90: H100)")
-    p.add_argument("--count-only", action="store_true", help="count the specialisations, compile nothing")
+    p.add_argument("--count-only", action="store_true",
+                   help="count the specialisations (one line per --batch-size and in all), compile nothing")
     p.add_argument("--fail-on-spill", action="store_true", help="exit 1 if a kernel spills or fails to build")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -235,6 +257,14 @@ def main(argv=None) -> int:
     kernels, launches = collect(args.model, args.batch_size, args.dtype, args.image_size)
     backend, groups = specialise(kernels, launches, args.arch)
     if args.count_only:
+        # Per input shape too: what one shape needs on its own, against what all of them need.
+        def shape_of(launch):  # "model/bN/Spx/dtype:stage" -> ("Spx", "bN", "dtype")
+            _, batch, size, dtype = launch[3].split(":")[0].split("/")
+            return size, batch, dtype
+
+        for shape in sorted({shape_of(launch) for launch in launches}):
+            own = [launch for launch in launches if shape_of(launch) == shape]
+            print(f"{' '.join(shape)}: {len(specialise(kernels, own, args.arch)[1])} specialisations")
         print(f"{len(groups)} specialisations, {len(launches)} launches")
         return 0
     specs = build(kernels, backend, groups, args.arch)

@@ -39,7 +39,9 @@ def check_block(name, value, minimum=1):
 
 def check_weight_rows(weight):
     """A [K, Cout] GEMM operand: unit column stride, rows no closer than Cout (padding allowed)."""
-    if weight.stride(1) != 1 or weight.stride(0) < weight.shape[1]:
+    rows, cols = weight.shape
+    # A stride along a dimension of size 1 is never used, as torch's is_contiguous() has it.
+    if (cols > 1 and weight.stride(1) != 1) or (rows > 1 and weight.stride(0) < cols):
         raise ValueError(
             f"weight must have unit column stride and rows at least Cout apart (see pack_conv_weight), "
             f"got strides {tuple(weight.stride())} for shape {tuple(weight.shape)}"

@@ -145,7 +145,7 @@ def pack_conv_weight(w_torch_oikk, dtype, device=None):
         raise ValueError(f"conv weight must be [Cout, Cin, KH, KW], got {tuple(w_torch_oikk.shape)}")
     c_out, c_in, kh, kw = w_torch_oikk.shape
     row = -(-c_out // WEIGHT_ROW_ALIGN) * WEIGHT_ROW_ALIGN
-    padded = torch.zeros(kh * kw * c_in, row, dtype=dtype, device=device or w_torch_oikk.device)
+    padded = torch.zeros(kh * kw * c_in, row, dtype=dtype, device=w_torch_oikk.device if device is None else device)
     padded[:, :c_out] = w_torch_oikk.permute(2, 3, 1, 0).reshape(kh * kw * c_in, c_out)
     return padded[:, :c_out]
 

@@ -237,3 +237,16 @@ def test_padded_and_dense_weight_rows_give_the_same_result(device, gen, dtype, k
         outs.append(out)
     assert not outs[0].isnan().any()
     assert torch.equal(outs[0], outs[1])
+
+
+def test_one_output_channel_weight_of_any_column_stride(device, gen):
+    """A [K, 1] weight's column stride is never used (torch calls such a tensor contiguous)."""
+    n, h, w, c_in = 2, 5, 5, 7
+    x = randn(gen, n, h, w, c_in, device=device)
+    w_oikk = randn(gen, 1, c_in, 3, 3)
+    dense = pack_conv_weight(w_oikk, torch.float32, device).contiguous()
+    weight = torch.as_strided(dense, (9 * c_in, 1), (1, 1000))  # a column stride nobody walks
+    assert weight.shape == (9 * c_in, 1) and weight.stride(1) != 1
+    out = torch.full((n, h, w, 1), float("nan"), device=device)
+    bn_relu_conv(x, weight, out, kernel_size=3, padding=1, **SMALL_BLOCKS)
+    assert_close(out, reference(x, w_oikk, stride=1, padding=1), torch.float32)
