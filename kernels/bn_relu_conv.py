@@ -16,6 +16,15 @@ from ._math import _dot, _relu
 from ._common import check_block, check_nhwc, check_same_device, check_vector, check_weight_rows, COMPUTE_DTYPES
 
 
+@triton.jit
+def _bn_relu(a, scale_ptr, shift_ptr, offs_ci, ci_mask, in_mask, stride_scale, stride_shift):
+    """relu(a * scale + shift) per input channel, then 0 wherever in_mask is False: padding is
+    zero in the activated tensor, not relu(0 * scale + shift)."""
+    scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
+    shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=ci_mask, other=0.0)
+    return tl.where(in_mask, _relu(a * scale[None, :] + shift[None, :]), 0.0)
+
+
 # N, H, W, OH, OW only bound rows (pixels); specialising on them (==1, %16) would compile a
 # new kernel per batch or image size for no gain, since loads are vectorised along channels.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
@@ -65,10 +74,7 @@ def _bn_relu_conv_kernel(
                 other=0.0,
             ).to(tl.float32)
             if HAS_PROLOGUE:
-                scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=k_mask, other=0.0)
-                shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=k_mask, other=0.0)
-                a = _relu(a * scale[None, :] + shift[None, :])
-                a = tl.where(in_mask, a, 0.0)  # padding is zero after the activation
+                a = _bn_relu(a, scale_ptr, shift_ptr, offs_ci, k_mask, in_mask, stride_scale, stride_shift)
             w = tl.load(
                 w_ptr + offs_k[:, None] * stride_wk + offs_co[None, :],
                 mask=k_mask[:, None] & co_mask[None, :],
@@ -95,11 +101,8 @@ def _bn_relu_conv_kernel(
                     other=0.0,
                 ).to(tl.float32)
                 if HAS_PROLOGUE:
-                    scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
-                    shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=ci_mask, other=0.0)
-                    a = _relu(a * scale[None, :] + shift[None, :])
-                    # Padding is zero in the activated tensor, not relu(0 * scale + shift).
-                    a = tl.where(tap_mask[:, None], a, 0.0)
+                    a = _bn_relu(a, scale_ptr, shift_ptr, offs_ci, ci_mask, tap_mask[:, None], stride_scale,
+                                 stride_shift)
 
                 # Tail rows (ci >= C_in) load as zero, so they add nothing whatever `a` holds.
                 w = tl.load(
