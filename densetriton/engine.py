@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .executor import is_out_of_memory
 from .reference import ReferenceDenseNet
 from .spec import MODELS, TORCHVISION_MODELS, DenseNetSpec, get_spec
 from .weights import IMAGENET_PREPROCESSING, Weights, WeightsError, cache_dir, describe_spec, load_weights
@@ -88,14 +89,24 @@ class Engine:
         self.check_input(x)
         if x.shape[0] == 0:
             width = self.spec.num_classes if logits else self.spec.num_features
-            return torch.empty(0, width, device=self.device)
-        if self.backend == "reference":
-            model = self._model if logits else self._model.forward_features
-            return model(x.to(self.dtype)).float()
-        if x.dtype == torch.float64:
-            x = x.float()  # the kernels read 16- and 32-bit floats
-        with self._lock:
-            return self._model(x) if logits else self._model.features(x)
+            return torch.empty(0, width, dtype=torch.float32, device=self.device)
+        try:
+            if self.backend == "reference":
+                model = self._model if logits else self._model.forward_features
+                return model(x.to(self.dtype)).float()
+            if x.dtype == torch.float64:
+                x = x.float()  # the kernels read 16- and 32-bit floats
+            with self._lock:
+                return self._model(x) if logits else self._model.features(x)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            # What torch's allocator says it was asked for; the plan's own shortfall is a MemoryError already.
+            wanted = str(e).strip().splitlines()[0]
+            raise MemoryError(
+                f"out of memory running batch {x.shape[0]} at {x.shape[2]}x{x.shape[3]} on {self.device} "
+                f"({self.backend} backend, {self.dtype}): {wanted}; use a smaller batch"
+            ) from None
 
     def planned_memory_bytes(self, batch: int, height: int, width: int) -> int | None:
         """Device bytes the Triton backend holds for this input size: buffers, scratch and folded

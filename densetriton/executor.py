@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections import OrderedDict
+from types import ModuleType
 
 import torch
 
@@ -14,24 +16,47 @@ from .spec import DenseNetSpec
 DEFAULT_PLAN_CACHE_BYTES = 4 << 30
 
 
-def _interpreter_ready() -> bool:
-    """Kernels run on CPU tensors only through Triton's interpreter, chosen when triton loads."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _interpreter_ready(kernels: ModuleType) -> bool:
+    """Kernels run on CPU tensors only through Triton's interpreter.
+
+    Triton picks interpreter or compiler per @triton.jit function when it is decorated: its own
+    standard library's when triton is imported, ours when densetriton.kernels is. Both must have
+    seen TRITON_INTERPRET=1, so setting it after either import is too late.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    import triton.language.standard as standard
+    from triton.runtime.jit import JITFunction
+
+    modules = [standard] + [m for name, m in sys.modules.items() if name.startswith(kernels.__name__ + ".")]
+    return not any(isinstance(v, JITFunction) for m in modules for v in vars(m).values())
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's allocator raises torch.OutOfMemoryError; the CPU's a plain RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 class TritonExecutor:
     def __init__(self, spec: DenseNetSpec, tensors: dict, *, device: torch.device, dtype: torch.dtype,
                  plan_cache_bytes: int = DEFAULT_PLAN_CACHE_BYTES):
-        self.interpreted = device.type != "cuda"
-        if self.interpreted and not _interpreter_ready():
-            raise RuntimeError(
-                f"backend='triton' on {device} runs the kernels through Triton's interpreter, which must be switched "
-                "on before triton is imported: set TRITON_INTERPRET=1 in the environment (or use backend='reference')"
-            )
         try:
-            from . import kernels  # noqa: F401  (fails here, not mid-call, when triton is missing)
+            from . import kernels  # fails here, not mid-call, when triton is missing
         except ImportError as e:
             raise RuntimeError(f"backend='triton' needs the triton package ({e}); use backend='reference'") from None
+        self.interpreted = device.type != "cuda"
+        if self.interpreted and not _interpreter_ready(kernels):
+            raise RuntimeError(
+                f"backend='triton' on {device} runs the kernels through Triton's interpreter, which must be switched "
+                "on before triton is imported: set TRITON_INTERPRET=1 in the environment before Python starts "
+                "(or use backend='reference')"
+            )
+        if self.interpreted and dtype == torch.bfloat16:
+            # Seen with triton 3.8.0: the interpreter's tl.dot on bfloat16 operands returns garbage.
+            raise ValueError(
+                "bfloat16 does not run correctly under Triton's interpreter (its tl.dot on bfloat16 gives wrong "
+                "results); on the CPU use dtype=float16 or float32, or backend='reference'"
+            )
         self.spec, self.device, self.dtype = spec, device, dtype
         self.stages = build_stages(spec)
         self.folded = fold_batchnorm(tensors, spec, dtype, device)
@@ -83,7 +108,9 @@ class TritonExecutor:
     def _build_plan(self, n: int, height: int, width: int) -> Plan | None:
         try:
             return Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
             return None
 
     def planned_bytes(self, n: int, height: int, width: int) -> int:

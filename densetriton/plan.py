@@ -327,8 +327,9 @@ class Plan:
         torch.cuda.current_stream(x.device).synchronize()
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (other callers, other engines) during the
-        # capture neither fail nor break it.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # capture neither fail nor break it. A stream of our own device: torch's default capture
+        # stream belongs to whichever device captured first.
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(x.device), capture_error_mode="thread_local"):
             for stage, launch in self.launches[1:-1]:
                 launch(None, None)
         self.graph = graph

@@ -18,6 +18,7 @@ for instance) loads too: the spec is inferred from the tensor shapes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -69,8 +70,12 @@ def _listing(names, limit=12) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_tensors(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> None:
-    """One error listing every missing, unexpected, mis-shaped or unusable tensor."""
+# What the kernels and the reference path read; float8, integer, bool and complex tensors are refused.
+TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def layout_problems(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors: what a spec that does not describe them gives."""
     expected = spec.state_dict_shapes()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -79,7 +84,6 @@ def check_tensors(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> None:
         for k in expected
         if k in tensors and tuple(tensors[k].shape) != expected[k]
     ]
-    not_float = [f"{k} ({tensors[k].dtype})" for k in expected if k in tensors and not tensors[k].is_floating_point()]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing: {_listing(missing)}")
@@ -87,16 +91,60 @@ def check_tensors(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> None:
         problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
     if misshaped:
         problems.append(f"{len(misshaped)} mis-shaped: {_listing(misshaped)}")
-    if not_float:
-        problems.append(f"{len(not_float)} not floating point: {_listing(not_float)}")
-    if not problems:
-        not_finite = [k for k in expected if not torch.isfinite(tensors[k]).all()]
-        if not_finite:
-            problems.append(f"{len(not_finite)} with NaN or Inf values: {_listing(not_finite)}")
+    return problems
+
+
+def value_problems(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> list[str]:
+    """Tensors of the right names and shapes that no network can use: wrong dtype, NaN or Inf,
+    negative BatchNorm variances (every output would be NaN)."""
+    names = [k for k in spec.state_dict_shapes() if k in tensors]
+    bad_dtype = [f"{k} ({tensors[k].dtype})" for k in names if tensors[k].dtype not in TENSOR_DTYPES]
+    if bad_dtype:
+        return [f"{len(bad_dtype)} not floating point (float16, bfloat16, float32 or float64): {_listing(bad_dtype)}"]
+    problems = []
+    not_finite = [k for k in names if not torch.isfinite(tensors[k]).all()]
+    if not_finite:
+        problems.append(f"{len(not_finite)} with NaN or Inf values: {_listing(not_finite)}")
+    negative = [k for k in names if k.endswith("running_var") and (tensors[k] < 0).any()]
+    if negative:
+        problems.append(f"{len(negative)} BatchNorm variances below zero: {_listing(negative)}")
+    return problems
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> None:
+    """One error listing every missing, unexpected, mis-shaped or unusable tensor."""
+    problems = layout_problems(tensors, spec) or value_problems(tensors, spec)
     if problems:
-        raise WeightsError(
-            f"weights do not fit {describe_spec(spec)}: " + "; ".join(problems)
-        )
+        raise WeightsError(f"weights do not fit {describe_spec(spec)}: " + "; ".join(problems))
+
+
+def check_class_names(class_names, spec: DenseNetSpec) -> None:
+    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+        raise WeightsError(f"class names must be a list of strings, got {class_names!r:.80}")
+    if len(class_names) != spec.num_classes:
+        raise WeightsError(f"{len(class_names)} class names for a {spec.num_classes}-class classifier")
+
+
+def check_preprocessing(preprocessing) -> None:
+    """The keys images.build_transform reads: sizes (positive int or None), mean and std of 3 numbers."""
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    problems = []
+    if not isinstance(preprocessing, dict):
+        raise WeightsError(f"preprocessing must be a dict, got {preprocessing!r:.80}")
+    for key in ("resize_size", "crop_size"):
+        v = preprocessing.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            problems.append(f"{key} {v!r} is not a positive integer")
+    for key in ("mean", "std"):
+        v = preprocessing.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == 3 and all(map(is_number, v))):
+            problems.append(f"{key} {v!r:.60} is not a list of 3 numbers")
+        elif key == "std" and v is not None and min(v) <= 0:
+            problems.append(f"std {v!r} is not positive")
+    if problems:
+        raise WeightsError("preprocessing: " + "; ".join(problems))
 
 
 def describe_spec(spec: DenseNetSpec) -> str:
@@ -144,8 +192,11 @@ def save_weights(
     from safetensors.torch import save_file
 
     check_tensors(tensors, spec)
-    if class_names is not None and len(class_names) != spec.num_classes:
-        raise WeightsError(f"{len(class_names)} class names given for a {spec.num_classes}-class classifier")
+    if class_names is not None:
+        class_names = list(class_names)
+        check_class_names(class_names, spec)
+    if preprocessing is not None:
+        check_preprocessing(preprocessing)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json()}
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
@@ -183,14 +234,19 @@ def load_weights(path: str | os.PathLike) -> Weights:
             preprocessing = json.loads(metadata["preprocessing"]) if "preprocessing" in metadata else None
         except (ValueError, TypeError) as e:
             raise WeightsError(f"{path} has unreadable metadata ({e})") from None
+        layout = layout_problems(tensors, spec)
+        if layout:
+            raise WeightsError(
+                f"{path}: its metadata contradicts its tensors: they do not fit {describe_spec(spec)}: " + "; ".join(layout)
+            )
         try:
             check_tensors(tensors, spec)
+            if class_names is not None:
+                check_class_names(class_names, spec)
+            if preprocessing is not None:
+                check_preprocessing(preprocessing)
         except WeightsError as e:
-            raise WeightsError(f"{path}: its metadata contradicts its tensors: {e}") from None
-        if class_names is not None and len(class_names) != spec.num_classes:
-            raise WeightsError(
-                f"{path}: metadata names {len(class_names)} classes but the classifier has {spec.num_classes}"
-            )
+            raise WeightsError(f"{path}: {e}") from None
     else:
         # A plain torchvision-layout file (e.g. timm's): normalise the names, infer the spec.
         from .weights_tools.convert import normalize_state_dict, infer_spec

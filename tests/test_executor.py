@@ -150,18 +150,52 @@ def test_input_too_small_and_empty_batch(tiny_engine):
     assert engine(torch.randn(0, 3, 40, 40, device=DEVICE)).shape == (0, 5)
 
 
-def test_cpu_triton_without_the_interpreter_is_one_clear_error():
+@pytest.mark.parametrize(
+    "interpret,before,dtype,error,match",
+    [
+        (None, "", "float32", "RuntimeError", "TRITON_INTERPRET=1"),
+        # Set too late: triton's own jit functions, or ours, were already compiled-mode.
+        ("after", "import triton\n", "float32", "RuntimeError", "TRITON_INTERPRET=1"),
+        ("after", "import densetriton.kernels\n", "float32", "RuntimeError", "TRITON_INTERPRET=1"),
+        # The interpreter's tl.dot on bfloat16 gives garbage: refused, not run.
+        ("before", "", "bfloat16", "ValueError", "bfloat16 does not run correctly under Triton's interpreter"),
+    ],
+    ids=["unset", "set-after-triton", "set-after-kernels", "bfloat16"],
+)
+def test_cpu_triton_without_a_working_interpreter_is_one_clear_error(interpret, before, dtype, error, match):
     code = (
-        "import densetriton, torch\n"
+        "import os\n" + before
+        + ("os.environ['TRITON_INTERPRET'] = '1'\n" if interpret == "after" else "")
+        + "import densetriton, torch\n"
         "from densetriton import DenseNetSpec\n"
         "try:\n"
-        "    densetriton.load(DenseNetSpec(4, (2,), 8, 2, 0.5, 3, 'cifar'), weights=None, device='cpu', backend='triton')\n"
-        "except RuntimeError as e:\n"
+        f"    e = densetriton.load(DenseNetSpec(4, (2,), 8, 2, 0.5, 3, 'cifar'), weights=None, device='cpu', backend='triton', dtype='{dtype}')\n"
+        "    print('LOADED', e(torch.randn(1, 3, 8, 8)).shape)\n"
+        f"except {error} as e:\n"
         "    print('ERROR:', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret == "before":
+        env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "ERROR:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+    assert "ERROR:" in out.stdout and match in out.stdout, out.stdout + out.stderr
+
+
+def test_cpu_triton_with_the_interpreter_set_before_python_starts_runs():
+    """The check above refuses only what is broken: set before the imports, the kernels run."""
+    code = (
+        "import densetriton, torch\n"
+        "from densetriton import DenseNetSpec\n"
+        "e = densetriton.load(DenseNetSpec(4, (2,), 8, 2, 0.5, 3, 'cifar'), weights=None, device='cpu', backend='triton')\n"
+        "r = densetriton.load(DenseNetSpec(4, (2,), 8, 2, 0.5, 3, 'cifar'), weights=None, device='cpu', backend='reference')\n"
+        "r._model.load_state_dict(e.weights.tensors, strict=False)\n"
+        "x = torch.randn(1, 3, 8, 8)\n"
+        "print('ERR', ((e(x) - r(x)).norm() / r(x).norm()).item())\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ERR" in out.stdout, out.stdout + out.stderr
+    assert float(out.stdout.split("ERR")[1]) < 1e-5, out.stdout
 
 
 # -- on the GPU -----------------------------------------------------------------------------

@@ -149,6 +149,19 @@ def test_out_of_memory_is_one_clear_error_and_the_engine_recovers(monkeypatch):
     assert torch.equal(engine(x), before)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_batch_too_big_for_memory_is_one_clear_error_and_the_engine_recovers(backend):
+    """No mock: the allocator itself refuses (an expanded input costs nothing to make)."""
+    engine = make_engine(backend=backend)
+    x = torch.randn(2, 3, 40, 40, device=engine.device)
+    before = engine(x)
+    n = 10**9  # ~10 TB of activations on any machine this runs on
+    huge = torch.randn(1, 3, 40, 40, device=engine.device).expand(n, 3, 40, 40)
+    with pytest.raises(MemoryError, match=rf"batch {n} at 40x40"):
+        engine(huge)
+    assert torch.equal(engine(x), before)
+
+
 # -- files ----------------------------------------------------------------------------------
 
 
@@ -173,7 +186,13 @@ def _rewrite(src, dst, tensors=None, metadata=None):
         ("integer", "not floating point"),
         ("nan", "NaN or Inf"),
         ("spec-contradicts", "metadata contradicts its tensors"),
-        ("class-names-contradict", "names 2 classes"),
+        ("float8", r"not floating point \(float16.*classifier.bias \(torch.float8_e4m3fn\)"),
+        ("inf", "NaN or Inf values: features.norm5.running_mean"),
+        ("negative-variance", "variances below zero: features.norm5.running_var"),
+        ("class-names-contradict", "2 class names for a 5-class classifier"),
+        ("class-names-not-a-list", "class names must be a list of strings"),
+        ("preprocessing-not-a-dict", "preprocessing must be a dict"),
+        ("preprocessing-bad-std", "std .* is not a list of 3 numbers"),
         ("bad-json", "unreadable metadata"),
         ("future-version", "format version 9"),
     ],
@@ -193,6 +212,24 @@ def test_corrupt_files_give_one_clear_error(good_file, tmp_path, corrupt, match)
         t = w.tensors["features.norm5.running_var"].clone()
         t[3] = float("nan")
         _rewrite(good_file, bad, tensors={**w.tensors, "features.norm5.running_var": t})
+    elif corrupt == "float8":
+        if not hasattr(torch, "float8_e4m3fn"):
+            pytest.skip("this torch has no float8")
+        _rewrite(good_file, bad, tensors={**w.tensors, "classifier.bias": w.tensors["classifier.bias"].to(torch.float8_e4m3fn)})
+    elif corrupt == "inf":
+        t = w.tensors["features.norm5.running_mean"].clone()
+        t[0] = float("inf")
+        _rewrite(good_file, bad, tensors={**w.tensors, "features.norm5.running_mean": t})
+    elif corrupt == "negative-variance":
+        t = w.tensors["features.norm5.running_var"].clone()
+        t[1] = -0.5
+        _rewrite(good_file, bad, tensors={**w.tensors, "features.norm5.running_var": t})
+    elif corrupt == "class-names-not-a-list":
+        _rewrite(good_file, bad, metadata={**w.metadata, "class_names": "5"})
+    elif corrupt == "preprocessing-not-a-dict":
+        _rewrite(good_file, bad, metadata={**w.metadata, "preprocessing": json.dumps("abc")})
+    elif corrupt == "preprocessing-bad-std":
+        _rewrite(good_file, bad, metadata={**w.metadata, "preprocessing": json.dumps({"std": [0.2, 0.2]})})
     elif corrupt == "spec-contradicts":
         _rewrite(good_file, bad, metadata={**w.metadata, "spec": TINY.replace(growth_rate=6).to_json()})
     elif corrupt == "class-names-contradict":
