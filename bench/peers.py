@@ -1,7 +1,7 @@
 """The peers: what a user would pick instead of densetriton, built from one set of weights.
 
 Every peer is built from the same tensors (a cached pretrained file, else random weights with
-calibrated BatchNorm statistics), and ``build`` times nothing: the caller times it, so cold start
+calibrated BatchNorm statistics and a centred classifier), and ``build`` times nothing: the caller times it, so cold start
 covers building, moving to the device, compiling and the first forward alike.
 """
 
@@ -89,13 +89,27 @@ def torchvision_model(model: str, spec) -> torch.nn.Module:
                                        num_classes=spec.num_classes)
 
 
-def calibrated_random_state_dict(model: str, spec, *, seed: int, image_size: int = 64, batch: int = 8,
-                                 passes: int = 2) -> dict:
-    """Random weights whose BatchNorm statistics fit the network's own activations.
+def bench_images(batch: int, size: int, *, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """Random NCHW images with structure at every scale, never zeros.
 
-    torchvision's initialisation (seeded), random BatchNorm affine parameters and classifier bias,
-    then a few train-mode passes over random images with cumulative running averages, so that
-    eval mode normalises every layer about as training mode does and deep nets stay numerically sane.
+    Smooth noise (7x7, upsampled) plus fine noise. White noise alone makes every image look the
+    same after global average pooling, so a random network would give every input the same
+    logits up to a small wobble, and accuracy figures would measure nothing.
+    """
+    coarse = torch.randn(batch, 3, 7, 7, generator=generator, device=device)
+    fine = torch.randn(batch, 3, size, size, generator=generator, device=device)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False) + 0.3 * fine
+
+
+def calibrated_random_state_dict(model: str, spec, *, seed: int, image_size: int = 224, calibration_size: int = 64,
+                                 batch: int = 8, passes: int = 2) -> dict:
+    """Random weights whose BatchNorm statistics and classifier fit the network's own activations.
+
+    torchvision's initialisation (seeded) and random BatchNorm affine parameters; a few train-mode
+    passes over random images (calibration_size, for speed) with cumulative running averages, so
+    that eval mode normalises every layer about as training mode does and deep nets stay
+    numerically sane; then the classifier bias centred on the pooled features of images at the
+    bench's size, so the logits vary with the input and top-1 is not one class for every image.
     """
     torch.manual_seed(seed)
     net = torchvision_model(model, spec)
@@ -107,15 +121,17 @@ def calibrated_random_state_dict(model: str, spec, *, seed: int, image_size: int
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
                 m.momentum = None  # cumulative average over the passes
                 m.reset_running_stats()
-            elif isinstance(m, torch.nn.Linear):
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
         net.train()
         for _ in range(passes):
-            net(torch.randn(batch, 3, image_size, image_size, generator=g))
+            net(bench_images(batch, calibration_size, generator=g))
+        net.eval()
+        pooled = torch.nn.functional.relu(net.features(bench_images(batch, image_size, generator=g))).mean((2, 3))
+        classifier = net.classifier
+        classifier.bias.copy_(-(pooled.mean(0) @ classifier.weight.T))  # every class's mean logit 0
     return {k: v.detach().clone() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-def prepare_weights(model: str, workdir: Path, *, seed: int) -> BenchWeights:
+def prepare_weights(model: str, workdir: Path, *, seed: int, image_size: int = 224) -> BenchWeights:
     """The cached pretrained weights when there are some, else calibrated random ones (written to workdir)."""
     from densetriton.spec import get_spec
     from densetriton.weights import load_weights, save_weights
@@ -130,8 +146,9 @@ def prepare_weights(model: str, workdir: Path, *, seed: int) -> BenchWeights:
     if cached is not None and cached.is_file():
         w = load_weights(cached)
         return BenchWeights(model, spec, w.tensors, cached, "pretrained")
-    tensors = calibrated_random_state_dict(model, spec, seed=seed)
-    source = f"random (torchvision init, calibrated BatchNorm statistics, seed {seed}): no cached pretrained file"
+    tensors = calibrated_random_state_dict(model, spec, seed=seed, image_size=image_size)
+    source = (f"random (torchvision init, calibrated BatchNorm statistics, classifier centred at {image_size}px, "
+              f"seed {seed}): no cached pretrained file")
     path = save_weights(Path(workdir) / f"{model}-bench-random.safetensors", tensors, spec, source=source)
     return BenchWeights(model, spec, tensors, path, source)
 

@@ -498,14 +498,14 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
         for d in s.dtypes:
             doc["machine"]["matmul_flops_per_s"][d] = R.matmul_rate(DTYPES[d], s.device, repeats=pol.roofline_repeats)
         for model in s.models:
-            w = P.prepare_weights(model, workdir, seed=s.seed)
+            w = P.prepare_weights(model, workdir, seed=s.seed, image_size=s.image_size)
             doc["weights"][model] = w.source
             ref_net = P.torchvision_model(model, w.spec)
             ref_net.load_state_dict(w.tensors, strict=False)
             ref_net = ref_net.to(s.device).eval()
             for batch in s.batches:
                 g = torch.Generator(device=s.device).manual_seed(s.seed * 1000003 + batch)
-                pool = [torch.randn(batch, 3, s.image_size, s.image_size, generator=g, device=s.device)
+                pool = [P.bench_images(batch, s.image_size, generator=g, device=s.device)
                         for _ in range(pol.pool_size(batch))]
                 with torch.inference_mode(), _no_tf32():
                     refs = [_to_host(ref_net(x)) for x in pool]

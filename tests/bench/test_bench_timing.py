@@ -110,7 +110,7 @@ def test_peer_dtypes_backends_and_skips():
 def test_calibrated_random_weights_fit_the_spec_and_keep_activations_sane(tmp_path, cache_home):
     from densetriton.spec import get_spec
 
-    w = P.prepare_weights("densenet121", tmp_path, seed=3)
+    w = P.prepare_weights("densenet121", tmp_path, seed=3, image_size=224)
     spec = get_spec("densenet121")
     assert set(w.tensors) == set(spec.state_dict_shapes())
     assert w.path.is_file() and "random" in w.source
@@ -118,6 +118,12 @@ def test_calibrated_random_weights_fit_the_spec_and_keep_activations_sane(tmp_pa
     assert not torch.allclose(var, torch.ones_like(var))  # calibrated, not the init's ones
     net = P.torchvision_model("densenet121", spec)
     net.load_state_dict(w.tensors, strict=False)
+    x = P.bench_images(16, 224, generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
-        logits = net.eval()(torch.randn(2, 3, 64, 64))
+        logits = net.eval()(x)
     assert torch.isfinite(logits).all() and 1e-2 < logits.std() < 1e3
+    # The logits depend on the input: several top-1 classes, and a peer that ignores its input
+    # (one image's logits for all) is caught by both accuracy figures.
+    assert logits.argmax(1).unique().numel() >= 4
+    rel, agree = R.accuracy([logits[:1].expand_as(logits)], [logits])
+    assert rel > 0.5 and agree < 0.5
