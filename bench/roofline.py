@@ -119,9 +119,10 @@ def roofline_entry(spec, model: str, batch: int, image_size: int, dtype: str, el
 # -- the machine's rates, timed in the same run ------------------------------------------------
 
 
-def matmul_rate(dtype, device, *, n: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of a square torch.matmul in dtype (best of repeats). float32 on CUDA allows TF32,
-    as cuDNN's convolutions and Triton's dots do by default."""
+def matmul_rate(dtype, device, *, n: int | None = None, repeats: int = 5, allow_tf32: bool = True) -> float:
+    """FLOP/s of a square torch.matmul in dtype (best of repeats). float32 on CUDA allows TF32 by
+    default, as cuDNN's convolutions do for the float32 peer; allow_tf32=False gives the IEEE
+    float32 rate densetriton's float32 kernels compute at."""
     import torch
 
     from .run import Timer
@@ -132,7 +133,7 @@ def matmul_rate(dtype, device, *, n: int | None = None, repeats: int = 5) -> flo
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     try:
         times = Timer(device).time(lambda x: torch.matmul(x, b), [a], repeats=repeats, warmup=2)
     finally:

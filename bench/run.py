@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
+import itertools
 import importlib.metadata
 import math
 import os
@@ -262,10 +263,12 @@ def git_commit() -> tuple[str | None, bool | None]:
     return None, None
 
 
-def output_stem(out: Path, device_slug: str, today: str) -> str:
-    """<date>-<device>, with -2, -3, ... when an earlier run of the day took the name."""
+def output_stem(out: Path, device_slug: str, today: str, also: tuple[Path, ...] = ()) -> str:
+    """<date>-<device>, with -2, -3, ... when an earlier run of the day took the name, in out or in
+    the also folders (bench/results/: a GPU run writing into a fresh folder must not take the name
+    of a committed result)."""
     stem, n = f"{today}-{device_slug}", 1
-    while any((out / f"{stem}{ext}").exists() for ext in (".json", ".md", ".png")):
+    while any((d / f"{stem}{ext}").exists() for d in (out, *also) for ext in (".json", ".md", ".png")):
         n += 1
         stem = f"{today}-{device_slug}-{n}"
     return stem
@@ -443,13 +446,15 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
 
     started = time.perf_counter()
     cuda = s.device.type == "cuda"
+    saved_cudnn_benchmark = torch.backends.cudnn.benchmark
     if cuda:
-        torch.backends.cudnn.benchmark = True  # what a user after speed sets for eager convolutions
+        torch.backends.cudnn.benchmark = True  # what a user after speed sets for eager convolutions (restored at the end)
     name = device_name(s.device)
     commit, dirty = git_commit()
     now = _dt.datetime.now(_dt.timezone.utc)
     s.out.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(s.out, slug(name), now.strftime("%Y-%m-%d"))
+    # GPU runs are committed to bench/results/: a run into another folder must not reuse a name there.
+    stem = output_stem(s.out, slug(name), now.strftime("%Y-%m-%d"), also=(RESULTS_DIR,) if cuda else ())
     doc = {
         "schema_version": 1,
         "device": name,
@@ -491,19 +496,45 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
                             "compiles from scratch; later ones reuse what this process compiled")
     bar = tqdm(total=len(s.models) * len(s.batches) * len(s.dtypes) * len(runnable), disable=not progress,
                desc="bench", unit="run", file=sys.stderr)
+    done = set()  # (model, batch, dtype, peer) with a record or a skipped entry
+
+    def budget_spent() -> bool:
+        return s.budget_s is not None and time.perf_counter() - started > s.budget_s
+
+    def skip(model, batch, d, peer, reason, update=True):
+        doc["skipped"].append({"peer": peer, "model": model, "batch": batch, "dtype": d, "image_size": s.image_size,
+                               "reason": reason})
+        done.add((model, batch, d, peer))
+        if update:
+            bar.update()
+
+    def skip_rest(reason, models=s.models, batches=s.batches):
+        for model, batch, d, peer in itertools.product(models, batches, s.dtypes, runnable):
+            if (model, batch, d, peer) not in done:
+                skip(model, batch, d, peer, reason)
+
     try:
         pol = s.policy
         doc["machine"] = {"copy_bytes_per_s": R.copy_bandwidth(s.device, repeats=pol.roofline_repeats),
                           "matmul_flops_per_s": {}}
         for d in s.dtypes:
             doc["machine"]["matmul_flops_per_s"][d] = R.matmul_rate(DTYPES[d], s.device, repeats=pol.roofline_repeats)
+            if d == "float32" and cuda:  # the floor uses TF32; densetriton's float32 kernels compute IEEE
+                doc["machine"]["matmul_flops_per_s"]["float32-ieee"] = R.matmul_rate(
+                    torch.float32, s.device, repeats=pol.roofline_repeats, allow_tf32=False)
         for model in s.models:
+            if budget_spent():
+                skip_rest(f"not run: --budget-s {s.budget_s:g} spent", models=[model])
+                continue
             w = P.prepare_weights(model, workdir, seed=s.seed, image_size=s.image_size)
             doc["weights"][model] = w.source
             ref_net = P.torchvision_model(model, w.spec)
             ref_net.load_state_dict(w.tensors, strict=False)
             ref_net = ref_net.to(s.device).eval()
             for batch in s.batches:
+                if budget_spent():  # before the inputs and the float32 references, which take time too
+                    skip_rest(f"not run: --budget-s {s.budget_s:g} spent", models=[model], batches=[batch])
+                    continue
                 g = torch.Generator(device=s.device).manual_seed(s.seed * 1000003 + batch)
                 pool = [P.bench_images(batch, s.image_size, generator=g, device=s.device)
                         for _ in range(pol.pool_size(batch))]
@@ -517,21 +548,21 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
                     for peer in runnable:
                         where = {"model": model, "batch": batch, "dtype": d, "image_size": s.image_size}
                         bar.set_postfix_str(f"{model} b{batch} {d} {peer}")
-                        if s.budget_s is not None and time.perf_counter() - started > s.budget_s:
-                            doc["skipped"].append({"peer": peer, **where, "reason": f"not run: --budget-s {s.budget_s:g} spent"})
-                            bar.update()
+                        if budget_spent():
+                            skip(model, batch, d, peer, f"not run: --budget-s {s.budget_s:g} spent")
                             continue
                         try:
                             rec = measure_peer(peer, w, s, dtype, batch, pool, refs)
                         except Exception as e:  # one peer failing (out of memory, a bug) does not stop the run
                             msg = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                            doc["skipped"].append({"peer": peer, **where, "reason": msg[:500]})
+                            skip(model, batch, d, peer, msg[:500], update=False)
                             bar.write(f"bench: {model} batch {batch} {d} {peer} {msg[:300]}", file=sys.stderr)
                         else:
                             rec = {**where, **rec, "floor_ms": entry["floor_ms"]}
                             rec["pct_of_floor"] = 100.0 * entry["floor_ms"] / rec["median_ms"]
                             # key order: the issue's fields first, the raw times last
                             doc["results"].append(report.order_record(rec))
+                            done.add((model, batch, d, peer))
                         finally:
                             gc.collect()
                             if cuda:
@@ -544,8 +575,10 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
         doc["complete"] = True
     except KeyboardInterrupt:
         doc["notes"].append("interrupted: the results are partial")
+        skip_rest("not run: the bench was interrupted")
         raise
     finally:
+        torch.backends.cudnn.benchmark = saved_cudnn_benchmark
         bar.close()
         doc["wall_s"] = round(time.perf_counter() - started, 3)
         save(final=True)

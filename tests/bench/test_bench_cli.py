@@ -118,6 +118,44 @@ def test_budget_skips_every_record_but_still_writes_valid_files(tmp_path, capsys
     assert (next(tmp_path.glob("*.png")).read_bytes()[:8]) == PNG_MAGIC
 
 
+def test_a_failing_peer_is_listed_and_the_others_keep_their_results(tmp_path, monkeypatch, capsys, cache_home):
+    build = P.build
+
+    def failing_build(peer, *a, **k):
+        if peer == "torchvision-eager-fp32":
+            raise RuntimeError("boom while building")
+        return build(peer, *a, **k)
+
+    monkeypatch.setattr(P, "build", failing_build)
+    assert main(TINY_RUN + ["--out", str(tmp_path)]) == 0
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert doc["complete"] is True
+    assert sorted((r["batch"], r["peer"]) for r in doc["results"]) == [
+        (b, p) for b in (1, 2) for p in ("densetriton", "torchvision-eager-fp16-cl")]
+    failed = [s for s in doc["skipped"] if s["peer"] == "torchvision-eager-fp32"]
+    assert sorted(s["batch"] for s in failed) == [1, 2] and all("boom while building" in s["reason"] for s in failed)
+
+
+def test_an_interrupted_run_keeps_its_records_and_lists_what_it_did_not_run(tmp_path, monkeypatch, cache_home):
+    from densetriton.bench import run as R
+
+    measure, calls = R.measure_peer, []
+
+    def interrupted_measure(peer, *a, **k):
+        calls.append(peer)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(peer, *a, **k)
+
+    monkeypatch.setattr(R, "measure_peer", interrupted_measure)
+    assert main(TINY_RUN + ["--out", str(tmp_path)]) == 130  # as a shell reports SIGINT
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert doc["complete"] is False and len(doc["results"]) == 1
+    not_run = {(s["batch"], s["peer"]) for s in doc["skipped"] if "interrupted" in s["reason"]}
+    # batch 1: the second and third peers; batch 2: all three
+    assert len(not_run) == 5 and (doc["results"][0]["batch"], doc["results"][0]["peer"]) not in not_run
+
+
 def test_parser_and_errors(capsys, tmp_path):
     args = build_parser().parse_args(["bench", "--model", "densenet121", "--model", "densenet201", "--batch-size", "1", "8"])
     assert args.model == ["densenet121", "densenet201"] and args.batch_size == [1, 8] and args.func.__module__.endswith("bench.cli")

@@ -80,6 +80,11 @@ def test_names_and_files(tmp_path):
     assert R.output_stem(tmp_path, "cpu", "2025-01-02") == "2025-01-02-cpu-2"
     (tmp_path / "2025-01-02-cpu-2.png").write_text("")
     assert R.output_stem(tmp_path, "cpu", "2025-01-02") == "2025-01-02-cpu-3"
+    committed = tmp_path / "results"
+    committed.mkdir()
+    (committed / "2025-01-02-h100.md").write_text("")
+    assert R.output_stem(tmp_path, "h100", "2025-01-02") == "2025-01-02-h100"
+    assert R.output_stem(tmp_path, "h100", "2025-01-02", also=(committed,)) == "2025-01-02-h100-2"
 
 
 def test_git_commit_is_a_sha_or_none():
