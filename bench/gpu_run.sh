@@ -2,8 +2,8 @@
 # bench/gpu_run.sh OUTDIR [densetriton bench options...]
 #
 # One command for a GPU host without network access (torch, torchvision, triton, safetensors,
-# numpy, tqdm, matplotlib and pytest preinstalled): install the project, run the GPU tests (then
-# the rest of the suite while the test budget lasts), run the full bench, and leave in OUTDIR
+# numpy, tqdm, matplotlib and pytest preinstalled): install the project, run the kernel and GPU
+# tests (then the rest of the suite while the test budget lasts), run the full bench, and leave in OUTDIR
 #   run.log    versions, nvidia-smi, install output, one status line per stage
 #   tests.log  pytest output
 #   bench.log  the bench's output
@@ -14,7 +14,7 @@
 # Environment knobs:
 #   PYTHON=python3          the interpreter that holds torch
 #   RUN_INSTALL=1 RUN_TESTS=1 RUN_BENCH=1   set one to 0 to skip that stage
-#   TEST_BUDGET_S=360       seconds for all tests: GPU tests first, the rest with what is left
+#   TEST_BUDGET_S=360       seconds for all tests: kernel tests, GPU tests, the rest with what is left
 #   BENCH_TIMEOUT_S=0       >0: the bench starts no record after 80% of this (--budget-s) and is
 #                           interrupted (SIGINT, partial results kept) at this many seconds
 #   DENSETRITON_BENCH_COMMIT=<sha>   the commit to record when this copy has no .git
@@ -75,27 +75,34 @@ if [[ $RUN_INSTALL == 1 ]]; then
     stage install "$rc"
 fi
 
-pytest_tail() {  # the closing line of the last pytest run in tests.log
-    grep -E "(passed|failed|error|skipped|no tests ran)" "$OUTDIR/tests.log" | tail -1 || true
+pytest_tail() {  # the closing line of the last pytest run in tests.log (none when it was cut)
+    awk '/^=== python -m pytest/ { last = "" } /(passed|failed|error|skipped|no tests ran)/ { last = $0 } END { print last }' \
+        "$OUTDIR/tests.log"
+}
+
+run_tests() {  # run_tests NAME LIMIT_S PYTEST_ARGS...: one pytest run, its status line
+    local name=$1 limit=$2 rc=0
+    shift 2
+    echo "=== python -m pytest $* (limit ${limit}s)" >>"$OUTDIR/tests.log"
+    timeout -k 15 "$limit" "$PY" -m pytest "$@" -q -rfEs -p no:cacheprovider >>"$OUTDIR/tests.log" 2>&1 || rc=$?
+    [[ $rc == 5 ]] && rc=0  # no test collected
+    stage "$name" "$rc" "$( [[ $rc == 124 ]] && echo "cut at the test budget; " )$(pytest_tail)"
 }
 
 if [[ $RUN_TESTS == 1 ]]; then
     : >"$OUTDIR/tests.log"
     start=$SECONDS
-    echo "=== python -m pytest -m gpu tests (limit ${TEST_BUDGET_S}s)" >>"$OUTDIR/tests.log"
-    rc=0
-    timeout -k 15 "$TEST_BUDGET_S" "$PY" -m pytest -m gpu tests -q -rfEs -p no:cacheprovider \
-        >>"$OUTDIR/tests.log" 2>&1 || rc=$?
-    [[ $rc == 5 ]] && rc=0  # no test collected
-    stage "gpu tests" "$rc" "$( [[ $rc == 124 ]] && echo "timed out; " )$(pytest_tail)"
+    # Cheapest and most telling first: every kernel, compiled, at small awkward shapes against
+    # float64 (float32, float16 and bfloat16); then the GPU-marked tests (registry models at 224,
+    # CUDA graphs, threads and streams, the soak); then the rest while the budget lasts.
+    run_tests "kernel tests" "$TEST_BUDGET_S" tests/kernels
+    left=$((TEST_BUDGET_S - (SECONDS - start)))
+    if ((left >= 30)); then
+        run_tests "gpu tests" "$left" -m gpu tests --ignore=tests/kernels
+    fi
     left=$((TEST_BUDGET_S - (SECONDS - start)))
     if ((left >= 60)); then
-        echo "=== python -m pytest -m 'not gpu' tests (limit ${left}s)" >>"$OUTDIR/tests.log"
-        rc=0
-        timeout -k 15 "$left" "$PY" -m pytest -m "not gpu" tests -q -rfE -p no:cacheprovider \
-            >>"$OUTDIR/tests.log" 2>&1 || rc=$?
-        [[ $rc == 5 ]] && rc=0
-        stage "rest of the suite" "$rc" "$( [[ $rc == 124 ]] && echo "cut at the test budget; " )$(pytest_tail)"
+        run_tests "rest of the suite" "$left" -m "not gpu" tests --ignore=tests/kernels
     else
         SUMMARY+=("rest of the suite: not run (${left}s of TEST_BUDGET_S left)")
         note "rest of the suite: not run (${left}s left)"
@@ -107,7 +114,7 @@ if [[ $RUN_BENCH == 1 ]]; then
     limit=()
     if ((BENCH_TIMEOUT_S > 0)); then
         args+=(--budget-s $((BENCH_TIMEOUT_S * 4 / 5)))
-        limit=(timeout -s INT -k 60 "$BENCH_TIMEOUT_S")
+        limit=(timeout -s INT -k 20 "$BENCH_TIMEOUT_S")
     fi
     args+=("$@")
     note "bench: $PY -m densetriton ${args[*]}"
