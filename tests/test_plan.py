@@ -1,11 +1,13 @@
 """The stage graph, the folded weights and the buffers of a plan."""
 
+import math
+
 import pytest
 import torch
 
 import densetriton
 from densetriton import DenseNetSpec, get_spec
-from densetriton.plan import BN_EPS, CHANNEL_ALIGN, View, buffer_shapes, build_stages, fold_batchnorm
+from densetriton.plan import BN_EPS, CHANNEL_ALIGN, View, buffer_shapes, build_stages, fold_batchnorm, memory_layout
 
 SPECS = [
     get_spec("densenet121"),
@@ -41,6 +43,12 @@ def test_bottleneck_layers_share_one_scratch_and_blocks_share_two_arenas():
     assert shapes["stem"] == (112, 112, 64) and shapes["block4"] == (7, 7, 1024)
     stages = build_stages(spec)
     assert sum(s.writes.buffer == "bottleneck_scratch" for s in stages) == sum(spec.block_config)
+    # Consecutive blocks (and the stem and block 1) never share an arena; blocks two apart do,
+    # and each arena is as big as its biggest tenant, not the sum.
+    _, arena_of, arena_numel, _ = memory_layout(spec, 2, 224, 224)
+    assert arena_of == {"stem": 1, "block1": 0, "block2": 1, "block3": 0, "block4": 1}
+    assert arena_numel == [2 * max(math.prod(shapes["block1"]), math.prod(shapes["block3"])),
+                           2 * max(math.prod(shapes[b]) for b in ("stem", "block2", "block4"))]
     engine = densetriton.load("densenet121", weights=None, device="cpu", backend="reference")
     # The reference engine has no plan; the plan's own arithmetic is checked in test_executor.
     assert engine.planned_memory_bytes(1, 224, 224) is None

@@ -146,10 +146,11 @@ def test_default_block_sizes(device, gen):
     assert_close(out, reference(x, w_oikk, stride=1, padding=1), torch.float32)
 
 
+@pytest.mark.parametrize("c_in", [13, 37], ids=["flat-k", "per-tap"])  # FLAT_K below 16 input channels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_padding_is_zero_after_activation(device, gen, dtype):
+def test_padding_is_zero_after_activation(device, gen, dtype, c_in):
     """With a strongly positive shift, relu(0*scale + shift) > 0; padded taps must still add 0."""
-    n, h, w, c_in, c_out = 2, 5, 5, 13, 5
+    n, h, w, c_out = 2, 5, 5, 5
     x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
     w_oikk = randn(gen, c_out, c_in, 3, 3).abs()  # all-positive: wrong padding can't cancel out
     weight = pack_conv_weight(w_oikk, dtype, device)
