@@ -1,0 +1,26 @@
+"""bench/lock_cost.py: what sharing one engine between threads costs (a tiny interpreted engine here)."""
+
+import threading
+
+import torch
+
+import densetriton
+from densetriton import DenseNetSpec
+from densetriton.bench import lock_cost
+
+TINY = DenseNetSpec(4, (2,), 8, 2, 0.5, 3, "cifar")
+
+
+def test_measure_reports_every_figure_and_puts_the_lock_back():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = densetriton.load(TINY, weights=None, device=device, backend="triton")
+    x = torch.randn(2, 3, 8, 8, device=device)
+    expected = engine(x)
+    lock = engine._lock
+    figures = lock_cost.measure(engine, x, calls=8, threads=4)
+    assert set(figures) == {"uncontended_lock_ns", "call_ms_with_lock", "call_ms_without_lock",
+                            "calls_per_s_1_thread", "calls_per_s_4_threads"}
+    assert all(v > 0 for v in figures.values())
+    assert 1 < figures["uncontended_lock_ns"] < 1e5
+    assert engine._lock is lock and isinstance(lock, type(threading.Lock()))
+    assert torch.equal(engine(x), expected)
