@@ -112,9 +112,7 @@ def text_table(doc: dict) -> str:
             if j == 0:
                 out.append("  ".join("-" * w for w in widths))
         out.append("")
-    for s in doc.get("skipped", []):
-        where = " ".join(str(s[k]) for k in ("model", "batch", "dtype") if k in s)
-        out.append(f"skipped {s['peer']}{' (' + where + ')' if where else ''}: {s['reason']}")
+    out.extend(_skipped_lines(doc))
     out.extend(doc.get("notes", []))
     out.extend(_footnotes(doc))
     return "\n".join(out).rstrip() + "\n"
@@ -188,11 +186,20 @@ def markdown(doc: dict, chart_name: str | None) -> str:
             for kind, d in e["kinds"].items():
                 lines.append(f"| {kind} | {d['macs'] / 1e9:.3g} | {d['bytes'] / 1e6:.4g} | {d['bytes_layerwise'] / 1e6:.4g} | "
                              f"{_num(d['compute_ms'])} | {_num(d['memory_ms'])} | {_num(d['memory_layerwise_ms'])} |")
-    notes = [f"skipped {s['peer']}" + "".join(f" {s[k]}" for k in ("model", "batch", "dtype") if k in s) + f": {s['reason']}"
-             for s in doc.get("skipped", [])] + doc.get("notes", []) + _footnotes(doc)
+    notes = _skipped_lines(doc) + doc.get("notes", []) + _footnotes(doc)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _skipped_lines(doc: dict) -> list[str]:
+    """One line per peer and reason, naming every record it covers (an interrupted run skips many)."""
+    groups: dict[tuple, list[str]] = {}
+    for s in doc.get("skipped", []):
+        where = " ".join(str(s[k]) for k in ("model", "batch", "dtype") if k in s)
+        groups.setdefault((s["peer"], s["reason"]), []).append(where)
+    return [f"skipped {peer}{' (' + ', '.join(w for w in wheres if w) + ')' if any(wheres) else ''}: {reason}"
+            for (peer, reason), wheres in groups.items()]
 
 
 def draw_chart(doc: dict, path: Path) -> Path:

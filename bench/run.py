@@ -446,9 +446,6 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
 
     started = time.perf_counter()
     cuda = s.device.type == "cuda"
-    saved_cudnn_benchmark = torch.backends.cudnn.benchmark
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # what a user after speed sets for eager convolutions (restored at the end)
     name = device_name(s.device)
     commit, dirty = git_commit()
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -513,6 +510,9 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
             if (model, batch, d, peer) not in done:
                 skip(model, batch, d, peer, reason)
 
+    saved_cudnn_benchmark = torch.backends.cudnn.benchmark
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # what a user after speed sets for eager convolutions (restored at the end)
     try:
         pol = s.policy
         doc["machine"] = {"copy_bytes_per_s": R.copy_bandwidth(s.device, repeats=pol.roofline_repeats),

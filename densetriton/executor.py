@@ -23,18 +23,20 @@ def _interpreter_ready(kernels: ModuleType) -> bool:
     standard library's when triton is imported, ours when densetriton.kernels is. Both must have
     seen TRITON_INTERPRET=1, so setting it after either import is too late.
     """
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
     import triton.language.standard as standard
     from triton.runtime.jit import JITFunction
 
-    modules = [standard] + [m for name, m in sys.modules.items() if name.startswith(kernels.__name__ + ".")]
+    modules = [standard] + [m for name, m in list(sys.modules.items()) if name.startswith(kernels.__name__ + ".")]
     return not any(isinstance(v, JITFunction) for m in modules for v in vars(m).values())
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA's allocator raises torch.OutOfMemoryError; the CPU's a plain RuntimeError."""
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+    """CUDA's caching allocator raises torch.OutOfMemoryError; the CPU allocator, and CUDA errors
+    from a library's own allocation, a RuntimeError that says so."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    message = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in message or "out of memory" in message)
 
 
 class TritonExecutor:
@@ -68,6 +70,10 @@ class TritonExecutor:
         # On CUDA each plan's forward is captured once in a CUDA graph and replayed
         # (DENSETRITON_CUDA_GRAPHS=0 launches kernel by kernel instead).
         self.use_cuda_graphs = device.type == "cuda" and os.environ.get("DENSETRITON_CUDA_GRAPHS", "1") != "0"
+        # One stream of the engine's device for every capture (torch's default capture stream
+        # belongs to whichever device captured first; a new pool stream per capture would
+        # sooner or later be one another thread launches on).
+        self.capture_stream = None
 
     @property
     def plan_cache_bytes(self) -> int:
@@ -139,7 +145,9 @@ class TritonExecutor:
     def _launch(self, plan: Plan, x: torch.Tensor, logits: torch.Tensor | None) -> None:
         if self.use_cuda_graphs and plan.graph is None and not plan.graph_failed and logits is not None:
             try:
-                plan.capture(x, logits)
+                if self.capture_stream is None:
+                    self.capture_stream = torch.cuda.Stream(self.device)
+                plan.capture(x, logits, self.capture_stream)
                 return  # capture ran the forward once, eagerly
             except Exception as e:  # launching one by one is slower, never wrong
                 plan.graph_failed = True

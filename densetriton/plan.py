@@ -315,7 +315,7 @@ class Plan:
                 break
             launch(x, logits)
 
-    def capture(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+    def capture(self, x: torch.Tensor, logits: torch.Tensor, stream: torch.cuda.Stream) -> None:
         """Record the launches between the stem and the classifier in one CUDA graph.
 
         ~200 launches cost more host time than a small batch costs the GPU; a replay is one.
@@ -327,9 +327,8 @@ class Plan:
         torch.cuda.current_stream(x.device).synchronize()
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (other callers, other engines) during the
-        # capture neither fail nor break it. A stream of our own device: torch's default capture
-        # stream belongs to whichever device captured first.
-        with torch.cuda.graph(graph, stream=torch.cuda.Stream(x.device), capture_error_mode="thread_local"):
+        # capture neither fail nor break it. The stream is the executor's, on the engine's device.
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             for stage, launch in self.launches[1:-1]:
                 launch(None, None)
         self.graph = graph

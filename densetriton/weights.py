@@ -21,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,29 +119,38 @@ def check_tensors(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> None:
         raise WeightsError(f"weights do not fit {describe_spec(spec)}: " + "; ".join(problems))
 
 
-def check_class_names(class_names, spec: DenseNetSpec) -> None:
-    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+def check_class_names(class_names, spec: DenseNetSpec) -> list[str]:
+    """The class names as strings: a sequence of strings or numbers (older files may hold integer
+    labels), one per class."""
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence) or not all(
+        isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in class_names
+    ):
         raise WeightsError(f"class names must be a list of strings, got {class_names!r:.80}")
     if len(class_names) != spec.num_classes:
         raise WeightsError(f"{len(class_names)} class names for a {spec.num_classes}-class classifier")
+    return [str(c) for c in class_names]
 
 
 def check_preprocessing(preprocessing) -> None:
-    """The keys images.build_transform reads: sizes (positive int or None), mean and std of 3 numbers."""
+    """The keys images.build_transform reads: sizes as torchvision's Resize and CenterCrop take
+    them (a positive int, one or two of them, or None), mean and std of 3 numbers (std > 0)."""
+    def is_size(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
     def is_number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    problems = []
     if not isinstance(preprocessing, dict):
         raise WeightsError(f"preprocessing must be a dict, got {preprocessing!r:.80}")
+    problems = []
     for key in ("resize_size", "crop_size"):
         v = preprocessing.get(key)
-        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-            problems.append(f"{key} {v!r} is not a positive integer")
+        if v is not None and not (is_size(v) or (isinstance(v, (list, tuple)) and len(v) in (1, 2) and all(map(is_size, v)))):
+            problems.append(f"{key} {v!r:.60} is not a positive integer or a pair of them")
     for key in ("mean", "std"):
         v = preprocessing.get(key)
-        if v is not None and not (isinstance(v, list) and len(v) == 3 and all(map(is_number, v))):
-            problems.append(f"{key} {v!r:.60} is not a list of 3 numbers")
+        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == 3 and all(map(is_number, v))):
+            problems.append(f"{key} {v!r:.60} is not 3 numbers")
         elif key == "std" and v is not None and min(v) <= 0:
             problems.append(f"std {v!r} is not positive")
     if problems:
@@ -193,8 +203,7 @@ def save_weights(
 
     check_tensors(tensors, spec)
     if class_names is not None:
-        class_names = list(class_names)
-        check_class_names(class_names, spec)
+        class_names = check_class_names(class_names, spec)
     if preprocessing is not None:
         check_preprocessing(preprocessing)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json()}
@@ -242,7 +251,7 @@ def load_weights(path: str | os.PathLike) -> Weights:
         try:
             check_tensors(tensors, spec)
             if class_names is not None:
-                check_class_names(class_names, spec)
+                class_names = check_class_names(class_names, spec)
             if preprocessing is not None:
                 check_preprocessing(preprocessing)
         except WeightsError as e:

@@ -157,10 +157,13 @@ def test_input_too_small_and_empty_batch(tiny_engine):
         # Set too late: triton's own jit functions, or ours, were already compiled-mode.
         ("after", "import triton\n", "float32", "RuntimeError", "TRITON_INTERPRET=1"),
         ("after", "import densetriton.kernels\n", "float32", "RuntimeError", "TRITON_INTERPRET=1"),
+        # Triton's library interpreted but our kernels decorated while the variable was unset.
+        ("after", "os.environ['TRITON_INTERPRET'] = '1'\nimport triton\ndel os.environ['TRITON_INTERPRET']\n"
+                  "import densetriton.kernels\n", "float32", "RuntimeError", "TRITON_INTERPRET=1"),
         # The interpreter's tl.dot on bfloat16 gives garbage: refused, not run.
         ("before", "", "bfloat16", "ValueError", "bfloat16 does not run correctly under Triton's interpreter"),
     ],
-    ids=["unset", "set-after-triton", "set-after-kernels", "bfloat16"],
+    ids=["unset", "set-after-triton", "set-after-kernels", "kernels-compiled-mode", "bfloat16"],
 )
 def test_cpu_triton_without_a_working_interpreter_is_one_clear_error(interpret, before, dtype, error, match):
     code = (

@@ -91,3 +91,19 @@ def test_report_main_rerenders_without_touching_the_json(tmp_path, capsys):
     assert paths["json"].read_bytes() == before
     assert (tmp_path / "r.png").read_bytes()[:8] == PNG_MAGIC
     assert "densetriton" in capsys.readouterr().out
+
+
+def test_skipped_records_are_grouped_by_peer_and_reason():
+    from densetriton.bench import report
+
+    doc = {"skipped": [
+        {"peer": "densetriton", "model": "densenet121", "batch": 8, "dtype": "float16", "reason": "not run: interrupted"},
+        {"peer": "densetriton", "model": "densenet121", "batch": 64, "dtype": "float16", "reason": "not run: interrupted"},
+        {"peer": "torch-compile-default", "reason": "no CUDA"},
+        {"peer": "densetriton", "model": "densenet201", "batch": 1, "dtype": "float16", "reason": "failed: boom"},
+    ]}
+    assert report._skipped_lines(doc) == [
+        "skipped densetriton (densenet121 8 float16, densenet121 64 float16): not run: interrupted",
+        "skipped torch-compile-default: no CUDA",
+        "skipped densetriton (densenet201 1 float16): failed: boom",
+    ]

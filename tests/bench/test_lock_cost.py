@@ -17,10 +17,26 @@ def test_measure_reports_every_figure_and_puts_the_lock_back():
     x = torch.randn(2, 3, 8, 8, device=device)
     expected = engine(x)
     lock = engine._lock
+
+    class CountingLock:  # the engine's lock, counting the calls that take it
+        taken = 0
+
+        def __enter__(self):
+            CountingLock.taken += 1
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+
+    engine._lock = counting = CountingLock()
     figures = lock_cost.measure(engine, x, calls=8, threads=4)
+    # 3 warm-up calls, 8 from one thread, 8 from four threads; not the 8 timed without it
+    assert CountingLock.taken == 3 + 8 + 8
+    assert engine._lock is counting  # put back after the timing without it
+    engine._lock = lock
     assert set(figures) == {"uncontended_lock_ns", "call_ms_with_lock", "call_ms_without_lock",
                             "calls_per_s_1_thread", "calls_per_s_4_threads"}
     assert all(v > 0 for v in figures.values())
     assert 1 < figures["uncontended_lock_ns"] < 1e5
-    assert engine._lock is lock and isinstance(lock, type(threading.Lock()))
+    assert isinstance(lock, type(threading.Lock())) and not lock.locked()
     assert torch.equal(engine(x), expected)
