@@ -180,12 +180,26 @@ def markdown(doc: dict, chart_name: str | None) -> str:
             if e["batch"] >= largest.get((e["model"], e["dtype"]), {"batch": 0})["batch"]:
                 largest[(e["model"], e["dtype"])] = e
         for (model, dtype), e in largest.items():
-            lines += ["", f"Per layer kind, {model} batch {e['batch']} {dtype}:", "",
-                      "| kind | GMACs | MB (min) | MB (layer-wise) | compute ms | memory ms (min) | memory ms (layer-wise) |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
+            # densetriton's own launches, timed one by one (GPU runs), against each kind's floor
+            measured = next((r.get("kinds_ms") for r in doc.get("results", []) if r["peer"] == "densetriton"
+                             and (r["model"], r["batch"], r["dtype"]) == (model, e["batch"], dtype) and r.get("kinds_ms")), None)
+            head = "| kind | GMACs | MB (min) | MB (layer-wise) | compute ms | memory ms (min) | memory ms (layer-wise) |"
+            rule = "|---|---:|---:|---:|---:|---:|---:|"
+            if measured:
+                head += " densetriton ms | % of floor |"
+                rule += "---:|---:|"
+            lines += ["", f"Per layer kind, {model} batch {e['batch']} {dtype}:", "", head, rule]
             for kind, d in e["kinds"].items():
-                lines.append(f"| {kind} | {d['macs'] / 1e9:.3g} | {d['bytes'] / 1e6:.4g} | {d['bytes_layerwise'] / 1e6:.4g} | "
-                             f"{_num(d['compute_ms'])} | {_num(d['memory_ms'])} | {_num(d['memory_layerwise_ms'])} |")
+                row = (f"| {kind} | {d['macs'] / 1e9:.3g} | {d['bytes'] / 1e6:.4g} | {d['bytes_layerwise'] / 1e6:.4g} | "
+                       f"{_num(d['compute_ms'])} | {_num(d['memory_ms'])} | {_num(d['memory_layerwise_ms'])} |")
+                if measured:
+                    ms = measured.get(kind)
+                    share = f"{100 * d['floor_ms'] / ms:.1f}%" if ms else "-"
+                    row += f" {_num(ms) if ms else '-'} | {share} |"
+                lines.append(row)
+            if measured:
+                lines.append(f"\ndensetriton ms: its launches for this kind, each timed alone between CUDA events "
+                             f"(python -m densetriton.bench.layer_times); % of floor = the kind's floor / that time.")
     notes = _skipped_lines(doc) + doc.get("notes", []) + _footnotes(doc)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]

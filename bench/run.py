@@ -414,6 +414,11 @@ def measure_peer(peer: str, w, s: Settings, dtype: torch.dtype, batch: int, pool
     plan_fn = getattr(built.engine, "planned_memory_bytes", None)
     if callable(plan_fn):
         planned = plan_fn(batch, s.image_size, s.image_size)
+    kinds_ms = None
+    if getattr(built.engine, "backend", None) == "triton":  # where the time goes, per layer kind
+        from .layer_times import layer_times
+
+        kinds_ms = {k: d["ms"] for k, d in layer_times(built.engine, inputs[0], repeats=min(repeats, 10)).items()}
     stats = summarize(times)
     del built, inputs
     return {
@@ -425,6 +430,7 @@ def measure_peer(peer: str, w, s: Settings, dtype: torch.dtype, batch: int, pool
         "peak_mem_bytes": int(peak_mem),
         "peak_mem_kind": "cuda_max_allocated" if cuda else host.kind,
         "planned_mem_bytes": None if planned is None else int(planned),
+        "kinds_ms": kinds_ms,
         "cold_start_s": cold_start_s,
         "max_rel_err": max_rel_err,
         "top1_agree": top1,

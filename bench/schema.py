@@ -37,6 +37,8 @@ RECORD = {
         "peer_dtype": DTYPE,  # what the peer computed in
         "peak_mem_kind": {"enum": ["cuda_max_allocated", "cpu_rss_peak", "cpu_maxrss_growth"]},
         "planned_mem_bytes": {"type": ["integer", "null"]},
+        # densetriton on the Triton backend: its launches timed one by one, summed per layer kind
+        "kinds_ms": {"type": ["object", "null"], "additionalProperties": {"type": "number", "minimum": 0}},
         "accuracy_images": {"type": "integer", "minimum": 1},
         "repeats": {"type": "integer", "minimum": 1},
         "wall_s": _num,
