@@ -89,6 +89,16 @@ def torchvision_model(model: str, spec) -> torch.nn.Module:
                                        num_classes=spec.num_classes)
 
 
+def load_weights_into(net: torch.nn.Module, tensors: dict) -> torch.nn.Module:
+    """load_state_dict that tolerates only the BatchNorm counters our files do not store."""
+    result = net.load_state_dict(tensors, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"weights do not fit {type(net).__name__}: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    return net
+
+
 def bench_images(batch: int, size: int, *, generator: torch.Generator, device="cpu") -> torch.Tensor:
     """Random NCHW images with structure at every scale, never zeros.
 
@@ -179,7 +189,7 @@ def build(peer: str, weights: BenchWeights, device: torch.device, dtype: torch.d
         return Built(engine, engine)
 
     net = torchvision_model(weights.model, weights.spec)
-    net.load_state_dict(weights.tensors, strict=False)  # num_batches_tracked is not stored
+    load_weights_into(net, weights.tensors)
     net.eval()
     if peer == "torchvision-eager-fp32":
         return Built(net.to(device=device, dtype=torch.float32))

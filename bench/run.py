@@ -535,7 +535,7 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
             w = P.prepare_weights(model, workdir, seed=s.seed, image_size=s.image_size)
             doc["weights"][model] = w.source
             ref_net = P.torchvision_model(model, w.spec)
-            ref_net.load_state_dict(w.tensors, strict=False)
+            P.load_weights_into(ref_net, w.tensors)
             ref_net = ref_net.to(s.device).eval()
             for batch in s.batches:
                 if budget_spent():  # before the inputs and the float32 references, which take time too

@@ -40,7 +40,8 @@ class Engine:
         self._lock = threading.Lock()
         if backend == "reference":
             model = ReferenceDenseNet(self.spec)
-            model.load_state_dict(weights.tensors, strict=False)  # num_batches_tracked is not stored
+            result = model.load_state_dict(weights.tensors, strict=False)  # num_batches_tracked is not stored
+            assert not result.unexpected_keys and all(k.endswith("num_batches_tracked") for k in result.missing_keys)
             self._model = model.to(device=device, dtype=dtype).eval()
         else:
             from .executor import TritonExecutor

@@ -122,7 +122,10 @@ def test_calibrated_random_weights_fit_the_spec_and_keep_activations_sane(tmp_pa
     var = w.tensors["features.denseblock3.denselayer5.norm1.running_var"]
     assert not torch.allclose(var, torch.ones_like(var))  # calibrated, not the init's ones
     net = P.torchvision_model("densenet121", spec)
-    net.load_state_dict(w.tensors, strict=False)
+    P.load_weights_into(net, w.tensors)
+    with pytest.raises(ValueError, match="missing"):
+        P.load_weights_into(P.torchvision_model("densenet121", spec),
+                            {k: v for k, v in w.tensors.items() if k != "classifier.bias"})
     x = P.bench_images(16, 224, generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         logits = net.eval()(x)
