@@ -418,7 +418,10 @@ def measure_peer(peer: str, w, s: Settings, dtype: torch.dtype, batch: int, pool
     if getattr(built.engine, "backend", None) == "triton":  # where the time goes, per layer kind
         from .layer_times import layer_times
 
-        kinds_ms = {k: d["ms"] for k, d in layer_times(built.engine, inputs[0], repeats=min(repeats, 10)).items()}
+        try:  # an extra: its failure must not cost the record
+            kinds_ms = {k: d["ms"] for k, d in layer_times(built.engine, inputs[0], repeats=min(repeats, 10)).items()}
+        except Exception as e:
+            print(f"bench: {peer} batch {batch}: per-kind times failed ({type(e).__name__}: {e})", file=sys.stderr)
     stats = summarize(times)
     del built, inputs
     return {
