@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .roofline import KINDS
+from .run import Timer
 
 
 def stage_kind(stage) -> str:
@@ -38,7 +39,8 @@ def layer_times(engine, x: torch.Tensor, *, repeats: int = 5) -> dict[str, dict]
     """Per kind: launches per forward and the median over repeats of its launches' summed ms."""
     if engine.backend != "triton":
         raise ValueError(f"layer times need backend='triton', not {engine.backend!r}")
-    executor, cuda = engine._model, engine.device.type == "cuda"
+    executor, timer = engine._model, Timer(engine.device)
+    cuda = timer.cuda
     n, _, height, width = x.shape
     logits = torch.empty(n, engine.spec.num_classes, dtype=torch.float32, device=engine.device)
     totals = {kind: [] for kind in KINDS}
@@ -50,12 +52,12 @@ def layer_times(engine, x: torch.Tensor, *, repeats: int = 5) -> dict[str, dict]
             if cuda:
                 events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                           for _ in plan.launches]
-                torch.cuda.synchronize(engine.device)
+                timer.sync()
                 for (_, launch), (start, end) in zip(plan.launches, events):
                     start.record()
                     launch(x, logits)
                     end.record()
-                torch.cuda.synchronize(engine.device)
+                timer.sync()
                 ms = [start.elapsed_time(end) for start, end in events]
             else:
                 ms = []
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
     import densetriton
 
     from . import roofline
-    from .run import Timer, summarize
+    from .peers import dtype_name
+    from .run import summarize
 
     parser = argparse.ArgumentParser(prog="python -m densetriton.bench.layer_times", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="densenet201")
@@ -102,9 +105,8 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g, device=engine.device,
                     dtype=engine.dtype)
     times = layer_times(engine, x, repeats=args.repeats)
-    elem = torch.empty((), dtype=engine.dtype).element_size()
-    dtype_name = str(engine.dtype).removeprefix("torch.")
-    entry = roofline.roofline_entry(engine.spec, args.model, args.batch_size, args.image_size, dtype_name, elem,
+    entry = roofline.roofline_entry(engine.spec, args.model, args.batch_size, args.image_size,
+                                    dtype_name(engine.dtype), engine.dtype.itemsize,
                                     roofline.matmul_rate(engine.dtype, engine.device),
                                     roofline.copy_bandwidth(engine.device))
     whole = summarize(Timer(engine.device).time(engine, [x], repeats=args.repeats, warmup=2))["median_ms"]

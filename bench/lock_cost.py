@@ -21,10 +21,7 @@ import warnings
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .run import Timer
 
 
 def _calls_per_s(engine, x: torch.Tensor, calls: int, threads: int) -> float:
@@ -35,13 +32,14 @@ def _calls_per_s(engine, x: torch.Tensor, calls: int, threads: int) -> float:
             engine(x)
 
     workers = [threading.Thread(target=work) for _ in range(threads)]
-    _sync(engine.device)
+    timer = Timer(engine.device)
+    timer.sync()
     start = time.perf_counter()
     for t in workers:
         t.start()
     for t in workers:
         t.join()
-    _sync(engine.device)
+    timer.sync()
     return per_thread * threads / (time.perf_counter() - start)
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from densetriton.engine import DTYPE_NAMES
+
 from . import peers as P
 from . import roofline as R
 
@@ -37,7 +39,7 @@ DEFAULT_BATCHES = [1, 8, 64, 256]
 QUICK_CPU_MODELS = ["densenet121"]
 QUICK_CPU_BATCHES = [1, 2]
 QUICK_CPU_IMAGE_SIZE = 224
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = DTYPE_NAMES  # "float16" -> torch.float16, ...
 # bench/results/ in a checkout (an editable install); ./bench-results where the package is installed
 # from a wheel (no results folder beside the module, and site-packages is no place for results).
 _CHECKOUT_RESULTS = Path(__file__).resolve().parent / "results"

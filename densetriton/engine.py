@@ -99,7 +99,7 @@ class Engine:
                 x = x.float()  # the kernels read 16- and 32-bit floats
             with self._lock:
                 return self._model(x) if logits else self._model.features(x)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:  # torch.OutOfMemoryError included
             if not is_out_of_memory(e):
                 raise
             # What torch's allocator says it was asked for; the plan's own shortfall is a MemoryError already.

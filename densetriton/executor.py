@@ -114,7 +114,7 @@ class TritonExecutor:
     def _build_plan(self, n: int, height: int, width: int) -> Plan | None:
         try:
             return Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:  # torch.OutOfMemoryError included
             if not is_out_of_memory(e):
                 raise
             return None
@@ -122,8 +122,7 @@ class TritonExecutor:
     def planned_bytes(self, n: int, height: int, width: int) -> int:
         """Bytes of the buffers and scratch a plan for this size allocates (weights not counted)."""
         _, _, arena_numel, scratch_numel = memory_layout(self.spec, n, height, width)
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return (sum(arena_numel) + scratch_numel) * size + n * self.spec.num_features * 4
+        return (sum(arena_numel) + scratch_numel) * self.dtype.itemsize + n * self.spec.num_features * 4
 
     def _trim(self, budget: int) -> None:
         while self.plans and sum(p.nbytes for p in self.plans.values()) > max(budget, 0):
