@@ -109,7 +109,7 @@ def collect(models, batches, dtypes, image_sizes=(None,)):
             for image_size, n in itertools.product(image_sizes, batches):
                 size = image_size or (224 if spec.stem == "imagenet" else 32)
                 plan = Plan(spec, stages, folded, n, size, size, dtype, torch.device("cpu"), interpreted=False)
-                x = torch.empty(n, 3, size, size, dtype=dtype)
+                x = torch.empty(n, spec.in_channels, size, size, dtype=dtype)
                 logits = torch.empty(n, spec.num_classes)
                 for stage, launch in plan.launches:
                     start = len(launches)

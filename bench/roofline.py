@@ -40,14 +40,14 @@ def layer_kinds(spec, batch: int, height: int, width: int, elem_bytes: int) -> "
         d["bytes"] += s * weights + (2 * written if out_bytes is None else written)
         d["bytes_layerwise"] += s * (weights + reads) + written
 
-    c0, k = spec.num_init_features, spec.growth_rate
+    c0, k, ci = spec.num_init_features, spec.growth_rate, spec.in_channels
     h1, w1 = sizes[0]
-    image = n * 3 * height * width
+    image = n * ci * height * width
     if spec.stem == "imagenet":  # conv7x7/2 + BN + ReLU + maxpool3x3/2, one fused kernel at best
         oh, ow = (height - 1) // 2 + 1, (width - 1) // 2 + 1
-        add("stem", macs=oh * ow * c0 * 3 * 49, weights=c0 * 3 * 49 + 2 * c0, reads=image, writes=n * c0 * h1 * w1)
+        add("stem", macs=oh * ow * c0 * ci * 49, weights=c0 * ci * 49 + 2 * c0, reads=image, writes=n * c0 * h1 * w1)
     else:  # conv3x3, full resolution
-        add("stem", macs=height * width * c0 * 3 * 9, weights=c0 * 3 * 9, reads=image, writes=n * c0 * h1 * w1)
+        add("stem", macs=height * width * c0 * ci * 9, weights=c0 * ci * 9, reads=image, writes=n * c0 * h1 * w1)
     kinds["stem"]["bytes"] += s * image  # the input, read once
 
     transitions = spec.transition_channels()

@@ -45,17 +45,29 @@ def _convert(args) -> int:
     class_names = None
     if args.class_names:
         class_names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+    preprocessing = None
+    if args.mean is not None or args.std is not None or args.resize_size is not None or args.crop_size is not None:
+        if args.mean is None or args.std is None:
+            raise ValueError("give --mean and --std (one value per input channel) with any preprocessing option")
+        preprocessing = {"resize_size": args.resize_size, "crop_size": args.crop_size, "mean": args.mean, "std": args.std}
     if args.checkpoint is not None:
-        out = convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names)
+        out = convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names,
+                                 preprocessing=preprocessing)
     else:
-        if class_names is not None:
-            raise ValueError("--class-names applies to --checkpoint; torchvision's weights carry their own")
+        if class_names is not None or preprocessing is not None:
+            raise ValueError("--class-names and the preprocessing options apply to --checkpoint; torchvision's weights "
+                             "carry their own")
         out = convert_torchvision(args.arch, args.out)
+    from .images import describe_preprocessing
     from .weights import describe_spec, load_weights
 
     w = load_weights(out)
     names = f", {len(w.class_names)} class names" if w.class_names else ""
     print(f"wrote {out}: {describe_spec(w.spec)}, {w.spec.num_parameters():,} parameters{names}")
+    if w.preprocessing is not None:
+        print(f"  preprocessing: {describe_preprocessing(w.preprocessing)}")
+    else:
+        print("  preprocessing: none recorded (--mean/--std to record how the model's images were prepared)")
     return 0
 
 
@@ -79,13 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="convert torchvision's pretrained weights or a checkpoint into a .safetensors weights file",
         description="Convert torchvision's pretrained weights (--arch) or a local checkpoint (--checkpoint: .pth, .pt, "
-        ".pth.tar, .safetensors; nested state dicts, 'module.' prefixes, legacy keys and Sequential classifiers are "
-        "handled) into a densetriton weights file. Pickles load with weights_only=True: no code runs.",
+        ".pth.tar, .safetensors; nested state dicts, 'module.' prefixes, legacy keys, Sequential classifiers, MONAI's "
+        "DenseNet and grayscale stems are handled) into a densetriton weights file. Pickles load with weights_only=True: no code runs.",
     )
     p.add_argument("--out", required=True, help="the .safetensors file to write (written atomically)")
     p.add_argument("--arch", choices=list_models(), metavar="NAME", help="architecture; without --checkpoint, fetch torchvision's weights")
     p.add_argument("--checkpoint", help="a local checkpoint file; the architecture is inferred unless --arch is given")
     p.add_argument("--class-names", help="a text file with one class name per line, stored in the weights file")
+    g = p.add_argument_group(
+        "preprocessing",
+        "how the model's images were prepared in training, stored in the file for predict and embed: resize the "
+        "shorter side, center-crop, scale to 0..1 (grayscale for a 1-channel model), normalise. Default: "
+        "torchvision's ImageNet preprocessing for an RGB ImageNet-stem model, else none recorded",
+    )
+    g.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean after scaling to 0..1")
+    g.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel standard deviation")
+    g.add_argument("--resize-size", type=int, metavar="N", help="resize the shorter side to N (default: no resize)")
+    g.add_argument("--crop-size", type=int, metavar="N", help="center-crop to NxN (default: no crop)")
     p.set_defaults(func=_convert)
 
     for module in ("densetriton.bench.cli", "densetriton.predict"):

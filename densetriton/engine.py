@@ -22,8 +22,9 @@ DTYPES = tuple(DTYPE_NAMES.values())
 class Engine:
     """A DenseNet ready to run: `engine(x)` gives logits, `engine.features(x)` pooled features.
 
-    x is a float tensor of NCHW images [N, 3, H, W] on the engine's device, as torchvision takes
-    them; results are float32 whatever the compute dtype.
+    x is a float tensor of NCHW images [N, C, H, W] on the engine's device, as torchvision takes
+    them, C = spec.in_channels (3, or 1 for a grayscale model); results are float32 whatever the
+    compute dtype.
     """
 
     def __init__(self, weights: Weights, *, device: torch.device, dtype: torch.dtype, backend: str, pretrained: bool):
@@ -34,7 +35,9 @@ class Engine:
         self.backend = backend
         self.pretrained = pretrained
         self.class_names = weights.class_names
-        self.preprocessing = weights.preprocessing or (IMAGENET_PREPROCESSING if self.spec.stem == "imagenet" else None)
+        self.preprocessing = weights.preprocessing or (
+            IMAGENET_PREPROCESSING if self.spec.stem == "imagenet" and self.spec.in_channels == 3 else None
+        )
         # A plan's buffers serve one call at a time: callers on several threads take turns to
         # launch (the reference backend keeps no state between calls and needs no lock).
         self._lock = threading.Lock()
@@ -63,12 +66,13 @@ class Engine:
     # -- running ---------------------------------------------------------------------------
 
     def check_input(self, x) -> None:
+        c = self.spec.in_channels
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor of images [N, 3, H, W], got {type(x).__name__}")
+            raise TypeError(f"expected a torch.Tensor of images [N, {c}, H, W], got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"expected images of shape [N, 3, H, W] (rank 4), got shape {tuple(x.shape)} (rank {x.dim()})")
-        if x.shape[1] != 3:
-            raise ValueError(f"expected 3 channels in dimension 1 (NCHW), got shape {tuple(x.shape)}")
+            raise ValueError(f"expected images of shape [N, {c}, H, W] (rank 4), got shape {tuple(x.shape)} (rank {x.dim()})")
+        if x.shape[1] != c:
+            raise ValueError(f"expected {c} channel{'s' * (c != 1)} in dimension 1 (NCHW), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point tensor (float32, float16 or bfloat16), got {x.dtype}")
         if x.device.type != self.device.type or (
@@ -153,7 +157,8 @@ def random_weights(spec: DenseNetSpec) -> Weights:
 
 
 def _same_architecture(a: DenseNetSpec, b: DenseNetSpec) -> bool:
-    return a.replace(num_classes=1) == b.replace(num_classes=1)
+    """The same backbone: a fine-tuned head or a grayscale stem is still densenet121."""
+    return a.replace(num_classes=1, in_channels=1) == b.replace(num_classes=1, in_channels=1)
 
 
 def load(

@@ -1,7 +1,7 @@
 """Images in, batch tensors out; logits in, labelled top-k out.
 
     img = load_image("photo.jpg")                 # any PIL-readable file -> RGB, upright
-    x = preprocess([img, "other.png"], engine)     # [N, 3, crop, crop] on engine.device
+    x = preprocess([img, "other.png"], engine)     # [N, C, crop, crop] on engine.device
     topk(engine(x), 5, engine.class_names)         # [[("tabby", 0.83), ...], ...]
 
 Reading is robust to what real files contain:
@@ -19,6 +19,8 @@ Reading is robust to what real files contain:
   ("F") outside 0..1 are stretched linearly from their minimum to their maximum; float images
   within 0..1 are scaled by 255.
 * Multi-frame files (GIF, TIFF) give their first frame.
+* A grayscale model (one input channel) gets the image's luminance, as torchvision's Grayscale
+  computes it from the RGB image (L = 0.299 R + 0.587 G + 0.114 B; a gray image is unchanged).
 
 A file that cannot be read raises ImageError, whose `reason` says why in a few words.
 """
@@ -156,8 +158,10 @@ def load_image(path: str | os.PathLike):
 def resolve_preprocessing(engine_or_preprocessing=None) -> dict:
     """The preprocessing dict of an engine, a dict (missing keys filled), or None.
 
-    None, or an engine without preprocessing (CIFAR-stem specs whose file defines none), gives
+    None, or an RGB engine without preprocessing (CIFAR-stem specs whose file defines none), gives
     NO_RESIZE_PREPROCESSING: images at their own size, normalised with ImageNet's mean and std.
+    An engine for other than 3 input channels has no such default: how its images were scaled in
+    training is not guessable, so its weights file must say (densetriton convert --mean --std).
     """
     if engine_or_preprocessing is None:
         pre = None
@@ -170,6 +174,14 @@ def resolve_preprocessing(engine_or_preprocessing=None) -> dict:
             f"expected an Engine, a preprocessing dict or None, got {type(engine_or_preprocessing).__name__}"
         )
     if pre is None:
+        spec = getattr(engine_or_preprocessing, "spec", None)
+        channels = 3 if spec is None else spec.in_channels
+        if channels != 3:
+            raise ValueError(
+                f"this model takes {channels}-channel images and its weights file records no preprocessing "
+                f"(mean and std per channel, resize and crop sizes): convert the checkpoint again with "
+                f"densetriton convert --mean ... --std ... [--resize-size N --crop-size N], as the model was trained"
+            )
         return dict(NO_RESIZE_PREPROCESSING)
     out = dict(NO_RESIZE_PREPROCESSING)
     out.update({k: pre[k] for k in ("resize_size", "crop_size", "mean", "std") if k in pre})
@@ -178,16 +190,26 @@ def resolve_preprocessing(engine_or_preprocessing=None) -> dict:
 
 def build_transform(engine_or_preprocessing=None):
     """torchvision transforms for a preprocessing dict: Resize (bilinear, antialiased; the shorter
-    side to resize_size), CenterCrop(crop_size), ToTensor, Normalize(mean, std). Resize and crop
-    are left out when their size is None."""
+    side to resize_size), CenterCrop(crop_size), Grayscale for a 1-channel mean and std, ToTensor,
+    Normalize(mean, std). Resize and crop are left out when their size is None."""
     from torchvision import transforms
 
+    from .weights import check_preprocessing
+
     pre = resolve_preprocessing(engine_or_preprocessing)
+    channels = len(pre["mean"]) if isinstance(pre["mean"], (list, tuple)) else None
+    if channels not in (1, 3):
+        raise ValueError(
+            f"image files give 1 (grayscale) or 3 (RGB) channels; this preprocessing's mean is {pre['mean']!r:.60}"
+        )
+    check_preprocessing(pre, channels)
     steps = []
     if pre.get("resize_size") is not None:
         steps.append(transforms.Resize(pre["resize_size"], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True))
     if pre.get("crop_size") is not None:
         steps.append(transforms.CenterCrop(pre["crop_size"]))
+    if channels == 1:
+        steps.append(transforms.Grayscale(num_output_channels=1))
     steps.append(transforms.ToTensor())
     steps.append(transforms.Normalize(mean=list(pre["mean"]), std=list(pre["std"])))
     return transforms.Compose(steps)
@@ -202,16 +224,19 @@ def describe_preprocessing(engine_or_preprocessing=None) -> str:
         parts.append(f"center crop {pre['crop_size']}")
     if not parts:
         parts.append("no resize or crop")
+    if len(pre["mean"]) == 1:
+        parts.append("grayscale")
     fmt = lambda v: "[" + ", ".join(f"{x:g}" for x in v) + "]"  # noqa: E731
     parts.append(f"mean {fmt(pre['mean'])}, std {fmt(pre['std'])}")
     return ", ".join(parts)
 
 
 def preprocess(images_or_paths, engine_or_preprocessing=None) -> torch.Tensor:
-    """Paths and/or PIL images (one or a list) -> the float32 batch [N, 3, H, W] an engine takes.
+    """Paths and/or PIL images (one or a list) -> the float32 batch [N, C, H, W] an engine takes.
 
     Paths are read with load_image (EXIF orientation, any mode -> RGB); PIL images are converted
-    to RGB with to_rgb (their orientation is left as it is). With an engine the batch is put on
+    to RGB with to_rgb (their orientation is left as it is); a 1-channel preprocessing then takes
+    their luminance. With an engine the batch is put on
     engine.device and its preprocessing is used; with a dict (or None: see resolve_preprocessing)
     the batch stays on the CPU.
     """

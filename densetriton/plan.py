@@ -98,11 +98,11 @@ def build_stages(spec: DenseNetSpec) -> list[Stage]:
     stages = []
     c0, k, last = spec.num_init_features, spec.growth_rate, len(spec.block_config)
     if spec.stem == "imagenet":
-        stages.append(Stage("conv0", "conv", View("input", 0, 3), View("stem", 0, c0),
+        stages.append(Stage("conv0", "conv", View("input", 0, spec.in_channels), View("stem", 0, c0),
                             {"weight": "conv0.weight", "bias": "conv0.bias"}, 7, 2, 3, relu_out=True))
         stages.append(Stage("pool0", "max_pool", View("stem", 0, c0), View("block1", 0, c0)))
     else:
-        stages.append(Stage("conv0", "conv", View("input", 0, 3), View("block1", 0, c0),
+        stages.append(Stage("conv0", "conv", View("input", 0, spec.in_channels), View("block1", 0, c0),
                             {"weight": "conv0.weight"}, 3, 1, 1))
     transitions = spec.transition_channels()
     for b, ((c_in, c_end), layers) in enumerate(zip(spec.block_channels(), spec.block_config), 1):
@@ -197,7 +197,7 @@ def block_sizes(stage: Stage, rows: int, c_in: int, c_out: int, interpreted: boo
 
     Under the interpreter every program instance costs Python time, so take the largest tiles.
     On the GPU: tiles no wider than the channels there are (tensor-core minimum 16), and a
-    K step that keeps the 3-input-channel stem from wasting most of each tile.
+    K step that keeps the stem's few input channels (3, or 1 for grayscale) from wasting most of each tile.
     """
 
     def fit(n, lo, hi):
@@ -275,7 +275,7 @@ class Plan:
             rows = n * out.shape[1] * out.shape[2]
             tiles = block_sizes(stage, rows, c_in * stage.kernel_size**2, c_out, interpreted, self.dtype)
             if not interpreted:
-                # K = 7*7*3 = 147 walked flat (FLAT_K): 5 steps of 32, 8% padding. The flat walk
+                # K = 7*7*3 = 147 walked flat (FLAT_K): 5 steps of 32, 8% padding (grayscale: 49 in 2). The flat walk
                 # gathers from the caller's NCHW tensor element by element, which costs registers:
                 # at most 64 columns and 8 warps keep every dtype from spilling (ptxas).
                 tiles.update(BLOCK_N=min(tiles["BLOCK_N"], 64), BLOCK_K=32, num_warps=8)

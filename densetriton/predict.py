@@ -68,13 +68,16 @@ Inputs: each PATH is an image file (always tried, whatever its name) or a folder
 recursively in sorted order for files with an image suffix; other files in folders are ignored.
 {suffixes}
 Images are read with PIL: EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images
-become RGB (16-bit scaled from the full 0..65535 range); transparency is composited onto white.
-Files that cannot be read are skipped, never stopping the run, and listed in the final summary.
+become RGB (16-bit scaled from the full 0..65535 range); transparency is composited onto white;
+a grayscale (1-channel) model gets the luminance. Files that cannot be read are skipped, never
+stopping the run, and listed in the final summary.
 
 Preprocessing: as the weights define it -- torchvision's for pretrained ImageNet models (resize
-256, center crop 224, ImageNet mean/std), a converted file's own when it carries one. A model
-without any (CIFAR-stem, no preprocessing in the file) gets no resize or crop, only scaling to
-0..1 and normalisation with ImageNet's mean/std, so images should already be the size it expects.
+256, center crop 224, ImageNet mean/std), a converted file's own when it carries one (densetriton
+convert --mean --std --resize-size --crop-size). An RGB model without any (CIFAR-stem, no
+preprocessing in the file) gets no resize or crop, only scaling to 0..1 and normalisation with
+ImageNet's mean/std, so images should already be the size it expects; a grayscale model without
+any is refused, since how its images were scaled cannot be guessed.
 """
 
 

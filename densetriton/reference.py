@@ -65,12 +65,12 @@ class ReferenceDenseNet(nn.Module):
         c0 = spec.num_init_features
         self.features = nn.Sequential()
         if spec.stem == "imagenet":
-            self.features.add_module("conv0", nn.Conv2d(3, c0, 7, stride=2, padding=3, bias=False))
+            self.features.add_module("conv0", nn.Conv2d(spec.in_channels, c0, 7, stride=2, padding=3, bias=False))
             self.features.add_module("norm0", nn.BatchNorm2d(c0))
             self.features.add_module("relu0", nn.ReLU())
             self.features.add_module("pool0", nn.MaxPool2d(3, stride=2, padding=1))
         else:
-            self.features.add_module("conv0", nn.Conv2d(3, c0, 3, padding=1, bias=False))
+            self.features.add_module("conv0", nn.Conv2d(spec.in_channels, c0, 3, padding=1, bias=False))
         channels = spec.block_channels()
         transitions = spec.transition_channels()
         for b, layers in enumerate(spec.block_config, start=1):

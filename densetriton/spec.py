@@ -3,7 +3,8 @@
 A `DenseNetSpec` names the paper's hyper-parameters (Huang et al. 2017): growth rate k,
 layers per dense block, the channels of the stem, the bottleneck width factor (the "B" of
 DenseNet-BC; None for the plain BN-ReLU-conv3x3 layer) and the transition compression theta
-(the "C"). Everything else -- channel counts, tensor names and shapes, parameter and
+(the "C"), and the channels of the input image (3 for RGB; 1 for the grayscale X-ray and CT
+models of medical imaging). Everything else -- channel counts, tensor names and shapes, parameter and
 multiply-add counts, feature-map sizes -- is derived from it, so the reference model, the
 weights validator and the Triton plan all agree by construction.
 """
@@ -27,6 +28,7 @@ class DenseNetSpec:
     compression: float = 0.5
     num_classes: int = 1000
     stem: str = "imagenet"
+    in_channels: int = 3
 
     def __post_init__(self):
         # Accept lists (e.g. from JSON) but store a tuple so the spec stays hashable.
@@ -46,6 +48,8 @@ class DenseNetSpec:
             problems.append(f"num_classes must be a positive int, got {self.num_classes!r}")
         if self.stem not in STEMS:
             problems.append(f"stem must be one of {STEMS}, got {self.stem!r}")
+        if not (isinstance(self.in_channels, int) and self.in_channels > 0):
+            problems.append(f"in_channels must be a positive int, got {self.in_channels!r}")
         if problems:
             raise ValueError("invalid DenseNetSpec: " + "; ".join(problems))
         for i, c in enumerate(self.transition_channels()):
@@ -100,7 +104,7 @@ class DenseNetSpec:
 
         c0 = self.num_init_features
         kernel = 7 if self.stem == "imagenet" else 3
-        shapes["features.conv0.weight"] = (c0, 3, kernel, kernel)
+        shapes["features.conv0.weight"] = (c0, self.in_channels, kernel, kernel)
         if self.stem == "imagenet":
             bn("features.norm0", c0)
         k = self.growth_rate
@@ -175,9 +179,9 @@ class DenseNetSpec:
         total = 0
         if self.stem == "imagenet":
             oh, ow = (height - 1) // 2 + 1, (width - 1) // 2 + 1
-            total += oh * ow * self.num_init_features * 3 * 49
+            total += oh * ow * self.num_init_features * self.in_channels * 49
         else:
-            total += height * width * self.num_init_features * 3 * 9
+            total += height * width * self.num_init_features * self.in_channels * 9
         for b, ((c_in, c_end), layers, (h, w)) in enumerate(zip(self.block_channels(), self.block_config, sizes)):
             for layer in range(layers):
                 c = c_in + layer * k
@@ -197,6 +201,10 @@ class DenseNetSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["block_config"] = list(self.block_config)
+        if d["in_channels"] == 3:
+            # Left out at its default, so files of RGB models stay readable by densetriton
+            # versions that predate the field (from_dict fills it back in).
+            del d["in_channels"]
         return d
 
     def to_json(self) -> str:

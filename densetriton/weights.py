@@ -131,9 +131,10 @@ def check_class_names(class_names, spec: DenseNetSpec) -> list[str]:
     return [str(c) for c in class_names]
 
 
-def check_preprocessing(preprocessing) -> None:
+def check_preprocessing(preprocessing, channels: int = 3) -> None:
     """The keys images.build_transform reads: sizes as torchvision's Resize and CenterCrop take
-    them (a positive int, one or two of them, or None), mean and std of 3 numbers (std > 0)."""
+    them (a positive int, one or two of them, or None), mean and std of one number per input
+    channel (std > 0)."""
     def is_size(v):
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -149,8 +150,8 @@ def check_preprocessing(preprocessing) -> None:
             problems.append(f"{key} {v!r:.60} is not a positive integer or a pair of them")
     for key in ("mean", "std"):
         v = preprocessing.get(key)
-        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == 3 and all(map(is_number, v))):
-            problems.append(f"{key} {v!r:.60} is not 3 numbers")
+        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == channels and all(map(is_number, v))):
+            problems.append(f"{key} {v!r:.60} is not {channels} number{'s' * (channels != 1)} (one per input channel)")
         elif key == "std" and v is not None and min(v) <= 0:
             problems.append(f"std {v!r} is not positive")
     if problems:
@@ -158,16 +159,22 @@ def check_preprocessing(preprocessing) -> None:
 
 
 def describe_spec(spec: DenseNetSpec) -> str:
+    """A registry name where one fits ("densenet121 with 1 input channel and 14 classes"), else the spec."""
     from .spec import MODELS
 
     for name, s in MODELS.items():
-        if s == spec:
-            return name
-        if s == spec.replace(num_classes=s.num_classes):
-            return f"{name} with {spec.num_classes} classes"
+        if s != spec.replace(num_classes=s.num_classes, in_channels=s.in_channels):
+            continue
+        changes = []
+        if spec.in_channels != s.in_channels:
+            changes.append(f"{spec.in_channels} input channel{'s' * (spec.in_channels != 1)}")
+        if spec.num_classes != s.num_classes:
+            changes.append(f"{spec.num_classes} classes")
+        return name + (" with " + " and ".join(changes) if changes else "")
+    channels = f", in_channels={spec.in_channels}" if spec.in_channels != 3 else ""
     return (
         f"DenseNet(k={spec.growth_rate}, blocks={list(spec.block_config)}, init={spec.num_init_features}, "
-        f"bn_size={spec.bn_size}, theta={spec.compression}, classes={spec.num_classes}, stem={spec.stem})"
+        f"bn_size={spec.bn_size}, theta={spec.compression}, classes={spec.num_classes}, stem={spec.stem}{channels})"
     )
 
 
@@ -205,7 +212,7 @@ def save_weights(
     if class_names is not None:
         class_names = check_class_names(class_names, spec)
     if preprocessing is not None:
-        check_preprocessing(preprocessing)
+        check_preprocessing(preprocessing, spec.in_channels)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json()}
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
@@ -253,7 +260,7 @@ def load_weights(path: str | os.PathLike) -> Weights:
             if class_names is not None:
                 class_names = check_class_names(class_names, spec)
             if preprocessing is not None:
-                check_preprocessing(preprocessing)
+                check_preprocessing(preprocessing, spec.in_channels)
         except WeightsError as e:
             raise WeightsError(f"{path}: {e}") from None
     else:

@@ -13,7 +13,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / size if size > 0 else diff  # an all-zero reference asks for exact zeros
 
 
-def randomize_batchnorm(model: torch.nn.Module, *, seed: int, image_size: int = 64, passes: int = 2) -> torch.nn.Module:
+def randomize_batchnorm(
+    model: torch.nn.Module, *, seed: int, image_size: int = 64, passes: int = 2, in_channels: int = 3
+) -> torch.nn.Module:
     """Give every BatchNorm non-trivial statistics and affine parameters, then switch to eval.
 
     A few train-mode passes over random images calibrate the running statistics to the model's
@@ -28,7 +30,7 @@ def randomize_batchnorm(model: torch.nn.Module, *, seed: int, image_size: int = 
             m.reset_running_stats()
     with torch.no_grad():
         for _ in range(passes):
-            model(torch.randn(4, 3, image_size, image_size, generator=g))
+            model(torch.randn(4, in_channels, image_size, image_size, generator=g))
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)

@@ -10,6 +10,7 @@ from PIL import Image
 from densetriton.images import (
     ImageError,
     build_transform,
+    describe_preprocessing,
     is_image_path,
     load_image,
     preprocess,
@@ -186,6 +187,34 @@ def test_preprocess_converts_pil_modes(rng):
     rgb = rgba.convert("RGB")
     pre = {"resize_size": None, "crop_size": None, "mean": MEAN, "std": STD}
     assert torch.equal(preprocess(rgba, pre), preprocess(rgb, pre))
+
+
+def test_one_channel_preprocessing_takes_the_luminance(rng):
+    """A grayscale model's batch: ITU-R 601 luminance of the RGB image, then its own mean and std;
+    a gray image passes through unchanged."""
+    pixels = _rgb(rng, 20, 24)
+    pre = {"resize_size": None, "crop_size": None, "mean": [0.45], "std": [0.2]}
+    x = preprocess(Image.fromarray(pixels), pre)
+    assert x.shape == (1, 1, 20, 24)
+    luma = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    assert np.abs(x[0, 0].numpy() * 0.2 + 0.45 - luma / 255).max() < 1.5 / 255  # PIL rounds to 8 bits
+    gray = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    x = preprocess(Image.fromarray(gray), pre)
+    assert np.allclose(x[0, 0].numpy(), (gray.astype(np.float32) / 255 - 0.45) / 0.2, atol=1e-6)
+    assert "grayscale" in describe_preprocessing(pre)
+
+
+@pytest.mark.parametrize(
+    "pre,match",
+    [
+        ({"mean": [0.5, 0.5], "std": [0.2, 0.2]}, "1 \\(grayscale\\) or 3 \\(RGB\\)"),
+        ({"mean": [0.5], "std": [0.2, 0.2, 0.2]}, "std .* is not 1 number"),
+        ({"mean": 0.5, "std": 0.2}, "1 \\(grayscale\\) or 3 \\(RGB\\)"),
+    ],
+)
+def test_preprocessing_of_another_channel_count_is_refused(rng, pre, match):
+    with pytest.raises(ValueError, match=match):
+        preprocess(Image.fromarray(_rgb(rng, 8, 8)), pre)
 
 
 def test_topk_softmax_and_names():

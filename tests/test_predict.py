@@ -47,7 +47,7 @@ def one_thread():
 
 def _tensors(spec, seed):
     torch.manual_seed(seed)
-    model = randomize_batchnorm(ReferenceDenseNet(spec), seed=seed, image_size=32)
+    model = randomize_batchnorm(ReferenceDenseNet(spec), seed=seed, image_size=32, in_channels=spec.in_channels)
     with torch.no_grad():
         model.classifier.weight.mul_(8)  # well-separated logits: no near-ties between classes
     return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -316,6 +316,31 @@ def test_mixed_sizes_without_preprocessing(tmp_path, capsys):
     assert_matches_engine(rows, eng, 3)
     assert "d.png: too small for the model" in err
     assert "no resize or crop" in err
+
+
+def test_grayscale_model_sees_every_image_kind_as_luminance(images, tmp_path, capsys):
+    """A 1-channel model (X-rays, CT slices): every readable kind of image reaches it as one
+    channel, prepared as its file says; without a recorded preprocessing it is one clear error."""
+    spec = SPEC.replace(in_channels=1)
+    pre = {"resize_size": 40, "crop_size": 32, "mean": [0.45], "std": [0.25]}
+    path = tmp_path / "gray.safetensors"
+    densetriton.save_weights(path, _tensors(spec, 4), spec, class_names=NAMES, preprocessing=pre)
+    eng = densetriton.load(path, device="cpu", backend="reference")
+    folder, kinds = images
+    assert preprocess(kinds["cmyk"], eng).shape == (1, 1, 32, 32)
+    out = tmp_path / "gray.csv"
+    rc, _, err = run_cli(capsys, "predict", folder, *common(str(path), "--out", out, "--workers", "0"))
+    assert rc == 0, err
+    rows = read_csv(out)
+    assert len(rows) == 7  # the 9 image-suffixed files less the corrupt and the fake one
+    assert_matches_engine(rows, eng, 3)
+    assert "in_channels=1" in err  # the run's header names the model
+    assert "grayscale, mean [0.45], std [0.25]" in err
+
+    bare = tmp_path / "gray-bare.safetensors"
+    densetriton.save_weights(bare, _tensors(spec, 4), spec, class_names=NAMES)
+    rc, _, err = run_cli(capsys, "predict", kinds["gray"], *common(str(bare)))
+    assert rc == 1 and "records no preprocessing" in err and "--mean" in err and err.count("\n") == 1, err
 
 
 # -- embed --------------------------------------------------------------------------------------

@@ -317,6 +317,7 @@ def specs_and_sizes(draw):
         compression=draw(st.sampled_from([0.5, 0.7, 1.0, 0.3])),
         num_classes=draw(st.integers(1, 20)),
         stem=stem,
+        in_channels=draw(st.sampled_from([3, 1, 2, 4])),
     )
     try:
         spec = DenseNetSpec(**fields)
@@ -335,7 +336,7 @@ def test_triton_backend_equals_the_reference_on_random_specs(case, seed):
     triton_engine = make_engine(spec, backend="triton", seed=seed % 1000)
     reference = make_engine(spec, backend="reference", seed=seed % 1000)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, h, w, generator=g)
+    x = torch.randn(batch, spec.in_channels, h, w, generator=g)
     got = triton_engine(x.to(triton_engine.device))
     assert rel_err(got, reference(x)) < 1e-4
     assert rel_err(triton_engine.features(x.to(triton_engine.device)), reference.features(x)) < 1e-4

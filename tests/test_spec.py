@@ -71,10 +71,11 @@ def _count_macs(model, x):
         (get_spec("densenet121"), 67),
         (DenseNetSpec(4, (5,), 8, None, 1.0, 7, "cifar"), 9),
         (DenseNetSpec(6, (2, 3, 2), 10, 2, 0.7, 3, "cifar"), 13),
+        (get_spec("densenet121").replace(in_channels=1, num_classes=14), 64),  # a grayscale X-ray model
     ],
 )
 def test_macs_match_a_hook_count(spec, size):
-    count = _count_macs(ReferenceDenseNet(spec), torch.randn(1, 3, size, size))
+    count = _count_macs(ReferenceDenseNet(spec), torch.randn(1, spec.in_channels, size, size))
     assert spec.macs(size) == count
     pooled = spec.macs(size, pooled_transitions=True)
     assert pooled < count or len(spec.block_config) == 1
@@ -84,6 +85,24 @@ def test_compression_floors_and_channels():
     spec = DenseNetSpec(5, (3, 3), 7, None, 0.3, 4, "cifar")
     assert spec.block_channels() == [(7, 22), (6, 21)]  # floor(0.3 * 22) = 6
     assert spec.transition_channels() == [6]
+
+
+def test_input_channels_change_the_stem_only():
+    rgb = get_spec("densenet121")
+    gray = rgb.replace(in_channels=1)
+    assert gray.state_dict_shapes()["features.conv0.weight"] == (64, 1, 7, 7)
+    assert {k: v for k, v in gray.state_dict_shapes().items() if k != "features.conv0.weight"} == {
+        k: v for k, v in rgb.state_dict_shapes().items() if k != "features.conv0.weight"
+    }
+    assert rgb.num_parameters() - gray.num_parameters() == 64 * 2 * 49
+    assert rgb.macs(224) - gray.macs(224) == 112 * 112 * 64 * 2 * 49
+    assert ReferenceDenseNet(gray).features.conv0.weight.shape == (64, 1, 7, 7)
+    # JSON: in_channels is written only when it is not 3, so files of RGB models read as before.
+    assert "in_channels" not in rgb.to_dict() and gray.to_dict()["in_channels"] == 1
+    assert DenseNetSpec.from_json(gray.to_json()) == gray and DenseNetSpec.from_json(rgb.to_json()) == rgb
+    assert densetriton.weights.describe_spec(gray.replace(num_classes=14)) == "densenet121 with 1 input channel and 14 classes"
+    assert densetriton.weights.describe_spec(rgb.replace(in_channels=4)) == "densenet121 with 4 input channels"
+    assert "in_channels=2" in densetriton.weights.describe_spec(DenseNetSpec(4, (2,), 8, in_channels=2, stem="cifar"))
 
 
 def test_spec_json_round_trip_and_hashable():
@@ -102,6 +121,8 @@ def test_spec_json_round_trip_and_hashable():
         (dict(compression=1.5), "compression"),
         (dict(stem="resnet"), "stem"),
         (dict(num_classes=0), "num_classes"),
+        (dict(in_channels=0), "in_channels"),
+        (dict(in_channels=1.0), "in_channels"),
     ],
 )
 def test_invalid_specs_are_refused(kwargs, match):

@@ -3,9 +3,15 @@
 Checkpoints from the wild differ in packaging, not in substance: weights nested under
 "state_dict" or "model", keys prefixed by "module." (DataParallel) or a wrapper's attribute
 name, the legacy "norm.1"/"conv.2" keys of old torchvision files, a classifier wrapped in a
-Sequential (CheXNet-style heads). All of that is normalised to torchvision's names, the spec is
-inferred from the tensor shapes (or taken from --arch), everything is validated, and only then
-is a file written (to a temporary name, then renamed).
+Sequential (CheXNet-style heads), MONAI's DenseNet (dense layers' modules under ".layers.", the
+classifier as "class_layers.out"), a stem for grayscale or other non-RGB input. All of that is
+normalised to torchvision's names, the spec is inferred from the tensor shapes (or taken from
+--arch), everything is validated, and only then is a file written (to a temporary name, then
+renamed).
+
+Only the tensors are read, so what they cannot show is assumed to be torchvision's: ReLU
+activations, BatchNorm with eps 1e-5. A MONAI DenseNet built with another `act` (its
+default is ReLU) converts but computes another function.
 
 Pickle checkpoints are read with torch.load(weights_only=True): loading never executes code.
 """
@@ -30,6 +36,10 @@ _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "m
 # Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _SEQUENTIAL_CLASSIFIER = re.compile(r"^classifier\.(\d+)\.(weight|bias)$")
+# MONAI's DenseNet: a dense layer's modules sit in a Sequential named "layers", and the head is
+# class_layers = Sequential(relu, pool, flatten, out) -- the same function as torchvision's.
+_MONAI_LAYER_KEY = re.compile(r"^(.*denselayer\d+)\.layers\.(.*)$")
+_MONAI_CLASSIFIER_KEY = re.compile(r"^class_layers\.out\.(weight|bias)$")
 
 
 class ConversionError(WeightsError):
@@ -97,9 +107,11 @@ def normalize_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
             continue  # a training counter, not a weight
         parts = key.split(".")
         # Drop any wrapper prefix ("module.", "model.", "densenet121.", "backbone.", ...).
-        start = next((i for i, p in enumerate(parts) if p in ("features", "classifier")), 0)
+        start = next((i for i, p in enumerate(parts) if p in ("features", "classifier", "class_layers")), 0)
         name = ".".join(parts[start:])
         name = _LEGACY_KEY.sub(r"\1\2", name)
+        name = _MONAI_LAYER_KEY.sub(r"\1.\2", name)
+        name = _MONAI_CLASSIFIER_KEY.sub(r"classifier.\1", name)
         if name in out:
             raise ConversionError(f"two checkpoint tensors map to {name!r} (one is {key!r})")
         out[name] = value
@@ -132,7 +144,12 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
         return tuple(tensors[name].shape)
 
     conv0 = shape("features.conv0.weight")
-    if len(conv0) != 4 or conv0[1] != 3 or conv0[2] not in (3, 7):
+    if len(conv0) == 5:
+        raise ConversionError(
+            f"features.conv0.weight has shape {conv0}: a 3-D DenseNet (MONAI's spatial_dims=3); densetriton runs "
+            f"2-D DenseNets"
+        )
+    if len(conv0) != 4 or conv0[2] not in (3, 7) or conv0[2] != conv0[3]:
         raise ConversionError(f"cannot infer the architecture: features.conv0.weight has shape {conv0}")
     stem = "imagenet" if conv0[2] == 7 else "cifar"
     block_config = []
@@ -165,7 +182,7 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
                 break
     num_classes = shape("classifier.weight")[0]
     try:
-        return DenseNetSpec(growth_rate, tuple(block_config), conv0[0], bn_size, compression, num_classes, stem)
+        return DenseNetSpec(growth_rate, tuple(block_config), conv0[0], bn_size, compression, num_classes, stem, conv0[1])
     except ValueError as e:
         raise ConversionError(f"cannot infer the architecture: {e}") from None
 
@@ -191,9 +208,11 @@ def convert_state_dict(
         spec = arch
     else:
         spec = get_spec(arch)
+        # A fine-tuned head of any size, or a stem for grayscale input, is still this architecture.
         if "classifier.weight" in tensors and tensors["classifier.weight"].dim() == 2:
-            # A fine-tuned head of any size is still this architecture.
             spec = spec.replace(num_classes=tensors["classifier.weight"].shape[0])
+        if "features.conv0.weight" in tensors and tensors["features.conv0.weight"].dim() == 4:
+            spec = spec.replace(in_channels=tensors["features.conv0.weight"].shape[1])
         try:
             found = infer_spec(tensors)
         except ConversionError:
@@ -206,7 +225,7 @@ def convert_state_dict(
     shown = None if progress is None else not progress  # None: show on a terminal only
     for name in tqdm(spec.state_dict_shapes(), desc=f"converting {describe_spec(spec)}", unit="tensor", disable=shown, leave=False):
         cpu[name] = tensors[name].detach().to("cpu").contiguous()
-    if preprocessing is None and spec.stem == "imagenet":
+    if preprocessing is None and spec.stem == "imagenet" and spec.in_channels == 3:
         preprocessing = IMAGENET_PREPROCESSING
     return save_weights(out, cpu, spec, class_names=class_names, preprocessing=preprocessing, source=source)
 
@@ -217,18 +236,34 @@ def convert_checkpoint(
     *,
     arch: str | DenseNetSpec | None = None,
     class_names: list[str] | None = None,
+    preprocessing: dict | None = None,
     progress: bool | None = None,
 ) -> Path:
-    """Convert a checkpoint file (.pth, .pt, .pth.tar, .safetensors)."""
+    """Convert a checkpoint file (.pth, .pt, .pth.tar, .safetensors).
+
+    preprocessing: {"resize_size", "crop_size", "mean", "std"} as the model was trained (mean and
+    std one value per input channel); default torchvision's ImageNet preprocessing for an RGB
+    ImageNet-stem model, else none is recorded.
+    """
     state_dict = load_checkpoint(path)
     return convert_state_dict(
-        state_dict, out, arch=arch, class_names=class_names, source=f"checkpoint:{Path(path).name}", progress=progress
+        state_dict, out, arch=arch, class_names=class_names, preprocessing=preprocessing,
+        source=f"checkpoint:{Path(path).name}", progress=progress,
     )
 
 
-def convert_module(model: torch.nn.Module, out: str | os.PathLike, *, class_names: list[str] | None = None) -> Path:
-    """Convert a live torchvision.models.DenseNet (or any module with its layout)."""
-    return convert_state_dict(model.state_dict(), out, class_names=class_names, source=f"module:{type(model).__name__}")
+def convert_module(
+    model: torch.nn.Module,
+    out: str | os.PathLike,
+    *,
+    class_names: list[str] | None = None,
+    preprocessing: dict | None = None,
+) -> Path:
+    """Convert a live torchvision.models.DenseNet (or any module with its layout, MONAI's DenseNet too)."""
+    return convert_state_dict(
+        model.state_dict(), out, class_names=class_names, preprocessing=preprocessing,
+        source=f"module:{type(model).__name__}",
+    )
 
 
 def torchvision_weights(arch: str):

@@ -101,18 +101,19 @@ def test_output_slice_in_middle_of_wider_buffer(device, gen, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,h,w", [(2, 9, 9), (1, 8, 5)])
-def test_imagenet_stem_7x7_s2_p3_from_nchw(device, gen, dtype, n, h, w):
+@pytest.mark.parametrize("c_in", [3, 1], ids=["rgb", "grayscale"])
+def test_imagenet_stem_7x7_s2_p3_from_nchw(device, gen, dtype, n, h, w, c_in):
     """The stem reads the caller's NCHW image through a permuted (non-contiguous) view."""
     c_out = 19
-    x_nchw = randn(gen, n, 3, h, w, dtype=dtype, device=device)
-    w_oikk = randn(gen, c_out, 3, 7, 7) / (3 * 49) ** 0.5
+    x_nchw = randn(gen, n, c_in, h, w, dtype=dtype, device=device)
+    w_oikk = randn(gen, c_out, c_in, 7, 7) / (c_in * 49) ** 0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     bias = randn(gen, c_out, device=device)
     oh, ow = (h + 6 - 7) // 2 + 1, (w + 6 - 7) // 2 + 1
     out = torch.full((n, oh, ow, c_out), float("nan"), dtype=dtype, device=device)
 
     x = x_nchw.permute(0, 2, 3, 1)
-    assert not x.is_contiguous()
+    assert c_in == 1 or not x.is_contiguous()  # one channel: NCHW and NHWC are the same memory
     bn_relu_conv(x, weight, out, kernel_size=7, stride=2, padding=3, bias=bias, relu_out=True,
                  BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
 

@@ -205,3 +205,93 @@ def test_multi_layer_classifier_head_is_refused(small_model, tmp_path):
     torch.save(sd, tmp_path / "mlp-head.pth")
     _assert_refused(tmp_path / "mlp-head.pth", tmp_path / "out.safetensors", r"multi-layer head", r"classifier\.2\.weight")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# -- MONAI's DenseNet, grayscale stems ------------------------------------------------------------
+
+
+def _monai_model(seed, **kwargs):
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(seed)
+    model = nets.DenseNet(spatial_dims=2, **kwargs)
+    return randomize_batchnorm(model, seed=seed + 1, image_size=32, in_channels=kwargs["in_channels"])
+
+
+@pytest.mark.parametrize("backend,tol", [("reference", 1e-5), ("triton", 1e-4)])
+def test_monai_grayscale_densenet_converts_and_computes_what_monai_does(tmp_path, backend, tol):
+    """MONAI's DenseNet: '.layers.' inside each dense layer, 'class_layers.out' for the head, one
+    input channel, saved as MONAI's CheckpointSaver saves ({"net": state_dict, ...})."""
+    model = _monai_model(3, in_channels=1, out_channels=3, init_features=8, growth_rate=4, block_config=(2, 3), bn_size=2)
+    assert any(".layers." in k for k in model.state_dict()) and "class_layers.out.weight" in model.state_dict()
+    ckpt = tmp_path / "checkpoint_epoch=10.pt"
+    torch.save({"net": model.state_dict(), "opt": {"lr": 0.1}}, ckpt)
+    pre = {"resize_size": None, "crop_size": None, "mean": [0.5], "std": [0.25]}
+    out = convert_checkpoint(ckpt, tmp_path / "monai.safetensors", preprocessing=pre, progress=False)
+    w = load_weights(out)
+    assert w.spec == densetriton.DenseNetSpec(4, (2, 3), 8, 2, 0.5, 3, "imagenet", in_channels=1)
+    assert w.preprocessing == pre
+
+    engine = densetriton.load(out, device="cpu", backend=backend, dtype=torch.float32)
+    x = torch.randn(2, 1, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+    assert rel_err(engine(x), expected) < tol
+    with pytest.raises(ValueError, match=r"expected 1 channel in dimension 1"):
+        engine(torch.randn(2, 3, 40, 40))
+
+
+def test_monai_densenet121_for_xrays_converts_from_the_command_line(tmp_path, capsys):
+    """The medical-imaging case: MONAI's DenseNet121 on 1-channel X-rays with 14 findings, trained
+    under DataParallel; --arch, class names and the training preprocessing on the command line."""
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(6)
+    model = randomize_batchnorm(nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=14), seed=7, in_channels=1)
+    ckpt = tmp_path / "xray.pth"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, ckpt)
+    names = tmp_path / "findings.txt"
+    names.write_text("\n".join(f"finding{i}" for i in range(14)) + "\n")
+    out = tmp_path / "xray.safetensors"
+    assert main(["convert", "--checkpoint", str(ckpt), "--arch", "densenet121", "--class-names", str(names),
+                 "--mean", "0.5", "--std", "0.25", "--resize-size", "256", "--crop-size", "224", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "densenet121 with 1 input channel and 14 classes" in printed
+    assert "resize 256, center crop 224, grayscale, mean [0.5], std [0.25]" in printed
+
+    engine = densetriton.load("densenet121", weights=out, device="cpu")  # the same backbone
+    assert engine.spec == densetriton.get_spec("densenet121").replace(in_channels=1, num_classes=14)
+    assert engine.class_names[13] == "finding13"
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert rel_err(engine(x), expected) < 1e-5
+
+
+def test_convert_preprocessing_options_are_checked_and_write_nothing(tmp_path, capsys):
+    model = _monai_model(8, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1)
+    ckpt = tmp_path / "m.pt"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "m.safetensors"
+    for options, message in [
+        (["--mean", "0.5"], "give --mean and --std"),
+        (["--resize-size", "256"], "give --mean and --std"),
+        (["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0.2", "0.2"], r"mean \[0\.5, 0\.5, 0\.5\] is not 1 number"),
+        (["--mean", "0.5", "--std", "0"], "std .* is not positive"),
+    ]:
+        assert main(["convert", "--checkpoint", str(ckpt), "--out", str(out), *options]) == 1
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1, err
+    assert main(["convert", "--arch", "densenet121", "--mean", "0.5", "--std", "0.2", "--out", str(out)]) == 1
+    assert "apply to --checkpoint" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # Without the options nothing is recorded, and the command says so.
+    assert main(["convert", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert "none recorded" in capsys.readouterr().out
+    assert load_weights(out).preprocessing is None
+
+
+def test_a_3d_monai_densenet_is_refused_by_name(tmp_path):
+    nets = pytest.importorskip("monai.networks.nets")
+    model = nets.DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1)
+    torch.save(model.state_dict(), tmp_path / "ct3d.pt")
+    _assert_refused(tmp_path / "ct3d.pt", tmp_path / "out.safetensors", r"3-D DenseNet", r"\(4, 1, 7, 7, 7\)")
+    assert not (tmp_path / "out.safetensors").exists()
