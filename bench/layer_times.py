@@ -102,8 +102,8 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")  # random weights: only time is measured
         engine = densetriton.load(args.model, weights=None, dtype=args.dtype, backend="triton")
     g = torch.Generator(device=engine.device).manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g, device=engine.device,
-                    dtype=engine.dtype)
+    x = torch.randn(args.batch_size, engine.spec.in_channels, args.image_size, args.image_size, generator=g,
+                    device=engine.device, dtype=engine.dtype)
     times = layer_times(engine, x, repeats=args.repeats)
     entry = roofline.roofline_entry(engine.spec, args.model, args.batch_size, args.image_size,
                                     dtype_name(engine.dtype), engine.dtype.itemsize,

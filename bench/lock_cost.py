@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: only time is measured
         engine = densetriton.load(args.model, weights=None, dtype=args.dtype, backend="triton")
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=engine.device)
+    x = torch.randn(args.batch_size, engine.spec.in_channels, args.image_size, args.image_size, device=engine.device)
     print(f"{engine!r}, input {tuple(x.shape)}, {args.calls} calls")
     for key, value in measure(engine, x, calls=args.calls, threads=args.threads).items():
         print(f"{key:>24}: {value:,.4g}")

@@ -176,11 +176,16 @@ def resolve_preprocessing(engine_or_preprocessing=None) -> dict:
     if pre is None:
         spec = getattr(engine_or_preprocessing, "spec", None)
         channels = 3 if spec is None else spec.in_channels
-        if channels != 3:
+        if channels not in (1, 3):
             raise ValueError(
-                f"this model takes {channels}-channel images and its weights file records no preprocessing "
-                f"(mean and std per channel, resize and crop sizes): convert the checkpoint again with "
-                f"densetriton convert --mean ... --std ... [--resize-size N --crop-size N], as the model was trained"
+                f"this model takes {channels}-channel images, and image files give 1 (grayscale) or 3 (RGB): "
+                f"call the engine on [N, {channels}, H, W] tensors instead"
+            )
+        if channels == 1:
+            raise ValueError(
+                "this grayscale model's weights file records no preprocessing (how its images were prepared in "
+                "training): record it with densetriton convert --checkpoint FILE --out NEW_FILE --mean M --std S "
+                "[--resize-size N --crop-size N]; the file's class names carry over"
             )
         return dict(NO_RESIZE_PREPROCESSING)
     out = dict(NO_RESIZE_PREPROCESSING)

@@ -134,7 +134,7 @@ def check_class_names(class_names, spec: DenseNetSpec) -> list[str]:
 def check_preprocessing(preprocessing, channels: int = 3) -> None:
     """The keys images.build_transform reads: sizes as torchvision's Resize and CenterCrop take
     them (a positive int, one or two of them, or None), mean and std of one number per input
-    channel (std > 0)."""
+    channel (std > 0). Only an RGB model may leave mean and std out (ImageNet's are filled in)."""
     def is_size(v):
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -150,7 +150,9 @@ def check_preprocessing(preprocessing, channels: int = 3) -> None:
             problems.append(f"{key} {v!r:.60} is not a positive integer or a pair of them")
     for key in ("mean", "std"):
         v = preprocessing.get(key)
-        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == channels and all(map(is_number, v))):
+        if v is None and channels != 3:
+            problems.append(f"{key} is missing (a {channels}-channel model has no default)")
+        elif v is not None and not (isinstance(v, (list, tuple)) and len(v) == channels and all(map(is_number, v))):
             problems.append(f"{key} {v!r:.60} is not {channels} number{'s' * (channels != 1)} (one per input channel)")
         elif key == "std" and v is not None and min(v) <= 0:
             problems.append(f"std {v!r} is not positive")

@@ -341,6 +341,14 @@ def test_grayscale_model_sees_every_image_kind_as_luminance(images, tmp_path, ca
     densetriton.save_weights(bare, _tensors(spec, 4), spec, class_names=NAMES)
     rc, _, err = run_cli(capsys, "predict", kinds["gray"], *common(str(bare)))
     assert rc == 1 and "records no preprocessing" in err and "--mean" in err and err.count("\n") == 1, err
+    # What the message asks for: convert the file again with the preprocessing; the class names stay.
+    fixed = tmp_path / "gray-fixed.safetensors"
+    rc, _, err = run_cli(capsys, "convert", "--checkpoint", bare, "--out", fixed, "--mean", "0.45", "--std", "0.25",
+                         "--resize-size", "40", "--crop-size", "32")
+    assert rc == 0, err
+    assert densetriton.load(fixed, device="cpu", backend="reference").class_names == NAMES
+    rc, out_text, err = run_cli(capsys, "predict", kinds["gray"], *common(str(fixed)))
+    assert rc == 0 and direct(eng, kinds["gray"], 3)[0][0] in out_text, err
 
 
 # -- embed --------------------------------------------------------------------------------------

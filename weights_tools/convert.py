@@ -18,6 +18,7 @@ Pickle checkpoints are read with torch.load(weights_only=True): loading never ex
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -28,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
-from ..weights import IMAGENET_PREPROCESSING, WeightsError, check_tensors, describe_spec, save_weights
+from ..weights import FORMAT, IMAGENET_PREPROCESSING, WeightsError, check_tensors, describe_spec, save_weights
 
 # Containers under which training scripts commonly nest the weights.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
@@ -135,6 +136,16 @@ def _unwrap_sequential_classifier(tensors: dict[str, torch.Tensor]) -> dict[str,
     }
 
 
+def _refuse_3d(tensors: dict[str, torch.Tensor]) -> None:
+    """A 3-D DenseNet (MONAI's spatial_dims=3) is named as such, whatever else is wrong with it."""
+    conv0 = tensors.get("features.conv0.weight")
+    if conv0 is not None and conv0.dim() == 5:
+        raise ConversionError(
+            f"features.conv0.weight has shape {tuple(conv0.shape)}: a 3-D DenseNet (MONAI's spatial_dims=3); "
+            f"densetriton runs 2-D DenseNets"
+        )
+
+
 def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
     """Read the architecture off a normalised state dict's shapes."""
 
@@ -143,12 +154,8 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
             raise ConversionError(f"cannot infer the architecture: no tensor {name!r} (is this a DenseNet checkpoint?)")
         return tuple(tensors[name].shape)
 
+    _refuse_3d(tensors)
     conv0 = shape("features.conv0.weight")
-    if len(conv0) == 5:
-        raise ConversionError(
-            f"features.conv0.weight has shape {conv0}: a 3-D DenseNet (MONAI's spatial_dims=3); densetriton runs "
-            f"2-D DenseNets"
-        )
     if len(conv0) != 4 or conv0[2] not in (3, 7) or conv0[2] != conv0[3]:
         raise ConversionError(f"cannot infer the architecture: features.conv0.weight has shape {conv0}")
     stem = "imagenet" if conv0[2] == 7 else "cifar"
@@ -202,6 +209,7 @@ def convert_state_dict(
 ) -> Path:
     """Normalise, validate against the spec (given or inferred) and write `out` atomically."""
     tensors = normalize_state_dict(state_dict)
+    _refuse_3d(tensors)
     if arch is None:
         spec = infer_spec(tensors)
     elif isinstance(arch, DenseNetSpec):
@@ -243,13 +251,40 @@ def convert_checkpoint(
 
     preprocessing: {"resize_size", "crop_size", "mean", "std"} as the model was trained (mean and
     std one value per input channel); default torchvision's ImageNet preprocessing for an RGB
-    ImageNet-stem model, else none is recorded.
+    ImageNet-stem model, else none is recorded. A densetriton weights file converted again keeps
+    its class names and preprocessing unless new ones are given.
     """
     state_dict = load_checkpoint(path)
+    carried = _carried_metadata(Path(path))
+    class_names = class_names if class_names is not None else carried.get("class_names")
+    preprocessing = preprocessing if preprocessing is not None else carried.get("preprocessing")
     return convert_state_dict(
         state_dict, out, arch=arch, class_names=class_names, preprocessing=preprocessing,
         source=f"checkpoint:{Path(path).name}", progress=progress,
     )
+
+
+def _carried_metadata(path: Path) -> dict:
+    """A densetriton file's class names and preprocessing (each one that parses), so converting
+    the file again -- to record a preprocessing, say -- keeps what it had."""
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return {}
+    if metadata.get("format") != FORMAT:
+        return {}
+    carried = {}
+    for key in ("class_names", "preprocessing"):
+        try:
+            carried[key] = json.loads(metadata[key])
+        except (KeyError, ValueError):
+            pass  # absent or unreadable: the caller's (or no) value, as for any checkpoint
+    return carried
 
 
 def convert_module(

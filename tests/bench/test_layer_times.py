@@ -48,6 +48,18 @@ def test_layer_times_cover_every_launch_and_leave_the_engine_correct():
         layer_times(densetriton.load(TINY, weights=None, device="cpu", backend="reference"), x.cpu())
 
 
+def test_the_command_takes_a_grayscale_weights_file(tmp_path, capsys):
+    from densetriton.bench.layer_times import main
+
+    spec = TINY.replace(in_channels=1)
+    path = tmp_path / "gray.safetensors"
+    torch.manual_seed(1)
+    densetriton.save_weights(path, densetriton.engine.random_weights(spec).tensors, spec)
+    assert main(["--model", str(path), "--batch-size", "1", "--image-size", "40", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "input (1, 1, 40, 40)" in out and "whole forward" in out
+
+
 def test_the_report_sets_each_kind_against_its_floor():
     from test_bench_report import record, synthetic_doc
 

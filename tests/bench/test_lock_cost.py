@@ -40,3 +40,14 @@ def test_measure_reports_every_figure_and_puts_the_lock_back():
     assert 1 < figures["uncontended_lock_ns"] < 1e5
     assert isinstance(lock, type(threading.Lock())) and not lock.locked()
     assert torch.equal(engine(x), expected)
+
+
+def test_the_command_takes_a_grayscale_weights_file(tmp_path, capsys):
+    spec = TINY.replace(in_channels=1)
+    path = tmp_path / "gray.safetensors"
+    torch.manual_seed(2)
+    densetriton.save_weights(path, densetriton.engine.random_weights(spec).tensors, spec)
+    assert lock_cost.main(["--model", str(path), "--batch-size", "2", "--image-size", "8", "--calls", "2",
+                           "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "input (2, 1, 8, 8)" in out and "calls_per_s_2_threads" in out

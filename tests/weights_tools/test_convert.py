@@ -293,5 +293,22 @@ def test_a_3d_monai_densenet_is_refused_by_name(tmp_path):
     nets = pytest.importorskip("monai.networks.nets")
     model = nets.DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1)
     torch.save(model.state_dict(), tmp_path / "ct3d.pt")
-    _assert_refused(tmp_path / "ct3d.pt", tmp_path / "out.safetensors", r"3-D DenseNet", r"\(4, 1, 7, 7, 7\)")
+    for arch in (None, "densenet121"):  # named as 3-D whether or not an architecture is given
+        _assert_refused(tmp_path / "ct3d.pt", tmp_path / "out.safetensors", r"3-D DenseNet", r"\(4, 1, 7, 7, 7\)", arch=arch)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_grayscale_preprocessing_needs_its_mean_and_std(tmp_path):
+    model = _monai_model(9, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1)
+    with pytest.raises(WeightsError, match=r"mean is missing \(a 1-channel model has no default\); std is missing"):
+        convert_module(model, tmp_path / "g.safetensors", preprocessing={"resize_size": 40, "crop_size": 32})
+    assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_converting_a_densetriton_file_again_keeps_its_class_names_and_preprocessing(small_model, tmp_path):
+    first = convert_module(small_model, tmp_path / "a.safetensors", class_names=list("abcde"))
+    pre = {"resize_size": 48, "crop_size": 40, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}
+    second = convert_checkpoint(first, tmp_path / "b.safetensors", preprocessing=pre, progress=False)
+    assert load_weights(second).class_names == list("abcde") and load_weights(second).preprocessing == pre
+    third = convert_checkpoint(second, tmp_path / "c.safetensors", class_names=list("vwxyz"), progress=False)
+    assert load_weights(third).class_names == list("vwxyz") and load_weights(third).preprocessing == pre
