@@ -12,7 +12,7 @@ import torch
 from .executor import is_out_of_memory
 from .reference import ReferenceDenseNet
 from .spec import MODELS, TORCHVISION_MODELS, DenseNetSpec, get_spec
-from .weights import IMAGENET_PREPROCESSING, Weights, WeightsError, cache_dir, describe_spec, load_weights
+from .weights import Weights, WeightsError, cache_dir, default_preprocessing, describe_spec, load_weights
 
 BACKENDS = ("auto", "reference", "triton")
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -35,9 +35,7 @@ class Engine:
         self.backend = backend
         self.pretrained = pretrained
         self.class_names = weights.class_names
-        self.preprocessing = weights.preprocessing or (
-            IMAGENET_PREPROCESSING if self.spec.stem == "imagenet" and self.spec.in_channels == 3 else None
-        )
+        self.preprocessing = weights.preprocessing or default_preprocessing(self.spec)
         # A plan's buffers serve one call at a time: callers on several threads take turns to
         # launch (the reference backend keeps no state between calls and needs no lock).
         self._lock = threading.Lock()

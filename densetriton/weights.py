@@ -41,6 +41,12 @@ IMAGENET_PREPROCESSING = {
 }
 
 
+def default_preprocessing(spec: DenseNetSpec) -> dict | None:
+    """What a model without recorded preprocessing gets: torchvision's ImageNet preprocessing for an
+    RGB ImageNet-stem model, else none (a CIFAR-stem or non-RGB model's cannot be guessed)."""
+    return IMAGENET_PREPROCESSING if spec.stem == "imagenet" and spec.in_channels == 3 else None
+
+
 class WeightsError(ValueError):
     """A weights file or checkpoint that cannot be used; the message says why."""
 

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
-from ..weights import FORMAT, IMAGENET_PREPROCESSING, WeightsError, check_tensors, describe_spec, save_weights
+from ..weights import FORMAT, WeightsError, check_tensors, default_preprocessing, describe_spec, save_weights
 
 # Containers under which training scripts commonly nest the weights.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
@@ -233,8 +233,8 @@ def convert_state_dict(
     shown = None if progress is None else not progress  # None: show on a terminal only
     for name in tqdm(spec.state_dict_shapes(), desc=f"converting {describe_spec(spec)}", unit="tensor", disable=shown, leave=False):
         cpu[name] = tensors[name].detach().to("cpu").contiguous()
-    if preprocessing is None and spec.stem == "imagenet" and spec.in_channels == 3:
-        preprocessing = IMAGENET_PREPROCESSING
+    if preprocessing is None:
+        preprocessing = default_preprocessing(spec)
     return save_weights(out, cpu, spec, class_names=class_names, preprocessing=preprocessing, source=source)
 
 
