@@ -31,7 +31,6 @@ import torch
 
 from .spec import DenseNetSpec
 
-BN_EPS = 1e-5  # torchvision's BatchNorm2d default
 CHANNEL_ALIGN = 16  # elements: Triton specialises integer arguments on divisibility by 16
 
 
@@ -135,11 +134,11 @@ def build_stages(spec: DenseNetSpec) -> list[Stage]:
     return stages
 
 
-def _bn_scale_shift(tensors: dict, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_scale_shift(tensors: dict, prefix: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BatchNorm as y = x * scale + shift, computed in float64."""
     w, b = tensors[f"{prefix}.weight"].double(), tensors[f"{prefix}.bias"].double()
     mean, var = tensors[f"{prefix}.running_mean"].double(), tensors[f"{prefix}.running_var"].double()
-    scale = w / torch.sqrt(var + BN_EPS)
+    scale = w / torch.sqrt(var + eps)
     return scale, b - mean * scale
 
 
@@ -161,13 +160,13 @@ def fold_batchnorm(tensors: dict, spec: DenseNetSpec, dtype: torch.dtype, device
         return pack_conv_weight(w, dt, device)
 
     def prologue(name, bn_prefix):
-        scale, shift = _bn_scale_shift(t, f"features.{bn_prefix}")
+        scale, shift = _bn_scale_shift(t, f"features.{bn_prefix}", spec.bn_eps)
         folded[f"{name}.scale"], folded[f"{name}.shift"] = vec(scale), vec(shift)
 
     w0 = t["features.conv0.weight"].double()
     if spec.stem == "imagenet":
         # norm0 follows conv0 directly: fold it into the weights and a bias.
-        scale, shift = _bn_scale_shift(t, "features.norm0")
+        scale, shift = _bn_scale_shift(t, "features.norm0", spec.bn_eps)
         folded["conv0.weight"], folded["conv0.bias"] = packed(w0 * scale[:, None, None, None]), vec(shift)
     else:
         folded["conv0.weight"] = packed(w0)
@@ -179,7 +178,7 @@ def fold_batchnorm(tensors: dict, spec: DenseNetSpec, dtype: torch.dtype, device
             if spec.bn_size is None:
                 folded[f"{p}.conv1.weight"] = packed(w1)
             else:
-                scale, shift = _bn_scale_shift(t, f"features.{p}.norm2")
+                scale, shift = _bn_scale_shift(t, f"features.{p}.norm2", spec.bn_eps)
                 folded[f"{p}.conv1.weight"] = packed(w1 * scale[:, None, None, None])
                 folded[f"{p}.conv1.bias"] = vec(shift)
                 folded[f"{p}.conv2.weight"] = packed(t[f"features.{p}.conv2.weight"].double())

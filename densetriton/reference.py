@@ -17,14 +17,14 @@ from .spec import DenseNetSpec
 class DenseLayer(nn.Module):
     """BN-ReLU-conv1x1-BN-ReLU-conv3x3 (bottleneck), or BN-ReLU-conv3x3 (plain)."""
 
-    def __init__(self, in_channels: int, growth_rate: int, bn_size: int | None):
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int | None, eps: float):
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.norm1 = nn.BatchNorm2d(in_channels, eps=eps)
         if bn_size is None:
             self.conv1 = nn.Conv2d(in_channels, growth_rate, 3, padding=1, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_channels, bn_size * growth_rate, 1, bias=False)
-            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate, eps=eps)
             self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
         self.bottleneck = bn_size is not None
 
@@ -36,9 +36,9 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.ModuleDict):
-    def __init__(self, in_channels: int, num_layers: int, growth_rate: int, bn_size: int | None):
+    def __init__(self, in_channels: int, num_layers: int, growth_rate: int, bn_size: int | None, eps: float):
         super().__init__(
-            {f"denselayer{i + 1}": DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size) for i in range(num_layers)}
+            {f"denselayer{i + 1}": DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, eps) for i in range(num_layers)}
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,9 +49,9 @@ class DenseBlock(nn.ModuleDict):
 
 
 class Transition(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, eps: float):
         super().__init__()
-        self.norm = nn.BatchNorm2d(in_channels)
+        self.norm = nn.BatchNorm2d(in_channels, eps=eps)
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +62,11 @@ class ReferenceDenseNet(nn.Module):
     def __init__(self, spec: DenseNetSpec):
         super().__init__()
         self.spec = spec
-        c0 = spec.num_init_features
+        c0, eps = spec.num_init_features, spec.bn_eps
         self.features = nn.Sequential()
         if spec.stem == "imagenet":
             self.features.add_module("conv0", nn.Conv2d(spec.in_channels, c0, 7, stride=2, padding=3, bias=False))
-            self.features.add_module("norm0", nn.BatchNorm2d(c0))
+            self.features.add_module("norm0", nn.BatchNorm2d(c0, eps=eps))
             self.features.add_module("relu0", nn.ReLU())
             self.features.add_module("pool0", nn.MaxPool2d(3, stride=2, padding=1))
         else:
@@ -75,10 +75,10 @@ class ReferenceDenseNet(nn.Module):
         transitions = spec.transition_channels()
         for b, layers in enumerate(spec.block_config, start=1):
             c_in, c_end = channels[b - 1]
-            self.features.add_module(f"denseblock{b}", DenseBlock(c_in, layers, spec.growth_rate, spec.bn_size))
+            self.features.add_module(f"denseblock{b}", DenseBlock(c_in, layers, spec.growth_rate, spec.bn_size, eps))
             if b < len(spec.block_config):
-                self.features.add_module(f"transition{b}", Transition(c_end, transitions[b - 1]))
-        self.features.add_module("norm5", nn.BatchNorm2d(spec.num_features))
+                self.features.add_module(f"transition{b}", Transition(c_end, transitions[b - 1], eps))
+        self.features.add_module("norm5", nn.BatchNorm2d(spec.num_features, eps=eps))
         self.classifier = nn.Linear(spec.num_features, spec.num_classes)
         self.reset_parameters()
 

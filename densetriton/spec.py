@@ -3,8 +3,8 @@
 A `DenseNetSpec` names the paper's hyper-parameters (Huang et al. 2017): growth rate k,
 layers per dense block, the channels of the stem, the bottleneck width factor (the "B" of
 DenseNet-BC; None for the plain BN-ReLU-conv3x3 layer) and the transition compression theta
-(the "C"), and the channels of the input image (3 for RGB; 1 for the grayscale X-ray and CT
-models of medical imaging). Everything else -- channel counts, tensor names and shapes, parameter and
+(the "C"), the channels of the input image (3 for RGB; 1 for the grayscale X-ray and CT
+models of medical imaging), and BatchNorm's epsilon (torch's 1e-5; Keras's DenseNet uses 1.001e-5). Everything else -- channel counts, tensor names and shapes, parameter and
 multiply-add counts, feature-map sizes -- is derived from it, so the reference model, the
 weights validator and the Triton plan all agree by construction.
 """
@@ -29,6 +29,7 @@ class DenseNetSpec:
     num_classes: int = 1000
     stem: str = "imagenet"
     in_channels: int = 3
+    bn_eps: float = 1e-5
 
     def __post_init__(self):
         # Accept lists (e.g. from JSON) but store a tuple so the spec stays hashable.
@@ -50,6 +51,9 @@ class DenseNetSpec:
             problems.append(f"stem must be one of {STEMS}, got {self.stem!r}")
         if not (isinstance(self.in_channels, int) and self.in_channels > 0):
             problems.append(f"in_channels must be a positive int, got {self.in_channels!r}")
+        if not (isinstance(self.bn_eps, (int, float)) and not isinstance(self.bn_eps, bool)
+                and math.isfinite(self.bn_eps) and self.bn_eps > 0):
+            problems.append(f"bn_eps must be a positive finite number, got {self.bn_eps!r}")
         if problems:
             raise ValueError("invalid DenseNetSpec: " + "; ".join(problems))
         for i, c in enumerate(self.transition_channels()):
@@ -201,10 +205,12 @@ class DenseNetSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["block_config"] = list(self.block_config)
-        if d["in_channels"] == 3:
-            # Left out at its default, so files of RGB models stay readable by densetriton
-            # versions that predate the field (from_dict fills it back in).
-            del d["in_channels"]
+        # Fields added after the first release are left out at their defaults, so files of
+        # models that don't use them stay readable by older densetriton versions (from_dict
+        # fills them back in).
+        for name, default in (("in_channels", 3), ("bn_eps", 1e-5)):
+            if d[name] == default:
+                del d[name]
         return d
 
     def to_json(self) -> str:

@@ -7,7 +7,7 @@ import torch
 
 import densetriton
 from densetriton import DenseNetSpec, get_spec
-from densetriton.plan import BN_EPS, CHANNEL_ALIGN, View, buffer_shapes, build_stages, fold_batchnorm, memory_layout
+from densetriton.plan import CHANNEL_ALIGN, View, buffer_shapes, build_stages, fold_batchnorm, memory_layout
 
 SPECS = [
     get_spec("densenet121"),
@@ -68,9 +68,10 @@ def test_buffer_channels_are_padded_to_the_alignment_and_hold_every_view(spec):
                 assert view.stop <= shapes[view.buffer][2], (stage.name, view)
 
 
-def test_fold_batchnorm_matches_eval_batchnorm():
+@pytest.mark.parametrize("bn_eps", [1e-5, 1e-2])  # torch's default, and one large enough to matter
+def test_fold_batchnorm_matches_eval_batchnorm(bn_eps):
     torch.manual_seed(0)
-    spec = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "imagenet")
+    spec = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "imagenet", bn_eps=bn_eps)
     tensors = dict(densetriton.engine.random_weights(spec).tensors)
     for name in list(tensors):
         if name.endswith("running_var"):
@@ -84,7 +85,7 @@ def test_fold_batchnorm_matches_eval_batchnorm():
     x = torch.randn(5, spec.block_channels()[1][0])
     bn = torch.nn.functional.batch_norm(
         x, tensors[f"{p}.norm1.running_mean"], tensors[f"{p}.norm1.running_var"], tensors[f"{p}.norm1.weight"],
-        tensors[f"{p}.norm1.bias"], False, 0.0, BN_EPS,
+        tensors[f"{p}.norm1.bias"], False, 0.0, bn_eps,
     )
     f = "denseblock2.denselayer1.norm1"
     torch.testing.assert_close(x * folded[f"{f}.scale"] + folded[f"{f}.shift"], bn, rtol=1e-5, atol=1e-5)
@@ -92,7 +93,7 @@ def test_fold_batchnorm_matches_eval_batchnorm():
     w1 = tensors[f"{p}.conv1.weight"][:, :, 0, 0]
     y = torch.nn.functional.batch_norm(
         x @ w1.T, tensors[f"{p}.norm2.running_mean"], tensors[f"{p}.norm2.running_var"],
-        tensors[f"{p}.norm2.weight"], tensors[f"{p}.norm2.bias"], False, 0.0, BN_EPS,
+        tensors[f"{p}.norm2.weight"], tensors[f"{p}.norm2.bias"], False, 0.0, bn_eps,
     )
     torch.testing.assert_close(x @ folded["denseblock2.denselayer1.conv1.weight"] + folded["denseblock2.denselayer1.conv1.bias"], y, rtol=1e-5, atol=1e-5)
     assert folded["classifier.weight"].dtype == torch.float32

@@ -318,6 +318,7 @@ def specs_and_sizes(draw):
         num_classes=draw(st.integers(1, 20)),
         stem=stem,
         in_channels=draw(st.sampled_from([3, 1, 2, 4])),
+        bn_eps=draw(st.sampled_from([1e-5, 1.001e-5, 1e-3, 0.1])),  # 0.1 moves results by percent
     )
     try:
         spec = DenseNetSpec(**fields)

@@ -105,6 +105,28 @@ def test_input_channels_change_the_stem_only():
     assert "in_channels=2" in densetriton.weights.describe_spec(DenseNetSpec(4, (2,), 8, in_channels=2, stem="cifar"))
 
 
+def test_batchnorm_eps_is_part_of_the_function():
+    torch.manual_seed(0)
+    base = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "imagenet")
+    keras = base.replace(bn_eps=1.001e-5)  # Keras's DenseNet epsilon
+    model = ReferenceDenseNet(keras)
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1.001e-5}
+    # Running variances near zero make eps matter: the same weights under another eps differ.
+    state = {k: (torch.rand(v.shape) * 1e-4 if k.endswith("running_var") else v) for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    other = ReferenceDenseNet(base)
+    other.load_state_dict(state)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert not torch.allclose(model.eval()(x), other.eval()(x), rtol=1e-6, atol=0)
+    # JSON: bn_eps is written only when it is not torch's default; it round-trips exactly.
+    assert "bn_eps" not in base.to_dict() and keras.to_dict()["bn_eps"] == 1.001e-5
+    assert DenseNetSpec.from_json(keras.to_json()) == keras and DenseNetSpec.from_json(base.to_json()) == base
+    assert densetriton.weights.describe_spec(get_spec("densenet121").replace(bn_eps=1.001e-5, num_classes=14)) == (
+        "densenet121 with 14 classes and BatchNorm eps 1.001e-05")
+    assert "bn_eps=0.001" in densetriton.weights.describe_spec(base.replace(bn_eps=1e-3))
+
+
 def test_spec_json_round_trip_and_hashable():
     spec = DenseNetSpec(12, [16, 16, 16], 24, 4, 0.5, 10, "cifar")
     assert spec.block_config == (16, 16, 16)
@@ -123,6 +145,10 @@ def test_spec_json_round_trip_and_hashable():
         (dict(num_classes=0), "num_classes"),
         (dict(in_channels=0), "in_channels"),
         (dict(in_channels=1.0), "in_channels"),
+        (dict(bn_eps=0.0), "bn_eps"),
+        (dict(bn_eps=-1e-5), "bn_eps"),
+        (dict(bn_eps=float("nan")), "bn_eps"),
+        (dict(bn_eps="1e-5"), "bn_eps"),
     ],
 )
 def test_invalid_specs_are_refused(kwargs, match):
