@@ -49,14 +49,15 @@ def _convert(args) -> int:
     if args.mean is not None or args.std is not None or args.resize_size is not None or args.crop_size is not None:
         if args.mean is None or args.std is None:
             raise ValueError("give --mean and --std (one value per input channel) with any preprocessing option")
-        preprocessing = {"resize_size": args.resize_size, "crop_size": args.crop_size, "mean": args.mean, "std": args.std}
+        resize = args.resize_size[0] if args.resize_size is not None and len(args.resize_size) == 1 else args.resize_size
+        preprocessing = {"resize_size": resize, "crop_size": args.crop_size, "mean": args.mean, "std": args.std}
     if args.checkpoint is not None:
         out = convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names,
-                                 preprocessing=preprocessing)
+                                 preprocessing=preprocessing, bn_eps=args.bn_eps)
     else:
-        if class_names is not None or preprocessing is not None:
-            raise ValueError("--class-names and the preprocessing options apply to --checkpoint; torchvision's weights "
-                             "carry their own")
+        if class_names is not None or preprocessing is not None or args.bn_eps is not None:
+            raise ValueError("--class-names, --bn-eps and the preprocessing options apply to --checkpoint; "
+                             "torchvision's weights carry their own")
         out = convert_torchvision(args.arch, args.out)
     from .images import describe_preprocessing
     from .weights import describe_spec, load_weights
@@ -92,12 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert torchvision's pretrained weights or a checkpoint into a .safetensors weights file",
         description="Convert torchvision's pretrained weights (--arch) or a local checkpoint (--checkpoint: .pth, .pt, "
         ".pth.tar, .safetensors; nested state dicts, 'module.' prefixes, legacy keys, Sequential classifiers, MONAI's "
-        "DenseNet and grayscale stems are handled) into a densetriton weights file. Pickles load with weights_only=True: no code runs.",
+        "DenseNet and grayscale stems are handled; or a Keras DenseNet: .h5, .weights.h5, .keras) into a densetriton "
+        "weights file. Pickles load with weights_only=True and Keras configs are read as JSON: no code runs.",
     )
     p.add_argument("--out", required=True, help="the .safetensors file to write (written atomically)")
     p.add_argument("--arch", choices=list_models(), metavar="NAME", help="architecture; without --checkpoint, fetch torchvision's weights")
     p.add_argument("--checkpoint", help="a local checkpoint file; the architecture is inferred unless --arch is given")
     p.add_argument("--class-names", help="a text file with one class name per line, stored in the weights file")
+    p.add_argument("--bn-eps", type=float, metavar="EPS",
+                   help="the model's BatchNorm epsilon, which no tensor shows (default: what a Keras file says, "
+                   "else torch's 1e-5)")
     g = p.add_argument_group(
         "preprocessing",
         "how the model's images were prepared in training, stored in the file for predict and embed: resize the "
@@ -106,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean after scaling to 0..1")
     g.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel standard deviation")
-    g.add_argument("--resize-size", type=int, metavar="N", help="resize the shorter side to N (default: no resize)")
+    g.add_argument("--resize-size", type=int, nargs="+", metavar="N",
+                   help="resize the shorter side to N, or with two values to exactly H W as Keras pipelines do "
+                   "(default: no resize)")
     g.add_argument("--crop-size", type=int, metavar="N", help="center-crop to NxN (default: no crop)")
     p.set_defaults(func=_convert)
 

@@ -155,8 +155,9 @@ def random_weights(spec: DenseNetSpec) -> Weights:
 
 
 def _same_architecture(a: DenseNetSpec, b: DenseNetSpec) -> bool:
-    """The same backbone: a fine-tuned head or a grayscale stem is still densenet121."""
-    return a.replace(num_classes=1, in_channels=1) == b.replace(num_classes=1, in_channels=1)
+    """The same backbone: a fine-tuned head, a grayscale stem or Keras's BatchNorm epsilon is still densenet121."""
+    same = dict(num_classes=1, in_channels=1, bn_eps=1e-5)
+    return a.replace(**same) == b.replace(**same)
 
 
 def load(

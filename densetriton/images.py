@@ -195,7 +195,7 @@ def resolve_preprocessing(engine_or_preprocessing=None) -> dict:
 
 def build_transform(engine_or_preprocessing=None):
     """torchvision transforms for a preprocessing dict: Resize (bilinear, antialiased; the shorter
-    side to resize_size), CenterCrop(crop_size), Grayscale for a 1-channel mean and std, ToTensor,
+    side to resize_size, or exactly [H, W] for a pair), CenterCrop(crop_size), Grayscale for a 1-channel mean and std, ToTensor,
     Normalize(mean, std). Resize and crop are left out when their size is None."""
     from torchvision import transforms
 
@@ -223,8 +223,11 @@ def build_transform(engine_or_preprocessing=None):
 def describe_preprocessing(engine_or_preprocessing=None) -> str:
     pre = resolve_preprocessing(engine_or_preprocessing)
     parts = []
-    if pre.get("resize_size") is not None:
-        parts.append(f"resize {pre['resize_size']}")
+    size = pre.get("resize_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        parts.append(f"resize to {size[0]}x{size[1]}")
+    elif size is not None:
+        parts.append(f"resize {size if isinstance(size, int) else size[0]}")
     if pre.get("crop_size") is not None:
         parts.append(f"center crop {pre['crop_size']}")
     if not parts:

@@ -77,6 +77,9 @@ def _listing(names, limit=12) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+# Files that `densetriton convert --checkpoint` reads and `load` does not: PyTorch pickles, Keras.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt", ".h5", ".hdf5", ".keras")
+
 # What the kernels and the reference path read; float8, integer, bool and complex tensors are refused.
 TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -181,6 +184,8 @@ def describe_spec(spec: DenseNetSpec) -> str:
             changes.append(f"{spec.num_classes} classes")
         if spec.bn_eps != s.bn_eps:
             changes.append(f"BatchNorm eps {spec.bn_eps:g}")
+        if len(changes) > 2:
+            changes = [", ".join(changes[:-1]), changes[-1]]
         return name + (" with " + " and ".join(changes) if changes else "")
     extras = f", in_channels={spec.in_channels}" if spec.in_channels != default.in_channels else ""
     extras += f", bn_eps={spec.bn_eps:g}" if spec.bn_eps != default.bn_eps else ""
@@ -249,7 +254,10 @@ def load_weights(path: str | os.PathLike) -> Weights:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
+        hint = ""
+        if path.suffix in CHECKPOINT_SUFFIXES:
+            hint = f"; convert the checkpoint first: densetriton convert --checkpoint {path} --out {path.stem}.safetensors"
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}){hint}") from None
 
     if "spec" in metadata:
         if metadata.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:

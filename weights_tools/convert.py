@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
+from .keras_h5 import KERAS_SUFFIXES, KerasError, read_keras
 from ..weights import FORMAT, WeightsError, check_tensors, default_preprocessing, describe_spec, save_weights
 
 # Containers under which training scripts commonly nest the weights.
@@ -206,8 +207,12 @@ def convert_state_dict(
     preprocessing: dict | None = None,
     source: str | None = None,
     progress: bool | None = None,
+    bn_eps: float | None = None,
 ) -> Path:
-    """Normalise, validate against the spec (given or inferred) and write `out` atomically."""
+    """Normalise, validate against the spec (given or inferred) and write `out` atomically.
+
+    bn_eps: the BatchNorm epsilon the model was trained with, which no tensor shows (default:
+    the given spec's, else torch's 1e-5)."""
     tensors = normalize_state_dict(state_dict)
     _refuse_3d(tensors)
     if arch is None:
@@ -227,6 +232,11 @@ def convert_state_dict(
             found = None  # not even inferable: the listing below says what is wrong
         if found is not None and found != spec:
             raise ConversionError(f"the checkpoint holds {describe_spec(found)}, not {describe_spec(spec)} (--arch {arch})")
+    if bn_eps is not None:
+        try:
+            spec = spec.replace(bn_eps=bn_eps)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
     check_tensors(tensors, spec)
     # Copy to CPU with progress: the slow part for large checkpoints on slow disks.
     cpu = {}
@@ -246,27 +256,43 @@ def convert_checkpoint(
     class_names: list[str] | None = None,
     preprocessing: dict | None = None,
     progress: bool | None = None,
+    bn_eps: float | None = None,
 ) -> Path:
-    """Convert a checkpoint file (.pth, .pt, .pth.tar, .safetensors).
+    """Convert a checkpoint file: PyTorch (.pth, .pt, .pth.tar), safetensors, or Keras (.h5,
+    .keras; see keras_h5).
 
     preprocessing: {"resize_size", "crop_size", "mean", "std"} as the model was trained (mean and
     std one value per input channel); default torchvision's ImageNet preprocessing for an RGB
     ImageNet-stem model, else none is recorded. A densetriton weights file converted again keeps
-    its class names and preprocessing unless new ones are given.
+    its class names, preprocessing and BatchNorm epsilon unless new ones are given. bn_eps: the
+    model's BatchNorm epsilon, for a checkpoint that does not record it (default: a Keras
+    model's own, else torch's 1e-5).
     """
-    state_dict = load_checkpoint(path)
-    carried = _carried_metadata(Path(path))
+    path = Path(path)
+    carried = {}
+    if path.suffix in KERAS_SUFFIXES:
+        if not path.is_file():
+            raise ConversionError(f"checkpoint not found: {path}")
+        try:
+            keras = read_keras(path)
+        except KerasError as e:
+            raise ConversionError(str(e)) from None
+        state_dict, carried["bn_eps"] = keras.tensors, keras.bn_eps
+    else:
+        state_dict = load_checkpoint(path)
+        carried = _carried_metadata(path)
     class_names = class_names if class_names is not None else carried.get("class_names")
     preprocessing = preprocessing if preprocessing is not None else carried.get("preprocessing")
+    bn_eps = bn_eps if bn_eps is not None else carried.get("bn_eps")
     return convert_state_dict(
         state_dict, out, arch=arch, class_names=class_names, preprocessing=preprocessing,
-        source=f"checkpoint:{Path(path).name}", progress=progress,
+        source=f"checkpoint:{path.name}", progress=progress, bn_eps=bn_eps,
     )
 
 
 def _carried_metadata(path: Path) -> dict:
-    """A densetriton file's class names and preprocessing (each one that parses), so converting
-    the file again -- to record a preprocessing, say -- keeps what it had."""
+    """A densetriton file's class names, preprocessing and BatchNorm epsilon (each one that
+    parses), so converting the file again -- to record a preprocessing, say -- keeps what it had."""
     if path.suffix != ".safetensors":
         return {}
     from safetensors import SafetensorError, safe_open
@@ -284,6 +310,10 @@ def _carried_metadata(path: Path) -> dict:
             carried[key] = json.loads(metadata[key])
         except (KeyError, ValueError):
             pass  # absent or unreadable: the caller's (or no) value, as for any checkpoint
+    try:
+        carried["bn_eps"] = DenseNetSpec.from_json(metadata["spec"]).bn_eps
+    except (KeyError, ValueError, TypeError):
+        pass
     return carried
 
 

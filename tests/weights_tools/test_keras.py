@@ -1,0 +1,266 @@
+"""Keras DenseNets: keras.applications' models and fine-tuned models on them, in Keras 2's and
+Keras 3's file formats, compared with Keras's own forward (torch backend) on the same input."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported; the tests need no other framework
+keras = pytest.importorskip("keras")
+h5py = pytest.importorskip("h5py")
+
+import densetriton  # noqa: E402
+from densetriton.cli import main  # noqa: E402
+from densetriton.reference import ReferenceDenseNet  # noqa: E402
+from densetriton.weights import WeightsError, load_weights  # noqa: E402
+from densetriton.weights_tools import convert_checkpoint  # noqa: E402
+
+from helpers import rel_err  # noqa: E402
+
+KERAS_EPS = 1.001e-5
+
+
+def _randomize_batchnorms(model, seed, tiny_final_variance=True):
+    """Non-trivial BatchNorm statistics. The final BatchNorm's variances sit near eps, so a converter
+    that used torch's 1e-5 instead of Keras's 1.001e-5 would be caught at the 1e-4 level."""
+    rng = np.random.default_rng(seed)
+    bns = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    for i, layer in enumerate(bns):
+        c = layer.get_weights()[0].shape[0]
+        variance = rng.uniform(0.5, 1.5, c)
+        if tiny_final_variance and i == len(bns) - 1:
+            variance = rng.uniform(1e-7, 1e-6, c)
+        layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c), variance])
+    return model
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
+def _keras_logits(model, x_nchw: torch.Tensor) -> torch.Tensor:
+    out = model.predict(x_nchw.permute(0, 2, 3, 1).numpy(), verbose=0)  # Keras is channels-last
+    return torch.from_numpy(np.asarray(out))
+
+
+def _save(model, fmt, tmp_path):
+    if fmt == "h5":  # the legacy HDF5 format: Keras 2's and tf.keras's, Keras 3's model.save("x.h5")
+        path = tmp_path / "model.h5"
+        model.save(path)
+    elif fmt == "weights.h5":  # Keras 3's weights-only file: layers named by class and position
+        path = tmp_path / "model.weights.h5"
+        model.save_weights(path)
+    else:
+        path = tmp_path / "model.keras"
+        model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def xray_densenet121():
+    """keras.applications.DenseNet121 for 1-channel X-rays with 5 findings (logits out)."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.DenseNet121(weights=None, input_shape=(64, 64, 1), classes=5, classifier_activation=None)
+    return _randomize_batchnorms(model, seed=1)
+
+
+@pytest.mark.parametrize("fmt", ["h5", "weights.h5", "keras"])
+def test_keras_densenet121_converts_in_every_format_and_computes_what_keras_does(xray_densenet121, fmt, tmp_path):
+    path = _save(xray_densenet121, fmt, tmp_path)
+    pre = {"resize_size": [224, 224], "crop_size": None, "mean": [0.5], "std": [0.25]}
+    out = convert_checkpoint(path, tmp_path / "xray.safetensors", preprocessing=pre, progress=False)
+    w = load_weights(out)
+    assert w.spec == densetriton.get_spec("densenet121").replace(in_channels=1, num_classes=5, bn_eps=KERAS_EPS)
+    assert w.preprocessing == pre
+
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    expected = _keras_logits(xray_densenet121, x)
+    engine = densetriton.load("densenet121", weights=out, device="cpu", backend="reference")  # the same backbone
+    assert rel_err(engine(x), expected) < 1e-5
+    # The test can tell the epsilons apart: the same tensors under torch's 1e-5 miss.
+    torch_eps = ReferenceDenseNet(w.spec.replace(bn_eps=1e-5)).eval()
+    torch_eps.load_state_dict(w.tensors, strict=False)
+    with torch.no_grad():
+        assert rel_err(torch_eps(x), expected) > 1e-4
+
+
+def _finetuned(seed, head_activation="sigmoid"):
+    """The common fine-tuning recipe: an ImageNet-shaped base without its top, average pooling,
+    dropout and a new Dense head, as a Sequential (the base is a nested model in the file)."""
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(64, 64, 3))
+    model = keras.Sequential([keras.Input((64, 64, 3)), base, keras.layers.Dropout(0.2),
+                              keras.layers.Dense(14, activation=head_activation, name="findings")])
+    return _randomize_batchnorms(model, seed=seed + 1)
+
+
+@pytest.mark.parametrize("fmt", ["h5", "keras"])
+def test_a_finetuned_nested_keras_model_converts(fmt, tmp_path):
+    model = _finetuned(3)
+    path = _save(model, fmt, tmp_path)
+    out = convert_checkpoint(path, tmp_path / "chexnet.safetensors", progress=False)
+    spec = load_weights(out).spec
+    assert spec == densetriton.get_spec("densenet121").replace(num_classes=14, bn_eps=KERAS_EPS)
+    x = torch.randn(2, 3, 64, 64)
+    engine = densetriton.load(out, device="cpu", backend="reference")
+    # Keras's head applies its sigmoid; densetriton returns logits (predict --multi-label applies it).
+    assert rel_err(torch.sigmoid(engine(x)), _keras_logits(model, x)) < 1e-5
+
+
+def _as_keras2(src, dst):
+    """Rewrite a Keras 3 legacy .h5 as tf.keras 2 writes model.save_weights("x.h5"): layer groups at
+    the root, the stem named "conv1/conv" and "conv1/bn" (so nested groups), weight names ending in
+    ":0", and a nested model's weights listed trainable first, as Keras 2 lists a partly frozen model."""
+    keras2 = {"conv1_conv": "conv1/conv", "conv1_bn": "conv1/bn"}
+
+    def rename(name):
+        head, _, role = name.rpartition("/")
+        parts = head.split("/")
+        parts[-1] = keras2.get(parts[-1], parts[-1])
+        return "/".join(parts) + "/" + role + ":0"
+
+    with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
+        root = f["model_weights"]
+        layers = [keras2.get(n, n) for n in map(str, root.attrs["layer_names"])]
+        g.attrs["layer_names"] = np.array([n.encode() for n in layers])
+        g.attrs["backend"] = b"tensorflow"
+        for old, new in zip(map(str, root.attrs["layer_names"]), layers):
+            group = g.create_group(new)
+            names = [str(n) for n in root[old].attrs["weight_names"]]
+            # Moving statistics (non-trainable) after every trainable weight; reversed to break any order.
+            names = [n for n in names if "moving" not in n][::-1] + [n for n in names if "moving" in n]
+            group.attrs["weight_names"] = np.array([rename(n).encode() for n in names])
+            for n in names:
+                group.create_dataset(rename(n), data=root[old][n][()])
+
+
+def test_keras2_names_and_weight_order_convert(tmp_path):
+    model = _finetuned(5, head_activation=None)
+    _save(model, "h5", tmp_path)
+    _as_keras2(tmp_path / "model.h5", tmp_path / "keras2.h5")
+    with h5py.File(tmp_path / "keras2.h5", "r") as f:
+        assert "conv1/conv/kernel:0" in list(map(bytes.decode, f["densenet121"].attrs["weight_names"]))
+    out = convert_checkpoint(tmp_path / "keras2.h5", tmp_path / "out.safetensors", progress=False)
+    assert load_weights(out).spec.bn_eps == KERAS_EPS  # no config in a weights-only file: keras.applications'
+    x = torch.randn(2, 3, 64, 64)
+    assert rel_err(densetriton.load(out, device="cpu", backend="reference")(x), _keras_logits(model, x)) < 1e-5
+
+
+def test_a_small_keras_densenet_runs_on_the_triton_kernels(tmp_path):
+    """keras.applications' own DenseNet builder with one or two layers per block: the converted
+    file through the Triton backend (the interpreter here) against Keras's forward."""
+    from keras.src.applications.densenet import DenseNet  # what DenseNet121/169/201 call
+
+    keras.utils.set_random_seed(7)
+    model = _randomize_batchnorms(
+        DenseNet([1, 2, 1, 1], weights=None, input_shape=(48, 48, 1), classes=3, classifier_activation=None), seed=8)
+    out = convert_checkpoint(_save(model, "weights.h5", tmp_path), tmp_path / "small.safetensors", progress=False,
+                             preprocessing={"resize_size": None, "crop_size": None, "mean": [0.5], "std": [0.25]})
+    assert load_weights(out).spec == densetriton.DenseNetSpec(32, (1, 2, 1, 1), 64, 4, 0.5, 3, "imagenet", 1, KERAS_EPS)
+    engine = densetriton.load(out, device="cpu", backend="triton", dtype=torch.float32)
+    x = torch.randn(2, 1, 48, 48)
+    assert rel_err(engine(x), _keras_logits(model, x)) < 1e-4
+
+
+# -- what the config says, and what is refused --------------------------------------------------
+
+
+def _edit_config(path, edit):
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        edit(config)
+        f.attrs["model_config"] = json.dumps(config)
+
+
+def _layer_configs(config):
+    if isinstance(config, dict):
+        if "class_name" in config and isinstance(config.get("config"), dict):
+            yield config
+        for v in config.values():
+            yield from _layer_configs(v)
+    elif isinstance(config, list):
+        for v in config:
+            yield from _layer_configs(v)
+
+
+def test_the_epsilon_comes_from_the_config_and_can_be_overridden(xray_densenet121, tmp_path, capsys):
+    path = _save(xray_densenet121, "h5", tmp_path)
+
+    def eps_1e3(config):
+        for layer in _layer_configs(config):
+            if layer["class_name"] == "BatchNormalization":
+                layer["config"]["epsilon"] = 1e-3
+
+    _edit_config(path, eps_1e3)
+    out = tmp_path / "out.safetensors"
+    pre = ["--mean", "0.5", "--std", "0.25", "--resize-size", "224", "224"]
+    assert main(["convert", "--checkpoint", str(path), "--out", str(out), *pre]) == 0
+    assert load_weights(out).spec.bn_eps == 1e-3
+    printed = capsys.readouterr().out
+    assert "BatchNorm eps 0.001" in printed and "resize to 224x224, grayscale" in printed
+    assert main(["convert", "--checkpoint", str(path), "--out", str(out), "--bn-eps", "2e-5", *pre]) == 0
+    assert load_weights(out).spec.bn_eps == 2e-5
+    # Converting the densetriton file again (to change its preprocessing, say) keeps the epsilon.
+    again = tmp_path / "again.safetensors"
+    assert main(["convert", "--checkpoint", str(out), "--out", str(again), "--mean", "0.4", "--std", "0.2"]) == 0
+    assert load_weights(again).spec.bn_eps == 2e-5
+
+
+def _refused(path, out, *patterns):
+    out.write_bytes(b"previous contents")
+    with pytest.raises(WeightsError) as info:
+        convert_checkpoint(path, out, progress=False)
+    for p in patterns:
+        assert re.search(p, str(info.value)), str(info.value)
+    assert out.read_bytes() == b"previous contents"  # nothing written over it
+    assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_activations_other_than_relu_are_refused(xray_densenet121, tmp_path):
+    path = _save(xray_densenet121, "h5", tmp_path)
+
+    def elu(config):
+        for layer in _layer_configs(config):
+            if layer["class_name"] == "Activation":
+                layer["config"]["activation"] = "elu"
+
+    _edit_config(path, elu)
+    _refused(path, tmp_path / "out.safetensors", r"uses elu where a DenseNet has ReLU", re.escape(str(path)))
+
+
+def test_keras_models_that_are_not_densenets_are_refused(tmp_path):
+    keras.utils.set_random_seed(0)
+    out = tmp_path / "out.safetensors"
+    small = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(2)])
+    _refused(_save(small, "h5", tmp_path), out, r"not keras\.applications DenseNet layers", r"conv2d")
+    _refused(_save(small, "weights.h5", tmp_path), out, r"Conv2D layer has a bias")
+    headless = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
+    _refused(_save(headless, "keras", tmp_path), out, r"no Dense classifier", r"include_top=False")
+    two_heads = keras.Sequential([keras.Input((32, 32, 3)), headless, keras.layers.Dense(16), keras.layers.Dense(2)])
+    _refused(_save(two_heads, "h5", tmp_path), out, r"2 Dense layers")
+
+
+def test_broken_keras_files_are_one_clear_error(xray_densenet121, tmp_path):
+    out = tmp_path / "out.safetensors"
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.create_dataset("x", data=np.ones(3))
+    _refused(tmp_path / "other.h5", out, r"not a Keras model or weights file")
+    good = _save(xray_densenet121, "h5", tmp_path).read_bytes()
+    (tmp_path / "truncated.h5").write_bytes(good[: len(good) // 2])
+    _refused(tmp_path / "truncated.h5", out, r"not a readable Keras file")
+    (tmp_path / "broken.keras").write_bytes(b"PK\x03\x04 not really a zip")
+    _refused(tmp_path / "broken.keras", out, r"not a readable Keras file")
+    with pytest.raises(WeightsError, match="not found"):
+        convert_checkpoint(tmp_path / "missing.h5", out)
+    # load() reads converted files only, and says how to get one.
+    with pytest.raises(WeightsError, match=r"convert the checkpoint first: densetriton convert --checkpoint .*model\.h5"):
+        densetriton.load(tmp_path / "model.h5", device="cpu")

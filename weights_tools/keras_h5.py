@@ -1,0 +1,321 @@
+"""Read Keras DenseNets (keras.applications' DenseNet121/169/201 and fine-tuned models built on
+them) into torchvision's state-dict names.
+
+Keras's DenseNet computes torchvision's function: the same layers in the same order; a
+ZeroPadding2D before the stem conv and the max-pool where torch pads inside them (the max-pool
+reads post-ReLU values, so zeros and -inf pad alike); BatchNorm with epsilon 1.001e-5 rather
+than 1e-5, which the converted spec records. Three file formats:
+
+- legacy HDF5 (`.h5`: Keras 2 and tf.keras, and Keras 3's `model.save("x.h5")`), a full model
+  or weights only. Weights are found by keras.applications' layer names ("conv1/conv" in
+  Keras 2, "conv1_conv" in Keras 3, "conv2_block1_0_bn", "pool2_conv", "bn"), which stay right
+  however the file orders them (Keras 2 lists a partly frozen model's trainable weights first).
+- Keras 3 weights (`.weights.h5`), which name a layer by its class and position
+  ("layers/conv2d_7/vars/0"): the DenseNet is read off the order of its convolutions and
+  BatchNorms, and every shape is then checked against the spec that order implies.
+- Keras 3 archives (`.keras`): a zip of config.json and such a weights file.
+
+A model's config, where the file has one, gives BatchNorm's epsilon and is checked for
+activations other than ReLU; without one, keras.applications' epsilon is assumed. Nothing in a
+file is executed: h5py reads arrays and the config is parsed as JSON, never deserialised into
+layers (a Lambda layer's code stays unread).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..weights import WeightsError
+
+KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
+# keras.applications.densenet builds every BatchNormalization with this epsilon.
+KERAS_DENSENET_BN_EPS = 1.001e-5
+
+# keras.applications' DenseNet layer names; Keras 2 spells the stem "conv1/conv", Keras 3 "conv1_conv".
+_STEM = re.compile(r"conv1[/_](conv|bn)")
+_DENSE_LAYER = re.compile(r"conv(\d+)_block(\d+)_([012])_(bn|conv)")
+_TRANSITION = re.compile(r"pool(\d+)_(bn|conv)")
+_BN_ROLES = ("gamma", "beta", "moving_mean", "moving_variance")
+_BN_TORCH = dict(zip(_BN_ROLES, ("weight", "bias", "running_mean", "running_var")))
+# Activations a DenseNet may name in its config: its ReLUs, and the classifier's output.
+_DENSENET_ACTIVATIONS = {"relu", "linear", "softmax", "sigmoid"}
+
+
+class KerasError(WeightsError):
+    """A Keras file that cannot be converted; the message says why."""
+
+
+@dataclass
+class KerasCheckpoint:
+    tensors: dict[str, torch.Tensor]  # torchvision's names and layouts
+    bn_eps: float
+    eps_from: str  # where bn_eps came from, for the converter's message
+
+
+def read_keras(path: str | Path) -> KerasCheckpoint:
+    path = Path(path)
+    try:
+        import h5py
+    except ImportError:
+        raise KerasError("reading Keras files needs h5py: pip install h5py") from None
+    try:
+        if path.suffix == ".keras":
+            with zipfile.ZipFile(path) as archive:
+                names = set(archive.namelist())
+                if "model.weights.h5" not in names:
+                    raise KerasError(f"{path} is a zip without model.weights.h5: not a Keras 3 .keras archive")
+                config = json.loads(archive.read("config.json")) if "config.json" in names else None
+                data = io.BytesIO(archive.read("model.weights.h5"))
+            with h5py.File(data, "r") as f:
+                return _with_config(_read_keras3(f), config, path)
+        with h5py.File(path, "r") as f:
+            if "layers" in f and "layer_names" not in f.attrs:
+                return _with_config(_read_keras3(f), None, path)
+            config = f.attrs.get("model_config")
+            config = json.loads(_text(config)) if config is not None else None
+            return _with_config(_read_legacy(f, path), config, path)
+    except KerasError as e:
+        raise KerasError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
+        raise KerasError(f"{path} is not a readable Keras file ({e})") from None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _array(dataset) -> torch.Tensor:
+    array = np.asarray(dataset)
+    if array.dtype.kind != "f":
+        raise KerasError(f"{dataset.name} holds {array.dtype} values, not floating point")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+# -- legacy HDF5: by layer name ------------------------------------------------------------
+
+
+def _read_legacy(f, path: Path) -> dict[str, torch.Tensor]:
+    """Keras 2 / tf.keras HDF5: layer groups listed in `layer_names`, each naming its weights in
+    `weight_names` ("conv1/conv/kernel:0"); a nested model's group holds its inner layers' weights."""
+    root = f["model_weights"] if "model_weights" in f else f
+    if "layer_names" not in root.attrs:
+        raise KerasError(f"{path} is an HDF5 file but not a Keras model or weights file (no layer_names)")
+    tensors: dict[str, torch.Tensor] = {}
+    classifier: dict[str, torch.Tensor] = {}
+    unknown = []
+    for layer in map(_text, root.attrs["layer_names"]):
+        group = root[layer]
+        for weight in map(_text, group.attrs.get("weight_names", [])):
+            owner, _, role = weight.removesuffix(":0").rpartition("/")
+            owner = owner or layer
+            # An inner layer's name is the owner's tail: "densenet121/conv1/conv" ends in "conv1/conv".
+            name = _torch_name(owner.split("/")[-2:], role)
+            value = _array(group[weight])
+            if name is not None:
+                if name in tensors:
+                    raise KerasError(f"two weights map to {name!r} (one is {layer}/{weight})")
+                tensors[name] = value
+            elif role in ("kernel", "bias") and (role == "bias" or value.dim() == 2):
+                classifier.setdefault(owner, {})[role] = value
+            else:
+                unknown.append(f"{layer}/{weight}")
+    if unknown:
+        raise KerasError(
+            f"{len(unknown)} weights are not keras.applications DenseNet layers "
+            f"(conv1_conv, conv2_block1_0_bn, pool2_conv, bn, ...): {', '.join(unknown[:6])}"
+            + (", ..." if len(unknown) > 6 else "")
+        )
+    tensors.update(_classifier(list(classifier.values()), "the model"))
+    return _transpose(tensors)
+
+
+def _torch_name(tail: list[str], role: str) -> str | None:
+    """torchvision's name for a keras.applications DenseNet weight, or None for any other layer."""
+    owner = "/".join(tail)
+    if not _STEM.fullmatch(owner):
+        owner = tail[-1]
+    if role not in (*_BN_ROLES, "kernel"):
+        return None
+    suffix = "weight" if role == "kernel" else _BN_TORCH[role]
+    kind = "conv" if role == "kernel" else "bn"
+    if m := _STEM.fullmatch(owner):
+        return f"features.{'conv0' if m.group(1) == 'conv' else 'norm0'}.{suffix}" if m.group(1) == kind else None
+    if m := _DENSE_LAYER.fullmatch(owner):
+        block, layer, step, found = int(m.group(1)) - 1, int(m.group(2)), m.group(3), m.group(4)
+        module = {("0", "bn"): "norm1", ("1", "conv"): "conv1", ("1", "bn"): "norm2", ("2", "conv"): "conv2"}.get((step, found))
+        if module is None or found != kind or block < 1:
+            return None
+        return f"features.denseblock{block}.denselayer{layer}.{module}.{suffix}"
+    if m := _TRANSITION.fullmatch(owner):
+        if m.group(2) != kind or int(m.group(1)) < 2:
+            return None
+        return f"features.transition{int(m.group(1)) - 1}.{'norm' if kind == 'bn' else 'conv'}.{suffix}"
+    if owner == "bn" and kind == "bn":
+        return f"features.norm5.{suffix}"
+    return None
+
+
+# -- Keras 3 weights: by class and position ------------------------------------------------
+
+
+def _read_keras3(f) -> dict[str, torch.Tensor]:
+    """Keras 3 names each layer's group by its class and a counter in layer order ("conv2d",
+    "conv2d_1", ...): collect the convolutions, BatchNorms and Dense layers in that order."""
+    found: dict[str, list[tuple[str, int, list]]] = {"conv2d": [], "batch_normalization": [], "dense": []}
+    unknown = []
+
+    def walk(group, where):
+        layers = group.get("layers")
+        if layers is None:
+            return
+        for child in layers:
+            sub = layers[child]
+            if not hasattr(sub, "keys"):
+                continue  # a dataset where a layer group belongs: nothing Keras writes
+            name = f"{where}/{child}" if where else child
+            m = re.fullmatch(r"(.*?)(?:_(\d+))?", child)
+            kind, counter = m.group(1), int(m.group(2) or 0)
+            values = sub.get("vars")
+            if kind in found and values is not None:
+                found[kind].append((where, counter, [_array(values[str(i)]) for i in range(len(values))]))
+            elif values is not None and len(values):
+                unknown.append(name)
+            walk(sub, name)  # a nested model (Functional, Sequential) keeps its layers below
+
+    walk(f, "")
+    if unknown:
+        raise KerasError(f"layers with weights that a DenseNet does not have: {', '.join(sorted(unknown)[:6])}")
+    ordered = {}
+    for kind, entries in found.items():
+        containers = {where for where, _, _ in entries}
+        if kind != "dense" and len(containers) > 1:
+            raise KerasError(f"{kind} layers in more than one model ({', '.join(sorted(containers))}): their order is ambiguous")
+        ordered[kind] = [values for _, _, values in sorted(entries, key=lambda e: e[1])]
+    for i, values in enumerate(ordered["batch_normalization"]):
+        if len(values) != 4:
+            raise KerasError(f"BatchNormalization layer {i + 1} has {len(values)} variables, not 4 (gamma, beta, mean, variance)")
+    return _by_position(ordered["conv2d"], ordered["batch_normalization"], ordered["dense"])
+
+
+def _by_position(convs: list, bns: list, denses: list) -> dict[str, torch.Tensor]:
+    """Name convolutions and BatchNorms by where they sit in a DenseNet: the stem conv first;
+    then each dense layer a 1x1 and a 3x3 conv (bottleneck) or one 3x3 conv (plain); a
+    transition a lone 1x1 conv. BatchNorms follow the same walk."""
+    if not convs:
+        raise KerasError("no Conv2D layers: not a DenseNet")
+    if any(len(c) != 1 for c in convs):
+        raise KerasError("a Conv2D layer has a bias: DenseNet's convolutions have none")
+    kernels = [c[0] for c in convs]
+    sizes = [k.shape[0] if k.dim() == 4 else None for k in kernels]
+    conv_names, bn_names = ["features.conv0"], (["features.norm0"] if sizes[0] == 7 else [])
+    bottleneck = len(sizes) > 2 and sizes[1] == 1 and sizes[2] == 3
+    block, layer, i = 1, 0, 1
+    while i < len(sizes):
+        p = f"features.denseblock{block}.denselayer{layer + 1}"
+        if bottleneck and sizes[i] == 1 and i + 1 < len(sizes) and sizes[i + 1] == 3:
+            conv_names += [f"{p}.conv1", f"{p}.conv2"]
+            bn_names += [f"{p}.norm1", f"{p}.norm2"]
+            layer, i = layer + 1, i + 2
+        elif not bottleneck and sizes[i] == 3:
+            conv_names.append(f"{p}.conv1")
+            bn_names.append(f"{p}.norm1")
+            layer, i = layer + 1, i + 1
+        elif sizes[i] == 1 and layer > 0:
+            conv_names.append(f"features.transition{block}.conv")
+            bn_names.append(f"features.transition{block}.norm")
+            block, layer, i = block + 1, 0, i + 1
+        else:
+            raise KerasError(
+                f"Conv2D layer {i + 1} of {len(sizes)} (kernel {tuple(kernels[i].shape)}) does not fit a DenseNet's "
+                f"layer order (stem, then dense layers and transitions)"
+            )
+    bn_names.append("features.norm5")
+    if len(bns) != len(bn_names):
+        raise KerasError(
+            f"{len(bns)} BatchNormalization layers where a DenseNet with these convolutions has {len(bn_names)}"
+        )
+    tensors = {f"{name}.weight": kernel for name, kernel in zip(conv_names, kernels)}
+    for name, values in zip(bn_names, bns):
+        tensors.update({f"{name}.{_BN_TORCH[role]}": v for role, v in zip(_BN_ROLES, values)})
+    tensors.update(_classifier([dict(zip(("kernel", "bias"), d)) for d in denses], "the model"))
+    return _transpose(tensors)
+
+
+# -- shared ------------------------------------------------------------------------------
+
+
+def _classifier(denses: list[dict], where) -> dict[str, torch.Tensor]:
+    if not denses:
+        raise KerasError(
+            f"{where} has no Dense classifier (a model built with include_top=False and no head): densetriton "
+            f"converts DenseNets with their single linear classifier"
+        )
+    if len(denses) > 1:
+        raise KerasError(f"{where.capitalize()} has {len(denses)} Dense layers: densetriton supports DenseNet's single linear classifier")
+    (dense,) = denses
+    if "kernel" not in dense:
+        raise KerasError(f"{where.capitalize()}'s Dense classifier has no kernel")
+    kernel = dense["kernel"]
+    bias = dense.get("bias", torch.zeros(kernel.shape[-1], dtype=kernel.dtype))  # use_bias=False
+    return {"classifier.kernel": kernel, "classifier.bias": bias}
+
+
+def _transpose(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keras kernels are [kh, kw, in, out] (conv) and [in, out] (dense); torch's are [out, in, kh, kw] and [out, in]."""
+    out = {}
+    for name, value in tensors.items():
+        if name == "classifier.kernel":
+            out["classifier.weight"] = value.t().contiguous() if value.dim() == 2 else value
+        elif value.dim() == 4:
+            out[name] = value.permute(3, 2, 0, 1).contiguous()
+        else:
+            out[name] = value
+    return out
+
+
+def _config_layers(config):
+    """Every layer config in a model config, nested models included."""
+    if isinstance(config, dict):
+        if "class_name" in config and isinstance(config.get("config"), dict):
+            yield config
+        for value in config.values():
+            yield from _config_layers(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _config_layers(value)
+
+
+def _with_config(tensors: dict[str, torch.Tensor], config, path: Path) -> KerasCheckpoint:
+    if config is None:
+        return KerasCheckpoint(tensors, KERAS_DENSENET_BN_EPS, "keras.applications' DenseNet (the file has no config)")
+    layers = list(_config_layers(config))
+    epsilons = {float(c["config"]["epsilon"]) for c in layers if c["class_name"] == "BatchNormalization" and "epsilon" in c["config"]}
+    activations = set()
+    for c in layers:
+        act = c["config"].get("activation")
+        if isinstance(act, dict):  # a serialised function or object
+            inner = act.get("config")
+            act = inner if isinstance(inner, str) else (inner or {}).get("name") or act.get("class_name")
+        if c["class_name"] in ("Activation", "Conv2D") and act is not None:
+            activations.add(str(act))
+        elif c["class_name"] in ("ELU", "LeakyReLU", "PReLU", "Softmax", "Lambda"):
+            activations.add(c["class_name"])
+    others = activations - _DENSENET_ACTIVATIONS
+    if others:
+        raise KerasError(
+            f"the model uses {', '.join(sorted(others))} where a DenseNet has ReLU; densetriton computes "
+            f"DenseNet's BN-ReLU-conv function"
+        )
+    if len(epsilons) > 1:
+        raise KerasError(f"its BatchNormalization layers use different epsilons ({sorted(epsilons)})")
+    if not epsilons:
+        return KerasCheckpoint(tensors, KERAS_DENSENET_BN_EPS, "keras.applications' DenseNet (the config names none)")
+    return KerasCheckpoint(tensors, epsilons.pop(), "the model's config")
