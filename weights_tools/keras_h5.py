@@ -16,7 +16,8 @@ than 1e-5, which the converted spec records. Three file formats:
 - Keras 3 archives (`.keras`): a zip of config.json and such a weights file.
 
 A model's config, where the file has one, gives BatchNorm's epsilon and is checked for
-activations other than ReLU; without one, keras.applications' epsilon is assumed. Nothing in a
+activations other than ReLU and for max-pooled features (pooling="max"); without one,
+keras.applications' epsilon and average pooling are assumed. Nothing in a
 file is executed: h5py reads arrays and the config is parsed as JSON, never deserialised into
 layers (a Lambda layer's code stays unread).
 """
@@ -306,13 +307,20 @@ def _with_config(tensors: dict[str, torch.Tensor], config, path: Path) -> KerasC
             act = inner if isinstance(inner, str) else (inner or {}).get("name") or act.get("class_name")
         if c["class_name"] in ("Activation", "Conv2D") and act is not None:
             activations.add(str(act))
-        elif c["class_name"] in ("ELU", "LeakyReLU", "PReLU", "Softmax", "Lambda"):
+        elif c["class_name"] in ("ELU", "LeakyReLU", "PReLU"):
             activations.add(c["class_name"])
     others = activations - _DENSENET_ACTIVATIONS
     if others:
         raise KerasError(
             f"the model uses {', '.join(sorted(others))} where a DenseNet has ReLU; densetriton computes "
             f"DenseNet's BN-ReLU-conv function"
+        )
+    # pooling="max" gives the same weights a different head: refused, not averaged.
+    max_pooled = sorted({c["class_name"] for c in layers if c["class_name"] in ("GlobalMaxPooling2D", "GlobalMaxPool2D")})
+    if max_pooled:
+        raise KerasError(
+            f"the model pools its features with {max_pooled[0]} (pooling='max'); DenseNet's head, and densetriton's, "
+            f"is global average pooling"
         )
     if len(epsilons) > 1:
         raise KerasError(f"its BatchNormalization layers use different epsilons ({sorted(epsilons)})")

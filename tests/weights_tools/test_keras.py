@@ -236,6 +236,15 @@ def test_activations_other_than_relu_are_refused(xray_densenet121, tmp_path):
     _refused(path, tmp_path / "out.safetensors", r"uses elu where a DenseNet has ReLU", re.escape(str(path)))
 
 
+def test_max_pooled_features_are_refused(tmp_path):
+    """include_top=False, pooling="max": the same tensors as an average-pooled model, another head."""
+    keras.utils.set_random_seed(0)
+    base = keras.applications.DenseNet121(weights=None, include_top=False, pooling="max", input_shape=(32, 32, 3))
+    model = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Dense(2)])
+    for fmt in ("h5", "keras"):
+        _refused(_save(model, fmt, tmp_path), tmp_path / "out.safetensors", r"GlobalMaxPooling2D \(pooling='max'\)")
+
+
 def test_keras_models_that_are_not_densenets_are_refused(tmp_path):
     keras.utils.set_random_seed(0)
     out = tmp_path / "out.safetensors"
