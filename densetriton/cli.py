@@ -53,10 +53,10 @@ def _convert(args) -> int:
         preprocessing = {"resize_size": resize, "crop_size": args.crop_size, "mean": args.mean, "std": args.std}
     if args.checkpoint is not None:
         out = convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names,
-                                 preprocessing=preprocessing, bn_eps=args.bn_eps)
+                                 preprocessing=preprocessing, bn_eps=args.bn_eps, multi_label=args.multi_label)
     else:
-        if class_names is not None or preprocessing is not None or args.bn_eps is not None:
-            raise ValueError("--class-names, --bn-eps and the preprocessing options apply to --checkpoint; "
+        if class_names is not None or preprocessing is not None or args.bn_eps is not None or args.multi_label is not None:
+            raise ValueError("--class-names, --bn-eps, --multi-label and the preprocessing options apply to --checkpoint; "
                              "torchvision's weights carry their own")
         out = convert_torchvision(args.arch, args.out)
     from .images import describe_preprocessing
@@ -65,6 +65,8 @@ def _convert(args) -> int:
     w = load_weights(out)
     names = f", {len(w.class_names)} class names" if w.class_names else ""
     print(f"wrote {out}: {describe_spec(w.spec)}, {w.spec.num_parameters():,} parameters{names}")
+    if w.multi_label is not None:
+        print("  outputs: " + ("a sigmoid per class (multi-label)" if w.multi_label else "a softmax over the classes"))
     if w.preprocessing is not None:
         print(f"  preprocessing: {describe_preprocessing(w.preprocessing)}")
     else:
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=list_models(), metavar="NAME", help="architecture; without --checkpoint, fetch torchvision's weights")
     p.add_argument("--checkpoint", help="a local checkpoint file; the architecture is inferred unless --arch is given")
     p.add_argument("--class-names", help="a text file with one class name per line, stored in the weights file")
+    p.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="record that the model was trained multi-label (a sigmoid per class, as chest X-ray models "
+                   "are), so predict applies a sigmoid; default: what a Keras head applies, else not recorded")
     p.add_argument("--bn-eps", type=float, metavar="EPS",
                    help="the model's BatchNorm epsilon, which no tensor shows (default: what a Keras file says, "
                    "else torch's 1e-5)")

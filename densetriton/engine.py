@@ -35,6 +35,8 @@ class Engine:
         self.backend = backend
         self.pretrained = pretrained
         self.class_names = weights.class_names
+        # Trained multi-label (a sigmoid per class): what predict applies unless told otherwise.
+        self.multi_label = bool(weights.multi_label)
         self.preprocessing = weights.preprocessing or default_preprocessing(self.spec)
         # A plan's buffers serve one call at a time: callers on several threads take turns to
         # launch (the reference backend keeps no state between calls and needs no lock).

@@ -139,8 +139,9 @@ Examples:
     g = p.add_argument_group("output")
     g.add_argument("--topk", type=_positive_int, default=5, metavar="K", help="classes reported per image (default 5; at most the number of classes)")
     g.add_argument("--out", metavar="FILE", help="write results to FILE.csv or FILE.jsonl instead of the screen")
-    g.add_argument("--multi-label", action="store_true",
-                   help="independent sigmoid probability per class instead of a softmax (multi-label models such as chest X-ray classifiers)")
+    g.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="independent sigmoid probability per class instead of a softmax (multi-label models such as "
+                   "chest X-ray classifiers); default: what the weights file records (convert --multi-label), else softmax")
     g.add_argument("--resume", action="store_true", help="keep FILE's rows and classify only the images not already in it")
     p.set_defaults(func=predict_command)
 
@@ -533,6 +534,8 @@ def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
     if not files:
         raise ValueError("no image files found in " + ", ".join(args.paths))
     engine = _load_engine(args, dist)
+    if args.multi_label is None:
+        args.multi_label = engine.multi_label
     k = min(args.topk, engine.spec.num_classes)
     records = _Records(fmt, k) if fmt else None
     show = dist.rank == 0
@@ -622,9 +625,10 @@ def _describe_run(engine, args) -> str:
 
     source = args.weights if args.weights is not None else "torchvision's pretrained weights"
     dtype = str(engine.dtype).replace("torch.", "")
+    outputs = "; a sigmoid per class (multi-label)" if getattr(args, "multi_label", False) else ""
     return (
         f"{describe_spec(engine.spec)} ({source}) on {engine.device}, {dtype}, {engine.backend} backend; "
-        f"preprocessing: {describe_preprocessing(engine)}"
+        f"preprocessing: {describe_preprocessing(engine)}{outputs}"
     )
 
 

@@ -9,6 +9,8 @@ built. Metadata (all strings, as safetensors requires):
     spec            the DenseNetSpec as JSON
     class_names     JSON list of class names, when known
     preprocessing   JSON {"resize_size", "crop_size", "mean", "std"}, when known
+    multi_label     JSON true when the model was trained multi-label (a sigmoid per class, as
+                    chest X-ray models are), false for a softmax; absent when not known
     source          where the weights came from
 
 A plain safetensors file with torchvision-layout keys and no metadata (timm's DenseNet files,
@@ -59,6 +61,7 @@ class Weights:
     preprocessing: dict | None = None
     source: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    multi_label: bool | None = None
 
 
 def cache_dir() -> Path:
@@ -221,11 +224,14 @@ def save_weights(
     class_names: list[str] | None = None,
     preprocessing: dict | None = None,
     source: str | None = None,
+    multi_label: bool | None = None,
 ) -> Path:
     """Validate and write a weights file atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
     check_tensors(tensors, spec)
+    if multi_label is not None and not isinstance(multi_label, bool):
+        raise WeightsError(f"multi_label must be True, False or None, got {multi_label!r:.40}")
     if class_names is not None:
         class_names = check_class_names(class_names, spec)
     if preprocessing is not None:
@@ -235,6 +241,8 @@ def save_weights(
         metadata["class_names"] = json.dumps(list(class_names))
     if preprocessing is not None:
         metadata["preprocessing"] = json.dumps(preprocessing)
+    if multi_label is not None:
+        metadata["multi_label"] = json.dumps(multi_label)
     if source is not None:
         metadata["source"] = source
     ordered = {k: tensors[k].detach().to("cpu").contiguous() for k in spec.state_dict_shapes()}
@@ -268,6 +276,9 @@ def load_weights(path: str | os.PathLike) -> Weights:
             spec = DenseNetSpec.from_json(metadata["spec"])
             class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
             preprocessing = json.loads(metadata["preprocessing"]) if "preprocessing" in metadata else None
+            multi_label = json.loads(metadata["multi_label"]) if "multi_label" in metadata else None
+            if not isinstance(multi_label, (bool, type(None))):
+                raise ValueError(f"multi_label is {metadata['multi_label']!r:.40}, not true or false")
         except (ValueError, TypeError) as e:
             raise WeightsError(f"{path} has unreadable metadata ({e})") from None
         layout = layout_problems(tensors, spec)
@@ -293,8 +304,8 @@ def load_weights(path: str | os.PathLike) -> Weights:
             check_tensors(tensors, spec)
         except WeightsError as e:
             raise WeightsError(f"{path}: {e}") from None
-        class_names = preprocessing = None
-    return Weights(spec, tensors, class_names, preprocessing, metadata.get("source"), metadata)
+        class_names = preprocessing = multi_label = None
+    return Weights(spec, tensors, class_names, preprocessing, metadata.get("source"), metadata, multi_label)
 
 
 def to_torchvision_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

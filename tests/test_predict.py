@@ -195,6 +195,31 @@ def test_predict_jsonl_multi_label_with_workers(weights, engine, images, tmp_pat
     assert "skipped 2:" in err
 
 
+def test_a_file_recorded_multi_label_gets_sigmoids_by_default(weights, images, tmp_path, capsys):
+    """convert --multi-label records how the model was trained; predict follows it unless told
+    otherwise (--no-multi-label), and converting the file again keeps it."""
+    folder, kinds = images
+    tagged = tmp_path / "tagged.safetensors"
+    rc, stdout, _ = run_cli(capsys, "convert", "--checkpoint", weights, "--multi-label", "--out", tagged)
+    assert rc == 0 and "outputs: a sigmoid per class (multi-label)" in stdout
+    assert densetriton.weights.load_weights(tagged).multi_label is True
+    engine = densetriton.load(tagged, device="cpu", backend="reference")
+    assert engine.multi_label is True
+    image = kinds["nested"]
+    for flags, multi_label in (((), True), (("--no-multi-label",), False), (("--multi-label",), True)):
+        out = tmp_path / f"r{len(flags)}{multi_label}.csv"
+        rc, _, err = run_cli(capsys, "predict", image, *common(str(tagged), "--out", out, "--topk", "4", *flags))
+        assert rc == 0 and ("a sigmoid per class" in err) == multi_label
+        rows = read_csv(out)
+        assert_matches_engine(rows, engine, 4, multi_label=multi_label)
+    again = tmp_path / "again.safetensors"
+    assert run_cli(capsys, "convert", "--checkpoint", tagged, "--out", again)[0] == 0
+    assert densetriton.weights.load_weights(again).multi_label is True
+    assert run_cli(capsys, "convert", "--checkpoint", tagged, "--no-multi-label", "--out", again)[0] == 0
+    assert densetriton.weights.load_weights(again).multi_label is False
+    assert densetriton.load(again, device="cpu", backend="reference").multi_label is False
+
+
 def test_predict_each_awkward_kind_individually(weights, engine, images, capsys):
     """Files named explicitly: always attempted (even .txt), reported in argument order."""
     folder, kinds = images

@@ -199,6 +199,7 @@ def _rewrite(src, dst, tensors=None, metadata=None):
         ("preprocessing-bad-std", "std .* is not 3 numbers"),
         ("bad-json", "unreadable metadata"),
         ("future-version", "format version 9"),
+        ("multi-label-not-a-bool", r"unreadable metadata \(multi_label is '\"yes\"', not true or false\)"),
     ],
 )
 def test_corrupt_files_give_one_clear_error(good_file, tmp_path, corrupt, match):
@@ -242,6 +243,8 @@ def test_corrupt_files_give_one_clear_error(good_file, tmp_path, corrupt, match)
         _rewrite(good_file, bad, metadata={**w.metadata, "spec": "{growth_rate: 4"})
     elif corrupt == "future-version":
         _rewrite(good_file, bad, metadata={**w.metadata, "format_version": "9"})
+    elif corrupt == "multi-label-not-a-bool":
+        _rewrite(good_file, bad, metadata={**w.metadata, "multi_label": json.dumps("yes")})
     with pytest.raises(WeightsError, match=match):
         densetriton.load(bad, device="cpu")
 

@@ -208,11 +208,13 @@ def convert_state_dict(
     source: str | None = None,
     progress: bool | None = None,
     bn_eps: float | None = None,
+    multi_label: bool | None = None,
 ) -> Path:
     """Normalise, validate against the spec (given or inferred) and write `out` atomically.
 
     bn_eps: the BatchNorm epsilon the model was trained with, which no tensor shows (default:
-    the given spec's, else torch's 1e-5)."""
+    the given spec's, else torch's 1e-5). multi_label: True for a model trained with a sigmoid
+    per class (predict then applies one), False for a softmax, None when not known."""
     tensors = normalize_state_dict(state_dict)
     _refuse_3d(tensors)
     if arch is None:
@@ -245,7 +247,8 @@ def convert_state_dict(
         cpu[name] = tensors[name].detach().to("cpu").contiguous()
     if preprocessing is None:
         preprocessing = default_preprocessing(spec)
-    return save_weights(out, cpu, spec, class_names=class_names, preprocessing=preprocessing, source=source)
+    return save_weights(out, cpu, spec, class_names=class_names, preprocessing=preprocessing, source=source,
+                        multi_label=multi_label)
 
 
 def convert_checkpoint(
@@ -257,6 +260,7 @@ def convert_checkpoint(
     preprocessing: dict | None = None,
     progress: bool | None = None,
     bn_eps: float | None = None,
+    multi_label: bool | None = None,
 ) -> Path:
     """Convert a checkpoint file: PyTorch (.pth, .pt, .pth.tar), safetensors, or Keras (.h5,
     .keras; see keras_h5).
@@ -264,9 +268,10 @@ def convert_checkpoint(
     preprocessing: {"resize_size", "crop_size", "mean", "std"} as the model was trained (mean and
     std one value per input channel); default torchvision's ImageNet preprocessing for an RGB
     ImageNet-stem model, else none is recorded. A densetriton weights file converted again keeps
-    its class names, preprocessing and BatchNorm epsilon unless new ones are given. bn_eps: the
-    model's BatchNorm epsilon, for a checkpoint that does not record it (default: a Keras
-    model's own, else torch's 1e-5).
+    its class names, preprocessing, BatchNorm epsilon and multi_label unless new ones are given.
+    bn_eps: the model's BatchNorm epsilon, for a checkpoint that does not record it (default: a
+    Keras model's own, else torch's 1e-5). multi_label: whether the model was trained with a
+    sigmoid per class (default: what a Keras model's head applies, else not recorded).
     """
     path = Path(path)
     carried = {}
@@ -277,22 +282,24 @@ def convert_checkpoint(
             keras = read_keras(path)
         except KerasError as e:
             raise ConversionError(str(e)) from None
-        state_dict, carried["bn_eps"] = keras.tensors, keras.bn_eps
+        state_dict, carried = keras.tensors, {"bn_eps": keras.bn_eps, "multi_label": keras.multi_label}
     else:
         state_dict = load_checkpoint(path)
         carried = _carried_metadata(path)
     class_names = class_names if class_names is not None else carried.get("class_names")
     preprocessing = preprocessing if preprocessing is not None else carried.get("preprocessing")
     bn_eps = bn_eps if bn_eps is not None else carried.get("bn_eps")
+    multi_label = multi_label if multi_label is not None else carried.get("multi_label")
     return convert_state_dict(
         state_dict, out, arch=arch, class_names=class_names, preprocessing=preprocessing,
-        source=f"checkpoint:{path.name}", progress=progress, bn_eps=bn_eps,
+        source=f"checkpoint:{path.name}", progress=progress, bn_eps=bn_eps, multi_label=multi_label,
     )
 
 
 def _carried_metadata(path: Path) -> dict:
-    """A densetriton file's class names, preprocessing and BatchNorm epsilon (each one that
-    parses), so converting the file again -- to record a preprocessing, say -- keeps what it had."""
+    """A densetriton file's class names, preprocessing, multi_label and BatchNorm epsilon (each
+    one that parses), so converting the file again -- to record a preprocessing, say -- keeps
+    what it had."""
     if path.suffix != ".safetensors":
         return {}
     from safetensors import SafetensorError, safe_open
@@ -305,7 +312,7 @@ def _carried_metadata(path: Path) -> dict:
     if metadata.get("format") != FORMAT:
         return {}
     carried = {}
-    for key in ("class_names", "preprocessing"):
+    for key in ("class_names", "preprocessing", "multi_label"):
         try:
             carried[key] = json.loads(metadata[key])
         except (KeyError, ValueError):

@@ -58,7 +58,8 @@ class KerasError(WeightsError):
 class KerasCheckpoint:
     tensors: dict[str, torch.Tensor]  # torchvision's names and layouts
     bn_eps: float
-    eps_from: str  # where bn_eps came from, for the converter's message
+    eps_from: str  # where bn_eps came from
+    multi_label: bool | None = None  # the head's sigmoid (True) or softmax (False), from the config
 
 
 def read_keras(path: str | Path) -> KerasCheckpoint:
@@ -305,7 +306,7 @@ def _with_config(tensors: dict[str, torch.Tensor], config, path: Path) -> KerasC
         if isinstance(act, dict):  # a serialised function or object
             inner = act.get("config")
             act = inner if isinstance(inner, str) else (inner or {}).get("name") or act.get("class_name")
-        if c["class_name"] in ("Activation", "Conv2D") and act is not None:
+        if c["class_name"] in ("Activation", "Conv2D", "Dense") and act is not None:
             activations.add(str(act))
         elif c["class_name"] in ("ELU", "LeakyReLU", "PReLU"):
             activations.add(c["class_name"])
@@ -324,6 +325,10 @@ def _with_config(tensors: dict[str, torch.Tensor], config, path: Path) -> KerasC
         )
     if len(epsilons) > 1:
         raise KerasError(f"its BatchNormalization layers use different epsilons ({sorted(epsilons)})")
+    # The head's output: Dense(activation="sigmoid") or a sigmoid Activation after it.
+    heads = {"sigmoid", "softmax"} & activations
+    multi_label = None if len(heads) != 1 else heads == {"sigmoid"}
     if not epsilons:
-        return KerasCheckpoint(tensors, KERAS_DENSENET_BN_EPS, "keras.applications' DenseNet (the config names none)")
-    return KerasCheckpoint(tensors, epsilons.pop(), "the model's config")
+        return KerasCheckpoint(tensors, KERAS_DENSENET_BN_EPS, "keras.applications' DenseNet (the config names none)",
+                               multi_label)
+    return KerasCheckpoint(tensors, epsilons.pop(), "the model's config", multi_label)

@@ -80,6 +80,7 @@ def test_keras_densenet121_converts_in_every_format_and_computes_what_keras_does
     w = load_weights(out)
     assert w.spec == densetriton.get_spec("densenet121").replace(in_channels=1, num_classes=5, bn_eps=KERAS_EPS)
     assert w.preprocessing == pre
+    assert w.multi_label is None  # a linear head (classifier_activation=None) says nothing
 
     x = torch.rand(2, 1, 64, 64) * 2 - 1
     expected = _keras_logits(xray_densenet121, x)
@@ -107,8 +108,9 @@ def test_a_finetuned_nested_keras_model_converts(fmt, tmp_path):
     model = _finetuned(3)
     path = _save(model, fmt, tmp_path)
     out = convert_checkpoint(path, tmp_path / "chexnet.safetensors", progress=False)
-    spec = load_weights(out).spec
-    assert spec == densetriton.get_spec("densenet121").replace(num_classes=14, bn_eps=KERAS_EPS)
+    w = load_weights(out)
+    assert w.spec == densetriton.get_spec("densenet121").replace(num_classes=14, bn_eps=KERAS_EPS)
+    assert w.multi_label is True  # the config's sigmoid head: predict applies a sigmoid by default
     x = torch.randn(2, 3, 64, 64)
     engine = densetriton.load(out, device="cpu", backend="reference")
     # Keras's head applies its sigmoid; densetriton returns logits (predict --multi-label applies it).
