@@ -15,9 +15,13 @@ than 1e-5, which the converted spec records. Three file formats:
   BatchNorms, and every shape is then checked against the spec that order implies.
 - Keras 3 archives (`.keras`): a zip of config.json and such a weights file.
 
-A model's config, where the file has one, gives BatchNorm's epsilon and is checked for
-activations other than ReLU and for max-pooled features (pooling="max"); without one,
-keras.applications' epsilon and average pooling are assumed. Nothing in a
+A model's config, where the file has one, gives BatchNorm's epsilon and whether the head ends
+in a sigmoid (multi-label), and every layer in it must be one a DenseNet has: a Rescaling,
+Normalization or Lambda layer (preprocessing inside the model), max-pooled features
+(pooling="max") or another activation than ReLU would change the function without changing a
+tensor, so each is refused by name. A weights-only file has no config, so none of that can be
+checked: keras.applications' epsilon and layers are assumed. Theano-trained Keras 2 files (whose
+kernels Keras flips on loading) are refused. Nothing in a
 file is executed: h5py reads arrays and the config is parsed as JSON, never deserialised into
 layers (a Lambda layer's code stays unread).
 """
@@ -48,6 +52,14 @@ _BN_ROLES = ("gamma", "beta", "moving_mean", "moving_variance")
 _BN_TORCH = dict(zip(_BN_ROLES, ("weight", "bias", "running_mean", "running_var")))
 # Activations a DenseNet may name in its config: its ReLUs, and the classifier's output.
 _DENSENET_ACTIVATIONS = {"relu", "linear", "softmax", "sigmoid"}
+# The layer classes of keras.applications' DenseNet and of a fine-tuned head on it; any other
+# layer in a config changes the function. Dropout and noise layers are identities at inference.
+_DENSENET_LAYERS = {
+    "InputLayer", "ZeroPadding2D", "Conv2D", "BatchNormalization", "Activation", "ReLU", "MaxPooling2D",
+    "MaxPool2D", "AveragePooling2D", "AvgPool2D", "Concatenate", "GlobalAveragePooling2D", "GlobalAvgPool2D",
+    "Flatten", "Dropout", "SpatialDropout2D", "GaussianDropout", "GaussianNoise", "Dense", "Softmax",
+    "Functional", "Model", "Sequential",
+}
 
 
 class KerasError(WeightsError):
@@ -58,7 +70,6 @@ class KerasError(WeightsError):
 class KerasCheckpoint:
     tensors: dict[str, torch.Tensor]  # torchvision's names and layouts
     bn_eps: float
-    eps_from: str  # where bn_eps came from
     multi_label: bool | None = None  # the head's sigmoid (True) or softmax (False), from the config
 
 
@@ -69,33 +80,53 @@ def read_keras(path: str | Path) -> KerasCheckpoint:
     except ImportError:
         raise KerasError("reading Keras files needs h5py: pip install h5py") from None
     try:
-        if path.suffix == ".keras":
+        if path.suffix.lower() == ".keras":
             with zipfile.ZipFile(path) as archive:
                 names = set(archive.namelist())
                 if "model.weights.h5" not in names:
-                    raise KerasError(f"{path} is a zip without model.weights.h5: not a Keras 3 .keras archive")
+                    raise KerasError("a zip without model.weights.h5: not a Keras 3 .keras archive")
                 config = json.loads(archive.read("config.json")) if "config.json" in names else None
                 data = io.BytesIO(archive.read("model.weights.h5"))
             with h5py.File(data, "r") as f:
-                return _with_config(_read_keras3(f), config, path)
+                return _with_config(_read_keras3(f), config)
         with h5py.File(path, "r") as f:
-            if "layers" in f and "layer_names" not in f.attrs:
-                return _with_config(_read_keras3(f), None, path)
+            if "layers" in f and not _attr(f, "layer_names"):
+                return _with_config(_read_keras3(f), None)
+            if _text(f.attrs.get("backend", "")) == "theano":
+                raise KerasError(
+                    "trained with Keras's Theano backend, whose kernels Keras flips on loading; load and save it "
+                    "again with a TensorFlow-backend Keras first"
+                )
             config = f.attrs.get("model_config")
             config = json.loads(_text(config)) if config is not None else None
-            return _with_config(_read_legacy(f, path), config, path)
+            return _with_config(_read_legacy(f), config)
     except KerasError as e:
-        raise KerasError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-    except (OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
-        raise KerasError(f"{path} is not a readable Keras file ({e})") from None
+        raise KerasError(f"{path}: {e}") from None
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise KerasError(f"{path} is not a readable Keras file ({type(e).__name__}: {e})") from None
 
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _attr(group, name: str) -> list[str]:
+    """A list attribute as Keras writes it: whole, or split into name0, name1, ... when it
+    outgrows HDF5's 64 KB attribute limit."""
+    if name in group.attrs:
+        return [_text(v) for v in group.attrs[name]]
+    chunks, i = [], 0
+    while f"{name}{i}" in group.attrs:
+        chunks += [_text(v) for v in group.attrs[f"{name}{i}"]]
+        i += 1
+    return chunks
+
+
 def _array(dataset) -> torch.Tensor:
     array = np.asarray(dataset)
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2 and _text(dataset.attrs.get("dtype", "")) == "bfloat16":
+        # Keras 3 stores bfloat16 variables as raw 16-bit words, marked in an attribute.
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     if array.dtype.kind != "f":
         raise KerasError(f"{dataset.name} holds {array.dtype} values, not floating point")
     return torch.from_numpy(np.ascontiguousarray(array))
@@ -104,22 +135,30 @@ def _array(dataset) -> torch.Tensor:
 # -- legacy HDF5: by layer name ------------------------------------------------------------
 
 
-def _read_legacy(f, path: Path) -> dict[str, torch.Tensor]:
+def _read_legacy(f) -> dict[str, torch.Tensor]:
     """Keras 2 / tf.keras HDF5: layer groups listed in `layer_names`, each naming its weights in
     `weight_names` ("conv1/conv/kernel:0"); a nested model's group holds its inner layers' weights."""
     root = f["model_weights"] if "model_weights" in f else f
-    if "layer_names" not in root.attrs:
-        raise KerasError(f"{path} is an HDF5 file but not a Keras model or weights file (no layer_names)")
+    layer_names = _attr(root, "layer_names")
+    if not layer_names:
+        raise KerasError(
+            "an HDF5 file but not a Keras model or weights file (no layer_names; a Keras 3 subclassed model's "
+            "weights cannot be read: save its Functional DenseNet instead)"
+        )
     tensors: dict[str, torch.Tensor] = {}
-    classifier: dict[str, torch.Tensor] = {}
+    classifier: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
-    for layer in map(_text, root.attrs["layer_names"]):
+    for layer in layer_names:
         group = root[layer]
-        for weight in map(_text, group.attrs.get("weight_names", [])):
+        for weight in _attr(group, "weight_names"):
             owner, _, role = weight.removesuffix(":0").rpartition("/")
             owner = owner or layer
-            # An inner layer's name is the owner's tail: "densenet121/conv1/conv" ends in "conv1/conv".
-            name = _torch_name(owner.split("/")[-2:], role)
+            # The layer group's own name first: TF1 graph mode renames variables ("conv1/conv_1/
+            # kernel:0"), not layers. Inside a nested model, the weight name's owner (the tail of
+            # "densenet121/conv1/conv"), else that owner without such a "_1".
+            tail = owner.split("/")[-2:]
+            tails = (layer.split("/")[-2:], tail, tail[:-1] + [re.sub(r"_\d+$", "", tail[-1])])
+            name = next((n for n in (_torch_name(t, role) for t in tails) if n is not None), None)
             value = _array(group[weight])
             if name is not None:
                 if name in tensors:
@@ -135,7 +174,7 @@ def _read_legacy(f, path: Path) -> dict[str, torch.Tensor]:
             f"(conv1_conv, conv2_block1_0_bn, pool2_conv, bn, ...): {', '.join(unknown[:6])}"
             + (", ..." if len(unknown) > 6 else "")
         )
-    tensors.update(_classifier(list(classifier.values()), "the model"))
+    tensors.update(_classifier(list(classifier.values())))
     return _transpose(tensors)
 
 
@@ -178,11 +217,13 @@ def _read_keras3(f) -> dict[str, torch.Tensor]:
         layers = group.get("layers")
         if layers is None:
             return
+        if not hasattr(layers, "keys"):
+            raise KerasError(f"'{where}/layers' is not a group of layers")
         for child in layers:
             sub = layers[child]
-            if not hasattr(sub, "keys"):
-                continue  # a dataset where a layer group belongs: nothing Keras writes
             name = f"{where}/{child}" if where else child
+            if not hasattr(sub, "keys"):
+                raise KerasError(f"'{name}' is not a layer group")
             m = re.fullmatch(r"(.*?)(?:_(\d+))?", child)
             kind, counter = m.group(1), int(m.group(2) or 0)
             values = sub.get("vars")
@@ -247,24 +288,24 @@ def _by_position(convs: list, bns: list, denses: list) -> dict[str, torch.Tensor
     tensors = {f"{name}.weight": kernel for name, kernel in zip(conv_names, kernels)}
     for name, values in zip(bn_names, bns):
         tensors.update({f"{name}.{_BN_TORCH[role]}": v for role, v in zip(_BN_ROLES, values)})
-    tensors.update(_classifier([dict(zip(("kernel", "bias"), d)) for d in denses], "the model"))
+    tensors.update(_classifier([dict(zip(("kernel", "bias"), d)) for d in denses]))
     return _transpose(tensors)
 
 
 # -- shared ------------------------------------------------------------------------------
 
 
-def _classifier(denses: list[dict], where) -> dict[str, torch.Tensor]:
+def _classifier(denses: list[dict]) -> dict[str, torch.Tensor]:
     if not denses:
         raise KerasError(
-            f"{where} has no Dense classifier (a model built with include_top=False and no head): densetriton "
-            f"converts DenseNets with their single linear classifier"
+            "the model has no Dense classifier (a model built with include_top=False and no head): densetriton "
+            "converts DenseNets with their single linear classifier"
         )
     if len(denses) > 1:
-        raise KerasError(f"{where.capitalize()} has {len(denses)} Dense layers: densetriton supports DenseNet's single linear classifier")
+        raise KerasError(f"the model has {len(denses)} Dense layers: densetriton supports DenseNet's single linear classifier")
     (dense,) = denses
     if "kernel" not in dense:
-        raise KerasError(f"{where.capitalize()}'s Dense classifier has no kernel")
+        raise KerasError("the model's Dense classifier has no kernel")
     kernel = dense["kernel"]
     bias = dense.get("bias", torch.zeros(kernel.shape[-1], dtype=kernel.dtype))  # use_bias=False
     return {"classifier.kernel": kernel, "classifier.bias": bias}
@@ -283,39 +324,23 @@ def _transpose(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _config_layers(config):
-    """Every layer config in a model config, nested models included."""
-    if isinstance(config, dict):
-        if "class_name" in config and isinstance(config.get("config"), dict):
-            yield config
-        for value in config.values():
-            yield from _config_layers(value)
-    elif isinstance(config, list):
-        for value in config:
-            yield from _config_layers(value)
+def _config_layers(model: dict):
+    """The model's config and every layer config in it, nested models' layers included (not the
+    dtype policies and initializers that are configs too)."""
+    if not isinstance(model, dict):
+        return
+    inner = model.get("config")
+    if isinstance(inner, dict):
+        yield model
+    layers = inner.get("layers") if isinstance(inner, dict) else inner  # Keras 2.0's Sequential: a list
+    for layer in layers if isinstance(layers, list) else []:
+        yield from _config_layers(layer)
 
 
-def _with_config(tensors: dict[str, torch.Tensor], config, path: Path) -> KerasCheckpoint:
+def _with_config(tensors: dict[str, torch.Tensor], config) -> KerasCheckpoint:
     if config is None:
-        return KerasCheckpoint(tensors, KERAS_DENSENET_BN_EPS, "keras.applications' DenseNet (the file has no config)")
+        return KerasCheckpoint(tensors, KERAS_DENSENET_BN_EPS)
     layers = list(_config_layers(config))
-    epsilons = {float(c["config"]["epsilon"]) for c in layers if c["class_name"] == "BatchNormalization" and "epsilon" in c["config"]}
-    activations = set()
-    for c in layers:
-        act = c["config"].get("activation")
-        if isinstance(act, dict):  # a serialised function or object
-            inner = act.get("config")
-            act = inner if isinstance(inner, str) else (inner or {}).get("name") or act.get("class_name")
-        if c["class_name"] in ("Activation", "Conv2D", "Dense") and act is not None:
-            activations.add(str(act))
-        elif c["class_name"] in ("ELU", "LeakyReLU", "PReLU"):
-            activations.add(c["class_name"])
-    others = activations - _DENSENET_ACTIVATIONS
-    if others:
-        raise KerasError(
-            f"the model uses {', '.join(sorted(others))} where a DenseNet has ReLU; densetriton computes "
-            f"DenseNet's BN-ReLU-conv function"
-        )
     # pooling="max" gives the same weights a different head: refused, not averaged.
     max_pooled = sorted({c["class_name"] for c in layers if c["class_name"] in ("GlobalMaxPooling2D", "GlobalMaxPool2D")})
     if max_pooled:
@@ -323,12 +348,37 @@ def _with_config(tensors: dict[str, torch.Tensor], config, path: Path) -> KerasC
             f"the model pools its features with {max_pooled[0]} (pooling='max'); DenseNet's head, and densetriton's, "
             f"is global average pooling"
         )
+    foreign = sorted({f"{c['class_name']} ({c['config'].get('name', '?')})" for c in layers
+                      if c["class_name"] not in _DENSENET_LAYERS})
+    if foreign:
+        raise KerasError(
+            f"the model has layers a DenseNet does not: {', '.join(foreign[:6])}. Such layers change what the "
+            f"model computes without leaving a weight to convert; preprocessing inside the model (Rescaling, "
+            f"Normalization, Lambda) is recorded with convert --mean/--std/--resize-size instead"
+        )
+    if any(c["class_name"] == "ReLU" and any(c["config"].get(k) not in (None, 0, 0.0) for k in ("max_value", "negative_slope", "threshold"))
+           for c in layers):
+        raise KerasError("the model has a ReLU with max_value, negative_slope or threshold set; a DenseNet's ReLU is plain")
+    activations = set()
+    for c in layers:
+        act = c["config"].get("activation")
+        if isinstance(act, dict):  # a serialised function or object
+            inner = act.get("config")
+            act = inner if isinstance(inner, str) else (inner or {}).get("name") or act.get("class_name")
+        if act is not None:
+            activations.add(str(act))
+    others = activations - _DENSENET_ACTIVATIONS
+    if others:
+        raise KerasError(
+            f"the model uses {', '.join(sorted(others))} where a DenseNet has ReLU; densetriton computes "
+            f"DenseNet's BN-ReLU-conv function"
+        )
+    epsilons = {float(c["config"]["epsilon"]) for c in layers if c["class_name"] == "BatchNormalization"}
     if len(epsilons) > 1:
         raise KerasError(f"its BatchNormalization layers use different epsilons ({sorted(epsilons)})")
-    # The head's output: Dense(activation="sigmoid") or a sigmoid Activation after it.
+    # The head's output: Dense(activation="sigmoid"), or a sigmoid or softmax after it.
     heads = {"sigmoid", "softmax"} & activations
+    if any(c["class_name"] == "Softmax" for c in layers):
+        heads.add("softmax")
     multi_label = None if len(heads) != 1 else heads == {"sigmoid"}
-    if not epsilons:
-        return KerasCheckpoint(tensors, KERAS_DENSENET_BN_EPS, "keras.applications' DenseNet (the config names none)",
-                               multi_label)
-    return KerasCheckpoint(tensors, epsilons.pop(), "the model's config", multi_label)
+    return KerasCheckpoint(tensors, epsilons.pop() if epsilons else KERAS_DENSENET_BN_EPS, multi_label)

@@ -18,6 +18,7 @@ from densetriton.cli import main  # noqa: E402
 from densetriton.reference import ReferenceDenseNet  # noqa: E402
 from densetriton.weights import WeightsError, load_weights  # noqa: E402
 from densetriton.weights_tools import convert_checkpoint  # noqa: E402
+from densetriton.weights_tools.keras_h5 import _config_layers  # noqa: E402
 
 from helpers import rel_err  # noqa: E402
 
@@ -117,43 +118,86 @@ def test_a_finetuned_nested_keras_model_converts(fmt, tmp_path):
     assert rel_err(torch.sigmoid(engine(x)), _keras_logits(model, x)) < 1e-5
 
 
-def _as_keras2(src, dst):
+def _as_keras2(src, dst, *, split=False):
     """Rewrite a Keras 3 legacy .h5 as tf.keras 2 writes model.save_weights("x.h5"): layer groups at
     the root, the stem named "conv1/conv" and "conv1/bn" (so nested groups), weight names ending in
-    ":0", and a nested model's weights listed trainable first, as Keras 2 lists a partly frozen model."""
+    ":0" and renamed as TF1's graph mode renames a model built twice ("conv1/conv_1/kernel:0"), and
+    a nested model's weights listed trainable first, as Keras 2 lists a partly frozen model. With
+    split, name lists are written in chunks (layer_names0, layer_names1, ...), as Keras does for
+    attributes past HDF5's 64 KB limit."""
     keras2 = {"conv1_conv": "conv1/conv", "conv1_bn": "conv1/bn"}
 
     def rename(name):
         head, _, role = name.rpartition("/")
         parts = head.split("/")
-        parts[-1] = keras2.get(parts[-1], parts[-1])
+        parts[-1] = keras2.get(parts[-1], parts[-1]) + "_1"
         return "/".join(parts) + "/" + role + ":0"
+
+    def put(group, key, names):
+        names = np.array([n.encode() for n in names])
+        if split and len(names) > 1:
+            for i, chunk in enumerate(np.array_split(names, 2)):
+                group.attrs[f"{key}{i}"] = chunk
+        else:
+            group.attrs[key] = names
 
     with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
         root = f["model_weights"]
         layers = [keras2.get(n, n) for n in map(str, root.attrs["layer_names"])]
-        g.attrs["layer_names"] = np.array([n.encode() for n in layers])
+        put(g, "layer_names", layers)
         g.attrs["backend"] = b"tensorflow"
         for old, new in zip(map(str, root.attrs["layer_names"]), layers):
             group = g.create_group(new)
             names = [str(n) for n in root[old].attrs["weight_names"]]
             # Moving statistics (non-trainable) after every trainable weight; reversed to break any order.
             names = [n for n in names if "moving" not in n][::-1] + [n for n in names if "moving" in n]
-            group.attrs["weight_names"] = np.array([rename(n).encode() for n in names])
+            put(group, "weight_names", [rename(n) for n in names])
             for n in names:
                 group.create_dataset(rename(n), data=root[old][n][()])
 
 
-def test_keras2_names_and_weight_order_convert(tmp_path):
-    model = _finetuned(5, head_activation=None)
+def _flat_finetuned(seed):
+    """CheXNet-Keras's recipe: the base's output feeds a new head in one flat Functional model."""
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(64, 64, 3))
+    head = keras.layers.Dense(14, name="predictions")(base.output)
+    return _randomize_batchnorms(keras.Model(base.input, head), seed=seed + 1)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_keras2_names_renamed_weights_and_split_attributes_convert(nested, tmp_path):
+    model = _finetuned(5, head_activation=None) if nested else _flat_finetuned(5)
     _save(model, "h5", tmp_path)
-    _as_keras2(tmp_path / "model.h5", tmp_path / "keras2.h5")
+    _as_keras2(tmp_path / "model.h5", tmp_path / "keras2.h5", split=nested)
     with h5py.File(tmp_path / "keras2.h5", "r") as f:
-        assert "conv1/conv/kernel:0" in list(map(bytes.decode, f["densenet121"].attrs["weight_names"]))
+        group = f["densenet121"] if nested else f["conv1/conv"]
+        names = [n.decode() for k in ("weight_names", "weight_names0", "weight_names1") if k in group.attrs
+                 for n in group.attrs[k]]
+        assert "conv1/conv_1/kernel:0" in names
+        assert ("layer_names0" in f.attrs) == nested
     out = convert_checkpoint(tmp_path / "keras2.h5", tmp_path / "out.safetensors", progress=False)
     assert load_weights(out).spec.bn_eps == KERAS_EPS  # no config in a weights-only file: keras.applications'
     x = torch.randn(2, 3, 64, 64)
     assert rel_err(densetriton.load(out, device="cpu", backend="reference")(x), _keras_logits(model, x)) < 1e-5
+
+    with h5py.File(tmp_path / "keras2.h5", "r+") as f:
+        f.attrs["backend"] = b"theano"
+    _refused(tmp_path / "keras2.h5", tmp_path / "out.safetensors", r"Theano backend")
+
+
+def test_bfloat16_keras_weights_convert(tmp_path):
+    """Keras 3 keeps bfloat16 variables as raw 16-bit words, marked by an attribute."""
+    keras.config.set_dtype_policy("bfloat16")
+    try:
+        keras.utils.set_random_seed(9)
+        model = keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3), classes=4)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    path = _save(model, "weights.h5", tmp_path)
+    w = load_weights(convert_checkpoint(path, tmp_path / "bf16.safetensors", progress=False))
+    stem = keras.ops.convert_to_numpy(keras.ops.cast(model.get_layer("conv1_conv").kernel, "float32"))
+    assert w.tensors["features.conv0.weight"].dtype == torch.bfloat16
+    assert torch.equal(w.tensors["features.conv0.weight"].float(), torch.from_numpy(stem).permute(3, 2, 0, 1))
 
 
 def test_a_small_keras_densenet_runs_on_the_triton_kernels(tmp_path):
@@ -182,22 +226,11 @@ def _edit_config(path, edit):
         f.attrs["model_config"] = json.dumps(config)
 
 
-def _layer_configs(config):
-    if isinstance(config, dict):
-        if "class_name" in config and isinstance(config.get("config"), dict):
-            yield config
-        for v in config.values():
-            yield from _layer_configs(v)
-    elif isinstance(config, list):
-        for v in config:
-            yield from _layer_configs(v)
-
-
 def test_the_epsilon_comes_from_the_config_and_can_be_overridden(xray_densenet121, tmp_path, capsys):
     path = _save(xray_densenet121, "h5", tmp_path)
 
     def eps_1e3(config):
-        for layer in _layer_configs(config):
+        for layer in _config_layers(config):
             if layer["class_name"] == "BatchNormalization":
                 layer["config"]["epsilon"] = 1e-3
 
@@ -230,7 +263,7 @@ def test_activations_other_than_relu_are_refused(xray_densenet121, tmp_path):
     path = _save(xray_densenet121, "h5", tmp_path)
 
     def elu(config):
-        for layer in _layer_configs(config):
+        for layer in _config_layers(config):
             if layer["class_name"] == "Activation":
                 layer["config"]["activation"] = "elu"
 
@@ -245,6 +278,18 @@ def test_max_pooled_features_are_refused(tmp_path):
     model = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Dense(2)])
     for fmt in ("h5", "keras"):
         _refused(_save(model, fmt, tmp_path), tmp_path / "out.safetensors", r"GlobalMaxPooling2D \(pooling='max'\)")
+
+
+@pytest.mark.parametrize("fmt", ["h5", "keras"])
+def test_weightless_layers_that_change_the_function_are_refused(fmt, tmp_path):
+    """Preprocessing inside the model leaves no weight behind, so only the config can show it."""
+    keras.utils.set_random_seed(0)
+    base = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255), base, keras.layers.Dense(2)])
+    _refused(_save(model, fmt, tmp_path), tmp_path / "out.safetensors", r"layers a DenseNet does not: Rescaling",
+             r"--mean/--std")
+    clipped = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.ReLU(max_value=6.0), keras.layers.Dense(2)])
+    _refused(_save(clipped, fmt, tmp_path), tmp_path / "out.safetensors", r"ReLU with max_value")
 
 
 def test_keras_models_that_are_not_densenets_are_refused(tmp_path):
@@ -270,6 +315,13 @@ def test_broken_keras_files_are_one_clear_error(xray_densenet121, tmp_path):
     _refused(tmp_path / "truncated.h5", out, r"not a readable Keras file")
     (tmp_path / "broken.keras").write_bytes(b"PK\x03\x04 not really a zip")
     _refused(tmp_path / "broken.keras", out, r"not a readable Keras file")
+    (tmp_path / "null-eps.h5").write_bytes(good)
+    _edit_config(tmp_path / "null-eps.h5", lambda c: next(
+        layer for layer in _config_layers(c) if layer["class_name"] == "BatchNormalization")["config"].update(epsilon=None))
+    _refused(tmp_path / "null-eps.h5", out, r"not a readable Keras file \(TypeError")
+    with h5py.File(tmp_path / "dataset.weights.h5", "w") as f:
+        f.create_dataset("layers", data=np.ones(3))
+    _refused(tmp_path / "dataset.weights.h5", out, r"'/layers' is not a group of layers")
     with pytest.raises(WeightsError, match="not found"):
         convert_checkpoint(tmp_path / "missing.h5", out)
     # load() reads converted files only, and says how to get one.
