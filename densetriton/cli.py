@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -133,9 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"densetriton: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning  # a sentence for the user, not a source location
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -146,3 +154,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"densetriton: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = formatwarning

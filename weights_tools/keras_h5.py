@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +89,10 @@ def read_keras(path: str | Path) -> KerasCheckpoint:
                 config = json.loads(archive.read("config.json")) if "config.json" in names else None
                 data = io.BytesIO(archive.read("model.weights.h5"))
             with h5py.File(data, "r") as f:
-                return _with_config(_read_keras3(f), config)
+                return _with_config(_read_keras3(f), config, path)
         with h5py.File(path, "r") as f:
             if "layers" in f and not _attr(f, "layer_names"):
-                return _with_config(_read_keras3(f), None)
+                return _with_config(_read_keras3(f), None, path)
             if _text(f.attrs.get("backend", "")) == "theano":
                 raise KerasError(
                     "trained with Keras's Theano backend, whose kernels Keras flips on loading; load and save it "
@@ -99,7 +100,7 @@ def read_keras(path: str | Path) -> KerasCheckpoint:
                 )
             config = f.attrs.get("model_config")
             config = json.loads(_text(config)) if config is not None else None
-            return _with_config(_read_legacy(f), config)
+            return _with_config(_read_legacy(f), config, path)
     except KerasError as e:
         raise KerasError(f"{path}: {e}") from None
     except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -337,8 +338,13 @@ def _config_layers(model: dict):
         yield from _config_layers(layer)
 
 
-def _with_config(tensors: dict[str, torch.Tensor], config) -> KerasCheckpoint:
+def _with_config(tensors: dict[str, torch.Tensor], config, path: Path) -> KerasCheckpoint:
     if config is None:
+        warnings.warn(
+            f"{path} is weights only, with no model config to check: keras.applications' DenseNet is assumed "
+            f"(BatchNorm eps {KERAS_DENSENET_BN_EPS}, no preprocessing or other weightless layers inside the model)",
+            stacklevel=3,
+        )
         return KerasCheckpoint(tensors, KERAS_DENSENET_BN_EPS)
     layers = list(_config_layers(config))
     # pooling="max" gives the same weights a different head: refused, not averaged.

@@ -175,7 +175,8 @@ def test_keras2_names_renamed_weights_and_split_attributes_convert(nested, tmp_p
                  for n in group.attrs[k]]
         assert "conv1/conv_1/kernel:0" in names
         assert ("layer_names0" in f.attrs) == nested
-    out = convert_checkpoint(tmp_path / "keras2.h5", tmp_path / "out.safetensors", progress=False)
+    with pytest.warns(UserWarning, match=r"weights only, with no model config to check: keras\.applications' DenseNet is assumed"):
+        out = convert_checkpoint(tmp_path / "keras2.h5", tmp_path / "out.safetensors", progress=False)
     assert load_weights(out).spec.bn_eps == KERAS_EPS  # no config in a weights-only file: keras.applications'
     x = torch.randn(2, 3, 64, 64)
     assert rel_err(densetriton.load(out, device="cpu", backend="reference")(x), _keras_logits(model, x)) < 1e-5
