@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -151,22 +152,28 @@ Examples:
         description="Extract each image's pooled features as float32: engine.features, the global average pool\n"
         "after the final BatchNorm-ReLU, which is what the classifier sees.",
         epilog=_INPUTS_HELP.format(suffixes=suffixes) + """
-Output (written atomically, only once every image has been processed):
+Output (written atomically, once every image has been processed):
   FILE.npy          a float32 array [N, features]; the N image paths, one per line (UTF-8), go to
                     FILE.npy.paths.txt -- e.g. feats.npy and feats.npy.paths.txt
   FILE.safetensors  a float32 tensor "features" [N, features]; metadata "paths" holds the paths as a
                     JSON list, "model" describes the network
-Row i belongs to path i; skipped images have no row. Under torchrun each rank writes FILE.part<rank>
-and rank 0 merges them in input order.
+Row i belongs to path i; skipped images have no row, the rest are in input order. Until FILE is
+written, the rows computed so far are kept in FILE.partial/ (every 30 s, and when the run stops,
+by an error or Ctrl-C); --resume embeds only the images in neither FILE nor FILE.partial/ and
+writes FILE with the old rows first. Without --resume FILE.partial/ is cleared. Under torchrun each
+rank takes every world_size-th image and rank 0 writes FILE.
 
 Examples:
   densetriton embed photos/ --model densenet121 --out feats.npy
   torchrun --nproc-per-node 2 -m densetriton embed photos/ --model densenet121 --out feats.safetensors
+  densetriton embed photos/ --model densenet121 --out feats.npy --resume   # after an interruption
 """,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(p)
     p.add_argument("--out", required=True, metavar="FILE", help="FILE.npy (plus FILE.npy.paths.txt) or FILE.safetensors")
+    p.add_argument("--resume", action="store_true",
+                   help="keep FILE's rows and those an interrupted run left in FILE.partial/; embed only the other images")
     p.set_defaults(func=embed_command)
 
 
@@ -663,6 +670,82 @@ def _save_features(out: str, features: torch.Tensor, paths: list[str], model: st
         atomic_write(out, lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
 
 
+def _read_features(out: str, width: int) -> tuple[torch.Tensor, list[str]]:
+    """An earlier run's FILE (.npy with its .paths.txt, or .safetensors), to resume from."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if out.lower().endswith(".npy"):
+            features = torch.from_numpy(np.load(out, allow_pickle=False))
+            paths = Path(out + ".paths.txt").read_text(encoding="utf-8").splitlines()
+        else:
+            with safe_open(out, framework="pt") as f:
+                features, paths = f.get_tensor("features"), json.loads((f.metadata() or {})["paths"])
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
+    if features.dim() != 2 or features.shape[0] != len(paths) or not isinstance(paths, list):
+        raise ValueError(f"{out} holds {tuple(features.shape)} features for {len(paths)} paths; cannot resume from it")
+    if features.shape[1] != width:
+        raise ValueError(f"{out} holds {features.shape[1]} features per image, this model gives {width}: "
+                         f"resume with the model that wrote it, or another --out")
+    return features.float(), paths
+
+
+def _progress_dir(out: str) -> Path:
+    """Where a run keeps the rows it has computed, chunk by chunk, until FILE is written."""
+    return Path(out + ".partial")
+
+
+def _read_progress(out: str, width: int) -> tuple[torch.Tensor, list[str]]:
+    """Every chunk an interrupted run (any rank) left behind; a chunk cut short is ignored."""
+    from safetensors import SafetensorError
+
+    pieces, paths = [], []
+    folder = _progress_dir(out)
+    for chunk in sorted(folder.glob("chunk-*.safetensors")) if folder.is_dir() else []:
+        try:
+            f, ps = _read_feature_part(chunk)
+        except (OSError, ValueError, KeyError, SafetensorError):
+            continue  # written atomically, so only a foreign file can be unreadable
+        if f.dim() == 2 and f.shape == (len(ps), width):
+            pieces.append(f)
+            paths.extend(ps)
+    return (torch.cat(pieces) if pieces else torch.empty(0, width)), paths
+
+
+class _ChunkWriter:
+    """Keeps one rank's new rows on disk every `every` seconds (and at the end), so that an
+    interrupted run loses at most that much work: `embed --resume` reads the chunks back."""
+
+    def __init__(self, out: str, rank: int, every: float = 30.0):
+        self.folder, self.rank, self.every = _progress_dir(out), rank, every
+        self.pending: list[tuple[int, str, torch.Tensor]] = []
+        self.written = 0
+        self.last = time.monotonic()
+
+    def add(self, rows) -> None:
+        self.pending.extend(rows)
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        from .weights import atomic_write
+
+        self.last = time.monotonic()
+        if not self.pending:
+            return
+        features = torch.stack([r[2] for r in self.pending]).float().contiguous()
+        paths = [r[1] for r in self.pending]
+        # Rank, then a time stamp: chunks of a resumed run never overwrite an earlier run's.
+        name = f"chunk-r{self.rank:04d}-{time.time_ns():020d}-{self.written:08d}.safetensors"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.folder / name, lambda tmp: save_file({"features": features}, tmp, metadata={"paths": json.dumps(paths)}))
+        self.written += len(self.pending)
+        self.pending = []
+
+
 def _read_feature_part(path: Path) -> tuple[torch.Tensor, list[str]]:
     from safetensors import safe_open
 
@@ -689,54 +772,56 @@ def _embed(args, dist: _Dist, out: str) -> int:
         raise ValueError("no image files found in " + ", ".join(args.paths))
     engine = _load_engine(args, dist)
     show = dist.rank == 0
-    items = [(i, p) for i, p in enumerate(files) if i % dist.world == dist.rank]
+    width = engine.spec.num_features
+
+    # What --resume keeps: FILE's rows, then the chunks an interrupted run left behind.
+    old_features, old_paths = torch.empty(0, width), []
+    if args.resume:
+        if os.path.isfile(out):
+            old_features, old_paths = _read_features(out, width)
+        partial_features, partial_paths = _read_progress(out, width)
+        old_features, old_paths = torch.cat([old_features, partial_features]), old_paths + partial_paths
+    elif dist.rank == 0:
+        shutil.rmtree(_progress_dir(out), ignore_errors=True)  # an earlier run's, not to be mixed in
+    dist.barrier()  # every rank has read (or rank 0 has cleared) the old rows before any rank writes
+    done_keys = {_path_key(p) for p in old_paths}
+    todo = [(i, p) for i, p in enumerate(files) if _path_key(p) not in done_keys]
+    already = len(files) - len(todo)
+    items = [(i, p) for i, p in todo if i % dist.world == dist.rank]
     pre_skipped = []
     if out.lower().endswith(".npy"):  # the .paths.txt sidecar lists one path per line
         pre_skipped = [(i, p, "its path contains a line break (use --out FILE.safetensors)") for i, p in items if "\n" in p or "\r" in p]
         items = [(i, p) for i, p in items if "\n" not in p and "\r" not in p]
     if show:
         print(_describe_run(engine, args), file=sys.stderr)
+        if already:
+            print(f"resuming: {already} of {len(files)} images already embedded", file=sys.stderr)
 
-    rows: list[tuple[int, str, torch.Tensor]] = []
+    chunks = _ChunkWriter(out, dist.rank)
     start = time.perf_counter()
-    tally = _stream(engine, items, args, run=engine.features, on_batch=rows.extend, desc=_desc("embed", dist), show=show)
+    try:
+        tally = _stream(engine, items, args, run=engine.features, on_batch=chunks.add, desc=_desc("embed", dist), show=show)
+    finally:
+        chunks.flush()  # an error or Ctrl-C keeps what was computed, for --resume
     tally.skipped = pre_skipped + tally.skipped
     elapsed = time.perf_counter() - start
-    model = describe_spec(engine.spec)
-    width = engine.spec.num_features
-    features = torch.stack([r[2] for r in rows]) if rows else torch.empty(0, width)
-    paths = [r[1] for r in rows]
 
-    if dist.active:
-        part = Path(_part_path(out, dist.rank))
-        from safetensors.torch import save_file
-
-        from .weights import atomic_write
-
-        atomic_write(part, lambda tmp: save_file({"features": features.contiguous()}, tmp, metadata={"paths": json.dumps(paths)}))
-    tallies = dist.all_gather((tally.done, tally.skipped))
+    tallies = dist.all_gather((tally.done, tally.skipped))  # also a barrier: every rank's chunks are written
     done = sum(d for d, _ in tallies)
     skipped = [s for _, sk in tallies for s in sk]
-    if dist.rank == 0 and done:
-        if dist.active:
-            order = {p: i for i, p in enumerate(files)}
-            pieces, all_paths = [], []
-            for r in range(dist.world):
-                f, ps = _read_feature_part(Path(_part_path(out, r)))
-                pieces.append(f)
-                all_paths.extend(ps)
-            merged = torch.cat(pieces) if pieces else torch.empty(0, width)
-            perm = sorted(range(len(all_paths)), key=lambda j: order[all_paths[j]])
-            features, paths = merged[perm], [all_paths[j] for j in perm]
-        _save_features(out, features, paths, model)
-    if dist.active:
-        dist.barrier()
-        if dist.rank == 0:
-            for r in range(dist.world):
-                Path(_part_path(out, r)).unlink(missing_ok=True)
+    if dist.rank == 0 and (done or already):
+        # The old rows as they were, then this run's in input order (chunks from every rank).
+        new_features, new_paths = _read_progress(out, width)
+        new_rows = [j for j, p in enumerate(new_paths) if _path_key(p) not in done_keys]
+        order = {_path_key(p): i for i, p in enumerate(files)}
+        new_rows.sort(key=lambda j: order.get(_path_key(new_paths[j]), len(files)))
+        features = torch.cat([old_features, new_features[new_rows]])
+        _save_features(out, features, old_paths + [new_paths[j] for j in new_rows], describe_spec(engine.spec))
+        shutil.rmtree(_progress_dir(out), ignore_errors=True)
+    dist.barrier()
     if show:
         written = out + (f" and {out}.paths.txt" if out.lower().endswith(".npy") else "")
-        _print_summary("embedded", done, skipped, elapsed, out=written if done else None)
-        if not done:
+        _print_summary("embedded", done, skipped, elapsed, already=already, out=written if done or already else None)
+        if not done and not already:
             print(f"nothing written to {out}: no image could be read", file=sys.stderr)
-    return 1 if done == 0 else 0
+    return 1 if done == 0 and not already else 0

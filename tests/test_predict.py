@@ -406,6 +406,76 @@ def test_embed_npy_and_safetensors(weights, engine, images, tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*tmp"))
 
 
+def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first batch keeps its rows in FILE.partial/; --resume embeds only the rest,
+    and a later --resume only what was added since; without --resume nothing old is mixed in."""
+    import shutil
+
+    from safetensors import safe_open
+
+    src, kinds = images
+    folder = tmp_path / "data"
+    shutil.copytree(src, folder)
+    good = [p.replace(str(src), str(folder)) for p in scan_order(src, kinds)
+            if p not in {str(kinds["corrupt"]), str(kinds["fake"])}]
+    expected = torch.cat([engine.features(preprocess(load_image(p), engine)) for p in good])
+    npy = tmp_path / "feats.npy"
+    args = common(weights, "--out", npy, "--workers", "0", "--batch-size", "3")
+
+    features = densetriton.engine.Engine.features
+    calls = []
+
+    def interrupted(self, x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return features(self, x)
+
+    monkeypatch.setattr(densetriton.engine.Engine, "features", interrupted)
+    rc, _, err = run_cli(capsys, "embed", folder, *args)
+    assert rc == 130 and not npy.exists()
+    chunks = list((tmp_path / "feats.npy.partial").glob("chunk-*.safetensors"))
+    assert len(chunks) == 1
+    with safe_open(str(chunks[0]), framework="pt") as f:
+        kept = json.loads(f.metadata()["paths"])  # the rows computed before Ctrl-C, kept for --resume
+    assert 0 < len(kept) < 7 and kept == good[: len(kept)]
+    monkeypatch.setattr(densetriton.engine.Engine, "features", features)
+
+    rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
+    assert rc == 0 and f"resuming: {len(kept)} of 9 images already embedded" in err
+    assert f"embedded {7 - len(kept)} images" in err
+    assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == good
+    assert rel_err(torch.from_numpy(np.load(npy)), expected) < 1e-5
+    assert not (tmp_path / "feats.npy.partial").exists()
+
+    # An image added since: only it is embedded, appended after the old rows.
+    added = folder / "aaa.png"
+    Image.fromarray(_noise(_rng("added"), 40, 44)).save(added)
+    rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
+    assert rc == 0 and "embedded 1 image " in err and "7 already in" in err
+    assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == good + [str(added)]
+    array = torch.from_numpy(np.load(npy))
+    assert rel_err(array[:7], expected) < 1e-5
+    assert rel_err(array[7:], engine.features(preprocess(load_image(added), engine))) < 1e-5
+
+    # Without --resume a stale FILE.partial/ is cleared, not mixed in.
+    from safetensors.torch import save_file
+
+    stale = tmp_path / "feats.npy.partial"
+    stale.mkdir()
+    save_file({"features": torch.ones(1, SPEC.num_features)}, str(stale / "chunk-r0000-0-0.safetensors"),
+              metadata={"paths": json.dumps([good[0]])})
+    rc, _, err = run_cli(capsys, "embed", folder, *args)
+    assert rc == 0 and "embedded 8 images" in err and not stale.exists()
+    assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == [str(added)] + good  # input order
+    assert rel_err(torch.from_numpy(np.load(npy))[1:], expected) < 1e-5
+
+    # A FILE from another model cannot be resumed.
+    np.save(npy, np.ones((8, 5), dtype=np.float32))
+    rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
+    assert rc == 1 and "holds 5 features per image, this model gives" in err
+
+
 # -- errors and help ----------------------------------------------------------------------------
 
 
@@ -441,7 +511,7 @@ def test_all_skipped_is_a_failure(weights, images, capsys):
 def test_help_reads_well(capsys):
     for command, words in {
         "predict": ["--topk", "--multi-label", "--resume", "--out", "torchrun", "EXIF", "composited onto white", "label_1, prob_1"],
-        "embed": [".npy.paths.txt", "safetensors", "engine.features", "torchrun"],
+        "embed": [".npy.paths.txt", "safetensors", "engine.features", "torchrun", "--resume", "FILE.partial/"],
     }.items():
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
