@@ -13,11 +13,20 @@ from pathlib import Path
 
 
 def _info(args) -> int:
-    from .spec import get_spec
+    from .spec import MODELS, get_spec
 
-    spec = get_spec(args.model)
+    weights = None
+    if args.model in MODELS:
+        spec = get_spec(args.model)
+    elif Path(args.model).suffix == ".safetensors" or Path(args.model).is_file():
+        from .weights import describe_spec, load_weights
+
+        weights = load_weights(args.model)
+        spec = weights.spec
+    else:
+        spec = get_spec(args.model)  # the unknown-model error, listing the registry
     size = args.image_size or (224 if spec.stem == "imagenet" else 32)
-    print(args.model)
+    print(args.model if weights is None else f"{args.model}: {describe_spec(spec)}")
     print(f"  growth rate k       {spec.growth_rate}")
     print(f"  layers per block    {'-'.join(map(str, spec.block_config))}")
     print(f"  layer               {'bottleneck BN-ReLU-conv1x1(' + str(spec.bottleneck_channels) + ')-BN-ReLU-conv3x3' if spec.bn_size else 'plain BN-ReLU-conv3x3'}")
@@ -25,6 +34,10 @@ def _info(args) -> int:
     print(f"  stem                {spec.stem} ({spec.num_init_features} channels)")
     print(f"  depth L             {spec.depth}")
     print(f"  classes             {spec.num_classes}")
+    if spec.in_channels != 3:
+        print(f"  input channels      {spec.in_channels}")
+    if spec.bn_eps != 1e-5:
+        print(f"  BatchNorm eps       {spec.bn_eps:g}")
     sizes = spec.feature_sizes(size, size)
     transitions = spec.transition_channels() + [None]
     for b, ((c_in, c_out), layers, (h, w), t) in enumerate(zip(spec.block_channels(), spec.block_config, sizes, transitions), 1):
@@ -33,8 +46,22 @@ def _info(args) -> int:
     print(f"  parameters          {spec.num_parameters():,}")
     print(f"  multiply-adds       {spec.macs(size):,} at {size}x{size} ({spec.macs(size) / 1e9:.2f} GMACs)")
     print(f"  smallest input      {spec.min_input_size()}x{spec.min_input_size()}")
+    file_facts = {}
+    if weights is not None:
+        from .images import describe_preprocessing
+
+        names = weights.class_names
+        shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "") if names else "none recorded"
+        outputs = {True: "a sigmoid per class (multi-label)", False: "a softmax over the classes", None: "not recorded (softmax)"}
+        pre = describe_preprocessing(weights.preprocessing) if weights.preprocessing else "none recorded"
+        print(f"  class names         {shown}")
+        print(f"  outputs             {outputs[weights.multi_label]}")
+        print(f"  preprocessing       {pre}")
+        print(f"  source              {weights.source or 'not recorded'}")
+        file_facts = {"class_names": names, "multi_label": weights.multi_label, "preprocessing": weights.preprocessing,
+                      "source": weights.source}
     if args.json:
-        print(json.dumps({"spec": spec.to_dict(), "parameters": spec.num_parameters(), "macs": spec.macs(size)}))
+        print(json.dumps({"spec": spec.to_dict(), "parameters": spec.num_parameters(), "macs": spec.macs(size), **file_facts}))
     return 0
 
 
@@ -85,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("info", help="print a model's architecture, parameter count and multiply-adds")
-    p.add_argument("model", choices=list_models(), metavar="NAME", help="one of: " + ", ".join(list_models()))
+    p = sub.add_parser("info", help="print a model's or weights file's architecture, parameter count and multiply-adds")
+    p.add_argument("model", metavar="NAME|FILE",
+                   help="a registry model (" + ", ".join(list_models()) + ") or a .safetensors weights file, whose "
+                   "class names, outputs, preprocessing and source are printed too")
     p.add_argument("--image-size", type=int, help="input size for the multiply-add count (default 224; 32 for CIFAR models)")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     p.set_defaults(func=_info)

@@ -1,5 +1,7 @@
 """The spec and registry: derived counts checked against torchvision and an independent count."""
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -173,3 +175,27 @@ def test_info_command(capsys):
     assert main(["info", "densenet_bc100_k12"]) == 0
     assert "32x32" in capsys.readouterr().out
     assert densetriton.__version__
+    assert main(["info", "resnet50"]) == 1
+    assert "unknown model 'resnet50'" in capsys.readouterr().err
+
+
+def test_info_of_a_weights_file(tmp_path, capsys):
+    from densetriton.weights import save_weights
+
+    spec = get_spec("densenet121").replace(in_channels=1, num_classes=14, bn_eps=1.001e-5)
+    torch.manual_seed(0)
+    tensors = {k: v for k, v in ReferenceDenseNet(spec).state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = save_weights(tmp_path / "xray.safetensors", tensors, spec,
+                        class_names=[f"finding{i}" for i in range(14)], multi_label=True, source="checkpoint:x.h5",
+                        preprocessing={"resize_size": [224, 224], "crop_size": None, "mean": [0.5], "std": [0.25]})
+    assert main(["info", str(path), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "densenet121 with 1 input channel, 14 classes and BatchNorm eps 1.001e-05" in out
+    assert "input channels      1" in out and "BatchNorm eps       1.001e-05" in out
+    assert "finding0, finding1, finding2, finding3, finding4, ... (9 more)" in out
+    assert "a sigmoid per class (multi-label)" in out and "resize to 224x224, grayscale" in out
+    assert f"{spec.num_parameters():,}" in out and "checkpoint:x.h5" in out
+    facts = json.loads(out.strip().splitlines()[-1])
+    assert facts["multi_label"] is True and DenseNetSpec.from_dict(facts["spec"]) == spec
+    assert main(["info", str(tmp_path / "missing.safetensors")]) == 1
+    assert "weights file not found" in capsys.readouterr().err
