@@ -263,7 +263,7 @@ def load_weights(path: str | os.PathLike) -> Weights:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         hint = ""
-        if path.suffix in CHECKPOINT_SUFFIXES:
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
             hint = f"; convert the checkpoint first: densetriton convert --checkpoint {path} --out {path.stem}.safetensors"
         raise WeightsError(f"{path} is not a readable safetensors file ({e}){hint}") from None
 

@@ -275,7 +275,7 @@ def convert_checkpoint(
     """
     path = Path(path)
     carried = {}
-    if path.suffix in KERAS_SUFFIXES:
+    if path.suffix.lower() in KERAS_SUFFIXES:
         if not path.is_file():
             raise ConversionError(f"checkpoint not found: {path}")
         try:
