@@ -780,7 +780,11 @@ def _embed(args, dist: _Dist, out: str) -> int:
         if os.path.isfile(out):
             old_features, old_paths = _read_features(out, width)
         partial_features, partial_paths = _read_progress(out, width)
-        old_features, old_paths = torch.cat([old_features, partial_features]), old_paths + partial_paths
+        # A run stopped after writing FILE but before clearing FILE.partial/ leaves rows twice.
+        seen = {_path_key(p) for p in old_paths}
+        fresh = [j for j, p in enumerate(partial_paths) if _path_key(p) not in seen and not seen.add(_path_key(p))]
+        old_features = torch.cat([old_features, partial_features[fresh]])
+        old_paths = old_paths + [partial_paths[j] for j in fresh]
     elif dist.rank == 0:
         shutil.rmtree(_progress_dir(out), ignore_errors=True)  # an earlier run's, not to be mixed in
     dist.barrier()  # every rank has read (or rank 0 has cleared) the old rows before any rank writes

@@ -448,6 +448,18 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     assert rel_err(torch.from_numpy(np.load(npy)), expected) < 1e-5
     assert not (tmp_path / "feats.npy.partial").exists()
 
+    # A run stopped between writing FILE and clearing FILE.partial/: its rows are not doubled.
+    partial = tmp_path / "feats.npy.partial"
+    partial.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"features": torch.from_numpy(np.load(npy))[:2].contiguous()}, str(partial / "chunk-r0000-1-0.safetensors"),
+              metadata={"paths": json.dumps(good[:2])})
+    rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
+    assert rc == 0 and "resuming: 7 of 9 images already embedded" in err
+    assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == good
+    assert not partial.exists()
+
     # An image added since: only it is embedded, appended after the old rows.
     added = folder / "aaa.png"
     Image.fromarray(_noise(_rng("added"), 40, 44)).save(added)
@@ -459,8 +471,6 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     assert rel_err(array[7:], engine.features(preprocess(load_image(added), engine))) < 1e-5
 
     # Without --resume a stale FILE.partial/ is cleared, not mixed in.
-    from safetensors.torch import save_file
-
     stale = tmp_path / "feats.npy.partial"
     stale.mkdir()
     save_file({"features": torch.ones(1, SPEC.num_features)}, str(stale / "chunk-r0000-0-0.safetensors"),
