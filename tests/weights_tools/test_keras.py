@@ -4,10 +4,13 @@ Keras 3's file formats, compared with Keras's own forward (torch backend) on the
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported; the tests need no other framework
 keras = pytest.importorskip("keras")
@@ -217,6 +220,32 @@ def test_a_small_keras_densenet_runs_on_the_triton_kernels(tmp_path):
     engine = densetriton.load(out, device="cpu", backend="triton", dtype=torch.float32)
     x = torch.randn(2, 1, 48, 48)
     assert rel_err(engine(x), _keras_logits(model, x)) < 1e-4
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(1, 3), min_size=4, max_size=4), st.sampled_from([1, 3]), st.integers(1, 9),
+       st.sampled_from(["weights.h5", "keras"]), st.integers(0, 2**16))
+def test_keras_densenets_of_any_depth_convert_by_layer_order(blocks, channels, classes, fmt, seed):
+    """Keras 3 files name layers by class and position only: the block structure read off their
+    order must be the one the model was built with, whatever the layers per block."""
+    import tempfile
+    from pathlib import Path
+
+    from keras.src.applications.densenet import DenseNet
+
+    keras.utils.set_random_seed(seed)
+    model = _randomize_batchnorms(DenseNet(blocks, weights=None, input_shape=(32, 32, channels), classes=classes,
+                                           classifier_activation=None), seed=seed + 1, tiny_final_variance=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = {"resize_size": None, "crop_size": None, "mean": [0.5] * channels, "std": [0.25] * channels}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # weights only: the file has no config to check
+            out = convert_checkpoint(_save(model, fmt, Path(tmp)), Path(tmp) / "out.safetensors", progress=False,
+                                     preprocessing=pre)
+        w = load_weights(out)
+        assert w.spec == densetriton.DenseNetSpec(32, tuple(blocks), 64, 4, 0.5, classes, "imagenet", channels, KERAS_EPS)
+        x = torch.randn(2, channels, 32, 32)
+        assert rel_err(densetriton.load(out, device="cpu", backend="reference")(x), _keras_logits(model, x)) < 1e-5
 
 
 # -- what the config says, and what is refused --------------------------------------------------
