@@ -18,7 +18,12 @@ Reading is robust to what real files contain:
   everything above 255 to white. Values of mode "I" outside 0..65535 and 32-bit float images
   ("F") outside 0..1 are stretched linearly from their minimum to their maximum; float images
   within 0..1 are scaled by 255.
-* Multi-frame files (GIF, TIFF) give their first frame.
+* Multi-frame files (GIF, TIFF, DICOM) give their first frame.
+* DICOM files (by suffix, or by the "DICM" marker when named explicitly; needs pydicom) are
+  read as a radiologist's viewer shows them: the modality LUT (rescale slope and intercept),
+  then the file's first VOI LUT or window (center/width, with its LINEAR, LINEAR_EXACT or
+  SIGMOID function) mapped onto 0..255, or without one the image's own minimum to maximum;
+  MONOCHROME1 is inverted so that higher values are brighter. Colour DICOM comes out as RGB.
 * A grayscale model (one input channel) gets the image's luminance, as torchvision's Grayscale
   computes it from the RGB image (L = 0.299 R + 0.587 G + 0.114 B; a gray image is unchanged).
 
@@ -39,9 +44,10 @@ from .weights import IMAGENET_PREPROCESSING
 IMAGE_SUFFIXES = frozenset(
     {
         ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff",
-        ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico",
+        ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".dcm", ".dicom",
     }
 )
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 
 # Used when neither the weights file nor the spec defines preprocessing (CIFAR-stem models):
 # the image is used at its own size, only scaled to 0..1 and normalised with ImageNet's mean/std.
@@ -122,10 +128,77 @@ def to_rgb(img):
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, ...
 
 
+def _is_dicom(path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then "DICM"."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_to_8bit(ds) -> np.ndarray:
+    """Pixels of a DICOM dataset as a viewer shows them, uint8 [H, W] or [H, W, 3]."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    pixels = ds.pixel_array  # colour (YBR too) comes out as RGB
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if not photometric.startswith("MONOCHROME"):
+        return pixels if pixels.dtype == np.uint8 else _to_uint8(pixels, "I;16" if pixels.itemsize == 2 else "I")
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    if "VOILUTSequence" in ds:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        gray = apply_voi_lut(values, ds, prefer_lut=True) * (255.0 / (2**bits - 1))
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        # pydicom's windowing maps onto the range of the stored values; on a view of the dataset
+        # that says 8 unsigned bits and no rescale, that range is 0..255.
+        view = ds.copy()
+        for keyword in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"):
+            if keyword in view:
+                delattr(view, keyword)
+        view.BitsStored, view.PixelRepresentation = 8, 0
+        gray = apply_voi_lut(values, view, prefer_lut=False)
+    else:
+        lo, hi = float(values.min()), float(values.max())
+        gray = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    return 255 - gray if photometric == "MONOCHROME1" else gray
+
+
+def _load_dicom(path):
+    from PIL import Image
+
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageError(path, "a DICOM file: reading it needs pydicom (pip install pydicom)") from None
+    try:
+        ds = pydicom.dcmread(path)
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory") from None
+    except Exception as e:  # InvalidDicomError, truncated files
+        raise ImageError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
+    if "PixelData" not in ds:
+        raise ImageError(path, "a DICOM file without pixel data")
+    try:
+        pixels = _dicom_to_8bit(ds)
+    except Exception as e:  # compressed pixel data without a decoder plugin, inconsistent attributes
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise ImageError(path, f"DICOM pixel data ({name}) could not be decoded ({type(e).__name__}: {e})") from None
+    return Image.fromarray(pixels).convert("RGB")
+
+
 def load_image(path: str | os.PathLike):
     """Read an image file as an upright 8-bit RGB PIL image; raises ImageError if it cannot."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if os.path.splitext(str(path))[1].lower() in DICOM_SUFFIXES or _is_dicom(path):
+        return _load_dicom(path)
     try:
         with Image.open(path) as img:
             img.load()

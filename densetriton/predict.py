@@ -70,7 +70,8 @@ recursively in sorted order for files with an image suffix; other files in folde
 {suffixes}
 Images are read with PIL: EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images
 become RGB (16-bit scaled from the full 0..65535 range); transparency is composited onto white;
-a grayscale (1-channel) model gets the luminance. Files that cannot be read are skipped, never
+DICOM files (with pydicom) get their rescale and first window (else their own range) onto 0..255,
+MONOCHROME1 inverted; a grayscale (1-channel) model gets the luminance. Files that cannot be read are skipped, never
 stopping the run, and listed in the final summary.
 
 Preprocessing: as the weights define it -- torchvision's for pretrained ImageNet models (resize

@@ -141,7 +141,95 @@ def test_unreadable_files_raise_image_error_with_a_reason(tmp_path, rng):
 
 def test_image_suffixes():
     assert is_image_path("a/B.JPG") and is_image_path("x.tiff") and is_image_path("x.png")
+    assert is_image_path("scan/IM0001.DCM") and is_image_path("x.dicom")
     assert not is_image_path("notes.txt") and not is_image_path("jpg")
+
+
+# -- DICOM ----------------------------------------------------------------------------------------
+
+
+def _dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, signed=False, **attributes):
+    """A DICOM Part 10 file written with pydicom, uncompressed unless told otherwise."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = attributes.pop("transfer_syntax", ExplicitVRLittleEndian)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(signed)
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = attributes.get("PixelData", pixels.tobytes())
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    return path
+
+
+def _linear_window(x, center, width):
+    """DICOM PS3.3 C.11.2.1.2.1 (VOI LUT function LINEAR) onto 0..255: the test's own oracle."""
+    lo, hi = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255
+    return np.clip(np.rint(np.where(x <= lo, 0, np.where(x > hi, 255, y))), 0, 255).astype(np.uint8)
+
+
+def test_dicom_ct_slice_is_rescaled_then_windowed(tmp_path, rng):
+    """A 12-bit CT slice: stored values -> Hounsfield units (slope 1, intercept -1024) -> the
+    file's window (center 40, width 400) onto 0..255; the suffix need not say DICOM."""
+    stored = rng.integers(0, 4096, (40, 52), dtype=np.uint16)
+    path = _dicom(tmp_path / "IM0001", stored, bits_stored=12, RescaleSlope=1, RescaleIntercept=-1024,
+                  WindowCenter=40, WindowWidth=400)
+    got = np.asarray(load_image(path))
+    assert got.shape == (40, 52, 3) and (got == got[..., :1]).all()  # gray: three equal channels
+    expected = _linear_window(stored.astype(np.float64) - 1024, 40, 400)
+    assert np.array_equal(got[..., 0], expected)
+    assert 0 < (expected == 0).mean() < 1 and 0 < (expected == 255).mean() < 1  # the window clips both ends
+
+
+def test_dicom_x_ray_without_window_uses_its_range_and_monochrome1_is_inverted(tmp_path, rng):
+    stored = rng.integers(100, 3000, (30, 20), dtype=np.uint16)
+    expected = np.rint((stored - stored.min()) * (255.0 / (stored.max() - stored.min()))).astype(np.uint8)
+    plain = np.asarray(load_image(_dicom(tmp_path / "cxr.dcm", stored, bits_stored=12)))[..., 0]
+    assert np.array_equal(plain, expected)
+    inverted = np.asarray(load_image(_dicom(tmp_path / "cxr1.dcm", stored, "MONOCHROME1", bits_stored=12)))[..., 0]
+    assert np.array_equal(inverted, 255 - expected)  # MONOCHROME1: the lowest value is white
+
+
+def test_dicom_rgb_and_multiframe(tmp_path, rng):
+    rgb = _rgb(rng, 16, 24)
+    assert np.array_equal(np.asarray(load_image(_dicom(tmp_path / "photo.dcm", rgb, "RGB"))), rgb)
+    frames = rng.integers(0, 256, (3, 10, 12), dtype=np.uint8)
+    path = _dicom(tmp_path / "cine.dcm", frames[0], NumberOfFrames=3, PixelData=frames.tobytes())
+    first = frames[0].astype(np.float64)
+    expected = np.rint((first - first.min()) * (255.0 / (first.max() - first.min()))).astype(np.uint8)
+    assert np.array_equal(np.asarray(load_image(path))[..., 0], expected)
+
+
+def test_unreadable_dicom_files_raise_image_error_with_a_reason(tmp_path, rng):
+    pytest.importorskip("pydicom")
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    stored = rng.integers(0, 4096, (8, 8), dtype=np.uint16)
+    compressed = _dicom(tmp_path / "j2k.dcm", stored, bits_stored=12, transfer_syntax=JPEG2000Lossless,
+                        PixelData=encapsulate([rng.bytes(64)]))
+    (tmp_path / "text.dcm").write_text("not a DICOM file\n")
+    cases = {"j2k.dcm": "DICOM pixel data (JPEG 2000", "text.dcm": "not a readable DICOM file"}
+    for name, reason in cases.items():
+        with pytest.raises(ImageError) as info:
+            load_image(tmp_path / name)
+        assert info.value.reason.startswith(reason), (name, info.value.reason)
+    assert compressed.exists()
 
 
 def test_preprocess_crop_and_normalise_exactly(rng):
