@@ -147,7 +147,7 @@ def _dicom_to_8bit(ds) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if not photometric.startswith("MONOCHROME"):
         return pixels if pixels.dtype == np.uint8 else _to_uint8(pixels, "I;16" if pixels.itemsize == 2 else "I")
-    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    values = apply_modality_lut(pixels, ds)  # integers stay integers: a VOI LUT indexes with them
     if "VOILUTSequence" in ds:
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         gray = apply_voi_lut(values, ds, prefer_lut=True) * (255.0 / (2**bits - 1))
@@ -161,6 +161,7 @@ def _dicom_to_8bit(ds) -> np.ndarray:
         view.BitsStored, view.PixelRepresentation = 8, 0
         gray = apply_voi_lut(values, view, prefer_lut=False)
     else:
+        values = values.astype(np.float64)
         lo, hi = float(values.min()), float(values.max())
         gray = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
     gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)

@@ -205,6 +205,20 @@ def test_dicom_x_ray_without_window_uses_its_range_and_monochrome1_is_inverted(t
     assert np.array_equal(inverted, 255 - expected)  # MONOCHROME1: the lowest value is white
 
 
+def test_dicom_voi_lut_sequence_is_applied(tmp_path, rng):
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+
+    stored = rng.integers(0, 256, (12, 14), dtype=np.uint16)
+    lut = (4095 - 16 * np.arange(256)).astype(np.uint16)  # a decreasing 12-bit LUT over stored 0..255
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 12]
+    item.LUTData = lut.tobytes()  # OW: 16-bit words
+    path = _dicom(tmp_path / "lut.dcm", stored, bits_stored=8, VOILUTSequence=[item])
+    expected = np.rint(lut[stored] * (255.0 / 4095)).astype(np.uint8)
+    assert np.array_equal(np.asarray(load_image(path))[..., 0], expected)
+
+
 def test_dicom_rgb_and_multiframe(tmp_path, rng):
     rgb = _rgb(rng, 16, 24)
     assert np.array_equal(np.asarray(load_image(_dicom(tmp_path / "photo.dcm", rgb, "RGB"))), rgb)
