@@ -21,9 +21,12 @@ Reading is robust to what real files contain:
 * Multi-frame files (GIF, TIFF, DICOM) give their first frame.
 * DICOM files (by suffix, or by the "DICM" marker when named explicitly; needs pydicom) are
   read as a radiologist's viewer shows them: the modality LUT (rescale slope and intercept),
-  then the file's first VOI LUT or window (center/width, with its LINEAR, LINEAR_EXACT or
-  SIGMOID function) mapped onto 0..255, or without one the image's own minimum to maximum;
-  MONOCHROME1 is inverted so that higher values are brighter. Colour DICOM comes out as RGB.
+  then the file's first VOI LUT (scaled by its largest entry) or window (center/width, with its
+  LINEAR, LINEAR_EXACT or SIGMOID function) mapped onto 0..255, or without a valid one the
+  image's own minimum to maximum (padding pixels left out); MONOCHROME1 is inverted so that
+  higher values are brighter; padding (PixelPaddingValue) is black. Colour and palette DICOM
+  come out as RGB. Only the first frame of a multi-frame file is decoded; enhanced multi-frame
+  files (per-frame rescale and window) are refused.
 * A grayscale model (one input channel) gets the image's luminance, as torchvision's Grayscale
   computes it from the RGB image (L = 0.299 R + 0.587 G + 0.114 B; a gray image is unchanged).
 
@@ -137,35 +140,69 @@ def _is_dicom(path) -> bool:
         return False
 
 
+def _dicom_window(values: np.ndarray, ds) -> np.ndarray | None:
+    """The file's first window onto 0..255 by pydicom's windowing (LINEAR, LINEAR_EXACT, SIGMOID),
+    or None when it has none or an invalid one (a viewer then shows the full range)."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_windowing
+
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    # pydicom maps a window onto the range of the stored values: a dataset that holds only the
+    # window and says 8 unsigned stored bits, no rescale, makes that range 0..255.
+    view = Dataset()
+    view.PhotometricInterpretation = "MONOCHROME2"
+    view.WindowCenter, view.WindowWidth = ds.WindowCenter, ds.WindowWidth
+    if "VOILUTFunction" in ds:
+        view.VOILUTFunction = ds.VOILUTFunction
+    view.BitsStored, view.PixelRepresentation = 8, 0
+    try:
+        return apply_windowing(values.astype(np.float64), view)
+    except (ValueError, TypeError):  # a zero width, an unknown function (LOG)
+        return None
+
+
 def _dicom_to_8bit(ds) -> np.ndarray:
     """Pixels of a DICOM dataset as a viewer shows them, uint8 [H, W] or [H, W, 3]."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
-    pixels = ds.pixel_array  # colour (YBR too) comes out as RGB
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
+    if "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds:
+        raise ValueError("an enhanced multi-frame file (rescale and window per frame): export the image as a "
+                         "single-frame DICOM first")
+    # Only the first frame is decoded: a multi-frame file may hold hundreds.
+    pixels = pixel_array(ds, index=0) if int(ds.get("NumberOfFrames", 1) or 1) > 1 else ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if not photometric.startswith("MONOCHROME"):
-        return pixels if pixels.dtype == np.uint8 else _to_uint8(pixels, "I;16" if pixels.itemsize == 2 else "I")
-    values = apply_modality_lut(pixels, ds)  # integers stay integers: a VOI LUT indexes with them
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    if not photometric.startswith("MONOCHROME"):  # colour (YBR decoded as RGB) at its stored depth
+        if pixels.dtype == np.uint8:
+            return pixels
+        top = 2 ** int(ds.get("BitsStored", 8 * pixels.itemsize)) - 1 if photometric != "PALETTE COLOR" else 65535
+        return np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8)
+    padding = ds.get("PixelPaddingValue")
+    body = np.ones(pixels.shape, dtype=bool) if padding is None else pixels != padding  # padding: outside the body
+    values = apply_modality_lut(pixels, ds)
     if "VOILUTSequence" in ds:
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        gray = apply_voi_lut(values, ds, prefer_lut=True) * (255.0 / (2**bits - 1))
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        # pydicom's windowing maps onto the range of the stored values; on a view of the dataset
-        # that says 8 unsigned bits and no rescale, that range is 0..255.
-        view = ds.copy()
-        for keyword in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"):
-            if keyword in view:
-                delattr(view, keyword)
-        view.BitsStored, view.PixelRepresentation = 8, 0
-        gray = apply_voi_lut(values, view, prefer_lut=False)
+        item = ds.VOILUTSequence[0]
+        entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+        lut = np.frombuffer(item.LUTData, dtype=np.uint16) if isinstance(item.LUTData, bytes) else np.asarray(item.LUTData)
+        lut = lut[:entries].astype(np.float64)
+        # The lookup is done here (pydicom indexes with the LUT's own dtype, which wraps for an
+        # 8-bit LUT of more than 256 entries), and scaled by the largest entry, as viewers do:
+        # LUTs declared 16-bit often span 0..4095.
+        gray = lut[np.clip(np.floor(values) - first, 0, len(lut) - 1).astype(np.int64)] * (255.0 / max(lut.max(), 1.0))
     else:
+        gray = _dicom_window(values, ds)
+    if gray is None:
         values = values.astype(np.float64)
-        lo, hi = float(values.min()), float(values.max())
+        inside = values[body] if body.any() else values
+        lo, hi = float(inside.min()), float(inside.max())
         gray = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
     gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
-    return 255 - gray if photometric == "MONOCHROME1" else gray
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    gray[~body] = 0  # padding shows black, inverted or not
+    return gray
 
 
 def _load_dicom(path):
@@ -176,22 +213,36 @@ def _load_dicom(path):
     except ImportError:
         raise ImageError(path, "a DICOM file: reading it needs pydicom (pip install pydicom)") from None
     try:
-        ds = pydicom.dcmread(path)
+        # force: some exporters write the dataset without the 128-byte preamble and "DICM".
+        ds = pydicom.dcmread(path, force=True)
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
     except IsADirectoryError:
         raise ImageError(path, "is a directory") from None
-    except Exception as e:  # InvalidDicomError, truncated files
-        raise ImageError(path, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # InvalidDicomError, struct errors of truncated files
+        raise ImageError(path, _one_line(f"not a readable DICOM file ({type(e).__name__}: {e})")) from None
     if "PixelData" not in ds:
-        raise ImageError(path, "a DICOM file without pixel data")
+        if "SOPClassUID" in ds:
+            raise ImageError(path, "a DICOM file without pixel data")
+        if _is_dicom(path):
+            raise ImageError(path, "corrupt or truncated DICOM file (no readable data elements)")
+        raise ImageError(path, "not a DICOM file (no DICM marker, no readable data elements)")
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is None or "TransferSyntaxUID" not in file_meta:
+        from pydicom.uid import ImplicitVRLittleEndian
+
+        ds.file_meta = file_meta if file_meta is not None else pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian  # what a file without a header is written in
     try:
         pixels = _dicom_to_8bit(ds)
     except Exception as e:  # compressed pixel data without a decoder plugin, inconsistent attributes
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", syntax)
-        raise ImageError(path, f"DICOM pixel data ({name}) could not be decoded ({type(e).__name__}: {e})") from None
+        name = getattr(ds.file_meta.TransferSyntaxUID, "name", ds.file_meta.TransferSyntaxUID)
+        raise ImageError(path, _one_line(f"DICOM pixel data ({name}) could not be read ({type(e).__name__}: {e})")) from None
     return Image.fromarray(pixels).convert("RGB")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def load_image(path: str | os.PathLike):

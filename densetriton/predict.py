@@ -647,7 +647,7 @@ def _desc(verb: str, dist: _Dist) -> str:
 # -- embed ----------------------------------------------------------------------------------------
 
 
-def _save_features(out: str, features: torch.Tensor, paths: list[str], model: str) -> None:
+def _save_features(out: str, features: torch.Tensor, paths: list[str], model: str, *, resumed: bool) -> None:
     from safetensors.torch import save_file
 
     from .weights import atomic_write
@@ -664,8 +664,14 @@ def _save_features(out: str, features: torch.Tensor, paths: list[str], model: st
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
                 f.write("".join(p + "\n" for p in paths))
 
-        atomic_write(out, write_npy)
+        # Two files cannot be replaced at once, so the order makes a stop between them harmless:
+        # the paths first, then the rows. A resumed FILE's rows are the new list's first ones, so
+        # --resume then reads the old rows against a prefix of the paths; a new FILE's old rows go
+        # first, so they are never paired with the new paths (FILE.partial/ still has every row).
+        if not resumed and os.path.isfile(out):
+            os.unlink(out)
         atomic_write(out + ".paths.txt", write_paths)
+        atomic_write(out, write_npy)
     else:
         metadata = {"format": "densetriton-features", "paths": json.dumps(paths), "model": model}
         atomic_write(out, lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
@@ -684,12 +690,17 @@ def _read_features(out: str, width: int) -> tuple[torch.Tensor, list[str]]:
                 features, paths = f.get_tensor("features"), json.loads((f.metadata() or {})["paths"])
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
-    if features.dim() != 2 or features.shape[0] != len(paths) or not isinstance(paths, list):
+    if not isinstance(paths, list) or features.dim() != 2 or features.shape[0] > len(paths):
         raise ValueError(f"{out} holds {tuple(features.shape)} features for {len(paths)} paths; cannot resume from it")
+    paths = paths[: features.shape[0]]  # a run stopped between writing FILE.paths.txt and FILE
     if features.shape[1] != width:
         raise ValueError(f"{out} holds {features.shape[1]} features per image, this model gives {width}: "
                          f"resume with the model that wrote it, or another --out")
     return features.float(), paths
+
+
+# The paths of a .safetensors features file live in its header, which safetensors caps at 100 MB.
+_SAFETENSORS_PATHS_LIMIT = 90_000_000
 
 
 def _progress_dir(out: str) -> Path:
@@ -775,15 +786,22 @@ def _embed(args, dist: _Dist, out: str) -> int:
     show = dist.rank == 0
     width = engine.spec.num_features
 
+    if not out.lower().endswith(".npy") and len(json.dumps(files)) > _SAFETENSORS_PATHS_LIMIT:
+        # safetensors keeps metadata in a header of at most 100 MB: say so now, not after the run.
+        raise ValueError(f"{len(files):,} paths do not fit in a safetensors header (100 MB); use --out FILE.npy")
     # What --resume keeps: FILE's rows, then the chunks an interrupted run left behind.
-    old_features, old_paths = torch.empty(0, width), []
+    old_features, old_paths, recovered = torch.empty(0, width), [], 0
     if args.resume:
         if os.path.isfile(out):
             old_features, old_paths = _read_features(out, width)
         partial_features, partial_paths = _read_progress(out, width)
-        # A run stopped after writing FILE but before clearing FILE.partial/ leaves rows twice.
+        # A run stopped after writing FILE but before clearing FILE.partial/ leaves rows twice;
+        # the rest of an interrupted run's rows go in input order (its chunks are per rank).
         seen = {_path_key(p) for p in old_paths}
         fresh = [j for j, p in enumerate(partial_paths) if _path_key(p) not in seen and not seen.add(_path_key(p))]
+        order = {_path_key(p): i for i, p in enumerate(files)}
+        fresh.sort(key=lambda j: order.get(_path_key(partial_paths[j]), len(files)))
+        recovered = len(fresh)
         old_features = torch.cat([old_features, partial_features[fresh]])
         old_paths = old_paths + [partial_paths[j] for j in fresh]
     elif dist.rank == 0:
@@ -814,15 +832,18 @@ def _embed(args, dist: _Dist, out: str) -> int:
     tallies = dist.all_gather((tally.done, tally.skipped))  # also a barrier: every rank's chunks are written
     done = sum(d for d, _ in tallies)
     skipped = [s for _, sk in tallies for s in sk]
-    if dist.rank == 0 and (done or already):
+    if dist.rank == 0 and (done or recovered):
         # The old rows as they were, then this run's in input order (chunks from every rank).
         new_features, new_paths = _read_progress(out, width)
         new_rows = [j for j, p in enumerate(new_paths) if _path_key(p) not in done_keys]
         order = {_path_key(p): i for i, p in enumerate(files)}
         new_rows.sort(key=lambda j: order.get(_path_key(new_paths[j]), len(files)))
         features = torch.cat([old_features, new_features[new_rows]])
-        _save_features(out, features, old_paths + [new_paths[j] for j in new_rows], describe_spec(engine.spec))
+        _save_features(out, features, old_paths + [new_paths[j] for j in new_rows], describe_spec(engine.spec),
+                       resumed=args.resume)
         shutil.rmtree(_progress_dir(out), ignore_errors=True)
+    elif dist.rank == 0 and args.resume:
+        shutil.rmtree(_progress_dir(out), ignore_errors=True)  # nothing new: FILE stays; leftover rows were in it
     dist.barrier()
     if show:
         written = out + (f" and {out}.paths.txt" if out.lower().endswith(".npy") else "")

@@ -238,12 +238,56 @@ def test_unreadable_dicom_files_raise_image_error_with_a_reason(tmp_path, rng):
     compressed = _dicom(tmp_path / "j2k.dcm", stored, bits_stored=12, transfer_syntax=JPEG2000Lossless,
                         PixelData=encapsulate([rng.bytes(64)]))
     (tmp_path / "text.dcm").write_text("not a DICOM file\n")
-    cases = {"j2k.dcm": "DICOM pixel data (JPEG 2000", "text.dcm": "not a readable DICOM file"}
+    good = _dicom(tmp_path / "good.dcm", stored, bits_stored=12).read_bytes()
+    (tmp_path / "truncated.dcm").write_bytes(good[:200])
+    cases = {"j2k.dcm": "DICOM pixel data (JPEG 2000", "text.dcm": "not a DICOM file",
+             "truncated.dcm": "corrupt or truncated DICOM file"}
     for name, reason in cases.items():
         with pytest.raises(ImageError) as info:
             load_image(tmp_path / name)
         assert info.value.reason.startswith(reason), (name, info.value.reason)
+        assert "\n" not in info.value.reason  # one line in the skipped-files summary
     assert compressed.exists()
+
+
+def test_dicom_edge_cases_viewers_handle(tmp_path, rng):
+    """Padding outside the body, an invalid window, a wide 8-bit VOI LUT, 12 bits in a 16-bit RGB
+    word, and a dataset written without the Part 10 preamble."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+
+    stored = rng.integers(100, 3000, (20, 24), dtype=np.uint16)
+    stored[:4] = 0  # the padding value: air outside the field of view
+    body = stored[4:].astype(np.float64)
+    expected = np.rint((stored - body.min()) * (255.0 / (body.max() - body.min()))).clip(0, 255).astype(np.uint8)
+    expected[:4] = 0
+    padded = np.asarray(load_image(_dicom(tmp_path / "pad.dcm", stored, "MONOCHROME1", bits_stored=12,
+                                          PixelPaddingValue=0)))[..., 0]
+    assert np.array_equal(padded[4:], 255 - expected[4:]) and (padded[:4] == 0).all()  # padding black, inverted or not
+
+    bad_window = np.asarray(load_image(_dicom(tmp_path / "w0.dcm", stored, bits_stored=12, WindowCenter=100,
+                                              WindowWidth=0)))[..., 0]
+    full = np.rint((stored - float(stored.min())) * (255.0 / (stored.max() - stored.min()))).astype(np.uint8)
+    assert np.array_equal(bad_window, full)  # a zero width: the full range, as a viewer falls back
+
+    wide = rng.integers(0, 4096, (12, 12), dtype=np.uint16)
+    lut = rng.integers(0, 256, 4096).astype(np.uint16)  # 8-bit entries, 4096 of them
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.LUTData = lut.tobytes()
+    got = np.asarray(load_image(_dicom(tmp_path / "lut8.dcm", wide, bits_stored=12, VOILUTSequence=[item])))[..., 0]
+    assert np.array_equal(got, np.rint(lut[wide] * (255.0 / lut.max())).astype(np.uint8))
+
+    rgb12 = rng.integers(0, 4096, (6, 8, 3), dtype=np.uint16)
+    got = np.asarray(load_image(_dicom(tmp_path / "rgb12.dcm", rgb12, "RGB", bits_stored=12)))
+    assert np.array_equal(got, np.rint(rgb12 * (255.0 / 4095)).astype(np.uint8))
+
+    path = _dicom(tmp_path / "full.dcm", stored, bits_stored=12)
+    raw = pydicom.dcmread(path)
+    with open(tmp_path / "raw.dcm", "wb") as f:  # no preamble, no file meta: implicit VR little endian
+        pydicom.filewriter.write_dataset(pydicom.filebase.DicomFileLike(f), raw, True)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "raw.dcm"))[..., 0],
+                          np.asarray(load_image(path))[..., 0])
 
 
 def test_preprocess_crop_and_normalise_exactly(rng):

@@ -460,6 +460,20 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == good
     assert not partial.exists()
 
+    # A run stopped between writing FILE.paths.txt and FILE (the paths go first): the old rows
+    # pair with the first paths, and the rest is embedded again.
+    with open(tmp_path / "feats.npy.paths.txt", "a", encoding="utf-8") as f:
+        f.write(str(folder / "not-yet-written.png") + "\n")
+    np.save(npy, np.load(npy)[:6])
+    rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
+    assert rc == 0 and "resuming: 6 of 9 images already embedded" in err and "embedded 1 image " in err
+    assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == good[:6] + [good[6]]
+    assert rel_err(torch.from_numpy(np.load(npy)), expected) < 1e-5
+    # Nothing new: FILE is left as it is.
+    mtime = npy.stat().st_mtime_ns
+    rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
+    assert rc == 0 and "embedded 0 images" in err and npy.stat().st_mtime_ns == mtime
+
     # An image added since: only it is embedded, appended after the old rows.
     added = folder / "aaa.png"
     Image.fromarray(_noise(_rng("added"), 40, 44)).save(added)
@@ -479,6 +493,11 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     assert rc == 0 and "embedded 8 images" in err and not stale.exists()
     assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == [str(added)] + good  # input order
     assert rel_err(torch.from_numpy(np.load(npy))[1:], expected) < 1e-5
+
+    # Too many paths for a safetensors header: refused before any image is read.
+    monkeypatch.setattr(densetriton.predict, "_SAFETENSORS_PATHS_LIMIT", 100)
+    rc, _, err = run_cli(capsys, "embed", folder, *common(weights, "--out", tmp_path / "f.safetensors"))
+    assert rc == 1 and "do not fit in a safetensors header" in err and "use --out FILE.npy" in err
 
     # A FILE from another model cannot be resumed.
     np.save(npy, np.ones((8, 5), dtype=np.float32))
