@@ -206,15 +206,20 @@ def test_cpu_triton_with_the_interpreter_set_before_python_starts_runs():
 GPU_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-@pytest.mark.gpu
-def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
-    spec = get_spec("densenet121")
-    model = _random_model(spec, seed=13, size=64).cuda()
+def _graphed_and_eager(spec, seed, monkeypatch):
+    """Two float16 Triton engines on the same random weights: CUDA graphs on, and off."""
+    model = _random_model(spec, seed=seed, size=64).cuda()
     weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
     device = torch.device("cuda", torch.cuda.current_device())
     graphed = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
     monkeypatch.setenv("DENSETRITON_CUDA_GRAPHS", "0")
     eager = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
+    return graphed, eager
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
+    graphed, eager = _graphed_and_eager(get_spec("densenet121"), 13, monkeypatch)
     assert graphed._model.use_cuda_graphs and not eager._model.use_cuda_graphs
     for batch in (1, 8, 8, 1):  # a replayed graph must read each call's new input
         x = torch.randn(batch, 3, 224, 224, device="cuda")
@@ -230,13 +235,7 @@ def test_gpu_a_failed_capture_falls_back_and_leaves_cuda_usable(monkeypatch):
     """A capture that CUDA invalidates (here: a synchronize while capturing) leaves torch's
     allocator routing into the graph's pool and the capture stream current unless the plan closes
     both: the engine must warn, answer right, and leave empty_cache() and later captures working."""
-    spec = DenseNetSpec(8, (2, 2), 16, 2, 0.5, 5, "imagenet")
-    model = _random_model(spec, seed=17, size=64).cuda()
-    weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
-    device = torch.device("cuda", torch.cuda.current_device())
-    engine = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
-    monkeypatch.setenv("DENSETRITON_CUDA_GRAPHS", "0")
-    eager = densetriton.Engine(weights, device=device, dtype=torch.float16, backend="triton", pretrained=False)
+    engine, eager = _graphed_and_eager(DenseNetSpec(8, (2, 2), 16, 2, 0.5, 5, "imagenet"), 17, monkeypatch)
     plan = engine._model.plan(2, 64, 64)
     stage, launch = plan.launches[2]
 
