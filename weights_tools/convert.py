@@ -274,7 +274,6 @@ def convert_checkpoint(
     sigmoid per class (default: what a Keras model's head applies, else not recorded).
     """
     path = Path(path)
-    carried = {}
     if path.suffix.lower() in KERAS_SUFFIXES:
         if not path.is_file():
             raise ConversionError(f"checkpoint not found: {path}")
