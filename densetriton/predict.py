@@ -677,26 +677,29 @@ def _save_features(out: str, features: torch.Tensor, paths: list[str], model: st
         atomic_write(out, lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
 
 
-def _read_features(out: str, width: int) -> tuple[torch.Tensor, list[str]]:
-    """An earlier run's FILE (.npy with its .paths.txt, or .safetensors), to resume from."""
+def _read_features(out: str, width: int, *, rows: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """An earlier run's FILE (.npy with its .paths.txt, or .safetensors), to resume from; with
+    rows=False only its paths are read (the features come back empty)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         if out.lower().endswith(".npy"):
-            features = torch.from_numpy(np.load(out, allow_pickle=False))
+            array = np.load(out, mmap_mode="r", allow_pickle=False)  # the shape, without reading the rows
+            shape, features = array.shape, (torch.from_numpy(np.array(array)) if rows else None)
             paths = Path(out + ".paths.txt").read_text(encoding="utf-8").splitlines()
         else:
             with safe_open(out, framework="pt") as f:
-                features, paths = f.get_tensor("features"), json.loads((f.metadata() or {})["paths"])
+                shape, paths = tuple(f.get_slice("features").get_shape()), json.loads((f.metadata() or {})["paths"])
+                features = f.get_tensor("features") if rows else None
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
-    if not isinstance(paths, list) or features.dim() != 2 or features.shape[0] > len(paths):
-        raise ValueError(f"{out} holds {tuple(features.shape)} features for {len(paths)} paths; cannot resume from it")
-    paths = paths[: features.shape[0]]  # a run stopped between writing FILE.paths.txt and FILE
-    if features.shape[1] != width:
-        raise ValueError(f"{out} holds {features.shape[1]} features per image, this model gives {width}: "
+    if not isinstance(paths, list) or len(shape) != 2 or shape[0] > len(paths):
+        raise ValueError(f"{out} holds {tuple(shape)} features for {len(paths)} paths; cannot resume from it")
+    paths = paths[: shape[0]]  # a run stopped between writing FILE.paths.txt and FILE
+    if shape[1] != width:
+        raise ValueError(f"{out} holds {shape[1]} features per image, this model gives {width}: "
                          f"resume with the model that wrote it, or another --out")
-    return features.float(), paths
+    return (features.float() if rows else torch.empty(0, width)), paths
 
 
 # The paths of a .safetensors features file live in its header, which safetensors caps at 100 MB.
@@ -708,20 +711,22 @@ def _progress_dir(out: str) -> Path:
     return Path(out + ".partial")
 
 
-def _read_progress(out: str, width: int) -> tuple[torch.Tensor, list[str]]:
-    """Every chunk an interrupted run (any rank) left behind; a chunk cut short is ignored."""
-    from safetensors import SafetensorError
+def _read_progress(out: str, width: int, *, rows: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Every chunk an interrupted run (any rank) left behind; a chunk cut short is ignored. With
+    rows=False only the paths are read (the features come back empty)."""
+    from safetensors import SafetensorError, safe_open
 
     pieces, paths = [], []
     folder = _progress_dir(out)
     for chunk in sorted(folder.glob("chunk-*.safetensors")) if folder.is_dir() else []:
         try:
-            f, ps = _read_feature_part(chunk)
-        except (OSError, ValueError, KeyError, SafetensorError):
+            with safe_open(str(chunk), framework="pt") as f:
+                shape, ps = tuple(f.get_slice("features").get_shape()), json.loads(f.metadata()["paths"])
+                if shape == (len(ps), width):
+                    pieces.extend([f.get_tensor("features")] if rows else [])
+                    paths.extend(ps)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             continue  # written atomically, so only a foreign file can be unreadable
-        if f.dim() == 2 and f.shape == (len(ps), width):
-            pieces.append(f)
-            paths.extend(ps)
     return (torch.cat(pieces) if pieces else torch.empty(0, width)), paths
 
 
@@ -758,13 +763,6 @@ class _ChunkWriter:
         self.pending = []
 
 
-def _read_feature_part(path: Path) -> tuple[torch.Tensor, list[str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("features"), json.loads(f.metadata()["paths"])
-
-
 def embed_command(args) -> int:
     out = args.out
     if not out.lower().endswith(EMBED_FORMATS):
@@ -792,9 +790,10 @@ def _embed(args, dist: _Dist, out: str) -> int:
     # What --resume keeps: FILE's rows, then the chunks an interrupted run left behind.
     old_features, old_paths, recovered = torch.empty(0, width), [], 0
     if args.resume:
+        rows = dist.rank == 0  # the other ranks only need to know which images are done
         if os.path.isfile(out):
-            old_features, old_paths = _read_features(out, width)
-        partial_features, partial_paths = _read_progress(out, width)
+            old_features, old_paths = _read_features(out, width, rows=rows)
+        partial_features, partial_paths = _read_progress(out, width, rows=rows)
         # A run stopped after writing FILE but before clearing FILE.partial/ leaves rows twice;
         # the rest of an interrupted run's rows go in input order (its chunks are per rank).
         seen = {_path_key(p) for p in old_paths}
@@ -802,7 +801,8 @@ def _embed(args, dist: _Dist, out: str) -> int:
         order = {_path_key(p): i for i, p in enumerate(files)}
         fresh.sort(key=lambda j: order.get(_path_key(partial_paths[j]), len(files)))
         recovered = len(fresh)
-        old_features = torch.cat([old_features, partial_features[fresh]])
+        if rows:
+            old_features = torch.cat([old_features, partial_features[fresh]])
         old_paths = old_paths + [partial_paths[j] for j in fresh]
     elif dist.rank == 0:
         shutil.rmtree(_progress_dir(out), ignore_errors=True)  # an earlier run's, not to be mixed in

@@ -617,3 +617,13 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
     assert c[:11] == b and [p for p, _ in c[11:]] == [str(folder / "aaa.png")]
     assert_matches_engine(c[11:], engine, 2)
     assert not list(tmp_path.glob("merged.csv.part*"))
+
+    # embed --resume under torchrun (rank 1 reads only the old paths): the new image, appended.
+    proc = _torchrun("embed", folder, *common(weights, "--out", feats, "--workers", "0", "--resume"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "embedded 1 image " in proc.stderr and "11 already in" in proc.stderr
+    with safe_open(str(feats), framework="pt") as f:
+        resumed, resumed_paths = f.get_tensor("features"), json.loads(f.metadata()["paths"])
+    assert resumed_paths == paths + [str(folder / "aaa.png")] and torch.equal(resumed[:11], features)
+    assert rel_err(resumed[11:], engine.features(preprocess(load_image(folder / "aaa.png"), engine))) < 1e-5
+    assert not (tmp_path / "feats.safetensors.partial").exists()
