@@ -307,22 +307,14 @@ def _classifier(denses: list[dict]) -> dict[str, torch.Tensor]:
     (dense,) = denses
     if "kernel" not in dense:
         raise KerasError("the model's Dense classifier has no kernel")
-    kernel = dense["kernel"]
+    kernel = dense["kernel"]  # Keras's [in, out]; torch's Linear weight is [out, in]
     bias = dense.get("bias", torch.zeros(kernel.shape[-1], dtype=kernel.dtype))  # use_bias=False
-    return {"classifier.kernel": kernel, "classifier.bias": bias}
+    return {"classifier.weight": kernel.t().contiguous() if kernel.dim() == 2 else kernel, "classifier.bias": bias}
 
 
 def _transpose(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keras kernels are [kh, kw, in, out] (conv) and [in, out] (dense); torch's are [out, in, kh, kw] and [out, in]."""
-    out = {}
-    for name, value in tensors.items():
-        if name == "classifier.kernel":
-            out["classifier.weight"] = value.t().contiguous() if value.dim() == 2 else value
-        elif value.dim() == 4:
-            out[name] = value.permute(3, 2, 0, 1).contiguous()
-        else:
-            out[name] = value
-    return out
+    """Keras conv kernels are [kh, kw, in, out]; torch's are [out, in, kh, kw]."""
+    return {name: value.permute(3, 2, 0, 1).contiguous() if value.dim() == 4 else value for name, value in tensors.items()}
 
 
 def _config_layers(model: dict):
