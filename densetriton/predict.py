@@ -787,19 +787,23 @@ def _embed(args, dist: _Dist, out: str) -> int:
     if not out.lower().endswith(".npy") and len(json.dumps(files)) > _SAFETENSORS_PATHS_LIMIT:
         # safetensors keeps metadata in a header of at most 100 MB: say so now, not after the run.
         raise ValueError(f"{len(files):,} paths do not fit in a safetensors header (100 MB); use --out FILE.npy")
-    # What --resume keeps: FILE's rows, then the chunks an interrupted run left behind.
+    order = {_path_key(p): i for i, p in enumerate(files)}
+
+    def unseen_in_input_order(paths: list[str], seen: set[str]) -> list[int]:
+        """Indices of the paths not in `seen` (each once; `seen` takes them), in input order:
+        chunks are written per rank, and may repeat rows FILE already holds."""
+        new = [j for j, p in enumerate(paths) if _path_key(p) not in seen and not seen.add(_path_key(p))]
+        return sorted(new, key=lambda j: order.get(_path_key(paths[j]), len(order)))
+
+    # What --resume keeps: FILE's rows, then the chunks an interrupted run left behind (a run
+    # stopped after writing FILE but before clearing FILE.partial/ leaves rows in both).
     old_features, old_paths, recovered = torch.empty(0, width), [], 0
     if args.resume:
         rows = dist.rank == 0  # the other ranks only need to know which images are done
         if os.path.isfile(out):
             old_features, old_paths = _read_features(out, width, rows=rows)
         partial_features, partial_paths = _read_progress(out, width, rows=rows)
-        # A run stopped after writing FILE but before clearing FILE.partial/ leaves rows twice;
-        # the rest of an interrupted run's rows go in input order (its chunks are per rank).
-        seen = {_path_key(p) for p in old_paths}
-        fresh = [j for j, p in enumerate(partial_paths) if _path_key(p) not in seen and not seen.add(_path_key(p))]
-        order = {_path_key(p): i for i, p in enumerate(files)}
-        fresh.sort(key=lambda j: order.get(_path_key(partial_paths[j]), len(files)))
+        fresh = unseen_in_input_order(partial_paths, {_path_key(p) for p in old_paths})
         recovered = len(fresh)
         if rows:
             old_features = torch.cat([old_features, partial_features[fresh]])
@@ -835,9 +839,7 @@ def _embed(args, dist: _Dist, out: str) -> int:
     if dist.rank == 0 and (done or recovered):
         # The old rows as they were, then this run's in input order (chunks from every rank).
         new_features, new_paths = _read_progress(out, width)
-        new_rows = [j for j, p in enumerate(new_paths) if _path_key(p) not in done_keys]
-        order = {_path_key(p): i for i, p in enumerate(files)}
-        new_rows.sort(key=lambda j: order.get(_path_key(new_paths[j]), len(files)))
+        new_rows = unseen_in_input_order(new_paths, set(done_keys))
         features = torch.cat([old_features, new_features[new_rows]])
         _save_features(out, features, old_paths + [new_paths[j] for j in new_rows], describe_spec(engine.spec),
                        resumed=args.resume)
