@@ -13,7 +13,9 @@ Only the tensors are read, so what they cannot show is assumed to be torchvision
 activations, BatchNorm with eps 1e-5. A MONAI DenseNet built with another `act` (its
 default is ReLU) converts but computes another function.
 
-Pickle checkpoints are read with torch.load(weights_only=True): loading never executes code.
+Pickle checkpoints are read with torch.load(weights_only=True): loading never executes code. A
+whole pickled model (torch.save(model), as torchxrayvision publishes) is read the same way, with
+inert placeholders for the classes it names (see pickled_module).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
 from .keras_h5 import KERAS_SUFFIXES, KerasError, read_keras
+from .pickled_module import HostileCheckpoint, load_pickled, replace_modules
 from ..weights import FORMAT, WeightsError, check_tensors, default_preprocessing, describe_spec, save_weights
 
 # Containers under which training scripts commonly nest the weights.
@@ -66,17 +70,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             raise ConversionError(f"{path} is not a readable safetensors file ({e})") from None
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found is None:
-            raise ConversionError(f"{path} is not a readable PyTorch checkpoint (unpickling failed)") from None
-        raise ConversionError(
-            f"refusing to load {path}: it holds an object ({found.group(1)}) that only running code from the file "
-            f"could rebuild, and checkpoints are read with weights_only=True so that they never execute code. "
-            f"Save the model's state_dict() instead, or convert from a .safetensors file"
-        ) from None
+    except pickle.UnpicklingError:
+        pass  # a whole pickled model (or not a checkpoint at all): read below
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+    # A whole pickled model (torch.save(model)): its tensors, read without running its code.
+    try:
+        obj = load_pickled(path)
+    except HostileCheckpoint as e:
+        raise ConversionError(
+            f"refusing to load {path}: it asks to call {e}, which a checkpoint has no reason to do "
+            f"(nothing from the file was run)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 -- whatever a malformed pickle makes the unpickler raise
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
+    return replace_modules(obj)
 
 
 def _unnest(obj) -> dict[str, torch.Tensor]:
@@ -107,6 +116,13 @@ def normalize_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
     for key, value in tensors.items():
         if key.endswith("num_batches_tracked"):
             continue  # a training counter, not a weight
+        if key.split(".")[-1] == "op_threshs":
+            warnings.warn(
+                "the checkpoint's op_threshs (torchxrayvision's per-finding operating points, which it applies "
+                "after a sigmoid) are left out: densetriton returns the logits, and predict --multi-label their "
+                "plain sigmoid", stacklevel=3,
+            )
+            continue
         parts = key.split(".")
         # Drop any wrapper prefix ("module.", "model.", "densenet121.", "backbone.", ...).
         start = next((i for i, p in enumerate(parts) if p in ("features", "classifier", "class_layers")), 0)

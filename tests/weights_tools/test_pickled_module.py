@@ -1,0 +1,239 @@
+"""Whole pickled models (torch.save(model)) convert from their tensors, and nothing in the file runs."""
+
+import collections
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import densetriton
+from densetriton.weights import WeightsError
+from densetriton.weights_tools import convert_checkpoint
+from densetriton.weights_tools.pickled_module import load_pickled, module_state_dict
+
+from helpers import randomize_batchnorm, rel_err
+
+# torchxrayvision's DenseNet as its published weights were pickled: its own classes (not
+# torchvision's), one input channel, an `op_threshs` buffer left None, `features2` as the head.
+# Written to a file and imported, so that the classes can be made unimportable afterwards.
+XRV_LIKE = '''
+from collections import OrderedDict
+import torch, torch.nn as nn, torch.nn.functional as F
+from pathlib import Path
+
+class _DenseLayer(nn.Sequential):
+    def __init__(self, c, k, bn_size):
+        super().__init__()
+        self.add_module("norm1", nn.BatchNorm2d(c)); self.add_module("relu1", nn.ReLU(inplace=True))
+        self.add_module("conv1", nn.Conv2d(c, bn_size * k, 1, bias=False))
+        self.add_module("norm2", nn.BatchNorm2d(bn_size * k)); self.add_module("relu2", nn.ReLU(inplace=True))
+        self.add_module("conv2", nn.Conv2d(bn_size * k, k, 3, padding=1, bias=False))
+        self.drop_rate = 0
+    def forward(self, x):
+        return torch.cat([x, super().forward(x)], 1)
+
+class _Transition(nn.Sequential):
+    def __init__(self, c, out):
+        super().__init__()
+        self.add_module("norm", nn.BatchNorm2d(c)); self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", nn.Conv2d(c, out, 1, bias=False)); self.add_module("pool", nn.AvgPool2d(2, 2))
+
+class DenseNet(nn.Module):
+    def __init__(self, growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=18, in_channels=1):
+        super().__init__()
+        self.apply_sigmoid = False
+        self.features = nn.Sequential(OrderedDict([
+            ("conv0", nn.Conv2d(in_channels, num_init_features, 7, 2, 3, bias=False)),
+            ("norm0", nn.BatchNorm2d(num_init_features)), ("relu0", nn.ReLU(inplace=True)),
+            ("pool0", nn.MaxPool2d(3, 2, 1))]))
+        c = num_init_features
+        for i, n in enumerate(block_config):
+            block = nn.Sequential()
+            for j in range(n):
+                block.add_module(f"denselayer{j + 1}", _DenseLayer(c + j * growth_rate, growth_rate, bn_size))
+            self.features.add_module(f"denseblock{i + 1}", block)
+            c += n * growth_rate
+            if i != len(block_config) - 1:
+                self.features.add_module(f"transition{i + 1}", _Transition(c, c // 2))
+                c //= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(c))
+        self.classifier = nn.Linear(c, num_classes)
+        self.register_buffer("op_threshs", None)
+    def features2(self, x):
+        return F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1)
+    def forward(self, x):
+        return self.classifier(self.features2(x))
+
+def make_file(path):
+    Path(path).write_text("ran")
+
+class Payload:
+    """Unpickles as a call to make_file: a module-level function not named in any deny list."""
+    def __init__(self, path):
+        self.path = path
+    def __reduce__(self):
+        return (make_file, (self.path,))
+'''
+
+
+@pytest.fixture
+def xrv_like(tmp_path, monkeypatch):
+    """The module above, importable while the fixture's test builds and saves models."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "xrv_like_models.py").write_text(textwrap.dedent(XRV_LIKE))
+    monkeypatch.syspath_prepend(str(folder))
+    module = importlib.import_module("xrv_like_models")
+    yield module
+    sys.modules.pop("xrv_like_models", None)
+
+
+def forget(module):
+    """Make a module unimportable: a converter that imported it would now fail."""
+    sys.modules.pop(module.__name__, None)
+    Path(module.__file__).unlink()
+    sys.path[:] = [p for p in sys.path if p != str(Path(module.__file__).parent)]
+    importlib.invalidate_caches()
+
+
+def small_torchvision():
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+    return randomize_batchnorm(model, seed=1, image_size=32)
+
+
+def agree(model, weights_path, channels=3):
+    engine = densetriton.load(weights_path, device="cpu", backend="reference")
+    x = torch.randn(3, channels, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+    assert rel_err(engine(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+@pytest.mark.parametrize("form", ["model", "dict-with-model", "dataparallel-in-dict"])
+def test_whole_torchvision_model_converts(tmp_path, form, legacy):
+    model = small_torchvision()
+    obj = {"model": model, "dict-with-model": {"epoch": 7, "model": model, "best_acc": 0.9},
+           "dataparallel-in-dict": {"net": torch.nn.DataParallel(model), "epoch": 7}}[form]
+    ckpt = tmp_path / "whole.pth"
+    torch.save(obj, ckpt, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(ckpt, weights_only=True)  # what the converter used to stop at
+    out = convert_checkpoint(ckpt, tmp_path / "out.safetensors")
+    agree(model, out)
+
+
+def test_state_dict_of_a_pickled_module_is_exact(tmp_path):
+    model = small_torchvision()
+    model.register_buffer("scratch", torch.randn(3), persistent=False)  # state_dict() leaves it out
+    torch.save(model, tmp_path / "whole.pt")
+    got = module_state_dict(load_pickled(tmp_path / "whole.pt"))
+    expected = model.state_dict()
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_torchxrayvision_style_model_converts_without_its_code(xrv_like, tmp_path, legacy):
+    model = randomize_batchnorm(xrv_like.DenseNet(), seed=2, image_size=32, in_channels=1)
+    x = torch.randn(3, 1, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+    if legacy:
+        # Modules pickled before torch 1.6 have no _non_persistent_buffers_set.
+        for m in model.modules():
+            del m._non_persistent_buffers_set
+    else:
+        # A model saved after torchxrayvision loaded its weights carries their operating points.
+        model.op_threshs = torch.rand(18)
+    ckpt = tmp_path / "nih-pc-chex-densenet121-best.pt"
+    torch.save(model, ckpt, _use_new_zipfile_serialization=not legacy)
+    forget(xrv_like)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = convert_checkpoint(ckpt, tmp_path / "xrv.safetensors", class_names=[f"finding {i}" for i in range(18)],
+                                 preprocessing={"resize_size": 40, "crop_size": 40, "mean": [0.5], "std": [1 / 2048]},
+                                 multi_label=True)
+    assert [str(w.message).startswith("the checkpoint's op_threshs") for w in caught] == ([] if legacy else [True])
+    assert "xrv_like_models" not in sys.modules
+    engine = densetriton.load(out, device="cpu", backend="reference")
+    assert engine.spec.in_channels == 1 and engine.spec.num_classes == 18 and engine.multi_label
+    assert rel_err(engine(x), expected) < 1e-5
+
+
+HOSTILE = {
+    "os.system": lambda target: (os.system, (f"touch {target}",)),
+    "subprocess": lambda target: (subprocess.call, (["touch", str(target)],)),
+    "builtins.eval": lambda target: (eval, (f"open({str(target)!r}, 'w')",)),
+    "builtins.exec": lambda target: (exec, (f"open({str(target)!r}, 'w')",)),
+    "pathlib": lambda target: (Path.touch, (Path(target),)),
+}
+
+
+class _Hostile:
+    def __init__(self, reduce):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+@pytest.mark.parametrize("payload", list(HOSTILE))
+def test_hostile_whole_model_is_refused_and_nothing_runs(tmp_path, payload, legacy):
+    target = tmp_path / "pwned"
+    model = small_torchvision()
+    model.note = _Hostile(HOSTILE[payload](target))  # hidden in an attribute of a real model
+    ckpt = tmp_path / "evil.pth"
+    torch.save(model, ckpt, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(WeightsError, match=r"refusing to load .*it asks to call .*nothing from the file was run"):
+        convert_checkpoint(ckpt, tmp_path / "out.safetensors")
+    assert not target.exists()
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_names_off_every_list_stay_inert(xrv_like, tmp_path):
+    # The deny list only names what to refuse; safety comes from never calling a name the file
+    # gives. A payload in a module no list knows is rebuilt as a placeholder and does not run.
+    target = tmp_path / "ran.txt"
+    model = randomize_batchnorm(xrv_like.DenseNet(), seed=3, image_size=32, in_channels=1)
+    model.history = [xrv_like.Payload(str(target))]
+    torch.save({"model": model, "callback": xrv_like.Payload(str(target))}, tmp_path / "ckpt.pt")
+    x = torch.randn(2, 1, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+    xrv_like.make_file(tmp_path / "check.txt")  # the payload does create a file when it runs
+    assert (tmp_path / "check.txt").read_text() == "ran"
+    forget(xrv_like)
+
+    out = convert_checkpoint(tmp_path / "ckpt.pt", tmp_path / "out.safetensors")
+    assert not target.exists()
+    engine = densetriton.load(out, device="cpu", backend="reference")
+    assert rel_err(engine(x), expected) < 1e-5
+
+
+def test_pickle_without_a_model_is_one_clear_error(xrv_like, tmp_path):
+    torch.save({"history": [xrv_like.Payload(str(tmp_path / "x"))], "epoch": 3}, tmp_path / "ckpt.pt")
+    with pytest.raises(WeightsError, match="no state dict found"):
+        convert_checkpoint(tmp_path / "ckpt.pt", tmp_path / "out.safetensors")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_pickle_cannot_patch_a_class(tmp_path):
+    # PROTO 2; GLOBAL collections.Counter; BUILD with slot state {"most_common": None}: a plain
+    # unpickler would run setattr(Counter, "most_common", None) and break Counter in this process.
+    ckpt = tmp_path / "patch.pth"
+    ckpt.write_bytes(b"\x80\x02ccollections\nCounter\nN}X\x0b\x00\x00\x00most_commonNs\x86b.")
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint .*sets the state of type"):
+        convert_checkpoint(ckpt, tmp_path / "out.safetensors")
+    assert callable(collections.Counter.most_common)
