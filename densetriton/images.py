@@ -19,7 +19,7 @@ Reading is robust to what real files contain:
   ("F") outside 0..1 are stretched linearly from their minimum to their maximum; float images
   within 0..1 are scaled by 255.
 * Multi-frame files (GIF, TIFF, DICOM) give their first frame.
-* DICOM files (by suffix, or by the "DICM" marker when named explicitly; needs pydicom) are
+* DICOM files (by suffix, or by the "DICM" marker: see is_image_path; needs pydicom) are
   read as a radiologist's viewer shows them: the modality LUT (rescale slope and intercept),
   then the file's first VOI LUT (scaled by its largest entry) or window (center/width, with its
   LINEAR, LINEAR_EXACT or SIGMOID function) mapped onto 0..255, or without a valid one the
@@ -43,7 +43,8 @@ import torch
 
 from .weights import IMAGENET_PREPROCESSING
 
-# Folder scans pick files by suffix (case-insensitive); a file named explicitly is always tried.
+# Folder scans pick files by suffix (case-insensitive), and DICOM files named without one by their
+# marker (is_image_path); a file named explicitly is always tried.
 IMAGE_SUFFIXES = frozenset(
     {
         ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff",
@@ -74,8 +75,13 @@ class ImageError(ValueError):
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
-    """Whether a folder scan picks this file up (by its suffix)."""
-    return os.path.splitext(str(path))[1].lower() in IMAGE_SUFFIXES
+    """Whether a folder scan picks this file up: by its suffix, or, for the names PACS exports and
+    DICOMDIR trees give DICOM files (no suffix, as IM0001, or a UID's digits, as 1.2.840.113619.2.55),
+    by the DICOM marker. Other files are never opened."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    return (suffix == "" or suffix[1:].isdigit()) and _is_dicom(path)
 
 
 # -- reading --------------------------------------------------------------------------------

@@ -182,7 +182,8 @@ Examples:
 
 
 def collect_files(paths) -> list[str]:
-    """The input list: files as named, folders expanded (recursively, sorted, image suffixes only).
+    """The input list: files as named, folders expanded (recursively, sorted, image files only:
+    `is_image_path`).
 
     Each path keeps the spelling it was given (folder + relative path); duplicates (the same file
     reached twice) are kept once, at their first position.
@@ -202,7 +203,7 @@ def collect_files(paths) -> list[str]:
             found = []
             for root, dirs, names in os.walk(path):
                 dirs.sort()
-                found.extend(os.path.join(root, n) for n in names if is_image_path(n))
+                found.extend(f for f in (os.path.join(root, n) for n in names) if is_image_path(f))
             for f in sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep)):
                 add(f)
         else:

@@ -18,6 +18,7 @@ from densetriton.images import (
     to_rgb,
     topk,
 )
+from densetriton.predict import collect_files
 
 MEAN = [0.5, 0.4, 0.3]
 STD = [0.2, 0.25, 0.3]
@@ -143,6 +144,23 @@ def test_image_suffixes():
     assert is_image_path("a/B.JPG") and is_image_path("x.tiff") and is_image_path("x.png")
     assert is_image_path("scan/IM0001.DCM") and is_image_path("x.dicom")
     assert not is_image_path("notes.txt") and not is_image_path("jpg")
+
+
+def test_dicom_without_a_suffix_is_found_by_its_marker(tmp_path, rng):
+    # PACS exports and DICOMDIR trees name files IM0001 or by UID; the marker tells them apart.
+    pixels = rng.integers(0, 4096, (8, 8), dtype=np.uint16)
+    for name in ("IM0001", "1.2.840.113619.2.55.3"):
+        assert is_image_path(_dicom(tmp_path / name, pixels))
+    (tmp_path / "README").write_text("x" * 200)
+    (tmp_path / "2.25.1").write_bytes(b"\0" * 128 + b"DICX")
+    assert not is_image_path(tmp_path / "README") and not is_image_path(tmp_path / "2.25.1")
+    (tmp_path / "scan.bin").write_bytes((tmp_path / "IM0001").read_bytes())
+    assert not is_image_path(tmp_path / "scan.bin")  # any other suffix: never opened
+    assert not is_image_path(tmp_path / "absent")
+    (tmp_path / "series").mkdir()
+    _dicom(tmp_path / "series" / "IM0002", pixels)
+    assert collect_files([tmp_path]) == [str(tmp_path / n) for n in ("1.2.840.113619.2.55.3", "IM0001", "series/IM0002")]
+    assert all(load_image(f).size == (8, 8) for f in collect_files([tmp_path]))
 
 
 # -- DICOM ----------------------------------------------------------------------------------------

@@ -103,6 +103,8 @@ def make_images(folder: Path, seed: str) -> dict:
     p["fake"].write_text("this is text with an image suffix\n")
     p["txt"] = folder / "notes.txt"
     p["txt"].write_text("ignored in folder scans\n")
+    p["no_suffix"] = folder / "sub" / "LICENSE"
+    p["no_suffix"].write_text("no suffix and no DICOM marker: ignored in folder scans\n" * 4)
     return p
 
 
@@ -114,7 +116,7 @@ def images(tmp_path_factory):
 
 def scan_order(folder: Path, kinds: dict) -> list[str]:
     """What a folder scan should classify or skip: image suffixes, sorted by relative path."""
-    files = [p for k, p in kinds.items() if k != "txt"]
+    files = [p for k, p in kinds.items() if k not in ("txt", "no_suffix")]
     return [str(p) for p in sorted(files, key=lambda p: p.relative_to(folder).parts)]
 
 
