@@ -56,13 +56,37 @@ def _info(args) -> int:
         pre = describe_preprocessing(weights.preprocessing) if weights.preprocessing else "none recorded"
         print(f"  class names         {shown}")
         print(f"  outputs             {outputs[weights.multi_label]}")
+        if weights.operating_points is not None:
+            print(f"  operating points    {_points(weights.operating_points)} (predict puts each at 0.5)")
         print(f"  preprocessing       {pre}")
         print(f"  source              {weights.source or 'not recorded'}")
         file_facts = {"class_names": names, "multi_label": weights.multi_label, "preprocessing": weights.preprocessing,
-                      "source": weights.source}
+                      "operating_points": weights.operating_points, "source": weights.source}
     if args.json:
         print(json.dumps({"spec": spec.to_dict(), "parameters": spec.num_parameters(), "macs": spec.macs(size), **file_facts}))
     return 0
+
+
+def _points(points) -> str:
+    shown = ", ".join("none" if p is None else f"{p:.4g}" for p in points[:5])
+    return shown + (f", ... ({len(points) - 5} more)" if len(points) > 5 else "")
+
+
+def _read_operating_points(path: str) -> list[float | None]:
+    """One per line, in class order; "nan" or "none" for a class without one."""
+    points = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        text = line.strip()
+        if not text:
+            continue
+        if text.lower() in ("nan", "none", "null"):
+            points.append(None)
+            continue
+        try:
+            points.append(float(text))
+        except ValueError:
+            raise ValueError(f"{path}, line {n}: {text!r:.40} is not a number (or nan for none)") from None
+    return points
 
 
 def _convert(args) -> int:
@@ -79,13 +103,16 @@ def _convert(args) -> int:
             raise ValueError("give --mean and --std (one value per input channel) with any preprocessing option")
         resize = args.resize_size[0] if args.resize_size is not None and len(args.resize_size) == 1 else args.resize_size
         preprocessing = {"resize_size": resize, "crop_size": args.crop_size, "mean": args.mean, "std": args.std}
+    points = _read_operating_points(args.operating_points) if args.operating_points else None
     if args.checkpoint is not None:
         out = convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names,
-                                 preprocessing=preprocessing, bn_eps=args.bn_eps, multi_label=args.multi_label)
+                                 preprocessing=preprocessing, bn_eps=args.bn_eps, multi_label=args.multi_label,
+                                 operating_points=points)
     else:
-        if class_names is not None or preprocessing is not None or args.bn_eps is not None or args.multi_label is not None:
-            raise ValueError("--class-names, --bn-eps, --multi-label and the preprocessing options apply to --checkpoint; "
-                             "torchvision's weights carry their own")
+        if (class_names is not None or preprocessing is not None or args.bn_eps is not None
+                or args.multi_label is not None or points is not None):
+            raise ValueError("--class-names, --bn-eps, --multi-label, --operating-points and the preprocessing options "
+                             "apply to --checkpoint; torchvision's weights carry their own")
         out = convert_torchvision(args.arch, args.out)
     from .images import describe_preprocessing
     from .weights import describe_spec, load_weights
@@ -95,6 +122,8 @@ def _convert(args) -> int:
     print(f"wrote {out}: {describe_spec(w.spec)}, {w.spec.num_parameters():,} parameters{names}")
     if w.multi_label is not None:
         print("  outputs: " + ("a sigmoid per class (multi-label)" if w.multi_label else "a softmax over the classes"))
+    if w.operating_points is not None:
+        print(f"  operating points: {_points(w.operating_points)} (predict puts each at 0.5)")
     if w.preprocessing is not None:
         print(f"  preprocessing: {describe_preprocessing(w.preprocessing)}")
     else:
@@ -135,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
                    help="record that the model was trained multi-label (a sigmoid per class, as chest X-ray models "
                    "are), so predict applies a sigmoid; default: what a Keras head applies, else not recorded")
+    p.add_argument("--operating-points", metavar="FILE",
+                   help="a text file with one number per line in class order (nan for none): the sigmoid output at "
+                   "which each class is called positive, as torchxrayvision's op_threshs; predict then reports each "
+                   "class calibrated so that it sits at 0.5. Implies --multi-label; default: a checkpoint's "
+                   "op_threshs tensor, else none")
     p.add_argument("--bn-eps", type=float, metavar="EPS",
                    help="the model's BatchNorm epsilon, which no tensor shows (default: what a Keras file says, "
                    "else torch's 1e-5)")

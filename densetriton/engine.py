@@ -37,6 +37,8 @@ class Engine:
         self.class_names = weights.class_names
         # Trained multi-label (a sigmoid per class): what predict applies unless told otherwise.
         self.multi_label = bool(weights.multi_label)
+        # Per class, the sigmoid output called positive (torchxrayvision's op_threshs), or None.
+        self.operating_points = weights.operating_points
         self.preprocessing = weights.preprocessing or default_preprocessing(self.spec)
         # A plan's buffers serve one call at a time: callers on several threads take turns to
         # launch (the reference backend keeps no state between calls and needs no lock).

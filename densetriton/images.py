@@ -35,6 +35,7 @@ A file that cannot be read raises ImageError, whose `reason` says why in a few w
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -404,14 +405,30 @@ def preprocess(images_or_paths, engine_or_preprocessing=None) -> torch.Tensor:
 # -- results --------------------------------------------------------------------------------
 
 
-def probabilities(logits: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
-    """Softmax over classes, or with multi_label an independent sigmoid per class (float32, CPU)."""
+def probabilities(
+    logits: torch.Tensor, multi_label: bool = False, operating_points: Sequence[float | None] | None = None
+) -> torch.Tensor:
+    """Softmax over classes, or with multi_label an independent sigmoid per class (float32, CPU).
+
+    operating_points (multi-label only; one per class, or None): each class's sigmoid is mapped
+    piecewise-linearly so that its operating point t lands on 0.5 -- p / 2t below t, 1 - (1 - p) /
+    2(1 - t) above -- as torchxrayvision reports its findings; a class without one (None) reads 0.5,
+    as torchxrayvision's untrained outputs do."""
     logits = logits.detach().float().cpu()
     if logits.dim() == 1:
         logits = logits.unsqueeze(0)
     if logits.dim() != 2:
         raise ValueError(f"expected logits of shape [N, classes], got {tuple(logits.shape)}")
-    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+    if not multi_label:
+        return torch.softmax(logits, dim=1)
+    p = torch.sigmoid(logits)
+    if operating_points is None:
+        return p
+    if len(operating_points) != p.shape[1]:
+        raise ValueError(f"{len(operating_points)} operating points for {p.shape[1]} classes")
+    t = torch.tensor([math.nan if v is None else v for v in operating_points], dtype=torch.float32)
+    calibrated = torch.where(p < t, p / (2 * t), 1 - (1 - p) / (2 * (1 - t)))
+    return torch.where(t.isnan(), torch.full_like(p, 0.5), calibrated)
 
 
 def topk(
@@ -419,17 +436,19 @@ def topk(
     k: int = 5,
     class_names: Sequence[str] | None = None,
     multi_label: bool = False,
+    operating_points: Sequence[float | None] | None = None,
 ) -> list[list[tuple[str, float]]]:
     """Per image, the k most probable classes as [(name, probability), ...], most probable first.
 
     Probabilities are a softmax over the classes, or with multi_label a sigmoid per class (as
-    multi-label models such as chest X-ray classifiers need). Names come from class_names, else
+    multi-label models such as chest X-ray classifiers need), calibrated to operating_points when
+    given (see probabilities). Names come from class_names, else
     are the class indices as strings; k is capped at the number of classes. A single image's
     logits [classes] count as a batch of one.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    probs = probabilities(logits, multi_label)
+    probs = probabilities(logits, multi_label, operating_points)
     num_classes = probs.shape[1]
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")

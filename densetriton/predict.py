@@ -143,7 +143,8 @@ Examples:
     g.add_argument("--out", metavar="FILE", help="write results to FILE.csv or FILE.jsonl instead of the screen")
     g.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
                    help="independent sigmoid probability per class instead of a softmax (multi-label models such as "
-                   "chest X-ray classifiers); default: what the weights file records (convert --multi-label), else softmax")
+                   "chest X-ray classifiers), calibrated to the file's operating points when it records them; default: what "
+                   "the weights file records (convert --multi-label), else softmax")
     g.add_argument("--resume", action="store_true", help="keep FILE's rows and classify only the images not already in it")
     p.set_defaults(func=predict_command)
 
@@ -574,7 +575,8 @@ def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
     start = time.perf_counter()
 
     def on_batch(rows):
-        tops = topk(torch.stack([r[2] for r in rows]), k, engine.class_names, multi_label=args.multi_label)
+        tops = topk(torch.stack([r[2] for r in rows]), k, engine.class_names, multi_label=args.multi_label,
+                    operating_points=engine.operating_points if args.multi_label else None)
         labelled = [(i, p, t) for (i, p, _), t in zip(rows, tops)]
         if sink is not None:
             sink.write("".join(records.line(p, t) for _, p, t in labelled))
@@ -635,6 +637,8 @@ def _describe_run(engine, args) -> str:
     source = args.weights if args.weights is not None else "torchvision's pretrained weights"
     dtype = str(engine.dtype).replace("torch.", "")
     outputs = "; a sigmoid per class (multi-label)" if getattr(args, "multi_label", False) else ""
+    if outputs and engine.operating_points is not None:
+        outputs += ", each class's operating point at 0.5"
     return (
         f"{describe_spec(engine.spec)} ({source}) on {engine.device}, {dtype}, {engine.backend} backend; "
         f"preprocessing: {describe_preprocessing(engine)}{outputs}"

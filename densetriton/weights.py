@@ -11,6 +11,9 @@ built. Metadata (all strings, as safetensors requires):
     preprocessing   JSON {"resize_size", "crop_size", "mean", "std"}, when known
     multi_label     JSON true when the model was trained multi-label (a sigmoid per class, as
                     chest X-ray models are), false for a softmax; absent when not known
+    operating_points  multi-label models only, when known: JSON list, one per class, of the
+                    sigmoid output at which the class is called positive (torchxrayvision's
+                    op_threshs), or null for an output without one; see images.probabilities
     source          where the weights came from
 
 A plain safetensors file with torchvision-layout keys and no metadata (timm's DenseNet files,
@@ -62,6 +65,7 @@ class Weights:
     source: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     multi_label: bool | None = None
+    operating_points: list[float | None] | None = None
 
 
 def cache_dir() -> Path:
@@ -141,6 +145,28 @@ def check_class_names(class_names, spec: DenseNetSpec) -> list[str]:
     if len(class_names) != spec.num_classes:
         raise WeightsError(f"{len(class_names)} class names for a {spec.num_classes}-class classifier")
     return [str(c) for c in class_names]
+
+
+def check_operating_points(points, spec: DenseNetSpec, multi_label: bool | None) -> list[float | None]:
+    """One per class: a probability strictly between 0 and 1, or None (NaN counts as None, as
+    torchxrayvision marks outputs it did not train); only for a multi-label model."""
+    if multi_label is not True:
+        raise WeightsError("operating points need a multi-label model (a sigmoid per class): record it with --multi-label")
+    if isinstance(points, (str, bytes)) or not isinstance(points, Sequence):
+        raise WeightsError(f"operating points must be a list, got {points!r:.80}")
+    out = []
+    for p in points:
+        if p is None or (isinstance(p, float) and math.isnan(p)):
+            out.append(None)
+        elif isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1:
+            out.append(float(p))
+        else:
+            raise WeightsError(f"operating points must lie strictly between 0 and 1 (or be null), got {p!r:.40}")
+    if len(out) != spec.num_classes:
+        raise WeightsError(f"{len(out)} operating points for a {spec.num_classes}-class classifier")
+    if all(p is None for p in out):
+        raise WeightsError("every operating point is null: record none instead")
+    return out
 
 
 def check_preprocessing(preprocessing, channels: int = 3) -> None:
@@ -225,6 +251,7 @@ def save_weights(
     preprocessing: dict | None = None,
     source: str | None = None,
     multi_label: bool | None = None,
+    operating_points: Sequence[float | None] | None = None,
 ) -> Path:
     """Validate and write a weights file atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
@@ -236,6 +263,8 @@ def save_weights(
         class_names = check_class_names(class_names, spec)
     if preprocessing is not None:
         check_preprocessing(preprocessing, spec.in_channels)
+    if operating_points is not None:
+        operating_points = check_operating_points(operating_points, spec, multi_label)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json()}
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
@@ -243,6 +272,8 @@ def save_weights(
         metadata["preprocessing"] = json.dumps(preprocessing)
     if multi_label is not None:
         metadata["multi_label"] = json.dumps(multi_label)
+    if operating_points is not None:
+        metadata["operating_points"] = json.dumps(operating_points)
     if source is not None:
         metadata["source"] = source
     ordered = {k: tensors[k].detach().to("cpu").contiguous() for k in spec.state_dict_shapes()}
@@ -279,6 +310,7 @@ def load_weights(path: str | os.PathLike) -> Weights:
             multi_label = json.loads(metadata["multi_label"]) if "multi_label" in metadata else None
             if not isinstance(multi_label, (bool, type(None))):
                 raise ValueError(f"multi_label is {metadata['multi_label']!r:.40}, not true or false")
+            operating_points = json.loads(metadata["operating_points"]) if "operating_points" in metadata else None
         except (ValueError, TypeError) as e:
             raise WeightsError(f"{path} has unreadable metadata ({e})") from None
         layout = layout_problems(tensors, spec)
@@ -292,6 +324,8 @@ def load_weights(path: str | os.PathLike) -> Weights:
                 class_names = check_class_names(class_names, spec)
             if preprocessing is not None:
                 check_preprocessing(preprocessing, spec.in_channels)
+            if operating_points is not None:
+                operating_points = check_operating_points(operating_points, spec, multi_label)
         except WeightsError as e:
             raise WeightsError(f"{path}: {e}") from None
     else:
@@ -304,8 +338,9 @@ def load_weights(path: str | os.PathLike) -> Weights:
             check_tensors(tensors, spec)
         except WeightsError as e:
             raise WeightsError(f"{path}: {e}") from None
-        class_names = preprocessing = multi_label = None
-    return Weights(spec, tensors, class_names, preprocessing, metadata.get("source"), metadata, multi_label)
+        class_names = preprocessing = multi_label = operating_points = None
+    return Weights(spec, tensors, class_names, preprocessing, metadata.get("source"), metadata, multi_label,
+                   operating_points)
 
 
 def to_torchvision_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from densetriton.images import (
     is_image_path,
     load_image,
     preprocess,
+    probabilities,
     resolve_preprocessing,
     to_rgb,
     topk,
@@ -398,6 +399,37 @@ def test_topk_multi_label_uses_a_sigmoid_per_class():
     assert [n for n, _ in out] == ["d", "a", "c", "b"]
     assert [p for _, p in out] == torch.sigmoid(logits)[0, [3, 0, 2, 1]].tolist()
     assert sum(p for _, p in out) > 1.5  # independent, not a distribution
+
+
+def _xrv_op_norm(p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """torchxrayvision's op_norm, restated in numpy: the test's own oracle."""
+    t = np.broadcast_to(thresholds, p.shape)
+    out = np.full(p.shape, 0.5)
+    below = (p < t) & ~np.isnan(t)
+    above = ~(p < t) & ~np.isnan(t)
+    out[below] = p[below] / (t[below] * 2)
+    out[above] = 1 - ((1 - p[above]) / ((1 - t[above]) * 2))
+    return out
+
+
+def test_operating_points_put_each_class_threshold_at_one_half():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 5, generator=g) * 4
+    points = [0.039, None, 0.5, 0.9, 0.0004]
+    got = probabilities(logits, multi_label=True, operating_points=points)
+    p = torch.sigmoid(logits).double().numpy()
+    expected = _xrv_op_norm(p, np.array([np.nan if v is None else v for v in points]))
+    assert np.abs(got.double().numpy() - expected).max() < 1e-6
+    assert (got[:, 1] == 0.5).all()  # no operating point: torchxrayvision's untrained output
+    at_threshold = torch.logit(torch.tensor([[0.039, 0.5, 0.5, 0.9, 0.0004]], dtype=torch.float64)).float()
+    assert torch.allclose(probabilities(at_threshold, True, points)[0, [0, 2, 3, 4]], torch.tensor(0.5), atol=1e-5)
+    # Order within each class is kept; a softmax ignores operating points.
+    assert (got[:, 0].argsort() == torch.sigmoid(logits[:, 0]).argsort()).all()
+    assert torch.equal(probabilities(logits, False, points), torch.softmax(logits, 1))
+    top = topk(logits[:1], 5, list("abcde"), multi_label=True, operating_points=points)[0]
+    assert sorted(p for _, p in top) == sorted(got[0].tolist())
+    with pytest.raises(ValueError, match="2 operating points for 5 classes"):
+        probabilities(logits, True, [0.1, 0.2])
 
 
 def test_topk_errors():

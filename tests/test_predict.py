@@ -222,6 +222,55 @@ def test_a_file_recorded_multi_label_gets_sigmoids_by_default(weights, images, t
     assert densetriton.load(again, device="cpu", backend="reference").multi_label is False
 
 
+def test_operating_points_calibrate_what_predict_reports(weights, images, tmp_path, capsys):
+    """convert --operating-points records a threshold per class (torchxrayvision's op_threshs);
+    predict then reports each class calibrated so that its threshold reads 0.5."""
+    folder, kinds = images
+    n = SPEC.num_classes
+    points = [None if i == 1 else round(0.02 + 0.95 * i / n, 4) for i in range(n)]
+    points_file = tmp_path / "points.txt"
+    points_file.write_text("\n".join("nan" if p is None else str(p) for p in points) + "\n")
+    calibrated = tmp_path / "calibrated.safetensors"
+    rc, stdout, _ = run_cli(capsys, "convert", "--checkpoint", weights, "--operating-points", points_file, "--out", calibrated)
+    assert rc == 0 and "outputs: a sigmoid per class" in stdout and "operating points: 0.02, none" in stdout
+    w = densetriton.weights.load_weights(calibrated)
+    assert w.multi_label is True and w.operating_points == points  # implied multi-label
+    engine = densetriton.load(calibrated, device="cpu", backend="reference")
+    assert engine.operating_points == points
+    rc, stdout, _ = run_cli(capsys, "info", calibrated)
+    assert rc == 0 and "operating points    0.02, none" in stdout
+
+    out = tmp_path / "calibrated.csv"
+    rc, _, err = run_cli(capsys, "predict", kinds["nested"], *common(str(calibrated), "--out", out, "--topk", n))
+    assert rc == 0 and "operating point at 0.5" in err
+    (path, top), = read_csv(out)
+    logits = engine(preprocess(load_image(path), engine))
+    expected = topk(logits, n, engine.class_names, multi_label=True, operating_points=points)[0]
+    assert [c for c, _ in top] == [c for c, _ in expected]
+    assert all(abs(p - q) <= PROB_TOL for (_, p), (_, q) in zip(top, expected))
+    assert dict(top)[NAMES[1]] == 0.5
+    plain = dict(topk(logits, n, engine.class_names, multi_label=True)[0])
+    assert max(abs(p - plain[c]) for c, p in top) > 0.05  # calibrated, not the plain sigmoid
+
+    # Converting again keeps them; bad ones are one clear error and write nothing.
+    again = tmp_path / "again.safetensors"
+    assert run_cli(capsys, "convert", "--checkpoint", calibrated, "--out", again)[0] == 0
+    assert densetriton.weights.load_weights(again).operating_points == points
+    bad = tmp_path / "bad.safetensors"
+    for text, flags, message in (
+        ("0.5\n" * (n - 1), (), f"{n - 1} operating points for a {n}-class"),
+        ("1.5\n" * n, (), "strictly between 0 and 1"),
+        ("0\n" * n, (), "strictly between 0 and 1"),
+        ("nan\n" * n, (), "every operating point is null"),
+        ("0.5\nhigh\n", (), "line 2: 'high' is not a number"),
+        ("0.5\n" * n, ("--no-multi-label",), "operating points need a multi-label model"),
+    ):
+        points_file.write_text(text)
+        rc, _, err = run_cli(capsys, "convert", "--checkpoint", weights, "--operating-points", points_file, *flags, "--out", bad)
+        assert rc == 1 and message in err, err
+        assert not bad.exists()
+
+
 def test_predict_each_awkward_kind_individually(weights, engine, images, capsys):
     """Files named explicitly: always attempted (even .txt), reported in argument order."""
     folder, kinds = images

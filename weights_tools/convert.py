@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -117,12 +116,7 @@ def normalize_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
         if key.endswith("num_batches_tracked"):
             continue  # a training counter, not a weight
         if key.split(".")[-1] == "op_threshs":
-            warnings.warn(
-                "the checkpoint's op_threshs (torchxrayvision's per-finding operating points, which it applies "
-                "after a sigmoid) are left out: densetriton returns the logits, and predict --multi-label their "
-                "plain sigmoid", stacklevel=3,
-            )
-            continue
+            continue  # torchxrayvision's operating points: metadata, not a weight (see convert_state_dict)
         parts = key.split(".")
         # Drop any wrapper prefix ("module.", "model.", "densenet121.", "backbone.", ...).
         start = next((i for i, p in enumerate(parts) if p in ("features", "classifier", "class_layers")), 0)
@@ -225,12 +219,19 @@ def convert_state_dict(
     progress: bool | None = None,
     bn_eps: float | None = None,
     multi_label: bool | None = None,
+    operating_points: list[float | None] | None = None,
 ) -> Path:
     """Normalise, validate against the spec (given or inferred) and write `out` atomically.
 
     bn_eps: the BatchNorm epsilon the model was trained with, which no tensor shows (default:
     the given spec's, else torch's 1e-5). multi_label: True for a model trained with a sigmoid
-    per class (predict then applies one), False for a softmax, None when not known."""
+    per class (predict then applies one), False for a softmax, None when not known.
+    operating_points: per class, the sigmoid output called positive, or None (default: the
+    checkpoint's torchxrayvision `op_threshs` tensor when it has one; they imply multi_label)."""
+    if operating_points is None and multi_label is not False:
+        operating_points = _operating_points_in(state_dict)
+    if operating_points is not None and multi_label is None:
+        multi_label = True
     tensors = normalize_state_dict(state_dict)
     _refuse_3d(tensors)
     if arch is None:
@@ -264,7 +265,19 @@ def convert_state_dict(
     if preprocessing is None:
         preprocessing = default_preprocessing(spec)
     return save_weights(out, cpu, spec, class_names=class_names, preprocessing=preprocessing, source=source,
-                        multi_label=multi_label)
+                        multi_label=multi_label, operating_points=operating_points)
+
+
+def _operating_points_in(state_dict: dict) -> list[float | None] | None:
+    """torchxrayvision's `op_threshs` (NaN for outputs it did not train), when the checkpoint has one."""
+    try:
+        tensors = _unnest(state_dict)
+    except ConversionError:
+        return None
+    found = [v for k, v in tensors.items() if k.split(".")[-1] == "op_threshs" and isinstance(v, torch.Tensor)]
+    if len(found) != 1 or found[0].dim() != 1 or not found[0].is_floating_point():
+        return None
+    return [None if math.isnan(v) else v for v in found[0].double().tolist()]
 
 
 def convert_checkpoint(
@@ -277,6 +290,7 @@ def convert_checkpoint(
     progress: bool | None = None,
     bn_eps: float | None = None,
     multi_label: bool | None = None,
+    operating_points: list[float | None] | None = None,
 ) -> Path:
     """Convert a checkpoint file: PyTorch (.pth, .pt, .pth.tar), safetensors, or Keras (.h5,
     .keras; see keras_h5).
@@ -288,6 +302,7 @@ def convert_checkpoint(
     bn_eps: the model's BatchNorm epsilon, for a checkpoint that does not record it (default: a
     Keras model's own, else torch's 1e-5). multi_label: whether the model was trained with a
     sigmoid per class (default: what a Keras model's head applies, else not recorded).
+    operating_points: see convert_state_dict (a densetriton file's own are kept).
     """
     path = Path(path)
     if path.suffix.lower() in KERAS_SUFFIXES:
@@ -305,14 +320,16 @@ def convert_checkpoint(
     preprocessing = preprocessing if preprocessing is not None else carried.get("preprocessing")
     bn_eps = bn_eps if bn_eps is not None else carried.get("bn_eps")
     multi_label = multi_label if multi_label is not None else carried.get("multi_label")
+    operating_points = operating_points if operating_points is not None else carried.get("operating_points")
     return convert_state_dict(
         state_dict, out, arch=arch, class_names=class_names, preprocessing=preprocessing,
         source=f"checkpoint:{path.name}", progress=progress, bn_eps=bn_eps, multi_label=multi_label,
+        operating_points=operating_points,
     )
 
 
 def _carried_metadata(path: Path) -> dict:
-    """A densetriton file's class names, preprocessing, multi_label and BatchNorm epsilon (each
+    """A densetriton file's class names, preprocessing, multi_label, operating points and BatchNorm epsilon (each
     one that parses), so converting the file again -- to record a preprocessing, say -- keeps
     what it had."""
     if path.suffix != ".safetensors":
@@ -327,7 +344,7 @@ def _carried_metadata(path: Path) -> dict:
     if metadata.get("format") != FORMAT:
         return {}
     carried = {}
-    for key in ("class_names", "preprocessing", "multi_label"):
+    for key in ("class_names", "preprocessing", "multi_label", "operating_points"):
         try:
             carried[key] = json.loads(metadata[key])
         except (KeyError, ValueError):

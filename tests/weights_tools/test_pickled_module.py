@@ -7,7 +7,6 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -153,22 +152,26 @@ def test_torchxrayvision_style_model_converts_without_its_code(xrv_like, tmp_pat
         for m in model.modules():
             del m._non_persistent_buffers_set
     else:
-        # A model saved after torchxrayvision loaded its weights carries their operating points.
-        model.op_threshs = torch.rand(18)
+        # A model saved after torchxrayvision loaded its weights carries their operating points,
+        # NaN for the outputs it did not train.
+        model.op_threshs = torch.rand(18) * 0.9 + 0.05
+        model.op_threshs[14:] = float("nan")
     ckpt = tmp_path / "nih-pc-chex-densenet121-best.pt"
     torch.save(model, ckpt, _use_new_zipfile_serialization=not legacy)
     forget(xrv_like)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = convert_checkpoint(ckpt, tmp_path / "xrv.safetensors", class_names=[f"finding {i}" for i in range(18)],
-                                 preprocessing={"resize_size": 40, "crop_size": 40, "mean": [0.5], "std": [1 / 2048]},
-                                 multi_label=True)
-    assert [str(w.message).startswith("the checkpoint's op_threshs") for w in caught] == ([] if legacy else [True])
+    out = convert_checkpoint(ckpt, tmp_path / "xrv.safetensors", class_names=[f"finding {i}" for i in range(18)],
+                             preprocessing={"resize_size": 40, "crop_size": 40, "mean": [0.5], "std": [1 / 2048]},
+                             multi_label=True)
     assert "xrv_like_models" not in sys.modules
     engine = densetriton.load(out, device="cpu", backend="reference")
     assert engine.spec.in_channels == 1 and engine.spec.num_classes == 18 and engine.multi_label
     assert rel_err(engine(x), expected) < 1e-5
+    if legacy:
+        assert engine.operating_points is None
+    else:
+        assert engine.operating_points[14:] == [None] * 4
+        assert engine.operating_points[:14] == [float(t) for t in model.op_threshs[:14].double()]
 
 
 HOSTILE = {
