@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert torchvision's pretrained weights (--arch) or a local checkpoint (--checkpoint: .pth, .pt, "
         ".pth.tar, .safetensors; nested state dicts, 'module.' prefixes, legacy keys, Sequential classifiers, MONAI's "
         "DenseNet and grayscale stems are handled; or a Keras DenseNet: .h5, .weights.h5, .keras) into a densetriton "
-        "weights file. Pickles load with weights_only=True and Keras configs are read as JSON: no code runs.",
+        "weights file. Pickles load with weights_only=True, or (whole pickled models, torchxrayvision's) with inert "
+        "placeholders for the classes they name; Keras configs are read as JSON: no code from a file runs.",
     )
     p.add_argument("--out", required=True, help="the .safetensors file to write (written atomically)")
     p.add_argument("--arch", choices=list_models(), metavar="NAME", help="architecture; without --checkpoint, fetch torchvision's weights")

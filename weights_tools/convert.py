@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
 from .keras_h5 import KERAS_SUFFIXES, KerasError, read_keras
-from .pickled_module import HostileCheckpoint, load_pickled, replace_modules
+from .pickled_module import HostileCheckpoint, clear_sparse_checks, load_pickled, replace_modules
 from ..weights import FORMAT, WeightsError, check_tensors, default_preprocessing, describe_spec, save_weights
 
 # Containers under which training scripts commonly nest the weights.
@@ -70,12 +70,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
+        clear_sparse_checks()  # what a failed load leaves would fail the next one
         pass  # a whole pickled model (or not a checkpoint at all): read below
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
     # A whole pickled model (torch.save(model)): its tensors, read without running its code.
     try:
-        obj = load_pickled(path)
+        return replace_modules(load_pickled(path))
     except HostileCheckpoint as e:
         raise ConversionError(
             f"refusing to load {path}: it asks to call {e}, which a checkpoint has no reason to do "
@@ -84,7 +85,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as e:  # noqa: BLE001 -- whatever a malformed pickle makes the unpickler raise
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
-    return replace_modules(obj)
 
 
 def _unnest(obj) -> dict[str, torch.Tensor]:

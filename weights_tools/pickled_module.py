@@ -1,28 +1,34 @@
 """Read the weights of a whole pickled model -- `torch.save(model)` -- without running its code.
 
-Many checkpoints are not state dicts but whole modules: torchxrayvision's published DenseNets,
-training scripts that save `model` or `{"model": model, "epoch": ...}`. Unpickling them the
-usual way imports and runs the classes they name, which is how a hostile file runs code, so
-torch.load(weights_only=True) refuses them. Their tensors, though, are ordinary torch storages.
+Many checkpoints are not plain state dicts: torchxrayvision's published DenseNets and training
+scripts save whole modules (`model`, `{"model": model, "epoch": ...}`), or keep an argparse
+Namespace or numpy scalars beside the state dict. Unpickling them the usual way imports and runs
+the classes they name, which is how a hostile file runs code, so torch.load(weights_only=True)
+refuses them. Their tensors, though, are ordinary torch storages.
 
 Here the file is read by torch.load with a restricted unpickler -- Python's documented way to
-restrict globals (`Unpickler.find_class`), in pickle's pure-Python Unpickler so that BUILD (which
-sets attributes) can be checked too: a name on torch's own weights_only allowlist (tensor
-and storage rebuilders, dtypes, OrderedDict) resolves to the real object, and every other class or
-function the file names becomes an inert `PickledObject` that only records the arguments and state
-the file hands it. The module tree is then walked the way `nn.Module.state_dict()` walks it
-(`_parameters`, persistent `_buffers`, `_modules`). Nothing named in the file is imported or
-called. It reads the zip format and the legacy one (torch < 1.6, which torchxrayvision's weights
-use, and which weights_only cannot read at all). A file naming a function that runs commands,
-touches files or imports code (os.system, subprocess, builtins.eval, ...) is refused outright: a
-checkpoint has no reason to, so the file is hostile or broken.
+restrict globals (`Unpickler.find_class`), in pickle's pure-Python Unpickler so that its opcodes
+can be checked too:
+- the few names a module pickle needs (dense tensor and parameter rebuilders, OrderedDict, set,
+  torch.Size, torch.device, dtypes; torch.load resolves storages itself) are the real objects;
+- every other class or function the file names is an inert `PickledObject` that only records
+  the arguments and state the file hands it; nothing named in the file is imported or called;
+- a name that runs commands, touches files or imports code (os.system, subprocess,
+  builtins.eval, ...) is refused outright: a checkpoint has no reason to name one;
+- BUILD (which sets attributes) is allowed only on placeholders, tensors and OrderedDicts, and
+  the copyreg extension opcodes (which bypass find_class through a process-wide cache) are refused.
+The module tree is then walked the way `nn.Module.state_dict()` walks it (`_parameters`,
+persistent `_buffers`, `_modules`). Both the zip format and the legacy one (torch < 1.6, which
+torchxrayvision's weights use, and which weights_only cannot read at all) are read.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import pickle
+import tarfile
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -35,11 +41,25 @@ _HOSTILE_MODULES = frozenset(
     "codeop pty ctypes multiprocessing operator io tempfile webbrowser urllib http asyncio threading "
     "signal glob zipfile tarfile pdb timeit cProfile profile trace posixpath ntpath inspect platform".split()
 )
-_HOSTILE_TORCH = ("torch.hub", "torch.serialization", "torch.jit", "torch.package", "torch.utils.cpp_extension",
-                  "torch.distributed", "torch._C", "torch.ops", "torch.load", "torch.save")
-# Builtins that only build plain data, as old pickle protocols name them.
-_DATA_BUILTINS = {f"builtins.{t.__name__}": t for t in (object, tuple, list, dict, frozenset, slice, range, int,
-                                                          float, str, bytes, bool)}
+_HOSTILE_TORCH = ("torch.hub", "torch.jit", "torch.package", "torch.utils.cpp_extension", "torch.distributed",
+                  "torch._C", "torch.ops", "torch.load", "torch.save", "torch.serialization.load",
+                  "torch.serialization.save")
+# What a module pickle needs resolved to real objects (everything else becomes a placeholder).
+# Not sparse or other tensor rebuilders, nor torch.cuda types: only dense CPU tensors come out.
+_REBUILDERS = ("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+               "torch._utils._rebuild_parameter_with_state")
+# Limits on the module tree, far above any DenseNet's (densenet264: ~1000 modules, depth 5); a
+# module shared by several parents counts once per parent, as state_dict() lists it.
+_MAX_DEPTH, _MAX_MODULES = 64, 100_000
+
+
+def _allowed_names() -> dict:
+    torch_allowed = _get_allowed_globals()
+    allowed = {name: torch_allowed[name] for name in _REBUILDERS if name in torch_allowed}
+    allowed.update({name: value for name, value in torch_allowed.items() if isinstance(value, torch.dtype)})
+    allowed.update({"collections.OrderedDict": OrderedDict, "builtins.set": set, "torch.Size": torch.Size,
+                    "torch.device": torch.device})
+    return allowed
 
 
 class PickledObject:
@@ -63,7 +83,7 @@ class PickledObject:
 
 
 class HostileCheckpoint(pickle.UnpicklingError):
-    """The file names a function that runs code; nothing was run."""
+    """The file names a function that runs code (the message: its name, ascii-escaped); nothing was run."""
 
 
 def _is_hostile(name: str) -> bool:
@@ -78,12 +98,10 @@ class _InertPickle:
     __name__ = "densetriton.inert_pickle"  # torch.load reads a pickle module's name
 
     def __init__(self):
-        self.allowed = {**_get_allowed_globals(), **_DATA_BUILTINS}
+        self.allowed = _allowed_names()
         self.placeholders: dict[str, type] = {}
         resolve = self.resolve
-
-        # Settable state: placeholders and the allowlist's own types (tensors, OrderedDict, ...).
-        settable = {t for t in _get_allowed_globals().values() if isinstance(t, type)}
+        settable = (torch.Tensor, torch.nn.Parameter, OrderedDict)  # and placeholders
 
         class Unpickler(pickle._Unpickler):  # the pure-Python one: its BUILD can be checked
             dispatch = dict(pickle._Unpickler.dispatch)
@@ -102,7 +120,13 @@ class _InertPickle:
                     raise pickle.UnpicklingError(f"the file sets the state of {type(target).__name__} objects")
                 super().load_build()
 
+            def load_extension(self):
+                # EXT1/2/4 look names up in copyreg's process-wide cache before find_class.
+                raise pickle.UnpicklingError("the file uses copyreg extension codes, which torch.save never writes")
+
             dispatch[pickle.BUILD[0]] = load_build
+            for opcode in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+                dispatch[opcode[0]] = load_extension
 
         self.Unpickler = Unpickler
 
@@ -110,7 +134,7 @@ class _InertPickle:
         if name in self.allowed:
             return self.allowed[name]
         if _is_hostile(name):
-            raise HostileCheckpoint(name)
+            raise HostileCheckpoint(ascii(name)[1:-1])
         if name not in self.placeholders:
             self.placeholders[name] = type(name.rsplit(".", 1)[-1], (PickledObject,), {"qualname": name})
         return self.placeholders[name]
@@ -120,13 +144,27 @@ class _InertPickle:
 
 
 def load_pickled(path: str | Path):
-    """torch.load of any pickle checkpoint, with every name off torch's allowlist a placeholder.
+    """torch.load of a pickle checkpoint (zip or legacy format), with every name off the short
+    list above a placeholder.
 
     Raises HostileCheckpoint for a hostile name, and what torch.load raises for a file it cannot read."""
-    with warnings.catch_warnings():
-        # Legacy files carry their classes' source; torch warns that a placeholder's differs.
-        warnings.simplefilter("ignore")
-        return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_InertPickle())
+    if tarfile.is_tarfile(str(path)):
+        raise pickle.UnpicklingError("a tar checkpoint (torch < 0.4), which torch.load would extract")
+    try:
+        with warnings.catch_warnings():
+            # Legacy files carry their classes' source; torch warns that a placeholder's differs.
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_InertPickle())
+    finally:
+        clear_sparse_checks()
+
+
+def clear_sparse_checks() -> None:
+    """torch keeps the sparse tensors a load built, to check them at its end, in a process-wide list
+    that a failed load leaves behind -- and the next, unrelated torch.load then fails on them."""
+    pending = getattr(torch._utils, "_sparse_tensors_to_validate", None)
+    if isinstance(pending, list):
+        pending.clear()
 
 
 def _module_state(obj) -> dict | None:
@@ -139,25 +177,37 @@ def _module_state(obj) -> dict | None:
     return None
 
 
-def module_state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+def module_state_dict(obj) -> dict[str, torch.Tensor]:
     """What `module.state_dict()` would return for a pickled module (empty for anything else).
 
     Parameters and buffers that are None (torchxrayvision's unset `op_threshs`) are skipped, as
     state_dict() skips them; so are non-persistent buffers. Modules pickled before torch 1.6 have
-    no `_non_persistent_buffers_set`: all their buffers were persistent."""
-    state = _module_state(obj)
-    if state is None:
-        return {}
-    tensors = {}
-    for name, value in state["_parameters"].items():
-        if isinstance(value, torch.Tensor):
-            tensors[prefix + name] = value
-    skipped = state.get("_non_persistent_buffers_set") or set()
-    for name, value in (state.get("_buffers") or {}).items():
-        if isinstance(value, torch.Tensor) and name not in skipped:
-            tensors[prefix + name] = value
-    for name, child in state["_modules"].items():
-        tensors.update(module_state_dict(child, f"{prefix}{name}."))
+    no `_non_persistent_buffers_set`: all their buffers were persistent. A module tree no model
+    has -- nested deeper than _MAX_DEPTH (a module inside itself), or more than _MAX_MODULES
+    modules (a tiny file can share one module between two parents twenty levels deep: a million)
+    -- or a tensor that is not a dense one is refused (pickle.UnpicklingError)."""
+    tensors, visits = {}, 0
+
+    def walk(module, prefix: str, depth: int) -> None:
+        nonlocal visits
+        state = _module_state(module)
+        if state is None:
+            return
+        visits += 1
+        if depth > _MAX_DEPTH or visits > _MAX_MODULES:
+            raise pickle.UnpicklingError(f"the module tree is not a model's: nested deeper than {_MAX_DEPTH} or more "
+                                         f"than {_MAX_MODULES:,} modules (at {ascii(prefix.rstrip('.'))})")
+        skipped = state.get("_non_persistent_buffers_set") or set()
+        buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in skipped}
+        for name, value in [*state["_parameters"].items(), *buffers.items()]:
+            if isinstance(value, torch.Tensor):
+                if value.layout != torch.strided:
+                    raise pickle.UnpicklingError(f"{ascii(prefix + name)} is a {value.layout} tensor, not a dense one")
+                tensors[prefix + name] = value
+        for name, child in state["_modules"].items():
+            walk(child, f"{prefix}{name}.", depth + 1)
+
+    walk(obj, "", 0)
     return tensors
 
 

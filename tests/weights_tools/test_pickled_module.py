@@ -1,14 +1,19 @@
 """Whole pickled models (torch.save(model)) convert from their tensors, and nothing in the file runs."""
 
+import argparse
 import collections
+import copyreg
 import importlib
+import logging
 import os
 import pickle
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -131,10 +136,13 @@ def test_whole_torchvision_model_converts(tmp_path, form, legacy):
     agree(model, out)
 
 
-def test_state_dict_of_a_pickled_module_is_exact(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_state_dict_of_a_pickled_module_is_exact(tmp_path, legacy):
     model = small_torchvision()
     model.register_buffer("scratch", torch.randn(3), persistent=False)  # state_dict() leaves it out
-    torch.save(model, tmp_path / "whole.pt")
+    model.extra = torch.nn.Linear(2, 2)  # one module under two names: state_dict() lists both
+    model.features.shared = model.extra
+    torch.save(model, tmp_path / "whole.pt", _use_new_zipfile_serialization=not legacy)
     got = module_state_dict(load_pickled(tmp_path / "whole.pt"))
     expected = model.state_dict()
     assert list(got) == list(expected)
@@ -205,24 +213,82 @@ def test_hostile_whole_model_is_refused_and_nothing_runs(tmp_path, payload, lega
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_names_off_every_list_stay_inert(xrv_like, tmp_path):
-    # The deny list only names what to refuse; safety comes from never calling a name the file
-    # gives. A payload in a module no list knows is rebuilt as a placeholder and does not run.
-    target = tmp_path / "ran.txt"
-    model = randomize_batchnorm(xrv_like.DenseNet(), seed=3, image_size=32, in_channels=1)
-    model.history = [xrv_like.Payload(str(target))]
-    torch.save({"model": model, "callback": xrv_like.Payload(str(target))}, tmp_path / "ckpt.pt")
-    x = torch.randn(2, 1, 40, 40)
-    with torch.no_grad():
-        expected = model(x)
-    xrv_like.make_file(tmp_path / "check.txt")  # the payload does create a file when it runs
-    assert (tmp_path / "check.txt").read_text() == "ran"
-    forget(xrv_like)
+class _OpensAFile:
+    """Unpickles as logging.FileHandler(path): importable, off every deny list, creates the file."""
 
-    out = convert_checkpoint(tmp_path / "ckpt.pt", tmp_path / "out.safetensors")
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (logging.FileHandler, (self.path,))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_names_off_every_list_stay_inert(tmp_path, legacy):
+    # The deny list only names what to refuse; safety comes from never calling a name the file
+    # gives. A payload no list knows (and that plain torch.load runs) is an inert placeholder.
+    target = tmp_path / "ran.log"
+    model = small_torchvision()
+    model.history = [_OpensAFile(str(target))]
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": model, "callback": _OpensAFile(str(target))}, ckpt, _use_new_zipfile_serialization=not legacy)
+    handler = torch.load(ckpt, weights_only=False)["callback"]  # what an unrestricted load does
+    assert target.exists()
+    handler.close()
+    target.unlink()
+
+    agree(model, convert_checkpoint(ckpt, tmp_path / "out.safetensors"))
     assert not target.exists()
-    engine = densetriton.load(out, device="cpu", backend="reference")
-    assert rel_err(engine(x), expected) < 1e-5
+
+
+def test_copyreg_extension_codes_are_refused(tmp_path):
+    # EXT1 looks a name up in copyreg's process-wide cache, before find_class: refused outright,
+    # and nothing is left in the cache for a later, unrelated unpickling.
+    copyreg.add_extension("fractions", "Fraction", 0xF0)
+    try:
+        ckpt = tmp_path / "ext.pth"
+        ckpt.write_bytes(b"\x80\x02\x82\xf0)R.")  # PROTO 2; EXT1 0xf0; EMPTY_TUPLE; REDUCE
+        assert pickle.loads(ckpt.read_bytes()) == 0  # what it does unrestricted: calls Fraction()
+        copyreg._extension_cache.clear()
+        with pytest.raises(WeightsError, match="extension codes"):
+            convert_checkpoint(ckpt, tmp_path / "out.safetensors")
+        assert pickle.loads(ckpt.read_bytes()) == 0 and type(pickle.loads(ckpt.read_bytes())).__name__ == "Fraction"
+    finally:
+        copyreg.remove_extension("fractions", "Fraction", 0xF0)
+
+
+def test_module_trees_no_model_has_are_refused_quickly(tmp_path):
+    # A module shared by two parents, twenty levels deep: a 3 KB file, a million modules walked.
+    leaf = torch.nn.Linear(1, 1)
+    for _ in range(20):
+        parent = torch.nn.Module()
+        parent.a, parent.b = leaf, leaf
+        leaf = parent
+    torch.save(leaf, tmp_path / "bomb.pt")
+    loop = torch.nn.Sequential(torch.nn.Linear(1, 1))
+    loop.add_module("again", loop)  # a module inside itself
+    torch.save(loop, tmp_path / "loop.pt")
+    for name in ("bomb.pt", "loop.pt"):
+        start = time.perf_counter()
+        with pytest.raises(WeightsError, match="the module tree is not a model's"):
+            convert_checkpoint(tmp_path / name, tmp_path / "out.safetensors")
+        assert time.perf_counter() - start < 10
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sparse_tensors_are_not_rebuilt_and_leave_nothing_behind(tmp_path):
+    # Sparse rebuilders are off the list: a sparse buffer (here with an index out of its bounds,
+    # which to_dense() would write out of bounds) is a placeholder, not a tensor, and torch's
+    # process-wide list of sparse tensors to check is left empty for the next load.
+    model = small_torchvision()
+    indices = torch.tensor([[0], [10**9]])
+    model.register_buffer("lookup", torch.sparse_coo_tensor(indices, torch.ones(1), (1, 4), check_invariants=False))
+    torch.save(model, tmp_path / "sparse.pt")
+    out = convert_checkpoint(tmp_path / "sparse.pt", tmp_path / "out.safetensors")
+    agree(model.eval(), out)
+    torch.save({"w": torch.randn(2)}, tmp_path / "innocent.pt")
+    assert torch.load(tmp_path / "innocent.pt", weights_only=True)["w"].shape == (2,)
+    assert not getattr(torch._utils, "_sparse_tensors_to_validate", [])
 
 
 def test_pickle_without_a_model_is_one_clear_error(xrv_like, tmp_path):
@@ -240,3 +306,15 @@ def test_a_pickle_cannot_patch_a_class(tmp_path):
     with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint .*sets the state of type"):
         convert_checkpoint(ckpt, tmp_path / "out.safetensors")
     assert callable(collections.Counter.most_common)
+
+
+def test_state_dicts_beside_objects_weights_only_refuses_convert(tmp_path):
+    # Training scripts store their argparse Namespace and numpy scalars beside the state dict;
+    # weights_only refuses the whole file for them, the placeholders let the weights through.
+    model = small_torchvision()
+    ckpt = tmp_path / "ckpt.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1, arch="densenet"),
+                "best_auc": np.float64(0.84), "epoch": 12}, ckpt)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(ckpt, weights_only=True)
+    agree(model, convert_checkpoint(ckpt, tmp_path / "out.safetensors"))
