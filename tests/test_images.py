@@ -1,5 +1,6 @@
 """densetriton.images: reading awkward files as upright RGB, preprocessing, top-k."""
 
+import os
 import zlib
 
 import numpy as np
@@ -158,6 +159,8 @@ def test_dicom_without_a_suffix_is_found_by_its_marker(tmp_path, rng):
     (tmp_path / "scan.bin").write_bytes((tmp_path / "IM0001").read_bytes())
     assert not is_image_path(tmp_path / "scan.bin")  # any other suffix: never opened
     assert not is_image_path(tmp_path / "absent")
+    os.mkfifo(tmp_path / "pipe")  # opening it would wait for a writer forever
+    assert not is_image_path(tmp_path / "pipe")
     (tmp_path / "series").mkdir()
     _dicom(tmp_path / "series" / "IM0002", pixels)
     assert collect_files([tmp_path]) == [str(tmp_path / n) for n in ("1.2.840.113619.2.55.3", "IM0001", "series/IM0002")]
