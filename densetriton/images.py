@@ -82,6 +82,8 @@ def is_image_path(path: str | os.PathLike) -> bool:
     suffix = os.path.splitext(str(path))[1].lower()
     if suffix in IMAGE_SUFFIXES:
         return True
+    if os.path.basename(str(path)).upper() == "DICOMDIR":
+        return False  # a DICOMDIR tree's index, not an image
     # Only regular files (isfile) are opened: reading a named pipe would wait for a writer forever.
     return (suffix == "" or suffix[1:].isdigit()) and os.path.isfile(path) and _is_dicom(path)
 

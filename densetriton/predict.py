@@ -204,7 +204,8 @@ def collect_files(paths) -> list[str]:
             found = []
             for root, dirs, names in os.walk(path):
                 dirs.sort()
-                found.extend(f for f in (os.path.join(root, n) for n in names) if is_image_path(f))
+                # Regular files only: opening a named pipe (even "x.png") would block forever.
+                found.extend(f for f in (os.path.join(root, n) for n in names) if os.path.isfile(f) and is_image_path(f))
             for f in sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep)):
                 add(f)
         else:

@@ -158,8 +158,8 @@ def check_operating_points(points, spec: DenseNetSpec, multi_label: bool | None)
     for p in points:
         if p is None or (isinstance(p, float) and math.isnan(p)):
             out.append(None)
-        elif isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1:
-            out.append(float(p))
+        elif isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < float(torch.tensor(p, dtype=torch.float32)) < 1:
+            out.append(float(p))  # strictly inside (0, 1) in float32 too, as probabilities computes
         else:
             raise WeightsError(f"operating points must lie strictly between 0 and 1 (or be null), got {p!r:.40}")
     if len(out) != spec.num_classes:

@@ -161,6 +161,9 @@ def test_dicom_without_a_suffix_is_found_by_its_marker(tmp_path, rng):
     assert not is_image_path(tmp_path / "absent")
     os.mkfifo(tmp_path / "pipe")  # opening it would wait for a writer forever
     assert not is_image_path(tmp_path / "pipe")
+    os.mkfifo(tmp_path / "pipe.png")  # picked by name alone, but a folder scan leaves it out
+    (tmp_path / "DICOMDIR").write_bytes((tmp_path / "IM0001").read_bytes())  # a tree's index
+    assert not is_image_path(tmp_path / "DICOMDIR")
     (tmp_path / "series").mkdir()
     _dicom(tmp_path / "series" / "IM0002", pixels)
     assert collect_files([tmp_path]) == [str(tmp_path / n) for n in ("1.2.840.113619.2.55.3", "IM0001", "series/IM0002")]

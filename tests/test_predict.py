@@ -256,11 +256,14 @@ def test_operating_points_calibrate_what_predict_reports(weights, images, tmp_pa
     again = tmp_path / "again.safetensors"
     assert run_cli(capsys, "convert", "--checkpoint", calibrated, "--out", again)[0] == 0
     assert densetriton.weights.load_weights(again).operating_points == points
+    assert run_cli(capsys, "convert", "--checkpoint", calibrated, "--no-multi-label", "--out", again)[0] == 0
+    assert densetriton.weights.load_weights(again).operating_points is None  # softmax: no points
     bad = tmp_path / "bad.safetensors"
     for text, flags, message in (
         ("0.5\n" * (n - 1), (), f"{n - 1} operating points for a {n}-class"),
         ("1.5\n" * n, (), "strictly between 0 and 1"),
         ("0\n" * n, (), "strictly between 0 and 1"),
+        ("0.99999999\n" * n, (), "strictly between 0 and 1"),  # 1.0 in float32
         ("nan\n" * n, (), "every operating point is null"),
         ("0.5\nhigh\n", (), "line 2: 'high' is not a number"),
         ("0.5\n" * n, ("--no-multi-label",), "operating points need a multi-label model"),

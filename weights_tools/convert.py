@@ -25,6 +25,8 @@ import math
 import os
 import pickle
 import re
+import tarfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,13 +69,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ConversionError(f"{path} is not a readable safetensors file ({e})") from None
+    if tarfile.is_tarfile(str(path)):
+        raise ConversionError(f"{path} is a tar checkpoint (torch < 0.4), which is not read: load it in an old torch "
+                              f"you trust and save its state_dict()")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        clear_sparse_checks()  # what a failed load leaves would fail the next one
         pass  # a whole pickled model (or not a checkpoint at all): read below
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+    finally:
+        clear_sparse_checks()  # what a failed load leaves would fail the next one
     # A whole pickled model (torch.save(model)): its tensors, read without running its code.
     try:
         return replace_modules(load_pickled(path))
@@ -229,7 +235,7 @@ def convert_state_dict(
     operating_points: per class, the sigmoid output called positive, or None (default: the
     checkpoint's torchxrayvision `op_threshs` tensor when it has one; they imply multi_label)."""
     if operating_points is None and multi_label is not False:
-        operating_points = _operating_points_in(state_dict)
+        operating_points = _operating_points_in(state_dict, num_classes=_classifier_rows(state_dict))
     if operating_points is not None and multi_label is None:
         multi_label = True
     tensors = normalize_state_dict(state_dict)
@@ -268,16 +274,35 @@ def convert_state_dict(
                         multi_label=multi_label, operating_points=operating_points)
 
 
-def _operating_points_in(state_dict: dict) -> list[float | None] | None:
-    """torchxrayvision's `op_threshs` (NaN for outputs it did not train), when the checkpoint has one."""
+def _classifier_rows(state_dict: dict) -> int | None:
+    try:
+        weight = normalize_state_dict(state_dict).get("classifier.weight")
+    except ConversionError:
+        return None
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def _operating_points_in(state_dict: dict, num_classes: int | None) -> list[float | None] | None:
+    """torchxrayvision's `op_threshs` (NaN for outputs it did not train), when the checkpoint has
+    usable ones; unusable ones (a stale length after a new head, values outside (0, 1), all NaN)
+    are left out with a warning rather than stopping the conversion."""
     try:
         tensors = _unnest(state_dict)
     except ConversionError:
         return None
     found = [v for k, v in tensors.items() if k.split(".")[-1] == "op_threshs" and isinstance(v, torch.Tensor)]
-    if len(found) != 1 or found[0].dim() != 1 or not found[0].is_floating_point():
+    if len(found) != 1:
         return None
-    return [None if math.isnan(v) else v for v in found[0].double().tolist()]
+    t = found[0]
+    values = t.double().tolist() if t.dim() == 1 and t.is_floating_point() else None
+    points = None if values is None else [None if math.isnan(v) else v for v in values]
+    usable = (points is not None and len(points) == num_classes and any(p is not None for p in points)
+              and all(p is None or 0 < float(torch.tensor(p, dtype=torch.float32)) < 1 for p in points))
+    if not usable:
+        warnings.warn(f"the checkpoint's op_threshs {tuple(t.shape)} do not fit its {num_classes}-class classifier "
+                      f"as operating points (one per class, each strictly between 0 and 1): left out", stacklevel=4)
+        return None
+    return points
 
 
 def convert_checkpoint(
@@ -320,7 +345,8 @@ def convert_checkpoint(
     preprocessing = preprocessing if preprocessing is not None else carried.get("preprocessing")
     bn_eps = bn_eps if bn_eps is not None else carried.get("bn_eps")
     multi_label = multi_label if multi_label is not None else carried.get("multi_label")
-    operating_points = operating_points if operating_points is not None else carried.get("operating_points")
+    if operating_points is None and multi_label is not False:
+        operating_points = carried.get("operating_points")  # --no-multi-label drops them
     return convert_state_dict(
         state_dict, out, arch=arch, class_names=class_names, preprocessing=preprocessing,
         source=f"checkpoint:{path.name}", progress=progress, bn_eps=bn_eps, multi_label=multi_label,

@@ -37,7 +37,7 @@ from torch._weights_only_unpickler import _get_allowed_globals
 # Modules whose functions run commands, touch files or the network, import or execute code. The
 # placeholders would make them harmless here anyway; a file naming them is refused as hostile.
 _HOSTILE_MODULES = frozenset(
-    "os posix nt sys subprocess builtins pathlib shutil socket importlib runpy pickle marshal types code "
+    "os posix nt sys subprocess pathlib shutil socket importlib runpy pickle marshal types code "
     "codeop pty ctypes multiprocessing operator io tempfile webbrowser urllib http asyncio threading "
     "signal glob zipfile tarfile pdb timeit cProfile profile trace posixpath ntpath inspect platform".split()
 )
@@ -78,6 +78,16 @@ class PickledObject:
     def __setstate__(self, state):
         self.state = state
 
+    # Containers (a defaultdict, a list subclass) get their items through these opcodes.
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", []).append((key, value))
+
+    def append(self, value):
+        self.__dict__.setdefault("items", []).append(value)
+
+    def extend(self, values):
+        self.__dict__.setdefault("items", []).extend(values)
+
     def __repr__(self):
         return f"<pickled {self.qualname}>"
 
@@ -86,7 +96,18 @@ class HostileCheckpoint(pickle.UnpicklingError):
     """The file names a function that runs code (the message: its name, ascii-escaped); nothing was run."""
 
 
+# Builtins that run code, touch files or reach into objects; other builtins (list, dict,
+# frozenset, object: what defaultdicts and old protocols name) are placeholders like any name.
+_HOSTILE_BUILTINS = frozenset(
+    "eval exec compile open __import__ breakpoint input globals locals vars getattr setattr delattr "
+    "exit quit help memoryview".split()
+)
+
+
 def _is_hostile(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    if module == "builtins":
+        return attr in _HOSTILE_BUILTINS
     top = name.split(".", 1)[0]
     return top in _HOSTILE_MODULES or any(name == p or name.startswith(p + ".") for p in _HOSTILE_TORCH)
 

@@ -318,3 +318,16 @@ def test_state_dicts_beside_objects_weights_only_refuses_convert(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         torch.load(ckpt, weights_only=True)
     agree(model, convert_checkpoint(ckpt, tmp_path / "out.safetensors"))
+
+
+def test_harmless_builtins_are_placeholders_and_stale_op_threshs_are_left_out(tmp_path):
+    # A defaultdict(list) history names builtins.list: inert, not hostile. op_threshs that no
+    # longer fit the classifier (a new 5-class head on an 18-finding model) warn and are dropped.
+    model = small_torchvision()
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": {**model.state_dict(), "op_threshs": torch.rand(18)},
+                "history": collections.defaultdict(list, loss=[0.3]), "frozen": frozenset({1})}, ckpt)
+    with pytest.warns(UserWarning, match=r"op_threshs \(18,\) do not fit its 5-class classifier"):
+        out = convert_checkpoint(ckpt, tmp_path / "out.safetensors")
+    agree(model, out)
+    assert densetriton.load(out, device="cpu", backend="reference").operating_points is None
