@@ -51,7 +51,9 @@ def _info(args) -> int:
         from .images import describe_preprocessing
 
         names = weights.class_names
-        shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "") if names else "none recorded"
+        from .weights import _listing
+
+        shown = _listing(names, limit=5) if names else "none recorded"
         outputs = {True: "a sigmoid per class (multi-label)", False: "a softmax over the classes", None: "not recorded (softmax)"}
         pre = describe_preprocessing(weights.preprocessing) if weights.preprocessing else "none recorded"
         print(f"  class names         {shown}")
@@ -68,8 +70,9 @@ def _info(args) -> int:
 
 
 def _points(points) -> str:
-    shown = ", ".join("none" if p is None else f"{p:.4g}" for p in points[:5])
-    return shown + (f", ... ({len(points) - 5} more)" if len(points) > 5 else "")
+    from .weights import _listing
+
+    return _listing(("none" if p is None else f"{p:.4g}" for p in points), limit=5)
 
 
 def _read_operating_points(path: str) -> list[float | None]:

@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
 from .keras_h5 import KERAS_SUFFIXES, KerasError, read_keras
 from .pickled_module import HostileCheckpoint, clear_sparse_checks, load_pickled, replace_modules
-from ..weights import FORMAT, WeightsError, check_tensors, default_preprocessing, describe_spec, save_weights
+from ..weights import (
+    FORMAT, WeightsError, check_operating_points, check_tensors, default_preprocessing, describe_spec, save_weights,
+)
 
 # Containers under which training scripts commonly nest the weights.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
@@ -234,10 +236,6 @@ def convert_state_dict(
     per class (predict then applies one), False for a softmax, None when not known.
     operating_points: per class, the sigmoid output called positive, or None (default: the
     checkpoint's torchxrayvision `op_threshs` tensor when it has one; they imply multi_label)."""
-    if operating_points is None and multi_label is not False:
-        operating_points = _operating_points_in(state_dict, num_classes=_classifier_rows(state_dict))
-    if operating_points is not None and multi_label is None:
-        multi_label = True
     tensors = normalize_state_dict(state_dict)
     _refuse_3d(tensors)
     if arch is None:
@@ -263,6 +261,10 @@ def convert_state_dict(
         except ValueError as e:
             raise ConversionError(str(e)) from None
     check_tensors(tensors, spec)
+    if operating_points is None and multi_label is not False:
+        operating_points = _operating_points_in(state_dict, spec)
+    if operating_points is not None and multi_label is None:
+        multi_label = True
     # Copy to CPU with progress: the slow part for large checkpoints on slow disks.
     cpu = {}
     shown = None if progress is None else not progress  # None: show on a terminal only
@@ -274,35 +276,22 @@ def convert_state_dict(
                         multi_label=multi_label, operating_points=operating_points)
 
 
-def _classifier_rows(state_dict: dict) -> int | None:
-    try:
-        weight = normalize_state_dict(state_dict).get("classifier.weight")
-    except ConversionError:
-        return None
-    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
-
-
-def _operating_points_in(state_dict: dict, num_classes: int | None) -> list[float | None] | None:
+def _operating_points_in(state_dict: dict, spec: DenseNetSpec) -> list[float | None] | None:
     """torchxrayvision's `op_threshs` (NaN for outputs it did not train), when the checkpoint has
     usable ones; unusable ones (a stale length after a new head, values outside (0, 1), all NaN)
     are left out with a warning rather than stopping the conversion."""
-    try:
-        tensors = _unnest(state_dict)
-    except ConversionError:
-        return None
-    found = [v for k, v in tensors.items() if k.split(".")[-1] == "op_threshs" and isinstance(v, torch.Tensor)]
+    found = [v for k, v in _unnest(state_dict).items() if k.split(".")[-1] == "op_threshs" and isinstance(v, torch.Tensor)]
     if len(found) != 1:
         return None
     t = found[0]
-    values = t.double().tolist() if t.dim() == 1 and t.is_floating_point() else None
-    points = None if values is None else [None if math.isnan(v) else v for v in values]
-    usable = (points is not None and len(points) == num_classes and any(p is not None for p in points)
-              and all(p is None or 0 < float(torch.tensor(p, dtype=torch.float32)) < 1 for p in points))
-    if not usable:
-        warnings.warn(f"the checkpoint's op_threshs {tuple(t.shape)} do not fit its {num_classes}-class classifier "
-                      f"as operating points (one per class, each strictly between 0 and 1): left out", stacklevel=4)
+    try:
+        if t.dim() != 1 or not t.is_floating_point():
+            raise WeightsError(f"a {t.dtype} tensor of shape {tuple(t.shape)}")
+        return check_operating_points(t.double().tolist(), spec, multi_label=True)
+    except WeightsError as e:
+        warnings.warn(f"the checkpoint's op_threshs {tuple(t.shape)} do not fit its {spec.num_classes}-class "
+                      f"classifier as operating points ({e}): left out", stacklevel=4)
         return None
-    return points
 
 
 def convert_checkpoint(
