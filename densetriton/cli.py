@@ -110,11 +110,11 @@ def _convert(args) -> int:
     if args.checkpoint is not None:
         out = convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names,
                                  preprocessing=preprocessing, bn_eps=args.bn_eps, multi_label=args.multi_label,
-                                 operating_points=points)
+                                 operating_points=points, prefix=args.prefix)
     else:
         if (class_names is not None or preprocessing is not None or args.bn_eps is not None
-                or args.multi_label is not None or points is not None):
-            raise ValueError("--class-names, --bn-eps, --multi-label, --operating-points and the preprocessing options "
+                or args.multi_label is not None or points is not None or args.prefix is not None):
+            raise ValueError("--class-names, --bn-eps, --multi-label, --operating-points, --prefix and the preprocessing options "
                              "apply to --checkpoint; torchvision's weights carry their own")
         out = convert_torchvision(args.arch, args.out)
     from .images import describe_preprocessing
@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "which each class is called positive, as torchxrayvision's op_threshs; predict then reports each "
                    "class calibrated so that it sits at 0.5. Implies --multi-label; default: a checkpoint's "
                    "op_threshs tensor, else none")
+    p.add_argument("--prefix", metavar="PREFIX",
+                   help="convert only the tensors whose keys start with PREFIX, for a checkpoint holding more than "
+                   "one model (model_ema. beside model.); tensors of other modules saved beside a single model (a "
+                   "loss's pos_weight) are left out with a warning without it")
     p.add_argument("--bn-eps", type=float, metavar="EPS",
                    help="the model's BatchNorm epsilon, which no tensor shows (default: what a Keras file says, "
                    "else torch's 1e-5)")

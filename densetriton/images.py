@@ -85,7 +85,8 @@ def is_image_path(path: str | os.PathLike) -> bool:
     if os.path.basename(str(path)).upper() == "DICOMDIR":
         return False  # a DICOMDIR tree's index, not an image
     # Only regular files (isfile) are opened: reading a named pipe would wait for a writer forever.
-    return (suffix == "" or suffix[1:].isdigit()) and os.path.isfile(path) and _is_dicom(path)
+    # No suffix, a bare trailing dot (IM0004.), or a UID's last digits.
+    return (suffix in ("", ".") or suffix[1:].isdigit()) and os.path.isfile(path) and _is_dicom(path)
 
 
 # -- reading --------------------------------------------------------------------------------

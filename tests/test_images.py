@@ -151,7 +151,7 @@ def test_image_suffixes():
 def test_dicom_without_a_suffix_is_found_by_its_marker(tmp_path, rng):
     # PACS exports and DICOMDIR trees name files IM0001 or by UID; the marker tells them apart.
     pixels = rng.integers(0, 4096, (8, 8), dtype=np.uint16)
-    for name in ("IM0001", "1.2.840.113619.2.55.3"):
+    for name in ("IM0001", "1.2.840.113619.2.55.3", "IM0004."):
         assert is_image_path(_dicom(tmp_path / name, pixels))
     (tmp_path / "README").write_text("x" * 200)
     (tmp_path / "2.25.1").write_bytes(b"\0" * 128 + b"DICX")
@@ -166,7 +166,7 @@ def test_dicom_without_a_suffix_is_found_by_its_marker(tmp_path, rng):
     assert not is_image_path(tmp_path / "DICOMDIR")
     (tmp_path / "series").mkdir()
     _dicom(tmp_path / "series" / "IM0002", pixels)
-    assert collect_files([tmp_path]) == [str(tmp_path / n) for n in ("1.2.840.113619.2.55.3", "IM0001", "series/IM0002")]
+    assert collect_files([tmp_path]) == [str(tmp_path / n) for n in ("1.2.840.113619.2.55.3", "IM0001", "IM0004.", "series/IM0002")]
     assert all(load_image(f).size == (8, 8) for f in collect_files([tmp_path]))
 
 

@@ -5,7 +5,8 @@ Checkpoints from the wild differ in packaging, not in substance: weights nested 
 name, the legacy "norm.1"/"conv.2" keys of old torchvision files, a classifier wrapped in a
 Sequential (CheXNet-style heads), MONAI's DenseNet (dense layers' modules under ".layers.", the
 classifier as "class_layers.out"), a stem for grayscale or other non-RGB input. All of that is
-normalised to torchvision's names, the spec is inferred from the tensor shapes (or taken from
+normalised to torchvision's names (tensors saved beside the model by a training wrapper, such as
+a Lightning module's loss weights, are left out with a warning), the spec is inferred from the tensor shapes (or taken from
 --arch), everything is validated, and only then is a file written (to a temporary name, then
 renamed).
 
@@ -41,6 +42,8 @@ from ..weights import (
 
 # Containers under which training scripts commonly nest the weights.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+# Where a DenseNet's own keys begin, after any wrapper's prefix.
+_DENSENET_ROOTS = ("features", "classifier", "class_layers")
 
 # Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -116,24 +119,56 @@ def _unnest(obj) -> dict[str, torch.Tensor]:
     )
 
 
-def normalize_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
-    """Rename a DenseNet state dict to torchvision's current names (see the module docstring)."""
-    tensors = {k: v for k, v in _unnest(state_dict).items() if isinstance(v, torch.Tensor)}
+def _wrapper_prefix(key: str) -> str | None:
+    """The part of a key before the DenseNet's own names ("module.", "model.", "backbone.", or ""),
+    or None for a key with none of them (a tensor of another module)."""
+    parts = key.split(".")
+    start = next((i for i, p in enumerate(parts) if p in _DENSENET_ROOTS), None)
+    return None if start is None else "".join(p + "." for p in parts[:start])
+
+
+def _under_prefix(tensors: dict, prefix: str | None) -> dict:
+    """The entries whose keys start with prefix, with it removed (all of them for no prefix)."""
+    if not prefix:
+        return tensors
+    selected = {k[len(prefix):]: v for k, v in tensors.items() if isinstance(k, str) and k.startswith(prefix)}
+    if not any(isinstance(v, torch.Tensor) for v in selected.values()):
+        raise ConversionError(f"no tensor in the checkpoint has a key starting with {prefix!r}")
+    return selected
+
+
+def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Rename a DenseNet state dict to torchvision's current names (see the module docstring).
+
+    prefix: take only the tensors whose keys start with it (a checkpoint holding two models, such
+    as `model.` and its EMA copy `model_ema.`). Tensors of other modules saved beside the model --
+    a training wrapper's loss weights (`criterion.pos_weight` next to `model.features...`, as a
+    Lightning checkpoint holds them) -- are left out with a warning naming them; tensors inside
+    the model's own prefix that a DenseNet does not have still fail the conversion."""
+    tensors = {k: v for k, v in _under_prefix(_unnest(state_dict), prefix).items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in tensors.items()
+               if not k.endswith("num_batches_tracked")  # a training counter, not a weight
+               and k.split(".")[-1] != "op_threshs"}  # torchxrayvision's operating points: metadata (see convert_state_dict)
+    wrappers = {_wrapper_prefix(k) for k in tensors} - {None}
+    if len(wrappers) == 1 and "" not in wrappers:
+        (wrapper,) = wrappers
+        beside = sorted(k for k in tensors if _wrapper_prefix(k) is None and not k.startswith(wrapper))
+        if beside:
+            shown = ", ".join(beside[:5]) + (f" and {len(beside) - 5} more" if len(beside) > 5 else "")
+            warnings.warn(f"left out {len(beside)} tensor(s) saved beside the model under {wrapper!r} ({shown}): "
+                          f"not the DenseNet's (other modules', as a loss's or a metric's)", stacklevel=3)
+            tensors = {k: v for k, v in tensors.items() if k not in beside}
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        if key.endswith("num_batches_tracked"):
-            continue  # a training counter, not a weight
-        if key.split(".")[-1] == "op_threshs":
-            continue  # torchxrayvision's operating points: metadata, not a weight (see convert_state_dict)
-        parts = key.split(".")
         # Drop any wrapper prefix ("module.", "model.", "densenet121.", "backbone.", ...).
-        start = next((i for i, p in enumerate(parts) if p in ("features", "classifier", "class_layers")), 0)
-        name = ".".join(parts[start:])
+        name = key[len(_wrapper_prefix(key) or ""):]
         name = _LEGACY_KEY.sub(r"\1\2", name)
         name = _MONAI_LAYER_KEY.sub(r"\1.\2", name)
         name = _MONAI_CLASSIFIER_KEY.sub(r"classifier.\1", name)
         if name in out:
-            raise ConversionError(f"two checkpoint tensors map to {name!r} (one is {key!r})")
+            several = f": the checkpoint holds DenseNet tensors under {', '.join(map(repr, sorted(wrappers)))}; " \
+                      f"choose one with --prefix (prefix=...)" if len(wrappers) > 1 else ""
+            raise ConversionError(f"two checkpoint tensors map to {name!r} (one is {key!r}){several}")
         out[name] = value
     return _unwrap_sequential_classifier(out)
 
@@ -228,6 +263,7 @@ def convert_state_dict(
     bn_eps: float | None = None,
     multi_label: bool | None = None,
     operating_points: list[float | None] | None = None,
+    prefix: str | None = None,
 ) -> Path:
     """Normalise, validate against the spec (given or inferred) and write `out` atomically.
 
@@ -235,7 +271,10 @@ def convert_state_dict(
     the given spec's, else torch's 1e-5). multi_label: True for a model trained with a sigmoid
     per class (predict then applies one), False for a softmax, None when not known.
     operating_points: per class, the sigmoid output called positive, or None (default: the
-    checkpoint's torchxrayvision `op_threshs` tensor when it has one; they imply multi_label)."""
+    checkpoint's torchxrayvision `op_threshs` tensor when it has one; they imply multi_label).
+    prefix: convert only the tensors whose keys start with it (see normalize_state_dict)."""
+    if prefix:
+        state_dict = _under_prefix(_unnest(state_dict), prefix)
     tensors = normalize_state_dict(state_dict)
     _refuse_3d(tensors)
     if arch is None:
@@ -305,6 +344,7 @@ def convert_checkpoint(
     bn_eps: float | None = None,
     multi_label: bool | None = None,
     operating_points: list[float | None] | None = None,
+    prefix: str | None = None,
 ) -> Path:
     """Convert a checkpoint file: PyTorch (.pth, .pt, .pth.tar), safetensors, or Keras (.h5,
     .keras; see keras_h5).
@@ -316,7 +356,9 @@ def convert_checkpoint(
     bn_eps: the model's BatchNorm epsilon, for a checkpoint that does not record it (default: a
     Keras model's own, else torch's 1e-5). multi_label: whether the model was trained with a
     sigmoid per class (default: what a Keras model's head applies, else not recorded).
-    operating_points: see convert_state_dict (a densetriton file's own are kept).
+    operating_points: see convert_state_dict (a densetriton file's own are kept). prefix: convert
+    only the tensors whose keys start with it, as `model_ema.` for a checkpoint that also holds
+    an EMA copy of the model (see normalize_state_dict).
     """
     path = Path(path)
     if path.suffix.lower() in KERAS_SUFFIXES:
@@ -339,7 +381,7 @@ def convert_checkpoint(
     return convert_state_dict(
         state_dict, out, arch=arch, class_names=class_names, preprocessing=preprocessing,
         source=f"checkpoint:{path.name}", progress=progress, bn_eps=bn_eps, multi_label=multi_label,
-        operating_points=operating_points,
+        operating_points=operating_points, prefix=prefix,
     )
 
 

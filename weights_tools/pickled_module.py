@@ -27,7 +27,6 @@ from __future__ import annotations
 import _compat_pickle
 import pickle
 import tarfile
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -145,6 +144,23 @@ class _InertPickle:
                 # EXT1/2/4 look names up in copyreg's process-wide cache before find_class.
                 raise pickle.UnpicklingError("the file uses copyreg extension codes, which torch.save never writes")
 
+            # torch's legacy loader sets persistent_load on the unpickler; its "module" records
+            # carry a class's source, which torch compares with the class's own and warns when it
+            # cannot read it -- as for every placeholder. Skipping the check here, rather than
+            # filtering warnings, leaves the process-wide warning filters alone (threads).
+            @property
+            def persistent_load(self):  # pickle's own (which refuses every id) until torch sets one
+                return self.__dict__.get("_persistent_load") or super().persistent_load
+
+            @persistent_load.setter
+            def persistent_load(self, load):
+                def without_source_check(saved_id):
+                    if isinstance(saved_id, tuple) and saved_id and saved_id[0] in ("module", b"module"):
+                        return saved_id[1]  # ("module", class, source file, source): the class
+                    return load(saved_id)
+
+                self._persistent_load = without_source_check
+
             dispatch[pickle.BUILD[0]] = load_build
             for opcode in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
                 dispatch[opcode[0]] = load_extension
@@ -172,10 +188,7 @@ def load_pickled(path: str | Path):
     if tarfile.is_tarfile(str(path)):
         raise pickle.UnpicklingError("a tar checkpoint (torch < 0.4), which torch.load would extract")
     try:
-        with warnings.catch_warnings():
-            # Legacy files carry their classes' source; torch warns that a placeholder's differs.
-            warnings.simplefilter("ignore")
-            return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_InertPickle())
+        return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_InertPickle())
     finally:
         clear_sparse_checks()
 

@@ -168,6 +168,54 @@ def test_errors_list_the_tensors_and_write_nothing(small_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
+def _lightning_checkpoint(state_dicts: dict[str, dict], **beside) -> dict:
+    """A LightningModule's checkpoint: its modules' tensors under their attribute names, and the
+    trainer's state around them."""
+    sd = {f"{name}.{k}": v for name, model_sd in state_dicts.items() for k, v in model_sd.items()}
+    sd.update(beside)
+    return {"epoch": 4, "global_step": 400, "pytorch-lightning_version": "2.4.0", "state_dict": sd,
+            "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(3)}}, "param_groups": [{"lr": 0.1}]}],
+            "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.001, "num_classes": 5}}
+
+
+def test_tensors_beside_the_model_are_left_out_with_a_warning(small_model, tmp_path):
+    # A Lightning module keeps its loss's pos_weight next to the model: not part of the DenseNet.
+    pos_weight = torch.rand(5)
+    ckpt = _lightning_checkpoint({"model": small_model.state_dict()}, **{"criterion.pos_weight": pos_weight,
+                                                                         "ema_decay": torch.tensor(0.99)})
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    with pytest.warns(UserWarning, match=r"left out 2 tensor\(s\) saved beside the model under 'model\.' "
+                                         r"\(criterion\.pos_weight, ema_decay\)"):
+        out = convert_checkpoint(tmp_path / "last.ckpt", tmp_path / "out.safetensors")
+    logits_agree(small_model, out)
+    with pytest.warns(UserWarning, match=r"left out 2 tensor"):
+        assert main(["convert", "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "cli.safetensors")]) == 0
+    # Inside the model's own prefix, or with no prefix at all, an extra tensor is the model's: refused.
+    out = tmp_path / "refused.safetensors"
+    ckpt = _lightning_checkpoint({"model": small_model.state_dict()}, **{"model.temperature": torch.tensor(1.5)})
+    torch.save(ckpt, tmp_path / "inside.ckpt")
+    _assert_refused(tmp_path / "inside.ckpt", out, r"1 unexpected: model\.temperature")
+    torch.save(dict(small_model.state_dict(), temperature=torch.tensor(1.5)), tmp_path / "plain.pth")
+    _assert_refused(tmp_path / "plain.pth", out, r"1 unexpected: temperature")
+    assert not out.exists()
+
+
+def test_prefix_picks_one_of_two_models(small_model, tmp_path, capsys):
+    ema = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+    ema = randomize_batchnorm(ema, seed=2, image_size=32)
+    torch.save(_lightning_checkpoint({"model": small_model.state_dict(), "model_ema.module": ema.state_dict()}),
+               tmp_path / "ema.ckpt")
+    out = tmp_path / "out.safetensors"
+    _assert_refused(tmp_path / "ema.ckpt", out, r"DenseNet tensors under 'model\.', 'model_ema\.module\.'; choose one "
+                                                r"with --prefix")
+    logits_agree(ema, convert_checkpoint(tmp_path / "ema.ckpt", out, prefix="model_ema."))
+    assert main(["convert", "--checkpoint", str(tmp_path / "ema.ckpt"), "--out", str(out), "--prefix", "model."]) == 0
+    logits_agree(small_model, out)
+    assert main(["convert", "--checkpoint", str(tmp_path / "ema.ckpt"), "--out", str(out), "--prefix", "ema."]) == 1
+    assert "no tensor in the checkpoint has a key starting with 'ema.'" in capsys.readouterr().err
+    logits_agree(small_model, out)  # the failed conversion left the file as it was
+
+
 class _Payload:
     def __init__(self, target):
         self.target = target

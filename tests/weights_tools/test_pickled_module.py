@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,25 @@ def agree(model, weights_path, channels=3):
     with torch.no_grad():
         expected = model(x)
     assert rel_err(engine(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_loads_from_threads_agree_and_leave_warning_filters_alone(tmp_path, legacy):
+    # torch's legacy loader warns for every class whose source it cannot read (every placeholder);
+    # that check is skipped per load, not by changing the process-wide filters, which threads share.
+    model = small_torchvision()
+    torch.save(model, tmp_path / "whole.pt", _use_new_zipfile_serialization=not legacy)
+    expected = model.state_dict()
+    filters_before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ThreadPoolExecutor(4) as pool:
+            loaded = list(pool.map(lambda _: module_state_dict(load_pickled(tmp_path / "whole.pt")), range(8)))
+        assert warnings.filters[0][0] == "always"  # no load changed them under us
+    assert [str(w.message) for w in caught] == []
+    assert warnings.filters == filters_before
+    for got in loaded:
+        assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
