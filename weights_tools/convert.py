@@ -137,6 +137,35 @@ def _under_prefix(tensors: dict, prefix: str | None) -> dict:
     return selected
 
 
+def _has_classifier(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(k[len(w):].split(".")[0] in ("classifier", "class_layers")
+               for k in tensors if (w := _wrapper_prefix(k)) is not None)
+
+
+def _adopt_separate_head(tensors: dict[str, torch.Tensor], wrapper: str) -> dict[str, torch.Tensor]:
+    """A DenseNet whose classifier was replaced (by nn.Identity) and a Linear head kept beside it
+    (`backbone.features...` and `head.weight`, `head.bias`): the head becomes the classifier, when
+    it is all the checkpoint holds besides the DenseNet -- one module, a 2-D weight and its bias.
+    Anything more (a multi-layer or normalised head, a loss's tensors too) is left to fail, or to
+    --prefix, rather than guessed at."""
+    if _has_classifier(tensors):
+        return tensors
+    outside = {k: v for k, v in tensors.items() if _wrapper_prefix(k) is None}
+    modules = {k.rpartition(".")[0] for k in outside}
+    if len(modules) != 1 or "" in modules:
+        return tensors
+    (module,) = modules
+    weight, bias = outside.get(f"{module}.weight"), outside.get(f"{module}.bias")
+    if (weight is None or weight.dim() != 2 or len(outside) != 1 + (bias is not None)
+            or (bias is not None and tuple(bias.shape) != (weight.shape[0],))):
+        return tensors
+    warnings.warn(f"took {module!r} ({weight.shape[0]} outputs) as the classifier: the checkpoint's DenseNet has "
+                  f"none, and this Linear is the only other module (assumed applied to the pooled features, as "
+                  f"DenseNet's classifier is)", stacklevel=4)
+    renamed = {f"{module}.weight": f"{wrapper}classifier.weight", f"{module}.bias": f"{wrapper}classifier.bias"}
+    return {renamed.get(k, k): v for k, v in tensors.items()}
+
+
 def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Rename a DenseNet state dict to torchvision's current names (see the module docstring).
 
@@ -150,7 +179,10 @@ def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[st
                if not k.endswith("num_batches_tracked")  # a training counter, not a weight
                and k.split(".")[-1] != "op_threshs"}  # torchxrayvision's operating points: metadata (see convert_state_dict)
     wrappers = {_wrapper_prefix(k) for k in tensors} - {None}
-    if len(wrappers) == 1 and "" not in wrappers:
+    if len(wrappers) == 1:
+        tensors = _adopt_separate_head(tensors, next(iter(wrappers)))
+    # Only beside a whole DenseNet: without its classifier, what else the file holds may be its head.
+    if len(wrappers) == 1 and "" not in wrappers and _has_classifier(tensors):
         (wrapper,) = wrappers
         beside = sorted(k for k in tensors if _wrapper_prefix(k) is None and not k.startswith(wrapper))
         if beside:
@@ -205,7 +237,10 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
 
     def shape(name):
         if name not in tensors:
-            raise ConversionError(f"cannot infer the architecture: no tensor {name!r} (is this a DenseNet checkpoint?)")
+            others = sorted(k for k in tensors if k.split(".")[0] not in _DENSENET_ROOTS)
+            shown = "; it also holds " + ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "") \
+                if others else ""
+            raise ConversionError(f"cannot infer the architecture: no tensor {name!r} (is this a DenseNet checkpoint?){shown}")
         return tuple(tensors[name].shape)
 
     _refuse_3d(tensors)

@@ -216,6 +216,46 @@ def test_prefix_picks_one_of_two_models(small_model, tmp_path, capsys):
     logits_agree(small_model, out)  # the failed conversion left the file as it was
 
 
+class _BackboneAndHead(torch.nn.Module):
+    """A common fine-tuning layout: torchvision's DenseNet with its classifier replaced by an
+    Identity, and a new Linear head beside it."""
+
+    def __init__(self, densenet, num_classes):
+        super().__init__()
+        self.backbone = densenet
+        features = densenet.classifier.in_features
+        self.backbone.classifier = torch.nn.Identity()
+        self.head = torch.nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_a_linear_head_beside_the_densenet_becomes_its_classifier(small_model, tmp_path):
+    torch.manual_seed(3)
+    net = _BackboneAndHead(small_model, num_classes=7)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "net.pth")
+    with pytest.warns(UserWarning, match=r"took 'head' \(7 outputs\) as the classifier"):
+        out = convert_checkpoint(tmp_path / "net.pth", tmp_path / "out.safetensors")
+    logits_agree(net, out)
+    # A DenseNet subclass with its own head (no wrapper prefix) converts the same way.
+    torch.save({k.removeprefix("backbone."): v for k, v in net.state_dict().items()}, tmp_path / "flat.pth")
+    with pytest.warns(UserWarning, match=r"took 'head'"):
+        logits_agree(net, convert_checkpoint(tmp_path / "flat.pth", tmp_path / "out.safetensors"))
+    # More than one Linear: not guessed at, and the error names what else the file holds.
+    refused = tmp_path / "refused.safetensors"
+    two = dict(net.state_dict(), **{"head2.weight": torch.randn(7, 7), "head2.bias": torch.randn(7)})
+    torch.save(two, tmp_path / "two.pth")
+    _assert_refused(tmp_path / "two.pth", refused, r"no tensor 'classifier\.weight'", r"head\.bias, head\.weight, head2\.bias, head2\.weight")
+    # A head that normalises first (BatchNorm1d, then Linear) is one module more: refused too.
+    normed = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
+    normed.update({"head.0.weight": torch.rand(7), "head.0.running_mean": torch.randn(7),
+                   "head.1.weight": torch.randn(7, net.head.in_features), "head.1.bias": torch.randn(7)})
+    torch.save(normed, tmp_path / "normed.pth")
+    _assert_refused(tmp_path / "normed.pth", refused, r"no tensor 'classifier\.weight'", r"head\.0\.running_mean")
+    assert not refused.exists()
+
+
 class _Payload:
     def __init__(self, target):
         self.target = target
