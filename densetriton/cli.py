@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "class calibrated so that it sits at 0.5. Implies --multi-label; default: a checkpoint's "
                    "op_threshs tensor, else none")
     p.add_argument("--prefix", metavar="PREFIX",
-                   help="convert only the tensors whose keys start with PREFIX, for a checkpoint holding more than "
-                   "one model (model_ema. beside model.); tensors of other modules saved beside a single model (a "
-                   "loss's pos_weight) are left out with a warning without it")
+                   help="convert only the tensors under PREFIX (whole key components), or the state dict the "
+                   "checkpoint keeps under that name: for a checkpoint holding more than one model (model_ema. "
+                   "beside model., timm's state_dict_ema beside state_dict)")
     p.add_argument("--bn-eps", type=float, metavar="EPS",
                    help="the model's BatchNorm epsilon, which no tensor shows (default: what a Keras file says, "
                    "else torch's 1e-5)")

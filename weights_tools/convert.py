@@ -5,8 +5,8 @@ Checkpoints from the wild differ in packaging, not in substance: weights nested 
 name, the legacy "norm.1"/"conv.2" keys of old torchvision files, a classifier wrapped in a
 Sequential (CheXNet-style heads), MONAI's DenseNet (dense layers' modules under ".layers.", the
 classifier as "class_layers.out"), a stem for grayscale or other non-RGB input. All of that is
-normalised to torchvision's names (tensors saved beside the model by a training wrapper, such as
-a Lightning module's loss weights, are left out with a warning), the spec is inferred from the tensor shapes (or taken from
+normalised to torchvision's names (a loss's tensors saved beside the model by a training wrapper,
+as a Lightning module's `criterion.pos_weight`, are left out with a warning), the spec is inferred from the tensor shapes (or taken from
 --arch), everything is validated, and only then is a file written (to a temporary name, then
 renamed).
 
@@ -44,6 +44,8 @@ from ..weights import (
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 # Where a DenseNet's own keys begin, after any wrapper's prefix.
 _DENSENET_ROOTS = ("features", "classifier", "class_layers")
+# Module names training code gives its loss (criterion, loss_fn, train_loss, bce_loss, ...).
+_LOSS_MODULE = re.compile(r"^(criterion|criterions|loss|losses|(\w+_)?loss(_fn|_func|_function)?|\w+_criterion)$", re.I)
 
 # Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -127,13 +129,25 @@ def _wrapper_prefix(key: str) -> str | None:
     return None if start is None else "".join(p + "." for p in parts[:start])
 
 
-def _under_prefix(tensors: dict, prefix: str | None) -> dict:
-    """The entries whose keys start with prefix, with it removed (all of them for no prefix)."""
+def _select(checkpoint, prefix: str | None) -> dict:
+    """The state dict, or with a prefix the part of it under that prefix: the entries whose keys
+    start with it (removed), or a state dict the checkpoint keeps under that name ("state_dict_ema"
+    beside "state_dict", "model_ema" beside "model")."""
     if not prefix:
-        return tensors
-    selected = {k[len(prefix):]: v for k, v in tensors.items() if isinstance(k, str) and k.startswith(prefix)}
+        return _unnest(checkpoint)
+    name = prefix.rstrip(".")
+    obj = checkpoint
+    for _ in range(4):  # the dicts _unnest descends through
+        if not isinstance(obj, dict):
+            break
+        if isinstance(obj.get(name), dict):
+            return _unnest(obj[name])
+        obj = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), dict)), None)
+    dotted = name + "."  # whole components: "model." does not select "model_ema.*"
+    selected = {k[len(dotted):]: v for k, v in _unnest(checkpoint).items() if isinstance(k, str) and k.startswith(dotted)}
     if not any(isinstance(v, torch.Tensor) for v in selected.values()):
-        raise ConversionError(f"no tensor in the checkpoint has a key starting with {prefix!r}")
+        raise ConversionError(f"no tensor in the checkpoint has a key starting with {dotted!r}, and it holds no "
+                              f"state dict named {name!r}")
     return selected
 
 
@@ -142,12 +156,20 @@ def _has_classifier(tensors: dict[str, torch.Tensor]) -> bool:
                for k in tensors if (w := _wrapper_prefix(k)) is not None)
 
 
+def _is_training_state(key: str, value: torch.Tensor) -> bool:
+    """A tensor a training wrapper keeps beside its model that no forward pass uses: a loss's
+    class weights (`criterion.pos_weight`, `loss_fn.weight`), torch's AveragedModel count."""
+    if _wrapper_prefix(key) is not None or value.dim() > 1:
+        return False
+    return key.split(".")[-1] == "n_averaged" or any(_LOSS_MODULE.match(p) for p in key.split(".")[:-1])
+
+
 def _adopt_separate_head(tensors: dict[str, torch.Tensor], wrapper: str) -> dict[str, torch.Tensor]:
     """A DenseNet whose classifier was replaced (by nn.Identity) and a Linear head kept beside it
     (`backbone.features...` and `head.weight`, `head.bias`): the head becomes the classifier, when
-    it is all the checkpoint holds besides the DenseNet -- one module, a 2-D weight and its bias.
-    Anything more (a multi-layer or normalised head, a loss's tensors too) is left to fail, or to
-    --prefix, rather than guessed at."""
+    it is all the checkpoint holds besides the DenseNet -- one module, a 2-D weight and its bias
+    (a zero bias when it has none: the same function). Anything more (a multi-layer or normalised
+    head) is left to fail rather than guessed at."""
     if _has_classifier(tensors):
         return tensors
     outside = {k: v for k, v in tensors.items() if _wrapper_prefix(k) is None}
@@ -162,34 +184,51 @@ def _adopt_separate_head(tensors: dict[str, torch.Tensor], wrapper: str) -> dict
     warnings.warn(f"took {module!r} ({weight.shape[0]} outputs) as the classifier: the checkpoint's DenseNet has "
                   f"none, and this Linear is the only other module (assumed applied to the pooled features, as "
                   f"DenseNet's classifier is)", stacklevel=4)
-    renamed = {f"{module}.weight": f"{wrapper}classifier.weight", f"{module}.bias": f"{wrapper}classifier.bias"}
-    return {renamed.get(k, k): v for k, v in tensors.items()}
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    rest = {k: v for k, v in tensors.items() if k not in outside}
+    return {**rest, f"{wrapper}classifier.weight": weight, f"{wrapper}classifier.bias": bias}
+
+
+def _outside_hint(state_dict: dict, unexpected: list[str]) -> str:
+    """For an error listing unexpected tensors: how to convert the DenseNet alone, when those sit
+    outside its wrapper and the user knows they take no part in the model's outputs."""
+    keys = [k for k, v in state_dict.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
+    wrappers = {_wrapper_prefix(k) for k in keys} - {None}
+    if len(wrappers) != 1 or "" in wrappers or not unexpected:
+        return ""
+    (wrapper,) = wrappers
+    if any(_wrapper_prefix(k) is not None or k.startswith(wrapper) for k in unexpected):
+        return ""
+    return (f" (if {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''} take no part in the model's "
+            f"outputs, --prefix {wrapper} converts the DenseNet alone)")
 
 
 def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Rename a DenseNet state dict to torchvision's current names (see the module docstring).
 
-    prefix: take only the tensors whose keys start with it (a checkpoint holding two models, such
-    as `model.` and its EMA copy `model_ema.`). Tensors of other modules saved beside the model --
-    a training wrapper's loss weights (`criterion.pos_weight` next to `model.features...`, as a
-    Lightning checkpoint holds them) -- are left out with a warning naming them; tensors inside
-    the model's own prefix that a DenseNet does not have still fail the conversion."""
-    tensors = {k: v for k, v in _under_prefix(_unnest(state_dict), prefix).items() if isinstance(v, torch.Tensor)}
-    tensors = {k: v for k, v in tensors.items()
-               if not k.endswith("num_batches_tracked")  # a training counter, not a weight
+    prefix: take only the tensors under it (a checkpoint holding two models, such as `model.` and
+    its EMA copy `model_ema.`, or `state_dict` and `state_dict_ema`). A loss's tensors saved beside
+    the model (`criterion.pos_weight`, as a Lightning checkpoint holds them) are left out with a
+    warning naming them; any other tensor a DenseNet does not have fails the conversion, since
+    it may take part in the model's outputs (a Linear after the classifier, a temperature)."""
+    found = _select(state_dict, prefix)
+    odd = [k for k, v in found.items() if isinstance(v, torch.Tensor) and not isinstance(k, str)]
+    if odd:
+        raise ConversionError(f"the state dict has a tensor under a key that is not a string: {odd[0]!r}")
+    tensors = {k: v for k, v in found.items()
+               if isinstance(v, torch.Tensor)
+               and not k.endswith("num_batches_tracked")  # a training counter, not a weight
                and k.split(".")[-1] != "op_threshs"}  # torchxrayvision's operating points: metadata (see convert_state_dict)
+    training = sorted(k for k, v in tensors.items() if _is_training_state(k, v))
+    if training and any(_wrapper_prefix(k) is not None for k in tensors):
+        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        warnings.warn(f"left out {len(training)} tensor(s) of training state saved beside the model ({shown}): a "
+                      f"loss's weights or an averaging count, which no forward pass uses", stacklevel=3)
+        tensors = {k: v for k, v in tensors.items() if k not in training}
     wrappers = {_wrapper_prefix(k) for k in tensors} - {None}
     if len(wrappers) == 1:
         tensors = _adopt_separate_head(tensors, next(iter(wrappers)))
-    # Only beside a whole DenseNet: without its classifier, what else the file holds may be its head.
-    if len(wrappers) == 1 and "" not in wrappers and _has_classifier(tensors):
-        (wrapper,) = wrappers
-        beside = sorted(k for k in tensors if _wrapper_prefix(k) is None and not k.startswith(wrapper))
-        if beside:
-            shown = ", ".join(beside[:5]) + (f" and {len(beside) - 5} more" if len(beside) > 5 else "")
-            warnings.warn(f"left out {len(beside)} tensor(s) saved beside the model under {wrapper!r} ({shown}): "
-                          f"not the DenseNet's (other modules', as a loss's or a metric's)", stacklevel=3)
-            tensors = {k: v for k, v in tensors.items() if k not in beside}
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         # Drop any wrapper prefix ("module.", "model.", "densenet121.", "backbone.", ...).
@@ -198,8 +237,10 @@ def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[st
         name = _MONAI_LAYER_KEY.sub(r"\1.\2", name)
         name = _MONAI_CLASSIFIER_KEY.sub(r"classifier.\1", name)
         if name in out:
-            several = f": the checkpoint holds DenseNet tensors under {', '.join(map(repr, sorted(wrappers)))}; " \
-                      f"choose one with --prefix (prefix=...)" if len(wrappers) > 1 else ""
+            several = ""
+            if "" not in wrappers and len(wrappers) > 1:
+                several = f": the checkpoint holds DenseNet tensors under {', '.join(map(repr, sorted(wrappers)))}; " \
+                          f"choose one with --prefix (prefix=...)"
             raise ConversionError(f"two checkpoint tensors map to {name!r} (one is {key!r}){several}")
         out[name] = value
     return _unwrap_sequential_classifier(out)
@@ -309,7 +350,7 @@ def convert_state_dict(
     checkpoint's torchxrayvision `op_threshs` tensor when it has one; they imply multi_label).
     prefix: convert only the tensors whose keys start with it (see normalize_state_dict)."""
     if prefix:
-        state_dict = _under_prefix(_unnest(state_dict), prefix)
+        state_dict = _select(state_dict, prefix)
     tensors = normalize_state_dict(state_dict)
     _refuse_3d(tensors)
     if arch is None:
@@ -334,7 +375,12 @@ def convert_state_dict(
             spec = spec.replace(bn_eps=bn_eps)
         except ValueError as e:
             raise ConversionError(str(e)) from None
-    check_tensors(tensors, spec)
+    try:
+        check_tensors(tensors, spec)
+    except WeightsError as e:
+        expected = spec.state_dict_shapes()
+        hint = _outside_hint(_unnest(state_dict), sorted(k for k in tensors if k not in expected))
+        raise ConversionError(f"{e}{hint}") from None
     if operating_points is None and multi_label is not False:
         operating_points = _operating_points_in(state_dict, spec)
     if operating_points is not None and multi_label is None:
@@ -354,7 +400,8 @@ def _operating_points_in(state_dict: dict, spec: DenseNetSpec) -> list[float | N
     """torchxrayvision's `op_threshs` (NaN for outputs it did not train), when the checkpoint has
     usable ones; unusable ones (a stale length after a new head, values outside (0, 1), all NaN)
     are left out with a warning rather than stopping the conversion."""
-    found = [v for k, v in _unnest(state_dict).items() if k.split(".")[-1] == "op_threshs" and isinstance(v, torch.Tensor)]
+    found = [v for k, v in _unnest(state_dict).items()
+             if isinstance(k, str) and k.split(".")[-1] == "op_threshs" and isinstance(v, torch.Tensor)]
     if len(found) != 1:
         return None
     t = found[0]

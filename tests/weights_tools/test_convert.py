@@ -178,25 +178,38 @@ def _lightning_checkpoint(state_dicts: dict[str, dict], **beside) -> dict:
             "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.001, "num_classes": 5}}
 
 
-def test_tensors_beside_the_model_are_left_out_with_a_warning(small_model, tmp_path):
-    # A Lightning module keeps its loss's pos_weight next to the model: not part of the DenseNet.
-    pos_weight = torch.rand(5)
-    ckpt = _lightning_checkpoint({"model": small_model.state_dict()}, **{"criterion.pos_weight": pos_weight,
-                                                                         "ema_decay": torch.tensor(0.99)})
+def test_a_loss_saved_beside_the_model_is_left_out_and_nothing_else_is(small_model, tmp_path):
+    # A Lightning module keeps its loss's pos_weight next to the model; AveragedModel counts its updates.
+    ckpt = _lightning_checkpoint({"model": small_model.state_dict()}, **{"criterion.pos_weight": torch.rand(5),
+                                                                         "train_loss_fn.weight": torch.rand(5),
+                                                                         "n_averaged": torch.tensor(7)})
     torch.save(ckpt, tmp_path / "last.ckpt")
-    with pytest.warns(UserWarning, match=r"left out 2 tensor\(s\) saved beside the model under 'model\.' "
-                                         r"\(criterion\.pos_weight, ema_decay\)"):
+    with pytest.warns(UserWarning, match=r"left out 3 tensor\(s\) of training state saved beside the model "
+                                         r"\(criterion\.pos_weight, n_averaged, train_loss_fn\.weight\)"):
         out = convert_checkpoint(tmp_path / "last.ckpt", tmp_path / "out.safetensors")
     logits_agree(small_model, out)
-    with pytest.warns(UserWarning, match=r"left out 2 tensor"):
+    with pytest.warns(UserWarning, match=r"left out 3 tensor"):
         assert main(["convert", "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "cli.safetensors")]) == 0
-    # Inside the model's own prefix, or with no prefix at all, an extra tensor is the model's: refused.
+
+    # Anything else may take part in the outputs, inside the model's prefix or beside it: refused.
     out = tmp_path / "refused.safetensors"
-    ckpt = _lightning_checkpoint({"model": small_model.state_dict()}, **{"model.temperature": torch.tensor(1.5)})
-    torch.save(ckpt, tmp_path / "inside.ckpt")
-    _assert_refused(tmp_path / "inside.ckpt", out, r"1 unexpected: model\.temperature")
+    torch.manual_seed(4)
+    imagenet_head = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2)
+    after = {"backbone": imagenet_head.state_dict(), "fc": torch.nn.Linear(1000, 3).state_dict()}  # Linear after the 1000 classes
+    torch.save({"state_dict": {f"{m}.{k}": v for m, sd in after.items() for k, v in sd.items()}}, tmp_path / "after.pth")
+    _assert_refused(tmp_path / "after.pth", out, r"2 unexpected: fc\.weight, fc\.bias",
+                    r"if fc\.bias, fc\.weight take no part in the model's outputs, --prefix backbone\. converts")
+    cases = {"model.temperature": tmp_path / "inside.ckpt", "temperature": tmp_path / "beside.ckpt"}
+    for key, path in cases.items():
+        torch.save(_lightning_checkpoint({"model": small_model.state_dict()}, **{key: torch.tensor(1.5)}), path)
+        _assert_refused(path, out, rf"1 unexpected: {re.escape(key)}")
+    torch.save({f"module.model.{k}": v for k, v in small_model.state_dict().items()}
+               | {"module.temperature": torch.tensor(1.5), "module.mean": torch.rand(3)}, tmp_path / "dp.pth")
+    _assert_refused(tmp_path / "dp.pth", out, r"2 unexpected: module\.temperature, module\.mean")
     torch.save(dict(small_model.state_dict(), temperature=torch.tensor(1.5)), tmp_path / "plain.pth")
     _assert_refused(tmp_path / "plain.pth", out, r"1 unexpected: temperature")
+    torch.save({**small_model.state_dict(), 0: torch.ones(1)}, tmp_path / "intkey.pth")
+    _assert_refused(tmp_path / "intkey.pth", out, r"a tensor under a key that is not a string: 0")
     assert not out.exists()
 
 
@@ -209,11 +222,17 @@ def test_prefix_picks_one_of_two_models(small_model, tmp_path, capsys):
     _assert_refused(tmp_path / "ema.ckpt", out, r"DenseNet tensors under 'model\.', 'model_ema\.module\.'; choose one "
                                                 r"with --prefix")
     logits_agree(ema, convert_checkpoint(tmp_path / "ema.ckpt", out, prefix="model_ema."))
-    assert main(["convert", "--checkpoint", str(tmp_path / "ema.ckpt"), "--out", str(out), "--prefix", "model."]) == 0
-    logits_agree(small_model, out)
+    assert main(["convert", "--checkpoint", str(tmp_path / "ema.ckpt"), "--out", str(out), "--prefix", "model"]) == 0
+    logits_agree(small_model, out)  # whole components: "model" is not "model_ema"
     assert main(["convert", "--checkpoint", str(tmp_path / "ema.ckpt"), "--out", str(out), "--prefix", "ema."]) == 1
     assert "no tensor in the checkpoint has a key starting with 'ema.'" in capsys.readouterr().err
     logits_agree(small_model, out)  # the failed conversion left the file as it was
+    # timm keeps its EMA weights as a second state dict, DeiT under "model_ema": the prefix names it.
+    torch.save({"epoch": 9, "state_dict": small_model.state_dict(), "state_dict_ema": ema.state_dict()}, tmp_path / "timm.pth")
+    logits_agree(small_model, convert_checkpoint(tmp_path / "timm.pth", out))
+    logits_agree(ema, convert_checkpoint(tmp_path / "timm.pth", out, prefix="state_dict_ema"))
+    torch.save({"model": small_model.state_dict(), "model_ema": ema.state_dict()}, tmp_path / "deit.pth")
+    logits_agree(ema, convert_checkpoint(tmp_path / "deit.pth", out, prefix="model_ema."))
 
 
 class _BackboneAndHead(torch.nn.Module):
@@ -254,6 +273,11 @@ def test_a_linear_head_beside_the_densenet_becomes_its_classifier(small_model, t
     torch.save(normed, tmp_path / "normed.pth")
     _assert_refused(tmp_path / "normed.pth", refused, r"no tensor 'classifier\.weight'", r"head\.0\.running_mean")
     assert not refused.exists()
+    # Without a bias, the head is the same function with a zero one.
+    net.head = torch.nn.Linear(net.head.in_features, 7, bias=False)
+    torch.save(net.state_dict(), tmp_path / "nobias.pth")
+    with pytest.warns(UserWarning, match=r"took 'head'"):
+        logits_agree(net, convert_checkpoint(tmp_path / "nobias.pth", tmp_path / "out.safetensors"))
 
 
 class _Payload:
