@@ -262,6 +262,25 @@ def test_metadata_as_torchvision_takes_it_is_accepted(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_files_written_atomically_get_the_permissions_open_would_give(tmp_path):
+    import os
+
+    from densetriton.weights import atomic_write
+
+    tensors = random_weights(TINY).tensors
+    old = os.umask(0o022)
+    try:
+        path = densetriton.save_weights(tmp_path / "w.safetensors", tensors, TINY)
+        assert path.stat().st_mode & 0o777 == 0o644  # readable by a team, as open() would make it; not mkstemp's 0o600
+        os.umask(0o077)
+        assert (atomic_write(tmp_path / "private.txt", lambda tmp: open(tmp, "w").write("x")).stat().st_mode & 0o777) == 0o600
+        os.chmod(path, 0o640)  # a file replaced keeps its own permissions
+        densetriton.save_weights(path, tensors, TINY)
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
 def test_a_failed_conversion_leaves_no_file_in_the_cache(cache_home, monkeypatch):
     import pathlib
 
