@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .images import ImageError, build_transform, describe_preprocessing, format_prob, is_image_path, load_image, topk
+from .images import (
+    ImageError, build_transform, describe_preprocessing, format_prob, is_image_path, load_image, resolve_preprocessing, topk,
+)
 
 PREDICT_FORMATS = (".csv", ".jsonl")
 EMBED_FORMATS = (".npy", ".safetensors")
@@ -121,8 +124,10 @@ def register(subparsers) -> None:
         "for pretrained models), else are class indices.",
         epilog=_INPUTS_HELP.format(suffixes=suffixes) + """
 Output: without --out, a table on stdout. With --out FILE.csv: columns path, label_1, prob_1, ...,
-label_k, prob_k. With --out FILE.jsonl: one {"path": ..., "topk": [{"label": ..., "prob": ...}, ...]}
-per line. Probabilities are written as the shortest decimals that read back as the same float32.
+label_k, prob_k, model. With --out FILE.jsonl: one {"path": ..., "topk": [{"label": ..., "prob": ...},
+...], "model": ...} per line. Probabilities are written as the shortest decimals that read back as
+the same float32; "model" is 12 hex digits naming what decided the row (the weights, class names,
+preprocessing, softmax or sigmoid), so that --resume refuses to mix another model's rows in.
 Rows are appended batch by batch as they are computed; without --resume an existing FILE is replaced.
 
 Several GPUs or nodes: run under torchrun, e.g.
@@ -158,7 +163,8 @@ Output (written atomically, once every image has been processed):
   FILE.npy          a float32 array [N, features]; the N image paths, one per line (UTF-8), go to
                     FILE.npy.paths.txt -- e.g. feats.npy and feats.npy.paths.txt
   FILE.safetensors  a float32 tensor "features" [N, features]; metadata "paths" holds the paths as a
-                    JSON list, "model" describes the network
+                    JSON list, "model" describes the network, "model_id" names the weights and
+                    preprocessing (12 hex digits), so that --resume refuses another model's rows
 Row i belongs to path i; skipped images have no row, the rest are in input order. Until FILE is
 written, the rows computed so far are kept in FILE.partial/ (every 30 s, and when the run stops,
 by an error or Ctrl-C); --resume embeds only the images in neither FILE nor FILE.partial/ and
@@ -408,7 +414,7 @@ def _print_summary(verb: str, done: int, skipped: list, elapsed: float, *, alrea
     rate = f" in {elapsed:.1f} s ({done / elapsed:.1f} images/s)" if done and elapsed > 0 else ""
     line = f"{verb} {done} image{'s' if done != 1 else ''}{rate}"
     if already:
-        line += f"; {already} already in {out} (--resume)"
+        line += f"; {already} already done (--resume)"
     if skipped:
         line += f"; skipped {len(skipped)}:"
     else:
@@ -425,15 +431,37 @@ def _print_summary(verb: str, done: int, skipped: list, elapsed: float, *, alrea
 # -- predict: output files --------------------------------------------------------------------------
 
 
-class _Records:
-    """The rows of a CSV or JSON-lines prediction file, keyed by path."""
+def model_id(engine, *, head: bool, multi_label: bool = False) -> str:
+    """12 hex digits naming what fixes a run's rows, kept with them so that --resume never mixes
+    two models' rows in one file: the weights, the spec and the preprocessing, and for predict
+    (head=True) the classifier, class names and how probabilities are made (softmax, sigmoid,
+    operating points). embed's rows depend on the features alone (head=False)."""
+    spec = engine.spec if head else engine.spec.replace(num_classes=1)
+    what = {"spec": json.loads(spec.to_json()), "preprocessing": resolve_preprocessing(engine)}
+    if head:
+        what.update(class_names=engine.class_names, multi_label=bool(multi_label),
+                    operating_points=engine.operating_points if multi_label else None)
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode())
+    for name in sorted(engine.weights.tensors):
+        if not head and name.startswith("classifier."):
+            continue
+        t = engine.weights.tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:12]
 
-    def __init__(self, fmt: str, k: int):
+
+class _Records:
+    """The rows of a CSV or JSON-lines prediction file, keyed by path; each names the model that
+    wrote it (model_id)."""
+
+    def __init__(self, fmt: str, k: int, model: str):
         self.fmt = fmt
         self.k = k
+        self.model = model
 
     def header(self) -> list[str]:
-        return ["path"] + [c for i in range(1, self.k + 1) for c in (f"label_{i}", f"prob_{i}")]
+        return ["path"] + [c for i in range(1, self.k + 1) for c in (f"label_{i}", f"prob_{i}")] + ["model"]
 
     def header_line(self) -> str:
         return self._csv_line(self.header()) if self.fmt == ".csv" else ""
@@ -446,9 +474,19 @@ class _Records:
 
     def line(self, path: str, top: list[tuple[str, float]]) -> str:
         if self.fmt == ".csv":
-            return self._csv_line([path] + [v for name, p in top for v in (name, format_prob(p))])
+            return self._csv_line([path] + [v for name, p in top for v in (name, format_prob(p))] + [self.model])
         ranks = ", ".join(f'{{"label": {json.dumps(name)}, "prob": {format_prob(p)}}}' for name, p in top)
-        return f'{{"path": {json.dumps(path)}, "topk": [{ranks}]}}\n'
+        return f'{{"path": {json.dumps(path)}, "topk": [{ranks}], "model": "{self.model}"}}\n'
+
+    def _check_model(self, path: str, model) -> None:
+        if model != self.model:
+            raise ValueError(
+                f"{path} holds rows of another model (model {model}), not of this run's ({self.model}: the "
+                f"weights, class names, preprocessing and --multi-label decide it): resume with the model that "
+                f"wrote it, or another --out"
+                if model else f"{path} names no model in its rows (an earlier densetriton wrote it), so they cannot "
+                f"be checked against this run's: use another --out"
+            )
 
     def read(self, path: str) -> tuple[list[tuple[str, str]], int]:
         """Complete records [(path, line)] of an existing file, and the byte length they span
@@ -465,7 +503,9 @@ class _Records:
             if not rows:
                 return [], 0
             if rows[0] != self.header():
-                width = (len(rows[0]) - 1) // 2
+                if rows[0][:1] == ["path"] and rows[0][-1:] != ["model"]:
+                    self._check_model(path, None)
+                width = (len(rows[0]) - 2) // 2
                 raise ValueError(
                     f"{path} has {width} ranks per row (columns {','.join(rows[0][:3])},...), not --topk {self.k}: "
                     f"use the same --topk to resume, or another --out"
@@ -473,6 +513,7 @@ class _Records:
                 )
             for row in rows[1:]:
                 if row:
+                    self._check_model(path, row[-1])
                     records.append((row[0], self._csv_line(row)))
         else:
             for n, line in enumerate(text.splitlines(), 1):
@@ -483,6 +524,7 @@ class _Records:
                     rec_path, ranks = record["path"], record["topk"]
                 except (ValueError, KeyError, TypeError):
                     raise ValueError(f"{path}: line {n} is not a densetriton JSON record; cannot resume from it") from None
+                self._check_model(path, record.get("model"))
                 if len(ranks) != self.k:
                     raise ValueError(
                         f"{path} has {len(ranks)} ranks per record, not --topk {self.k}: use the same --topk to resume, or another --out"
@@ -548,7 +590,7 @@ def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
     if args.multi_label is None:
         args.multi_label = engine.multi_label
     k = min(args.topk, engine.spec.num_classes)
-    records = _Records(fmt, k) if fmt else None
+    records = _Records(fmt, k, model_id(engine, head=True, multi_label=args.multi_label)) if fmt else None
     show = dist.rank == 0
 
     # What --resume skips: the rows of --out, and under torchrun those of any part left behind.
@@ -575,18 +617,27 @@ def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
     sink = _open_for_append(target, records, args.resume) if out is not None else None
     start = time.perf_counter()
 
+    written = 0
+
     def on_batch(rows):
+        nonlocal written
         tops = topk(torch.stack([r[2] for r in rows]), k, engine.class_names, multi_label=args.multi_label,
                     operating_points=engine.operating_points if args.multi_label else None)
         labelled = [(i, p, t) for (i, p, _), t in zip(rows, tops)]
         if sink is not None:
             sink.write("".join(records.line(p, t) for _, p, t in labelled))
             sink.flush()
+            written += len(labelled)
         else:
             _print_table(labelled, args.multi_label, lambda s: tqdm.write(s, file=sys.stdout))
 
     try:
         tally = _stream(engine, mine, args, run=engine, on_batch=on_batch, desc=_desc("predict", dist), show=show)
+    except BaseException:
+        if written:
+            print(f"densetriton: {written} images' results are in {target}: run the same command with --resume to go on",
+                  file=sys.stderr)
+        raise
     finally:
         if sink is not None:
             sink.close()
@@ -653,7 +704,8 @@ def _desc(verb: str, dist: _Dist) -> str:
 # -- embed ----------------------------------------------------------------------------------------
 
 
-def _save_features(out: str, features: torch.Tensor, paths: list[str], model: str, *, resumed: bool) -> None:
+def _save_features(out: str, features: torch.Tensor, paths: list[str], model: str, model_id: str, *,
+                   resumed: bool) -> None:
     from safetensors.torch import save_file
 
     from .weights import atomic_write
@@ -679,13 +731,22 @@ def _save_features(out: str, features: torch.Tensor, paths: list[str], model: st
         atomic_write(out + ".paths.txt", write_paths)
         atomic_write(out, write_npy)
     else:
-        metadata = {"format": "densetriton-features", "paths": json.dumps(paths), "model": model}
+        metadata = {"format": "densetriton-features", "paths": json.dumps(paths), "model": model, "model_id": model_id}
         atomic_write(out, lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
 
 
-def _read_features(out: str, width: int, *, rows: bool = True) -> tuple[torch.Tensor, list[str]]:
+def _other_model(where: str, found, model_id: str) -> ValueError:
+    if not found:
+        return ValueError(f"{where} names no model (an earlier densetriton wrote it), so its rows cannot be checked "
+                          f"against this run's: use another --out")
+    return ValueError(f"{where} holds features of another model (model {found}), not of this run's ({model_id}: the "
+                      f"weights and preprocessing decide it): resume with the model that wrote it, or another --out")
+
+
+def _read_features(out: str, width: int, model_id: str, *, rows: bool = True) -> tuple[torch.Tensor, list[str]]:
     """An earlier run's FILE (.npy with its .paths.txt, or .safetensors), to resume from; with
-    rows=False only its paths are read (the features come back empty)."""
+    rows=False only its paths are read (the features come back empty). A .safetensors FILE must
+    name this run's model; a .npy file cannot name one."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -695,7 +756,10 @@ def _read_features(out: str, width: int, *, rows: bool = True) -> tuple[torch.Te
             paths = Path(out + ".paths.txt").read_text(encoding="utf-8").splitlines()
         else:
             with safe_open(out, framework="pt") as f:
-                shape, paths = tuple(f.get_slice("features").get_shape()), json.loads((f.metadata() or {})["paths"])
+                metadata = f.metadata() or {}
+                shape, paths = tuple(f.get_slice("features").get_shape()), json.loads(metadata["paths"])
+                if metadata.get("model_id") != model_id:
+                    raise _other_model(out, metadata.get("model_id"), model_id)
                 features = f.get_tensor("features") if rows else None
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
@@ -717,9 +781,10 @@ def _progress_dir(out: str) -> Path:
     return Path(out + ".partial")
 
 
-def _read_progress(out: str, width: int, *, rows: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """Every chunk an interrupted run (any rank) left behind; a chunk cut short is ignored. With
-    rows=False only the paths are read (the features come back empty)."""
+def _read_progress(out: str, width: int, model_id: str, *, rows: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Every chunk an interrupted run (any rank) left behind; a chunk cut short is ignored, one
+    of another model refused. With rows=False only the paths are read (the features come back
+    empty)."""
     from safetensors import SafetensorError, safe_open
 
     pieces, paths = [], []
@@ -727,12 +792,16 @@ def _read_progress(out: str, width: int, *, rows: bool = True) -> tuple[torch.Te
     for chunk in sorted(folder.glob("chunk-*.safetensors")) if folder.is_dir() else []:
         try:
             with safe_open(str(chunk), framework="pt") as f:
-                shape, ps = tuple(f.get_slice("features").get_shape()), json.loads(f.metadata()["paths"])
-                if shape == (len(ps), width):
+                metadata = f.metadata()
+                shape, ps = tuple(f.get_slice("features").get_shape()), json.loads(metadata["paths"])
+                found = metadata.get("model_id")
+                if found == model_id and shape == (len(ps), width):
                     pieces.extend([f.get_tensor("features")] if rows else [])
                     paths.extend(ps)
         except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             continue  # written atomically, so only a foreign file can be unreadable
+        if found != model_id:  # another model's rows: never mixed in, nor deleted unasked
+            raise _other_model(str(folder), found, model_id)
     return (torch.cat(pieces) if pieces else torch.empty(0, width)), paths
 
 
@@ -740,8 +809,8 @@ class _ChunkWriter:
     """Keeps one rank's new rows on disk every `every` seconds (and at the end), so that an
     interrupted run loses at most that much work: `embed --resume` reads the chunks back."""
 
-    def __init__(self, out: str, rank: int, every: float = 30.0):
-        self.folder, self.rank, self.every = _progress_dir(out), rank, every
+    def __init__(self, out: str, rank: int, model_id: str, every: float = 30.0):
+        self.folder, self.rank, self.model_id, self.every = _progress_dir(out), rank, model_id, every
         self.pending: list[tuple[int, str, torch.Tensor]] = []
         self.written = 0
         self.last = time.monotonic()
@@ -764,7 +833,8 @@ class _ChunkWriter:
         # Rank, then a time stamp: chunks of a resumed run never overwrite an earlier run's.
         name = f"chunk-r{self.rank:04d}-{time.time_ns():020d}-{self.written:08d}.safetensors"
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.folder / name, lambda tmp: save_file({"features": features}, tmp, metadata={"paths": json.dumps(paths)}))
+        metadata = {"paths": json.dumps(paths), "model_id": self.model_id}
+        atomic_write(self.folder / name, lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
         self.written += len(self.pending)
         self.pending = []
 
@@ -789,6 +859,7 @@ def _embed(args, dist: _Dist, out: str) -> int:
     engine = _load_engine(args, dist)
     show = dist.rank == 0
     width = engine.spec.num_features
+    mid = model_id(engine, head=False)
 
     if not out.lower().endswith(".npy") and len(json.dumps(files)) > _SAFETENSORS_PATHS_LIMIT:
         # safetensors keeps metadata in a header of at most 100 MB: say so now, not after the run.
@@ -807,8 +878,8 @@ def _embed(args, dist: _Dist, out: str) -> int:
     if args.resume:
         rows = dist.rank == 0  # the other ranks only need to know which images are done
         if os.path.isfile(out):
-            old_features, old_paths = _read_features(out, width, rows=rows)
-        partial_features, partial_paths = _read_progress(out, width, rows=rows)
+            old_features, old_paths = _read_features(out, width, mid, rows=rows)
+        partial_features, partial_paths = _read_progress(out, width, mid, rows=rows)
         fresh = unseen_in_input_order(partial_paths, {_path_key(p) for p in old_paths})
         recovered = len(fresh)
         if rows:
@@ -830,12 +901,20 @@ def _embed(args, dist: _Dist, out: str) -> int:
         if already:
             print(f"resuming: {already} of {len(files)} images already embedded", file=sys.stderr)
 
-    chunks = _ChunkWriter(out, dist.rank)
+    chunks = _ChunkWriter(out, dist.rank, mid)
     start = time.perf_counter()
     try:
         tally = _stream(engine, items, args, run=engine.features, on_batch=chunks.add, desc=_desc("embed", dist), show=show)
-    finally:
-        chunks.flush()  # an error or Ctrl-C keeps what was computed, for --resume
+    except BaseException:
+        try:
+            chunks.flush()  # an error or Ctrl-C keeps what was computed, for --resume
+        except Exception:  # noqa: BLE001 -- the first error is the one to report
+            pass
+        if chunks.written:
+            print(f"densetriton: {chunks.written} images' features are kept in {chunks.folder}/: run the same command "
+                  f"with --resume to go on", file=sys.stderr)
+        raise
+    chunks.flush()
     tally.skipped = pre_skipped + tally.skipped
     elapsed = time.perf_counter() - start
 
@@ -844,10 +923,10 @@ def _embed(args, dist: _Dist, out: str) -> int:
     skipped = [s for _, sk in tallies for s in sk]
     if dist.rank == 0 and (done or recovered):
         # The old rows as they were, then this run's in input order (chunks from every rank).
-        new_features, new_paths = _read_progress(out, width)
+        new_features, new_paths = _read_progress(out, width, mid)
         new_rows = unseen_in_input_order(new_paths, set(done_keys))
         features = torch.cat([old_features, new_features[new_rows]])
-        _save_features(out, features, old_paths + [new_paths[j] for j in new_rows], describe_spec(engine.spec),
+        _save_features(out, features, old_paths + [new_paths[j] for j in new_rows], describe_spec(engine.spec), mid,
                        resumed=args.resume)
         shutil.rmtree(_progress_dir(out), ignore_errors=True)
     elif dist.rank == 0 and args.resume:

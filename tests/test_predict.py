@@ -8,6 +8,7 @@ engine(preprocess(load_image(path))).
 
 import csv
 import json
+import re
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import densetriton
 from densetriton import DenseNetSpec
 from densetriton.cli import main
 from densetriton.images import load_image, preprocess, topk
+from densetriton.predict import model_id
 from densetriton.reference import ReferenceDenseNet
 
 from helpers import randomize_batchnorm, rel_err
@@ -129,8 +131,9 @@ def read_csv(path):
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     header, body = rows[0], rows[1:]
-    k = (len(header) - 1) // 2
-    assert header == ["path"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")]
+    k = (len(header) - 2) // 2
+    assert header == ["path"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")] + ["model"]
+    assert len({r[-1] for r in body}) <= 1 and all(re.fullmatch("[0-9a-f]{12}", r[-1]) for r in body)  # one model wrote them
     return [(r[0], [(r[1 + 2 * i], float(r[2 + 2 * i])) for i in range(k)]) for r in body]
 
 
@@ -138,6 +141,7 @@ def read_jsonl(path):
     out = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
+        assert re.fullmatch("[0-9a-f]{12}", rec["model"])
         out.append((rec["path"], [(t["label"], t["prob"]) for t in rec["topk"]]))
     return out
 
@@ -331,7 +335,7 @@ def test_resume_processes_only_new_images(weights, engine, tmp_path, capsys, mon
     rc, _, err = run_cli(capsys, *args, "--resume")
     assert rc == 0
     assert seen == ["a.jpg", "e.jpg"]
-    assert "classified 2 images" in err and "3 already in" in err
+    assert "classified 2 images" in err and "3 already done" in err
     second = read_csv(out)
     assert second[:3] == first and [Path(p).name for p, _ in second[3:]] == ["a.jpg", "e.jpg"]
     assert_matches_engine(second, engine, 3)
@@ -354,6 +358,80 @@ def test_resume_processes_only_new_images(weights, engine, tmp_path, capsys, mon
     # Without --resume the file is replaced.
     assert run_cli(capsys, *args)[0] == 0
     assert [Path(p).name for p, _ in read_csv(out)] == ["a.jpg", "b.jpg", "d.jpg", "e.jpg", "f.jpg"]
+
+
+def test_resume_never_mixes_two_models_rows(weights, engine, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = _rng("resume-models")
+    Image.fromarray(_noise(rng, 40, 40)).save(folder / "one.png")
+    retrained = tmp_path / "v2.safetensors"  # the same classes, other weights: a model's next version
+    densetriton.save_weights(retrained, _tensors(SPEC, 1), SPEC, class_names=NAMES, preprocessing=PRE)
+    for out in (tmp_path / "r.csv", tmp_path / "r.jsonl"):
+        base = ["predict", folder, *common(weights, "--out", out, "--workers", "0", "--topk", "2")]
+        assert run_cli(capsys, *base)[0] == 0
+        before = out.read_bytes()
+        Image.fromarray(_noise(rng, 40, 40)).save(folder / f"new-{out.suffix[1:]}.png")
+        for argv in (["predict", folder, *common(str(retrained), "--out", out, "--workers", "0", "--topk", "2", "--resume")],
+                     [*base, "--multi-label", "--resume"]):  # sigmoids beside softmaxes
+            rc, _, err = run_cli(capsys, *argv)
+            assert rc == 1 and "holds rows of another model" in err and "resume with the model that wrote it" in err
+            assert out.read_bytes() == before
+        assert run_cli(capsys, *base, "--resume")[0] == 0  # the same model goes on
+        assert_matches_engine(read_csv(out) if out.suffix == ".csv" else read_jsonl(out), engine, 2)
+    # A file written before rows named their model cannot be checked: refused, not guessed.
+    old = tmp_path / "old.csv"
+    old.write_text("path,label_1,prob_1,label_2,prob_2\n" + f"{folder / 'one.png'},cat,0.5,dog,0.25\n")
+    rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", old, "--workers", "0", "--topk", "2", "--resume"))
+    assert rc == 1 and "names no model in its rows" in err
+
+    # Ctrl-C says where the results so far are, and how to go on.
+    calls = []
+    real = densetriton.engine.Engine.__call__
+
+    def interrupted(self, x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    monkeypatch.setattr(densetriton.engine.Engine, "__call__", interrupted)
+    out = tmp_path / "stopped.csv"
+    rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--workers", "0", "--batch-size", "1"))
+    assert rc == 130 and f"1 images' results are in {out}: run the same command with --resume" in err
+    assert len(read_csv(out)) == 1
+
+
+def test_embed_resume_never_mixes_two_models_features(weights, engine, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = _rng("embed-models")
+    Image.fromarray(_noise(rng, 40, 40)).save(folder / "one.png")
+    retrained = tmp_path / "v2.safetensors"
+    densetriton.save_weights(retrained, _tensors(SPEC, 1), SPEC, class_names=NAMES, preprocessing=PRE)
+    relabelled = tmp_path / "relabelled.safetensors"  # a new head on the same features: the same rows
+    tensors = dict(_tensors(SPEC, 0), **{"classifier.weight": torch.randn(3, SPEC.num_features)})
+    densetriton.save_weights(relabelled, tensors, SPEC, class_names=["a", "b", "c"], preprocessing=PRE)
+    assert model_id(densetriton.load(str(relabelled), device="cpu", backend="reference"), head=False) == model_id(engine, head=False)
+    out = tmp_path / "f.safetensors"
+    assert run_cli(capsys, "embed", folder, *common(weights, "--out", out, "--workers", "0"))[0] == 0
+    before = out.read_bytes()
+    Image.fromarray(_noise(rng, 40, 40)).save(folder / "two.png")
+    rc, _, err = run_cli(capsys, "embed", folder, *common(str(retrained), "--out", out, "--workers", "0", "--resume"))
+    assert rc == 1 and "holds features of another model" in err and out.read_bytes() == before
+    # Rows an interrupted run of another model left in FILE.partial/: refused, and kept.
+    partial = tmp_path / "g.safetensors.partial"
+    partial.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"features": torch.randn(1, SPEC.num_features)}, str(partial / "chunk-r0000-1-0.safetensors"),
+              metadata={"paths": json.dumps([str(folder / "one.png")]), "model_id": "0123456789ab"})
+    rc, _, err = run_cli(capsys, "embed", folder, *common(weights, "--out", tmp_path / "g.safetensors", "--workers", "0",
+                                                          "--resume"))
+    assert rc == 1 and f"{partial} holds features of another model (model 0123456789ab)" in err
+    assert len(list(partial.iterdir())) == 1
+    rc, _, err = run_cli(capsys, "embed", folder, *common(str(relabelled), "--out", out, "--workers", "0", "--resume"))
+    assert rc == 0 and "embedded 1 image " in err
 
 
 def test_resume_jsonl_and_mismatched_topk(weights, engine, tmp_path, capsys):
@@ -488,6 +566,7 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     monkeypatch.setattr(densetriton.engine.Engine, "features", interrupted)
     rc, _, err = run_cli(capsys, "embed", folder, *args)
     assert rc == 130 and not npy.exists()
+    assert "images' features are kept in" in err and "feats.npy.partial/: run the same command with --resume" in err
     chunks = list((tmp_path / "feats.npy.partial").glob("chunk-*.safetensors"))
     assert len(chunks) == 1
     with safe_open(str(chunks[0]), framework="pt") as f:
@@ -508,7 +587,7 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     from safetensors.torch import save_file
 
     save_file({"features": torch.from_numpy(np.load(npy))[:2].contiguous()}, str(partial / "chunk-r0000-1-0.safetensors"),
-              metadata={"paths": json.dumps(good[:2])})
+              metadata={"paths": json.dumps(good[:2]), "model_id": model_id(engine, head=False)})
     rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
     assert rc == 0 and "resuming: 7 of 9 images already embedded" in err
     assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == good
@@ -532,7 +611,7 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     added = folder / "aaa.png"
     Image.fromarray(_noise(_rng("added"), 40, 44)).save(added)
     rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
-    assert rc == 0 and "embedded 1 image " in err and "7 already in" in err
+    assert rc == 0 and "embedded 1 image " in err and "7 already done" in err
     assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == good + [str(added)]
     array = torch.from_numpy(np.load(npy))
     assert rel_err(array[:7], expected) < 1e-5
@@ -666,7 +745,7 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
     Image.fromarray(_noise(rng, 40, 44)).save(folder / "aaa.png")
     proc = _torchrun("predict", folder, *common(weights, "--out", merged, "--workers", "0", "--topk", "2", "--resume"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "classified 1 image " in proc.stderr and "11 already in" in proc.stderr
+    assert "classified 1 image " in proc.stderr and "11 already done" in proc.stderr
     c = read_csv(merged)
     assert c[:11] == b and [p for p, _ in c[11:]] == [str(folder / "aaa.png")]
     assert_matches_engine(c[11:], engine, 2)
@@ -675,7 +754,7 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
     # embed --resume under torchrun (rank 1 reads only the old paths): the new image, appended.
     proc = _torchrun("embed", folder, *common(weights, "--out", feats, "--workers", "0", "--resume"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "embedded 1 image " in proc.stderr and "11 already in" in proc.stderr
+    assert "embedded 1 image " in proc.stderr and "11 already done" in proc.stderr
     with safe_open(str(feats), framework="pt") as f:
         resumed, resumed_paths = f.get_tensor("features"), json.loads(f.metadata()["paths"])
     assert resumed_paths == paths + [str(folder / "aaa.png")] and torch.equal(resumed[:11], features)
