@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: only time is measured
-        engine = densetriton.load(args.model, weights=None, dtype=args.dtype, backend="triton")
+        weights = None if args.model in densetriton.list_models() else "DEFAULT"  # a registry name, or a file's own
+        engine = densetriton.load(args.model, weights=weights, dtype=args.dtype, backend="triton")
     x = torch.randn(args.batch_size, engine.spec.in_channels, args.image_size, args.image_size, device=engine.device)
     print(f"{engine!r}, input {tuple(x.shape)}, {args.calls} calls")
     for key, value in measure(engine, x, calls=args.calls, threads=args.threads).items():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _info(args) -> int:
-    from .spec import MODELS, get_spec
+    from .spec import MODELS, get_spec, list_models
 
     weights = None
     if args.model in MODELS:
@@ -23,9 +23,14 @@ def _info(args) -> int:
 
         weights = load_weights(args.model)
         spec = weights.spec
+    elif Path(args.model).is_dir():
+        raise ValueError(f"{args.model} is a folder: info takes a model name ({', '.join(list_models())}) or a weights file")
     else:
         spec = get_spec(args.model)  # the unknown-model error, listing the registry
-    size = args.image_size or (224 if spec.stem == "imagenet" else 32)
+    size = args.image_size if args.image_size is not None else (224 if spec.stem == "imagenet" else 32)
+    if size < spec.min_input_size():
+        raise ValueError(f"--image-size {size} is too small for this network: the smallest input is "
+                         f"{spec.min_input_size()}x{spec.min_input_size()}")
     print(args.model if weights is None else f"{args.model}: {describe_spec(spec)}")
     print(f"  growth rate k       {spec.growth_rate}")
     print(f"  layers per block    {'-'.join(map(str, spec.block_config))}")
@@ -65,7 +70,8 @@ def _info(args) -> int:
         file_facts = {"class_names": names, "multi_label": weights.multi_label, "preprocessing": weights.preprocessing,
                       "operating_points": weights.operating_points, "source": weights.source}
     if args.json:
-        print(json.dumps({"spec": spec.to_dict(), "parameters": spec.num_parameters(), "macs": spec.macs(size), **file_facts}))
+        print(json.dumps({"spec": spec.to_dict(), "parameters": spec.num_parameters(), "image_size": size,
+                          "macs": spec.macs(size), **file_facts}))
     return 0
 
 
@@ -78,7 +84,7 @@ def _points(points) -> str:
 def _read_operating_points(path: str) -> list[float | None]:
     """One per line, in class order; "nan" or "none" for a class without one."""
     points = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(_read_text(path, "--operating-points").splitlines(), 1):
         text = line.strip()
         if not text:
             continue
@@ -86,10 +92,36 @@ def _read_operating_points(path: str) -> list[float | None]:
             points.append(None)
             continue
         try:
-            points.append(float(text))
+            value = float(text)
         except ValueError:
             raise ValueError(f"{path}, line {n}: {text!r:.40} is not a number (or nan for none)") from None
+        if not 0 < value < 1:
+            raise ValueError(f"{path}, line {n}: {text!r:.40} is not an operating point: a sigmoid output strictly "
+                             f"between 0 and 1 (or nan for none)")
+        points.append(value)
     return points
+
+
+def _read_text(path: str, option: str) -> str:
+    """A small text file named by an option: UTF-8, a byte-order mark (Windows Notepad's) dropped."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"{option} {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{option} {path}: not a UTF-8 text file") from None
+
+
+def _read_class_names(path: str) -> list[str]:
+    """One name per line; blank lines at the end are ignored, one between names is an error
+    (a class without a name, or a slip that would shift every later name)."""
+    lines = [line.strip() for line in _read_text(path, "--class-names").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = [n for n, line in enumerate(lines, 1) if not line]
+    if blank:
+        raise ValueError(f"--class-names {path}: line {blank[0]} is blank; give every class a name, one per line")
+    return lines
 
 
 def _convert(args) -> int:
@@ -99,7 +131,7 @@ def _convert(args) -> int:
         raise ValueError("give --arch NAME (torchvision's pretrained weights) or --checkpoint FILE (a local checkpoint)")
     class_names = None
     if args.class_names:
-        class_names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+        class_names = _read_class_names(args.class_names)
     preprocessing = None
     if args.mean is not None or args.std is not None or args.resize_size is not None or args.crop_size is not None:
         if args.mean is None or args.std is None:

@@ -76,7 +76,8 @@ class Engine:
         if x.shape[1] != c:
             raise ValueError(f"expected {c} channel{'s' * (c != 1)} in dimension 1 (NCHW), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point tensor (float32, float16 or bfloat16), got {x.dtype}")
+            raise TypeError(f"expected a floating-point tensor (float32, float16 or bfloat16; float64 is computed as "
+                            f"float32), got {x.dtype}")
         if x.device.type != self.device.type or (
             self.device.index is not None and x.device.index not in (None, self.device.index)
         ):
@@ -184,6 +185,10 @@ def load(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but this machine has no usable CUDA GPU (torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}): use device='cpu' "
+                         f"(--device cpu)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if isinstance(dtype, str):
@@ -201,7 +206,10 @@ def load(
     elif isinstance(model, str) and model in MODELS:
         spec, name = get_spec(model), model
     elif isinstance(model, (str, os.PathLike)) and (str(model).endswith(".safetensors") or Path(model).is_file()):
-        if weights not in ("DEFAULT", None) and Path(weights) != Path(model):
+        if weights is None:
+            raise ValueError(f"model {str(model)!r} is a weights file, and weights=None asks for random weights: for "
+                             f"random weights of its architecture, pass its spec (load_weights(path).spec)")
+        if weights != "DEFAULT" and Path(weights) != Path(model):
             raise ValueError("model is already a weights file; leave weights at its default")
         spec, name, weights = None, None, model
     else:

@@ -214,6 +214,8 @@ def collect_files(paths) -> list[str]:
                 found.extend(f for f in (os.path.join(root, n) for n in names) if os.path.isfile(f) and is_image_path(f))
             for f in sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep)):
                 add(f)
+        elif not os.path.exists(path) and (path.endswith(("/", os.sep)) or not os.path.splitext(path)[1]):
+            raise ValueError(f"{path}: no such file or folder")  # a mistyped folder, not an unreadable image
         else:
             add(path)  # a missing or non-image file is reported as skipped when it is read
     return files

@@ -161,7 +161,7 @@ def check_operating_points(points, spec: DenseNetSpec, multi_label: bool | None)
         elif isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < float(torch.tensor(p, dtype=torch.float32)) < 1:
             out.append(float(p))  # strictly inside (0, 1) in float32 too, as probabilities computes
         else:
-            raise WeightsError(f"operating points must lie strictly between 0 and 1 (or be null), got {p!r:.40}")
+            raise WeightsError(f"operating points must lie strictly between 0 and 1 (or be null/nan: none), got {p!r:.40}")
     if len(out) != spec.num_classes:
         raise WeightsError(f"{len(out)} operating points for a {spec.num_classes}-class classifier")
     if all(p is None for p in out):
@@ -191,11 +191,28 @@ def check_preprocessing(preprocessing, channels: int = 3) -> None:
         if v is None and channels != 3:
             problems.append(f"{key} is missing (a {channels}-channel model has no default)")
         elif v is not None and not (isinstance(v, (list, tuple)) and len(v) == channels and all(map(is_number, v))):
-            problems.append(f"{key} {v!r:.60} is not {channels} number{'s' * (channels != 1)} (one per input channel)")
+            finite = "" if not isinstance(v, (list, tuple)) or all(map(is_number, v)) or len(v) != channels else "finite "
+            problems.append(f"{key} {v!r:.60} is not {channels} {finite}number{'s' * (channels != 1)} (one per input channel)")
         elif key == "std" and v is not None and min(v) <= 0:
             problems.append(f"std {v!r} is not positive")
     if problems:
         raise WeightsError("preprocessing: " + "; ".join(problems))
+
+
+def check_crop_fits(preprocessing: dict) -> None:
+    """A center crop larger than the resized image would pad it with black (torchvision's
+    CenterCrop pads): no model is trained that way, so a new file may not record it."""
+    resize, crop = preprocessing.get("resize_size"), preprocessing.get("crop_size")
+    if resize is None or crop is None:
+        return
+    ch, cw = (crop[0], crop[-1]) if isinstance(crop, (list, tuple)) else (crop, crop)
+    if isinstance(resize, (list, tuple)) and len(resize) == 2:  # exactly H x W
+        pads = ch > resize[0] or cw > resize[1]
+    else:  # the shorter side: every image pads when both crop sides exceed it
+        pads = min(ch, cw) > (resize[0] if isinstance(resize, (list, tuple)) else resize)
+    if pads:
+        raise WeightsError(f"preprocessing: crop_size {crop} is larger than the resized image (resize_size {resize}), "
+                           f"which the crop would pad with black")
 
 
 def describe_spec(spec: DenseNetSpec) -> str:
@@ -286,6 +303,7 @@ def save_weights(
         class_names = check_class_names(class_names, spec)
     if preprocessing is not None:
         check_preprocessing(preprocessing, spec.in_channels)
+        check_crop_fits(preprocessing)
     if operating_points is not None:
         operating_points = check_operating_points(operating_points, spec, multi_label)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json()}
@@ -321,6 +339,8 @@ def load_weights(path: str | os.PathLike) -> Weights:
             hint = f"; convert the checkpoint first: densetriton convert --checkpoint {path} --out {path.stem}.safetensors"
         raise WeightsError(f"{path} is not a readable safetensors file ({e}){hint}") from None
 
+    if metadata.get("format") == "densetriton-features":
+        raise WeightsError(f"{path} holds image features written by densetriton embed, not a model's weights")
     if "spec" in metadata:
         if metadata.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             raise WeightsError(

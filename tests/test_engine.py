@@ -1,5 +1,6 @@
 """load() and the engine: weights sources, the pretrained cache, devices and dtypes, input checks."""
 
+import hashlib
 import re
 import urllib.error
 from pathlib import Path
@@ -24,12 +25,14 @@ def _torchvision_download_file(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
-def test_default_weights_convert_once_then_load_from_the_cache(cache_home):
+def test_default_weights_convert_once_then_load_from_the_cache(cache_home, monkeypatch):
     """The path users hit first: torchvision's file -> conversion -> cache -> load, all offline.
 
     The file torchvision would have downloaded is put where its weights API looks first, in
-    the old layout torchvision's real files have (legacy "norm.1" keys).
+    the old layout torchvision's real files have (legacy "norm.1" keys). Its contents are a
+    stand-in, so the check of its sha256 against its name is switched off here (tested below).
     """
+    monkeypatch.setattr("densetriton.weights_tools.convert.check_torchvision_file", lambda path: None)
     torch.manual_seed(0)
     model = randomize_batchnorm(torchvision.models.densenet121(), seed=1)
     legacy = {re.sub(r"(denselayer\d+\.)(norm|conv)([12])\.", r"\1\2.\3.", k): v for k, v in model.state_dict().items()}
@@ -52,6 +55,26 @@ def test_default_weights_convert_once_then_load_from_the_cache(cache_home):
     again = densetriton.load("densenet121", device="cpu")
     assert cached.stat().st_mtime_ns == mtime
     assert torch.equal(again(x), engine(x))
+
+
+def test_a_wrong_file_in_torchvisions_cache_is_refused(cache_home, tmp_path):
+    from densetriton.weights_tools.convert import check_torchvision_file
+
+    torch.manual_seed(0)
+    download = _torchvision_download_file("densenet121")
+    download.parent.mkdir(parents=True)
+    torch.save(torchvision.models.densenet121().state_dict(), download)  # not torchvision's trained weights
+    with pytest.raises(densetriton.WeightsError, match=r"densenet121-a639ec97\.pth is not torchvision's file: its sha256 "
+                                                       r"begins [0-9a-f]{8}, its name says a639ec97"):
+        densetriton.load("densenet121", device="cpu")
+    assert not pretrained_path("densenet121").exists()
+    # A file whose name carries its own hash passes; one without a hash in its name is not checked.
+    data = b"torchvision's bytes"
+    named = tmp_path / f"densenet121-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    named.write_bytes(data)
+    check_torchvision_file(named)
+    (tmp_path / "mine.pth").write_bytes(data)
+    check_torchvision_file(tmp_path / "mine.pth")
 
 
 def test_without_network_the_error_says_how_to_pass_a_local_file(cache_home, monkeypatch):
@@ -106,6 +129,15 @@ def test_weights_path_and_spec_mismatch(tmp_path):
     assert densetriton.load(str(path), device="cpu").spec == TINY
     with pytest.raises(densetriton.WeightsError, match="not densenet121"):
         densetriton.load("densenet121", weights=path, device="cpu")
+    # A file and weights=None (random weights) contradict each other: said, not silently resolved.
+    with pytest.raises(ValueError, match="is a weights file, and weights=None asks for random weights"):
+        densetriton.load(str(path), weights=None, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"no usable CUDA GPU .*use device='cpu'"):
+        densetriton.load(TINY, weights=None, device="cuda")
 
 
 @pytest.mark.parametrize(

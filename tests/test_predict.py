@@ -300,6 +300,10 @@ def test_predict_each_awkward_kind_individually(weights, engine, images, capsys)
     assert "classified 7 images" in err and "skipped 3:" in err
     assert f"{kinds['txt']}: not an image" in err and f"{kinds['corrupt']}: not an image" in err
     assert "missing.jpg: file not found" in err
+    # A folder that is not there is a mistyped argument: one error before any work.
+    for typo in (folder / "no-such-folder", f"{folder / 'no-such-folder'}/"):
+        rc, _, err = run_cli(capsys, "predict", typo, *common(weights))
+        assert rc == 1 and err.strip() == f"densetriton: error: {typo}: no such file or folder"
 
 
 def test_exif_rotation_reaches_the_model(weights, engine, images):

@@ -299,6 +299,7 @@ def test_a_failed_conversion_leaves_no_file_in_the_cache(cache_home, monkeypatch
     download = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / pathlib.Path(torchvision_weights("densenet121").url).name
     download.parent.mkdir(parents=True)
     torch.save(sd, download)
+    monkeypatch.setattr("densetriton.weights_tools.convert.check_torchvision_file", lambda path: None)  # a stand-in file
     monkeypatch.setattr("safetensors.torch.save_file", failing_save)
     with pytest.raises(OSError, match="No space left"):
         densetriton.load("densenet121", device="cpu")
@@ -307,6 +308,7 @@ def test_a_failed_conversion_leaves_no_file_in_the_cache(cache_home, monkeypatch
     monkeypatch.undo()
     monkeypatch.setenv("DENSETRITON_HOME", str(cache_home / "densetriton-cache"))
     monkeypatch.setenv("TORCH_HOME", str(cache_home / "torch-home"))
+    monkeypatch.setattr("densetriton.weights_tools.convert.check_torchvision_file", lambda path: None)
     assert densetriton.load("densenet121", device="cpu").pretrained
     assert [p.name for p in cache.iterdir()] == ["densenet121-IMAGENET1K_V1.safetensors"]
 

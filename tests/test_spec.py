@@ -177,6 +177,24 @@ def test_info_command(capsys):
     assert densetriton.__version__
     assert main(["info", "resnet50"]) == 1
     assert "unknown model 'resnet50'" in capsys.readouterr().err
+    # Sizes are checked before anything is printed; --json says which size it counted at.
+    for size in ("0", "28"):
+        assert main(["info", "densenet121", "--image-size", size]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == "" and f"--image-size {size} is too small for this network: the smallest input is 29x29" in captured.err
+    assert main(["info", "densenet121", "--image-size", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image_size"] == 64
+
+
+def test_info_of_a_folder_or_a_features_file_says_what_it_is(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    assert main(["info", str(tmp_path)]) == 1
+    assert "is a folder: info takes a model name (densenet121" in capsys.readouterr().err
+    save_file({"features": torch.randn(2, 4)}, str(tmp_path / "f.safetensors"),
+              metadata={"format": "densetriton-features", "paths": "[]"})
+    assert main(["info", str(tmp_path / "f.safetensors")]) == 1
+    assert "holds image features written by densetriton embed, not a model's weights" in capsys.readouterr().err
 
 
 def test_info_of_a_weights_file(tmp_path, capsys):

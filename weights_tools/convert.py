@@ -21,6 +21,7 @@ inert placeholders for the classes it names (see pickled_module).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -68,6 +69,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise ConversionError(f"{path} is empty (0 bytes): not a checkpoint")
+    if head.startswith(b"\x93NUMPY"):
+        raise ConversionError(f"{path} is a NumPy array file, not a PyTorch checkpoint")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -520,9 +527,30 @@ def torchvision_weights(arch: str):
     return torchvision.models.get_model_weights(arch).DEFAULT
 
 
+def check_torchvision_file(path: Path) -> None:
+    """torchvision's file names end in the first hex digits of their sha256 (densenet121-a639ec97.pth).
+    torch.hub checks a download against them, but not a file already in its cache -- where an
+    offline user is told to put one: a wrong or damaged file would be labelled torchvision's."""
+    match = re.search(r"-([0-9a-f]{8,})\.", path.name)
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    found, expected = digest.hexdigest()[: len(match.group(1))], match.group(1)
+    if found != expected:
+        raise ConversionError(f"{path} is not torchvision's file: its sha256 begins {found}, its name says {expected}. "
+                              f"Delete it (torchvision then downloads the right one) or put the file from "
+                              f"torchvision's URL there")
+
+
 def convert_torchvision(arch: str, out: str | os.PathLike, *, progress: bool | None = None) -> Path:
     """Fetch torchvision's pretrained weights through its own weights API and convert them."""
     weights = torchvision_weights(arch)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if cached.is_file():
+        check_torchvision_file(cached)
     try:
         state_dict = weights.get_state_dict(progress=progress is not False, check_hash=True)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch is a RuntimeError

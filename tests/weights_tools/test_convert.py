@@ -4,6 +4,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -298,6 +299,36 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
         _assert_refused(path, tmp_path / "out.safetensors", r"refusing to load", r"nothing from the file was run")
     assert not target.exists()
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_option_files_and_odd_inputs_give_errors_that_say_what_to_fix(small_model, tmp_path, capsys):
+    torch.save(small_model.state_dict(), tmp_path / "m.pth")
+    out = tmp_path / "m.safetensors"
+    base = ["convert", "--checkpoint", str(tmp_path / "m.pth"), "--out", str(out)]
+
+    def err(*extra):
+        assert main([*base, *extra]) == 1
+        return capsys.readouterr().err
+
+    # Windows Notepad's byte-order mark and CRLF: not part of the first name.
+    (tmp_path / "bom.txt").write_bytes("\ufeffcat\r\ndog\r\neel\r\nfox\r\nyak\r\n\r\n".encode("utf-8"))
+    assert main([*base, "--class-names", str(tmp_path / "bom.txt")]) == 0
+    capsys.readouterr()
+    assert load_weights(out).class_names == ["cat", "dog", "eel", "fox", "yak"]
+    (tmp_path / "gap.txt").write_text("cat\n\ndog\neel\nfox\nyak\n")
+    assert "--class-names " in (e := err("--class-names", str(tmp_path / "gap.txt"))) and "line 2 is blank" in e
+    assert "--class-names nosuch.txt: no such file" in err("--class-names", "nosuch.txt")
+    assert "is not 3 finite numbers" in err("--mean", "nan", "0", "0", "--std", "1", "1", "1")
+    (tmp_path / "points.txt").write_text("0.2\nnan\n1\n0.3\n0.4\n")
+    assert "points.txt, line 3: '1' is not an operating point" in err("--operating-points", str(tmp_path / "points.txt"))
+    assert "crop_size 300 is larger than the resized image (resize_size 256)" in err(
+        "--mean", "0", "0", "0", "--std", "1", "1", "1", "--resize-size", "256", "--crop-size", "300")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    for path, says in ((tmp_path / "empty.pth", "is empty (0 bytes)"), (tmp_path / "array.npy", "is a NumPy array file")):
+        assert main(["convert", "--checkpoint", str(path), "--out", str(out)]) == 1
+        assert says in capsys.readouterr().err
+    assert load_weights(out).class_names == ["cat", "dog", "eel", "fox", "yak"]  # no failed call touched it
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
