@@ -129,6 +129,8 @@ def _convert(args) -> int:
 
     if args.arch is None and args.checkpoint is None:
         raise ValueError("give --arch NAME (torchvision's pretrained weights) or --checkpoint FILE (a local checkpoint)")
+    if not args.out.lower().endswith(".safetensors"):
+        raise ValueError(f"--out {args.out}: a weights file is safetensors, so its name ends in .safetensors")
     class_names = None
     if args.class_names:
         class_names = _read_class_names(args.class_names)

@@ -338,6 +338,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("densetriton: error: ") and "\n" not in err
     assert main(["convert", "--out", str(tmp_path / "y.safetensors")]) == 1
     assert "--arch" in capsys.readouterr().err
+    assert main(["convert", "--checkpoint", str(tmp_path / "x.pth"), "--out", str(tmp_path / "y.pth")]) == 1
+    assert "its name ends in .safetensors" in capsys.readouterr().err
     assert not (tmp_path / "y.safetensors").exists()
 
 
