@@ -110,6 +110,10 @@ def _read_text(path: str, option: str) -> str:
         raise ValueError(f"{option} {path}: no such file") from None
     except UnicodeDecodeError:
         raise ValueError(f"{option} {path}: not a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{option} {path}: a folder, not a text file") from None
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot be read ({e.strerror or e})") from None
 
 
 def _read_class_names(path: str) -> list[str]:

@@ -161,7 +161,8 @@ Examples:
         epilog=_INPUTS_HELP.format(suffixes=suffixes) + """
 Output (written atomically, once every image has been processed):
   FILE.npy          a float32 array [N, features]; the N image paths, one per line (UTF-8), go to
-                    FILE.npy.paths.txt -- e.g. feats.npy and feats.npy.paths.txt
+                    FILE.npy.paths.txt, and FILE.npy.json names the model ("model", "model_id")
+                    -- e.g. feats.npy, feats.npy.paths.txt and feats.npy.json
   FILE.safetensors  a float32 tensor "features" [N, features]; metadata "paths" holds the paths as a
                     JSON list, "model" describes the network, "model_id" names the weights and
                     preprocessing (12 hex digits), so that --resume refuses another model's rows
@@ -179,7 +180,7 @@ Examples:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(p)
-    p.add_argument("--out", required=True, metavar="FILE", help="FILE.npy (plus FILE.npy.paths.txt) or FILE.safetensors")
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.npy (plus FILE.npy.paths.txt and FILE.npy.json) or FILE.safetensors")
     p.add_argument("--resume", action="store_true",
                    help="keep FILE's rows and those an interrupted run left in FILE.partial/; embed only the other images")
     p.set_defaults(func=embed_command)
@@ -204,8 +205,10 @@ def collect_files(paths) -> list[str]:
             seen.add(key)
             files.append(path)
 
-    for raw in paths:
-        path = os.fspath(raw)
+    paths = [os.fspath(p) for p in paths]
+    if paths and not any(os.path.exists(p) for p in paths):  # a mistyped argument: one error before any work
+        raise ValueError(f"{paths[0]}: no such file or folder")
+    for path in paths:
         if os.path.isdir(path):
             found = []
             for root, dirs, names in os.walk(path):
@@ -214,10 +217,12 @@ def collect_files(paths) -> list[str]:
                 found.extend(f for f in (os.path.join(root, n) for n in names) if os.path.isfile(f) and is_image_path(f))
             for f in sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep)):
                 add(f)
-        elif not os.path.exists(path) and (path.endswith(("/", os.sep)) or not os.path.splitext(path)[1]):
-            raise ValueError(f"{path}: no such file or folder")  # a mistyped folder, not an unreadable image
+        elif path.endswith(("/", os.sep)) and not os.path.exists(path):
+            raise ValueError(f"{path}: no such folder")  # a mistyped folder, not an unreadable image
         else:
-            add(path)  # a missing or non-image file is reported as skipped when it is read
+            # A missing or non-image file is reported as skipped when it is read: one image deleted
+            # from a list (IM0001 included) does not stop the rest.
+            add(path)
     return files
 
 
@@ -231,7 +236,8 @@ def _load_engine(args, dist: "_Dist"):
     device = args.device
     if dist.active and torch.cuda.is_available() and device in (None, "cuda"):
         device = f"cuda:{dist.local_rank}"
-    if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None:
+    if (device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None
+            and torch.cuda.is_available()):  # without CUDA, load() says so clearly
         torch.cuda.set_device(torch.device(device))
     if args.weights is not None:
         return densetriton.load(args.model or args.weights, weights=args.weights, device=device, dtype=args.dtype, backend=args.backend)
@@ -433,13 +439,29 @@ def _print_summary(verb: str, done: int, skipped: list, elapsed: float, *, alrea
 # -- predict: output files --------------------------------------------------------------------------
 
 
+def _canonical_preprocessing(pre: dict) -> dict:
+    """One spelling for each preprocessing: Resize((40,)) is Resize(40), CenterCrop((32, 32)) is
+    CenterCrop(32), a mean of 0 is a mean of 0.0 -- so model_id changes only when the images do."""
+    def size(value, square_is_one: bool):
+        if isinstance(value, (list, tuple)):
+            value = [int(v) for v in value]
+            if len(value) == 1 or (square_is_one and len(value) == 2 and value[0] == value[1]):
+                return value[0]
+            return value
+        return None if value is None else int(value)
+
+    return {"resize_size": size(pre.get("resize_size"), square_is_one=False),  # Resize((s, s)) is not Resize(s)
+            "crop_size": size(pre.get("crop_size"), square_is_one=True),
+            "mean": [float(v) for v in pre["mean"]], "std": [float(v) for v in pre["std"]]}
+
+
 def model_id(engine, *, head: bool, multi_label: bool = False) -> str:
     """12 hex digits naming what fixes a run's rows, kept with them so that --resume never mixes
     two models' rows in one file: the weights, the spec and the preprocessing, and for predict
     (head=True) the classifier, class names and how probabilities are made (softmax, sigmoid,
     operating points). embed's rows depend on the features alone (head=False)."""
     spec = engine.spec if head else engine.spec.replace(num_classes=1)
-    what = {"spec": json.loads(spec.to_json()), "preprocessing": resolve_preprocessing(engine)}
+    what = {"spec": json.loads(spec.to_json()), "preprocessing": _canonical_preprocessing(resolve_preprocessing(engine))}
     if head:
         what.update(class_names=engine.class_names, multi_label=bool(multi_label),
                     operating_points=engine.operating_points if multi_label else None)
@@ -724,12 +746,19 @@ def _save_features(out: str, features: torch.Tensor, paths: list[str], model: st
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
                 f.write("".join(p + "\n" for p in paths))
 
-        # Two files cannot be replaced at once, so the order makes a stop between them harmless:
-        # the paths first, then the rows. A resumed FILE's rows are the new list's first ones, so
-        # --resume then reads the old rows against a prefix of the paths; a new FILE's old rows go
-        # first, so they are never paired with the new paths (FILE.partial/ still has every row).
+        def write_model(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"format": "densetriton-features", "model": model, "model_id": model_id}, f, indent=1)
+                f.write("\n")
+
+        # Three files cannot be replaced at once, so the order makes a stop between them harmless:
+        # the model, then the paths, then the rows. A resumed FILE's model is the same and its rows
+        # are the new list's first ones, so --resume then reads the old rows against a prefix of
+        # the paths; a new FILE's old rows go first, so they are never paired with the new model
+        # or paths (FILE.partial/ still has every row).
         if not resumed and os.path.isfile(out):
             os.unlink(out)
+        atomic_write(out + ".json", write_model)
         atomic_write(out + ".paths.txt", write_paths)
         atomic_write(out, write_npy)
     else:
@@ -747,23 +776,34 @@ def _other_model(where: str, found, model_id: str) -> ValueError:
 
 def _read_features(out: str, width: int, model_id: str, *, rows: bool = True) -> tuple[torch.Tensor, list[str]]:
     """An earlier run's FILE (.npy with its .paths.txt, or .safetensors), to resume from; with
-    rows=False only its paths are read (the features come back empty). A .safetensors FILE must
-    name this run's model; a .npy file cannot name one."""
+    rows=False only its paths are read (the features come back empty). FILE must name this run's
+    model (a .npy in FILE.npy.json)."""
     from safetensors import SafetensorError, safe_open
 
+    npy = out.lower().endswith(".npy")
     try:
-        if out.lower().endswith(".npy"):
+        if npy:
+            try:
+                found = json.loads(Path(out + ".json").read_text(encoding="utf-8")).get("model_id")
+            except FileNotFoundError:
+                found = None  # written by densetriton before FILE.npy.json
+        else:
+            with safe_open(out, framework="pt") as f:
+                found = (f.metadata() or {}).get("model_id")
+    except (OSError, ValueError, AttributeError, SafetensorError) as e:
+        raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
+    if found != model_id:  # checked before any row is read: another model's rows are never mixed in
+        raise _other_model(out, found, model_id)
+    try:
+        if npy:
             array = np.load(out, mmap_mode="r", allow_pickle=False)  # the shape, without reading the rows
             shape, features = array.shape, (torch.from_numpy(np.array(array)) if rows else None)
             paths = Path(out + ".paths.txt").read_text(encoding="utf-8").splitlines()
         else:
             with safe_open(out, framework="pt") as f:
-                metadata = f.metadata() or {}
-                shape, paths = tuple(f.get_slice("features").get_shape()), json.loads(metadata["paths"])
-                if metadata.get("model_id") != model_id:
-                    raise _other_model(out, metadata.get("model_id"), model_id)
+                shape, paths = tuple(f.get_slice("features").get_shape()), json.loads(f.metadata()["paths"])
                 features = f.get_tensor("features") if rows else None
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
     if not isinstance(paths, list) or len(shape) != 2 or shape[0] > len(paths):
         raise ValueError(f"{out} holds {tuple(shape)} features for {len(paths)} paths; cannot resume from it")
@@ -935,7 +975,7 @@ def _embed(args, dist: _Dist, out: str) -> int:
         shutil.rmtree(_progress_dir(out), ignore_errors=True)  # nothing new: FILE stays; leftover rows were in it
     dist.barrier()
     if show:
-        written = out + (f" and {out}.paths.txt" if out.lower().endswith(".npy") else "")
+        written = out + (f", {out}.paths.txt and {out}.json" if out.lower().endswith(".npy") else "")
         _print_summary("embedded", done, skipped, elapsed, already=already, out=written if done or already else None)
         if not done and not already:
             print(f"nothing written to {out}: no image could be read", file=sys.stderr)

@@ -282,7 +282,8 @@ def test_predict_each_awkward_kind_individually(weights, engine, images, capsys)
     """Files named explicitly: always attempted (even .txt), reported in argument order."""
     folder, kinds = images
     order = ["exif", "gray", "rgba", "palette", "cmyk", "deep", "txt", "nested", "corrupt"]
-    argv = [kinds[k] for k in order] + [folder / "missing.jpg"]
+    # A missing file among others, suffix-less (a DICOM IM0009 deleted from a list) too, is skipped.
+    argv = [kinds[k] for k in order] + [folder / "missing.jpg", folder / "IM0009"]
     rc, stdout, err = run_cli(capsys, "predict", *argv, *common(weights, "--topk", "3", "--workers", "0"))
     assert rc == 0
     blocks = []
@@ -297,13 +298,24 @@ def test_predict_each_awkward_kind_individually(weights, engine, images, capsys)
         assert [r[0] for r in ranks] == ["1.", "2.", "3."]
         assert [r[2] for r in ranks] == [name for name, _ in expected]
         assert [r[1] for r in ranks] == [f"{100 * p:.3f}%" for _, p in expected]
-    assert "classified 7 images" in err and "skipped 3:" in err
+    assert "classified 7 images" in err and "skipped 4:" in err
     assert f"{kinds['txt']}: not an image" in err and f"{kinds['corrupt']}: not an image" in err
-    assert "missing.jpg: file not found" in err
-    # A folder that is not there is a mistyped argument: one error before any work.
+    assert "missing.jpg: file not found" in err and "IM0009: file not found" in err
+    # Nothing given exists, or a folder (trailing separator) is not there: a mistyped argument,
+    # one error before any work.
     for typo in (folder / "no-such-folder", f"{folder / 'no-such-folder'}/"):
         rc, _, err = run_cli(capsys, "predict", typo, *common(weights))
         assert rc == 1 and err.strip() == f"densetriton: error: {typo}: no such file or folder"
+    typo = f"{folder / 'no-such-folder'}{os.sep}"
+    rc, _, err = run_cli(capsys, "predict", kinds["gray"], typo, *common(weights))
+    assert rc == 1 and err.strip() == f"densetriton: error: {typo}: no such folder"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without CUDA")
+def test_predict_on_a_numbered_cuda_device_without_cuda_is_one_clear_error(weights, images, capsys):
+    folder, _ = images
+    rc, _, err = run_cli(capsys, "predict", folder, "--weights", weights, "--device", "cuda:0")
+    assert rc == 1 and "no usable CUDA GPU" in err and "Traceback" not in err, err
 
 
 def test_exif_rotation_reaches_the_model(weights, engine, images):
@@ -417,12 +429,18 @@ def test_embed_resume_never_mixes_two_models_features(weights, engine, tmp_path,
     tensors = dict(_tensors(SPEC, 0), **{"classifier.weight": torch.randn(3, SPEC.num_features)})
     densetriton.save_weights(relabelled, tensors, SPEC, class_names=["a", "b", "c"], preprocessing=PRE)
     assert model_id(densetriton.load(str(relabelled), device="cpu", backend="reference"), head=False) == model_id(engine, head=False)
-    out = tmp_path / "f.safetensors"
-    assert run_cli(capsys, "embed", folder, *common(weights, "--out", out, "--workers", "0"))[0] == 0
-    before = out.read_bytes()
-    Image.fromarray(_noise(rng, 40, 40)).save(folder / "two.png")
-    rc, _, err = run_cli(capsys, "embed", folder, *common(str(retrained), "--out", out, "--workers", "0", "--resume"))
-    assert rc == 1 and "holds features of another model" in err and out.read_bytes() == before
+    for out in (tmp_path / "f.npy", tmp_path / "f.safetensors"):
+        (folder / "two.png").unlink(missing_ok=True)
+        assert run_cli(capsys, "embed", folder, *common(weights, "--out", out, "--workers", "0"))[0] == 0
+        before = out.read_bytes()
+        Image.fromarray(_noise(rng, 40, 40)).save(folder / "two.png")
+        rc, _, err = run_cli(capsys, "embed", folder, *common(str(retrained), "--out", out, "--workers", "0", "--resume"))
+        assert rc == 1 and "holds features of another model" in err and out.read_bytes() == before, err
+    # A .npy written before FILE.npy.json named its model cannot be checked: refused, not guessed.
+    npy = tmp_path / "f.npy"
+    Path(f"{npy}.json").unlink()
+    rc, _, err = run_cli(capsys, "embed", folder, *common(weights, "--out", npy, "--workers", "0", "--resume"))
+    assert rc == 1 and f"{npy} names no model" in err and len(np.load(npy)) == 1
     # Rows an interrupted run of another model left in FILE.partial/: refused, and kept.
     partial = tmp_path / "g.safetensors.partial"
     partial.mkdir()
@@ -436,6 +454,26 @@ def test_embed_resume_never_mixes_two_models_features(weights, engine, tmp_path,
     assert len(list(partial.iterdir())) == 1
     rc, _, err = run_cli(capsys, "embed", folder, *common(str(relabelled), "--out", out, "--workers", "0", "--resume"))
     assert rc == 0 and "embedded 1 image " in err
+
+
+def test_model_id_names_what_the_images_become_not_how_it_is_spelled(engine):
+    """Resize((40,)) is Resize(40), CenterCrop((32, 32)) is CenterCrop(32), an int mean is a float
+    one: the same id. Another size, crop, mean or an exact [H, W] resize: another id."""
+    import copy
+
+    def with_pre(**changes):
+        other = copy.copy(engine)
+        other.preprocessing = dict(PRE, **changes)
+        return model_id(other, head=False)
+
+    base = with_pre()
+    assert base == model_id(engine, head=False)
+    assert with_pre(resize_size=[40]) == with_pre(crop_size=(32, 32)) == base
+    assert with_pre(mean=[0.5, 0.4, 0.3], std=(0.2, 0.25, 0.3)) == base
+    assert with_pre(mean=[1, 0, 0]) == with_pre(mean=[1.0, 0.0, 0.0]) != base
+    different = [with_pre(resize_size=41), with_pre(resize_size=[40, 40]), with_pre(crop_size=[32, 30]),
+                 with_pre(crop_size=31), with_pre(std=[0.2, 0.25, 0.31]), with_pre(resize_size=None, crop_size=None)]
+    assert len({base, *different}) == 1 + len(different)
 
 
 def test_resume_jsonl_and_mismatched_topk(weights, engine, tmp_path, capsys):
@@ -530,6 +568,8 @@ def test_embed_npy_and_safetensors(weights, engine, images, tmp_path, capsys):
     assert array.dtype == np.float32 and array.shape == (7, SPEC.num_features)
     assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == expected_paths
     assert rel_err(torch.from_numpy(array), expected) < 1e-5
+    named = json.loads((tmp_path / "feats.npy.json").read_text(encoding="utf-8"))
+    assert named["model_id"] == model_id(engine, head=False) and named["format"] == "densetriton-features"
 
     st = tmp_path / "feats.safetensors"
     rc, _, _ = run_cli(capsys, "embed", folder, *common(weights, "--out", st, "--workers", "1", "--batch-size", "4"))
@@ -537,7 +577,8 @@ def test_embed_npy_and_safetensors(weights, engine, images, tmp_path, capsys):
     with safe_open(str(st), framework="pt") as f:
         features = f.get_tensor("features")
         metadata = f.metadata()
-    assert json.loads(metadata["paths"]) == expected_paths
+    assert json.loads(metadata["paths"]) == expected_paths and metadata["model_id"] == named["model_id"]
+    assert metadata["model"] == named["model"]
     assert rel_err(features, expected) < 1e-5
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*tmp"))
 

@@ -38,7 +38,8 @@ from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
 from .keras_h5 import KERAS_SUFFIXES, KerasError, read_keras
 from .pickled_module import HostileCheckpoint, clear_sparse_checks, load_pickled, replace_modules
 from ..weights import (
-    FORMAT, WeightsError, check_operating_points, check_tensors, default_preprocessing, describe_spec, save_weights,
+    FORMAT, WeightsError, check_crop_fits, check_operating_points, check_tensors, default_preprocessing, describe_spec,
+    save_weights,
 )
 
 # Containers under which training scripts commonly nest the weights.
@@ -462,7 +463,13 @@ def convert_checkpoint(
         state_dict = load_checkpoint(path)
         carried = _carried_metadata(path)
     class_names = class_names if class_names is not None else carried.get("class_names")
-    preprocessing = preprocessing if preprocessing is not None else carried.get("preprocessing")
+    if preprocessing is None and carried.get("preprocessing") is not None:
+        preprocessing = carried["preprocessing"]
+        try:  # a file written before new files were checked for it: say how to replace it
+            check_crop_fits(preprocessing)
+        except WeightsError as e:
+            raise ConversionError(f"{e}; {path.name} records it: pass --mean, --std, --resize-size and --crop-size "
+                                  f"to record the preprocessing the model was trained with") from None
     bn_eps = bn_eps if bn_eps is not None else carried.get("bn_eps")
     multi_label = multi_label if multi_label is not None else carried.get("multi_label")
     if operating_points is None and multi_label is not False:

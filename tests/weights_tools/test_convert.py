@@ -1,5 +1,6 @@
 """The converter: checkpoints from the wild, bit-exact round trips, clear errors, no half-written files."""
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -318,11 +319,29 @@ def test_convert_option_files_and_odd_inputs_give_errors_that_say_what_to_fix(sm
     (tmp_path / "gap.txt").write_text("cat\n\ndog\neel\nfox\nyak\n")
     assert "--class-names " in (e := err("--class-names", str(tmp_path / "gap.txt"))) and "line 2 is blank" in e
     assert "--class-names nosuch.txt: no such file" in err("--class-names", "nosuch.txt")
+    assert f"--class-names {tmp_path}: a folder, not a text file" in err("--class-names", str(tmp_path))
     assert "is not 3 finite numbers" in err("--mean", "nan", "0", "0", "--std", "1", "1", "1")
     (tmp_path / "points.txt").write_text("0.2\nnan\n1\n0.3\n0.4\n")
     assert "points.txt, line 3: '1' is not an operating point" in err("--operating-points", str(tmp_path / "points.txt"))
     assert "crop_size 300 is larger than the resized image (resize_size 256)" in err(
         "--mean", "0", "0", "0", "--std", "1", "1", "1", "--resize-size", "256", "--crop-size", "300")
+    # A file written before crops were checked: converting it again says how to record a new one.
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    metadata["preprocessing"] = json.dumps({"resize_size": 64, "crop_size": 80, "mean": [0.5] * 3, "std": [0.25] * 3})
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata)
+    renewed = tmp_path / "renewed.safetensors"
+    assert main(["convert", "--checkpoint", str(old), "--out", str(renewed)]) == 1
+    e = capsys.readouterr().err
+    assert "crop_size 80 is larger than the resized image" in e and "old.safetensors records it: pass --mean" in e
+    assert not renewed.exists()
+    assert main(["convert", "--checkpoint", str(old), "--out", str(renewed), "--mean", "0.5", "0.5", "0.5",
+                 "--std", "0.25", "0.25", "0.25", "--resize-size", "80", "--crop-size", "80"]) == 0
+    capsys.readouterr()
+    assert load_weights(renewed).preprocessing["resize_size"] == 80
     (tmp_path / "empty.pth").write_bytes(b"")
     np.save(tmp_path / "array.npy", np.zeros(3))
     for path, says in ((tmp_path / "empty.pth", "is empty (0 bytes)"), (tmp_path / "array.npy", "is a NumPy array file")):
