@@ -728,19 +728,55 @@ def _desc(verb: str, dist: _Dist) -> str:
 # -- embed ----------------------------------------------------------------------------------------
 
 
-def _save_features(out: str, features: torch.Tensor, paths: list[str], model: str, model_id: str, *,
-                   resumed: bool) -> None:
+_FILE_ROWS_AT_ONCE = 1 << 16  # rows copied from the old FILE into the new one at a time
+
+
+def _write_features(out: str, width: int, model: str, model_id: str, paths: list[str], *, file_rows: int,
+                    resumed: bool) -> None:
+    """Write FILE: row i is path i's features. The first file_rows rows are the old FILE's (a
+    resumed run), every later one the first row FILE.partial/'s chunks hold for its path. Rows
+    stream from FILE and one chunk at a time into the new file (a memory map for .npy), so a
+    large FILE is never held in memory, let alone several copies of it."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from .weights import atomic_write
 
-    features = features.float().contiguous()
-    if out.lower().endswith(".npy"):
-        array = features.numpy()
+    position = {_path_key(p): i for i, p in enumerate(paths[file_rows:], start=file_rows)}
+    block = _FILE_ROWS_AT_ONCE
 
+    def fill(rows) -> None:
+        """rows: a [len(paths), width] float32 array or tensor, written in place."""
+        if file_rows and out.lower().endswith(".npy"):
+            old = np.load(out, mmap_mode="r", allow_pickle=False)
+            for i in range(0, file_rows, block):
+                j = min(i + block, file_rows)
+                rows[i:j] = old[i:j]  # .npy to .npy: both numpy
+            del old
+        elif file_rows:
+            with safe_open(out, framework="pt") as f:
+                old = f.get_slice("features")
+                for i in range(0, file_rows, block):
+                    j = min(i + block, file_rows)
+                    rows[i:j] = old[i:j]  # .safetensors to .safetensors: both torch
+        for chunk, chunk_paths in _progress_chunks(out, width, model_id):
+            take = [(j, position.pop(_path_key(p))) for j, p in enumerate(chunk_paths) if _path_key(p) in position]
+            if take:
+                with safe_open(str(chunk), framework="pt") as f:
+                    features = f.get_tensor("features")
+                source, target = zip(*take)
+                picked = features[list(source)]
+                rows[list(target)] = picked.numpy() if isinstance(rows, np.ndarray) else picked
+        if position:  # FILE.partial/ changed under this run: write nothing rather than rows never computed
+            raise RuntimeError(f"{len(position)} rows, {next(iter(position))!r} first, vanished from "
+                               f"{_progress_dir(out)}/ before {out} was written; run again with --resume")
+
+    if out.lower().endswith(".npy"):
         def write_npy(tmp):
-            with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
-                np.save(f, array)
+            rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), width))
+            fill(rows)
+            rows.flush()
+            del rows
 
         def write_paths(tmp):
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -762,8 +798,10 @@ def _save_features(out: str, features: torch.Tensor, paths: list[str], model: st
         atomic_write(out + ".paths.txt", write_paths)
         atomic_write(out, write_npy)
     else:
+        rows = torch.empty(len(paths), width)
+        fill(rows)
         metadata = {"format": "densetriton-features", "paths": json.dumps(paths), "model": model, "model_id": model_id}
-        atomic_write(out, lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
+        atomic_write(out, lambda tmp: save_file({"features": rows}, tmp, metadata=metadata))
 
 
 def _other_model(where: str, found, model_id: str) -> ValueError:
@@ -774,10 +812,9 @@ def _other_model(where: str, found, model_id: str) -> ValueError:
                       f"weights and preprocessing decide it): resume with the model that wrote it, or another --out")
 
 
-def _read_features(out: str, width: int, model_id: str, *, rows: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """An earlier run's FILE (.npy with its .paths.txt, or .safetensors), to resume from; with
-    rows=False only its paths are read (the features come back empty). FILE must name this run's
-    model (a .npy in FILE.npy.json)."""
+def _feature_file_paths(out: str, width: int, model_id: str) -> list[str]:
+    """The paths of an earlier run's FILE (.npy with its .paths.txt, or .safetensors), to resume
+    from; FILE must name this run's model (a .npy in FILE.npy.json). Its rows are not read."""
     from safetensors import SafetensorError, safe_open
 
     npy = out.lower().endswith(".npy")
@@ -796,13 +833,11 @@ def _read_features(out: str, width: int, model_id: str, *, rows: bool = True) ->
         raise _other_model(out, found, model_id)
     try:
         if npy:
-            array = np.load(out, mmap_mode="r", allow_pickle=False)  # the shape, without reading the rows
-            shape, features = array.shape, (torch.from_numpy(np.array(array)) if rows else None)
+            shape = np.load(out, mmap_mode="r", allow_pickle=False).shape  # the header, not the rows
             paths = Path(out + ".paths.txt").read_text(encoding="utf-8").splitlines()
         else:
             with safe_open(out, framework="pt") as f:
                 shape, paths = tuple(f.get_slice("features").get_shape()), json.loads(f.metadata()["paths"])
-                features = f.get_tensor("features") if rows else None
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
     if not isinstance(paths, list) or len(shape) != 2 or shape[0] > len(paths):
@@ -811,7 +846,7 @@ def _read_features(out: str, width: int, model_id: str, *, rows: bool = True) ->
     if shape[1] != width:
         raise ValueError(f"{out} holds {shape[1]} features per image, this model gives {width}: "
                          f"resume with the model that wrote it, or another --out")
-    return (features.float() if rows else torch.empty(0, width)), paths
+    return paths
 
 
 # The paths of a .safetensors features file live in its header, which safetensors caps at 100 MB.
@@ -823,28 +858,26 @@ def _progress_dir(out: str) -> Path:
     return Path(out + ".partial")
 
 
-def _read_progress(out: str, width: int, model_id: str, *, rows: bool = True) -> tuple[torch.Tensor, list[str]]:
-    """Every chunk an interrupted run (any rank) left behind; a chunk cut short is ignored, one
-    of another model refused. With rows=False only the paths are read (the features come back
-    empty)."""
+def _progress_chunks(out: str, width: int, model_id: str) -> list[tuple[Path, list[str]]]:
+    """Every chunk an interrupted run (any rank) left behind, with the paths of its rows; a chunk
+    cut short is ignored, one of another model refused. Only headers are read."""
     from safetensors import SafetensorError, safe_open
 
-    pieces, paths = [], []
+    chunks = []
     folder = _progress_dir(out)
     for chunk in sorted(folder.glob("chunk-*.safetensors")) if folder.is_dir() else []:
         try:
             with safe_open(str(chunk), framework="pt") as f:
                 metadata = f.metadata()
-                shape, ps = tuple(f.get_slice("features").get_shape()), json.loads(metadata["paths"])
+                shape, paths = tuple(f.get_slice("features").get_shape()), json.loads(metadata["paths"])
                 found = metadata.get("model_id")
-                if found == model_id and shape == (len(ps), width):
-                    pieces.extend([f.get_tensor("features")] if rows else [])
-                    paths.extend(ps)
         except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             continue  # written atomically, so only a foreign file can be unreadable
         if found != model_id:  # another model's rows: never mixed in, nor deleted unasked
             raise _other_model(str(folder), found, model_id)
-    return (torch.cat(pieces) if pieces else torch.empty(0, width)), paths
+        if isinstance(paths, list) and shape == (len(paths), width):
+            chunks.append((chunk, paths))
+    return chunks
 
 
 class _ChunkWriter:
@@ -915,18 +948,16 @@ def _embed(args, dist: _Dist, out: str) -> int:
         return sorted(new, key=lambda j: order.get(_path_key(paths[j]), len(order)))
 
     # What --resume keeps: FILE's rows, then the chunks an interrupted run left behind (a run
-    # stopped after writing FILE but before clearing FILE.partial/ leaves rows in both).
-    old_features, old_paths, recovered = torch.empty(0, width), [], 0
+    # stopped after writing FILE but before clearing FILE.partial/ leaves rows in both). Only
+    # their paths are read now; rank 0 copies the rows into the new FILE at the end.
+    file_paths, old_paths, recovered = [], [], 0
     if args.resume:
-        rows = dist.rank == 0  # the other ranks only need to know which images are done
         if os.path.isfile(out):
-            old_features, old_paths = _read_features(out, width, mid, rows=rows)
-        partial_features, partial_paths = _read_progress(out, width, mid, rows=rows)
-        fresh = unseen_in_input_order(partial_paths, {_path_key(p) for p in old_paths})
+            file_paths = _feature_file_paths(out, width, mid)
+        partial_paths = [p for _, paths in _progress_chunks(out, width, mid) for p in paths]
+        fresh = unseen_in_input_order(partial_paths, {_path_key(p) for p in file_paths})
         recovered = len(fresh)
-        if rows:
-            old_features = torch.cat([old_features, partial_features[fresh]])
-        old_paths = old_paths + [partial_paths[j] for j in fresh]
+        old_paths = file_paths + [partial_paths[j] for j in fresh]
     elif dist.rank == 0:
         shutil.rmtree(_progress_dir(out), ignore_errors=True)  # an earlier run's, not to be mixed in
     dist.barrier()  # every rank has read (or rank 0 has cleared) the old rows before any rank writes
@@ -965,11 +996,10 @@ def _embed(args, dist: _Dist, out: str) -> int:
     skipped = [s for _, sk in tallies for s in sk]
     if dist.rank == 0 and (done or recovered):
         # The old rows as they were, then this run's in input order (chunks from every rank).
-        new_features, new_paths = _read_progress(out, width, mid)
+        new_paths = [p for _, paths in _progress_chunks(out, width, mid) for p in paths]
         new_rows = unseen_in_input_order(new_paths, set(done_keys))
-        features = torch.cat([old_features, new_features[new_rows]])
-        _save_features(out, features, old_paths + [new_paths[j] for j in new_rows], describe_spec(engine.spec), mid,
-                       resumed=args.resume)
+        _write_features(out, width, describe_spec(engine.spec), mid, old_paths + [new_paths[j] for j in new_rows],
+                        file_rows=len(file_paths), resumed=args.resume)
         shutil.rmtree(_progress_dir(out), ignore_errors=True)
     elif dist.rank == 0 and args.resume:
         shutil.rmtree(_progress_dir(out), ignore_errors=True)  # nothing new: FILE stays; leftover rows were in it
