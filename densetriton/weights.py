@@ -260,8 +260,9 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(tmp_path), then rename into place: a failure never leaves a half-written file.
 
     The file gets the permissions a plain open() would give it (0o666 less the umask), or keeps
-    those of the file it replaces -- not mkstemp's owner-only 0o600."""
-    path = Path(path)
+    those of the file it replaces -- not mkstemp's owner-only 0o600. A symbolic link is written
+    through, as open() would: its target is replaced, the link stays."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = path.stat().st_mode & 0o7777

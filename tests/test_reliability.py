@@ -279,6 +279,14 @@ def test_files_written_atomically_get_the_permissions_open_would_give(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+    # A link is written through, as open() would: the link stays a link, its target is replaced.
+    (tmp_path / "store").mkdir()
+    target, link = tmp_path / "store" / "results.txt", tmp_path / "results.txt"
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic_write(link, lambda tmp: open(tmp, "w").write("new"))
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["results.txt"]  # no temporary left
 
 
 def test_a_failed_conversion_leaves_no_file_in_the_cache(cache_home, monkeypatch):
