@@ -38,7 +38,7 @@ def _info(args) -> int:
     print(f"  compression theta   {spec.compression}")
     print(f"  stem                {spec.stem} ({spec.num_init_features} channels)")
     print(f"  depth L             {spec.depth}")
-    print(f"  classes             {spec.num_classes}")
+    print(f"  classes             {spec.num_classes or 'none: no classifier (a backbone: features only)'}")
     if spec.in_channels != 3:
         print(f"  input channels      {spec.in_channels}")
     if spec.bn_eps != 1e-5:
@@ -46,7 +46,7 @@ def _info(args) -> int:
     sizes = spec.feature_sizes(size, size)
     transitions = spec.transition_channels() + [None]
     for b, ((c_in, c_out), layers, (h, w), t) in enumerate(zip(spec.block_channels(), spec.block_config, sizes, transitions), 1):
-        tail = f" -> transition -> {t}" if t is not None else " -> norm5, global pool"
+        tail = f" -> transition -> {t}" if t is not None else " -> norm5, global pool" + (", classifier" if spec.num_classes else "")
         print(f"  block {b}: {layers:3d} layers, {h}x{w}, channels {c_in} -> {c_out}{tail}")
     print(f"  parameters          {spec.num_parameters():,}")
     print(f"  multiply-adds       {spec.macs(size):,} at {size}x{size} ({spec.macs(size) / 1e9:.2f} GMACs)")
@@ -61,8 +61,11 @@ def _info(args) -> int:
         shown = _listing(names, limit=5) if names else "none recorded"
         outputs = {True: "a sigmoid per class (multi-label)", False: "a softmax over the classes", None: "not recorded (softmax)"}
         pre = describe_preprocessing(weights.preprocessing) if weights.preprocessing else "none recorded"
-        print(f"  class names         {shown}")
-        print(f"  outputs             {outputs[weights.multi_label]}")
+        if spec.num_classes:
+            print(f"  class names         {shown}")
+            print(f"  outputs             {outputs[weights.multi_label]}")
+        else:
+            print(f"  outputs             {spec.num_features} pooled features (engine.features, densetriton embed)")
         if weights.operating_points is not None:
             print(f"  operating points    {_points(weights.operating_points)} (predict puts each at 0.5)")
         print(f"  preprocessing       {pre}")

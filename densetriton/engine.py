@@ -11,7 +11,7 @@ import torch
 
 from .executor import is_out_of_memory
 from .reference import ReferenceDenseNet
-from .spec import MODELS, TORCHVISION_MODELS, DenseNetSpec, get_spec
+from .spec import MODELS, NO_CLASSIFIER, TORCHVISION_MODELS, DenseNetSpec, get_spec
 from .weights import Weights, WeightsError, cache_dir, default_preprocessing, describe_spec, load_weights
 
 BACKENDS = ("auto", "reference", "triton")
@@ -90,6 +90,8 @@ class Engine:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, num_classes] (float32)."""
+        if not self.spec.num_classes:
+            raise ValueError(NO_CLASSIFIER)
         return self._run(x, logits=True)
 
     @torch.inference_mode()

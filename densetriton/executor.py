@@ -11,7 +11,7 @@ from types import ModuleType
 import torch
 
 from .plan import Plan, build_stages, fold_batchnorm, memory_layout
-from .spec import DenseNetSpec
+from .spec import NO_CLASSIFIER, DenseNetSpec
 
 DEFAULT_PLAN_CACHE_BYTES = 4 << 30
 
@@ -165,6 +165,8 @@ class TritonExecutor:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan(x.shape[0], x.shape[2], x.shape[3])
+        if not self.spec.num_classes:
+            raise ValueError(NO_CLASSIFIER)
         logits = torch.empty(x.shape[0], self.spec.num_classes, dtype=torch.float32, device=self.device)
         self._forward(plan, x, logits)
         return logits

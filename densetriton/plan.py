@@ -129,8 +129,9 @@ def build_stages(spec: DenseNetSpec) -> list[Stage]:
     c_final = spec.num_features
     stages.append(Stage("norm5", "head", View(f"block{last}", 0, c_final), View("features", 0, c_final),
                         {"scale": "norm5.scale", "shift": "norm5.shift"}))
-    stages.append(Stage("classifier", "classifier", View("features", 0, c_final), View("logits", 0, spec.num_classes),
-                        {"weight": "classifier.weight", "bias": "classifier.bias"}))
+    if spec.num_classes:  # a backbone without a classifier ends at the features
+        stages.append(Stage("classifier", "classifier", View("features", 0, c_final), View("logits", 0, spec.num_classes),
+                            {"weight": "classifier.weight", "bias": "classifier.bias"}))
     return stages
 
 
@@ -186,8 +187,9 @@ def fold_batchnorm(tensors: dict, spec: DenseNetSpec, dtype: torch.dtype, device
             prologue(f"transition{b}.norm", f"transition{b}.norm")
             folded[f"transition{b}.conv.weight"] = packed(t[f"features.transition{b}.conv.weight"].double())
     prologue("norm5", "norm5")
-    folded["classifier.weight"] = packed(t["classifier.weight"].double()[:, :, None, None], torch.float32)
-    folded["classifier.bias"] = vec(t["classifier.bias"])
+    if spec.num_classes:
+        folded["classifier.weight"] = packed(t["classifier.weight"].double()[:, :, None, None], torch.float32)
+        folded["classifier.bias"] = vec(t["classifier.bias"])
     return folded
 
 

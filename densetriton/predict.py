@@ -31,6 +31,7 @@ import torch
 from .images import (
     ImageError, build_transform, describe_preprocessing, format_prob, is_image_path, load_image, resolve_preprocessing, topk,
 )
+from .spec import NO_CLASSIFIER
 
 PREDICT_FORMATS = (".csv", ".jsonl")
 EMBED_FORMATS = (".npy", ".safetensors")
@@ -611,6 +612,8 @@ def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
     if not files:
         raise ValueError("no image files found in " + ", ".join(args.paths))
     engine = _load_engine(args, dist)
+    if not engine.spec.num_classes:
+        raise ValueError(f"{args.weights or args.model}: {NO_CLASSIFIER}")
     if args.multi_label is None:
         args.multi_label = engine.multi_label
     k = min(args.topk, engine.spec.num_classes)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import DenseNetSpec
+from .spec import NO_CLASSIFIER, DenseNetSpec
 
 
 class DenseLayer(nn.Module):
@@ -79,7 +79,8 @@ class ReferenceDenseNet(nn.Module):
             if b < len(spec.block_config):
                 self.features.add_module(f"transition{b}", Transition(c_end, transitions[b - 1], eps))
         self.features.add_module("norm5", nn.BatchNorm2d(spec.num_features, eps=eps))
-        self.classifier = nn.Linear(spec.num_features, spec.num_classes)
+        # A backbone saved without its classifier (num_classes 0) gives features only.
+        self.classifier = nn.Linear(spec.num_features, spec.num_classes) if spec.num_classes else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -99,4 +100,6 @@ class ReferenceDenseNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.classifier is None:
+            raise ValueError(NO_CLASSIFIER)
         return self.classifier(self.forward_features(x))

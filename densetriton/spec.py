@@ -4,7 +4,8 @@ A `DenseNetSpec` names the paper's hyper-parameters (Huang et al. 2017): growth 
 layers per dense block, the channels of the stem, the bottleneck width factor (the "B" of
 DenseNet-BC; None for the plain BN-ReLU-conv3x3 layer) and the transition compression theta
 (the "C"), the channels of the input image (3 for RGB; 1 for the grayscale X-ray and CT
-models of medical imaging), and BatchNorm's epsilon (torch's 1e-5; Keras's DenseNet uses 1.001e-5). Everything else -- channel counts, tensor names and shapes, parameter and
+models of medical imaging), the classes (0: a backbone without a classifier, for its features
+only), and BatchNorm's epsilon (torch's 1e-5; Keras's DenseNet uses 1.001e-5). Everything else -- channel counts, tensor names and shapes, parameter and
 multiply-add counts, feature-map sizes -- is derived from it, so the reference model, the
 weights validator and the Triton plan all agree by construction.
 """
@@ -17,6 +18,8 @@ import math
 from dataclasses import dataclass
 
 STEMS = ("imagenet", "cifar")
+NO_CLASSIFIER = ("this model has no classifier (a backbone converted without one, num_classes 0): it gives features "
+                 "only -- engine.features(x), or densetriton embed")
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,8 @@ class DenseNetSpec:
             problems.append(f"bn_size must be a positive int or None, got {self.bn_size!r}")
         if not (0.0 < float(self.compression) <= 1.0):
             problems.append(f"compression (theta) must be in (0, 1], got {self.compression!r}")
-        if not (isinstance(self.num_classes, int) and self.num_classes > 0):
-            problems.append(f"num_classes must be a positive int, got {self.num_classes!r}")
+        if not (isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool) and self.num_classes >= 0):
+            problems.append(f"num_classes must be a positive int, or 0 for no classifier, got {self.num_classes!r}")
         if self.stem not in STEMS:
             problems.append(f"stem must be one of {STEMS}, got {self.stem!r}")
         if not (isinstance(self.in_channels, int) and self.in_channels > 0):
@@ -129,8 +132,9 @@ class DenseNetSpec:
                 bn(f"features.transition{b}.norm", c_end)
                 shapes[f"features.transition{b}.conv.weight"] = (self.transition_channels()[b - 1], c_end, 1, 1)
         bn("features.norm5", self.num_features)
-        shapes["classifier.weight"] = (self.num_classes, self.num_features)
-        shapes["classifier.bias"] = (self.num_classes,)
+        if self.num_classes:  # 0: a backbone without a classifier (features only)
+            shapes["classifier.weight"] = (self.num_classes, self.num_features)
+            shapes["classifier.bias"] = (self.num_classes,)
         return shapes
 
     def num_parameters(self) -> int:

@@ -142,6 +142,8 @@ def check_class_names(class_names, spec: DenseNetSpec) -> list[str]:
         isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in class_names
     ):
         raise WeightsError(f"class names must be a list of strings, got {class_names!r:.80}")
+    if not spec.num_classes:
+        raise WeightsError("class names need a classifier, and this model has none (num_classes 0: features only)")
     if len(class_names) != spec.num_classes:
         raise WeightsError(f"{len(class_names)} class names for a {spec.num_classes}-class classifier")
     return [str(c) for c in class_names]
@@ -150,6 +152,8 @@ def check_class_names(class_names, spec: DenseNetSpec) -> list[str]:
 def check_operating_points(points, spec: DenseNetSpec, multi_label: bool | None) -> list[float | None]:
     """One per class: a probability strictly between 0 and 1, or None (NaN counts as None, as
     torchxrayvision marks outputs it did not train); only for a multi-label model."""
+    if not spec.num_classes:
+        raise WeightsError("operating points need a classifier, and this model has none (num_classes 0: features only)")
     if multi_label is not True:
         raise WeightsError("operating points need a multi-label model (a sigmoid per class): record it with --multi-label")
     if isinstance(points, (str, bytes)) or not isinstance(points, Sequence):
@@ -226,7 +230,9 @@ def describe_spec(spec: DenseNetSpec) -> str:
         changes = []
         if spec.in_channels != s.in_channels:
             changes.append(f"{spec.in_channels} input channel{'s' * (spec.in_channels != 1)}")
-        if spec.num_classes != s.num_classes:
+        if not spec.num_classes:
+            changes.append("no classifier")
+        elif spec.num_classes != s.num_classes:
             changes.append(f"{spec.num_classes} classes")
         if spec.bn_eps != s.bn_eps:
             changes.append(f"BatchNorm eps {spec.bn_eps:g}")
@@ -237,7 +243,7 @@ def describe_spec(spec: DenseNetSpec) -> str:
     extras += f", bn_eps={spec.bn_eps:g}" if spec.bn_eps != default.bn_eps else ""
     return (
         f"DenseNet(k={spec.growth_rate}, blocks={list(spec.block_config)}, init={spec.num_init_features}, "
-        f"bn_size={spec.bn_size}, theta={spec.compression}, classes={spec.num_classes}, stem={spec.stem}{extras})"
+        f"bn_size={spec.bn_size}, theta={spec.compression}, classes={spec.num_classes or 'none'}, stem={spec.stem}{extras})"
     )
 
 
@@ -300,6 +306,8 @@ def save_weights(
     check_tensors(tensors, spec)
     if multi_label is not None and not isinstance(multi_label, bool):
         raise WeightsError(f"multi_label must be True, False or None, got {multi_label!r:.40}")
+    if multi_label and not spec.num_classes:
+        raise WeightsError("multi_label needs a classifier, and this model has none (num_classes 0: features only)")
     if class_names is not None:
         class_names = check_class_names(class_names, spec)
     if preprocessing is not None:

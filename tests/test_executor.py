@@ -281,3 +281,26 @@ def test_gpu_registry_models_at_224(name, dtype, monkeypatch):
         assert rel_err(out, expected) < GPU_TOL[dtype], (name, batch, dtype)
         del expected, out
     engine.release()  # the next model's reference needs the memory back
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_backbone_without_classifier_gives_the_same_features_and_no_logits(tiny_engine, backend):
+    """num_classes 0 (a backbone saved without its classifier): the plan ends at the features,
+    which equal the full model's; asking for logits is one clear error, and the engine still works."""
+    model, _ = tiny_engine
+    spec = model.spec.replace(num_classes=0)
+    assert "classifier.weight" not in spec.state_dict_shapes()
+    tensors = {k: v for k, v in model.state_dict().items() if "num_batches" not in k and not k.startswith("classifier.")}
+    device = torch.device(DEVICE if backend == "triton" else "cpu")
+    engine = densetriton.Engine(densetriton.weights.Weights(spec, tensors), device=device, dtype=torch.float32,
+                                backend=backend, pretrained=False)
+    if backend == "triton":
+        plan = engine._model.plan(3, 40, 40)
+        assert [stage.op for stage, _ in plan.launches][-1] == "head"
+    x = torch.randn(3, 3, 40, 40)
+    with torch.no_grad():
+        expected = model.forward_features(x)
+    with pytest.raises(ValueError, match="no classifier .* engine.features"):
+        engine(x.to(device))
+    features = engine.features(x.to(device))
+    assert features.shape == (3, spec.num_features) and rel_err(features, expected) < 1e-4

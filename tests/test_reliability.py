@@ -347,7 +347,7 @@ def specs_and_sizes(draw):
         num_init_features=draw(st.integers(1, 12)),
         bn_size=draw(st.one_of(st.none(), st.integers(1, 4))),
         compression=draw(st.sampled_from([0.5, 0.7, 1.0, 0.3])),
-        num_classes=draw(st.integers(1, 20)),
+        num_classes=draw(st.integers(0, 20)),  # 0: a backbone without a classifier
         stem=stem,
         in_channels=draw(st.sampled_from([3, 1, 2, 4])),
         bn_eps=draw(st.sampled_from([1e-5, 1.001e-5, 1e-3, 0.1])),  # 0.1 moves results by percent
@@ -370,8 +370,8 @@ def test_triton_backend_equals_the_reference_on_random_specs(case, seed):
     reference = make_engine(spec, backend="reference", seed=seed % 1000)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, spec.in_channels, h, w, generator=g)
-    got = triton_engine(x.to(triton_engine.device))
-    assert rel_err(got, reference(x)) < 1e-4
+    if spec.num_classes:
+        assert rel_err(triton_engine(x.to(triton_engine.device)), reference(x)) < 1e-4
     assert rel_err(triton_engine.features(x.to(triton_engine.device)), reference.features(x)) < 1e-4
 
 

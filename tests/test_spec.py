@@ -144,7 +144,8 @@ def test_spec_json_round_trip_and_hashable():
         (dict(bn_size=0), "bn_size"),
         (dict(compression=1.5), "compression"),
         (dict(stem="resnet"), "stem"),
-        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=-1), "num_classes"),
+        (dict(num_classes=True), "num_classes"),
         (dict(in_channels=0), "in_channels"),
         (dict(in_channels=1.0), "in_channels"),
         (dict(bn_eps=0.0), "bn_eps"),
@@ -156,6 +157,18 @@ def test_spec_json_round_trip_and_hashable():
 def test_invalid_specs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DenseNetSpec(**kwargs)
+
+
+def test_a_spec_without_classifier_is_a_backbone():
+    """num_classes 0: no classifier tensors, parameters and multiply-adds less the classifier's."""
+    full, backbone = get_spec("densenet121"), get_spec("densenet121").replace(num_classes=0)
+    shapes = backbone.state_dict_shapes()
+    assert not [k for k in shapes if k.startswith("classifier")]
+    assert shapes == {k: v for k, v in full.state_dict_shapes().items() if not k.startswith("classifier")}
+    assert full.num_parameters() - backbone.num_parameters() == 1000 * 1024 + 1000
+    assert full.macs(224) - backbone.macs(224) == 1000 * 1024
+    assert densetriton.weights.describe_spec(backbone) == "densenet121 with no classifier"
+    assert DenseNetSpec.from_json(backbone.to_json()) == backbone
 
 
 def test_too_small_input_names_the_smallest_size():

@@ -38,7 +38,7 @@ from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
 from .keras_h5 import KERAS_SUFFIXES, KerasError, read_keras
 from .pickled_module import HostileCheckpoint, clear_sparse_checks, load_pickled, replace_modules
 from ..weights import (
-    FORMAT, WeightsError, check_crop_fits, check_operating_points, check_tensors, default_preprocessing, describe_spec,
+    FORMAT, WeightsError, _listing, check_crop_fits, check_operating_points, check_tensors, default_preprocessing, describe_spec,
     save_weights,
 )
 
@@ -228,6 +228,10 @@ def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[st
                if isinstance(v, torch.Tensor)
                and not k.endswith("num_batches_tracked")  # a training counter, not a weight
                and k.split(".")[-1] != "op_threshs"}  # torchxrayvision's operating points: metadata (see convert_state_dict)
+    if (not any(_wrapper_prefix(k) is not None for k in tensors) and "conv0.weight" in tensors
+            and any(k.startswith("denseblock1.") for k in tensors)):
+        # model.features.state_dict(): a backbone saved on its own, its keys without "features."
+        tensors = {f"features.{k}": v for k, v in tensors.items()}
     training = sorted(k for k, v in tensors.items() if _is_training_state(k, v))
     if training and any(_wrapper_prefix(k) is not None for k in tensors):
         shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
@@ -325,7 +329,8 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
             if math.floor(theta * t_in) == t_out:
                 compression = theta
                 break
-    num_classes = shape("classifier.weight")[0]
+    # No classifier at all: a backbone saved for its features (num_classes 0).
+    num_classes = shape("classifier.weight")[0] if any(k.startswith("classifier.") for k in tensors) else 0
     try:
         return DenseNetSpec(growth_rate, tuple(block_config), conv0[0], bn_size, compression, num_classes, stem, conv0[1])
     except ValueError as e:
@@ -370,6 +375,8 @@ def convert_state_dict(
         # A fine-tuned head of any size, or a stem for grayscale input, is still this architecture.
         if "classifier.weight" in tensors and tensors["classifier.weight"].dim() == 2:
             spec = spec.replace(num_classes=tensors["classifier.weight"].shape[0])
+        elif not any(k.startswith("classifier.") for k in tensors):
+            spec = spec.replace(num_classes=0)  # a backbone without its classifier
         if "features.conv0.weight" in tensors and tensors["features.conv0.weight"].dim() == 4:
             spec = spec.replace(in_channels=tensors["features.conv0.weight"].shape[1])
         try:
@@ -387,9 +394,21 @@ def convert_state_dict(
         check_tensors(tensors, spec)
     except WeightsError as e:
         expected = spec.state_dict_shapes()
-        hint = _outside_hint(_unnest(state_dict), sorted(k for k in tensors if k not in expected))
+        unexpected = sorted(k for k in tensors if k not in expected)
+        hint = _outside_hint(_unnest(state_dict), unexpected)
+        if not spec.num_classes and unexpected and not any(k.startswith("features.") for k in unexpected):
+            raise ConversionError(
+                f"the DenseNet has no classifier of its own, and the rest of the checkpoint ({_listing(unexpected)}) is "
+                f"not one Linear layer to take as it: a multi-layer or normalised head is not supported"
+                f"{hint.replace('converts the DenseNet alone', 'converts the DenseNet alone, for its features')}") from None
         raise ConversionError(f"{e}{hint}") from None
-    if operating_points is None and multi_label is not False:
+    if not spec.num_classes:
+        if class_names is not None or multi_label or operating_points is not None:
+            raise ConversionError("the checkpoint has no classifier (a backbone: features only), so it takes no class "
+                                  "names, --multi-label or operating points")
+        warnings.warn(f"the checkpoint has no classifier: converted as {describe_spec(spec)}, a backbone that gives "
+                      f"features only (engine.features, densetriton embed), not predictions", stacklevel=2)
+    if operating_points is None and multi_label is not False and spec.num_classes:
         operating_points = _operating_points_in(state_dict, spec)
     if operating_points is not None and multi_label is None:
         multi_label = True

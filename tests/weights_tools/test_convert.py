@@ -1,5 +1,6 @@
 """The converter: checkpoints from the wild, bit-exact round trips, clear errors, no half-written files."""
 
+import copy
 import json
 import pickle
 import re
@@ -267,19 +268,69 @@ def test_a_linear_head_beside_the_densenet_becomes_its_classifier(small_model, t
     refused = tmp_path / "refused.safetensors"
     two = dict(net.state_dict(), **{"head2.weight": torch.randn(7, 7), "head2.bias": torch.randn(7)})
     torch.save(two, tmp_path / "two.pth")
-    _assert_refused(tmp_path / "two.pth", refused, r"no tensor 'classifier\.weight'", r"head\.bias, head\.weight, head2\.bias, head2\.weight")
+    _assert_refused(tmp_path / "two.pth", refused, r"the DenseNet has no classifier of its own",
+                    r"head\.bias, head\.weight, head2\.bias, head2\.weight\) is not one Linear layer")
     # A head that normalises first (BatchNorm1d, then Linear) is one module more: refused too.
     normed = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
     normed.update({"head.0.weight": torch.rand(7), "head.0.running_mean": torch.randn(7),
                    "head.1.weight": torch.randn(7, net.head.in_features), "head.1.bias": torch.randn(7)})
     torch.save(normed, tmp_path / "normed.pth")
-    _assert_refused(tmp_path / "normed.pth", refused, r"no tensor 'classifier\.weight'", r"head\.0\.running_mean")
+    _assert_refused(tmp_path / "normed.pth", refused, r"the DenseNet has no classifier of its own", r"head\.0\.running_mean")
     assert not refused.exists()
     # Without a bias, the head is the same function with a zero one.
     net.head = torch.nn.Linear(net.head.in_features, 7, bias=False)
     torch.save(net.state_dict(), tmp_path / "nobias.pth")
     with pytest.warns(UserWarning, match=r"took 'head'"):
         logits_agree(net, convert_checkpoint(tmp_path / "nobias.pth", tmp_path / "out.safetensors"))
+
+
+def test_a_backbone_saved_without_its_classifier_converts_for_its_features(small_model, tmp_path, capsys):
+    """model.features.state_dict(), a state dict without classifier.*, and a model whose classifier
+    is an Identity: a backbone (num_classes 0) whose features equal torchvision's; no class names,
+    no predict, and embed works."""
+    with torch.no_grad():
+        x = torch.randn(2, 3, 40, 40)
+        expected = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(small_model.features(x)), 1), 1)
+    torch.save(small_model.features.state_dict(), tmp_path / "features.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in small_model.state_dict().items()
+                               if not k.startswith("classifier.")}}, tmp_path / "no-classifier.pth")
+    identity = copy.deepcopy(small_model)
+    identity.classifier = torch.nn.Identity()
+    sources = [lambda out: convert_checkpoint(tmp_path / "features.pth", out),
+               lambda out: convert_checkpoint(tmp_path / "no-classifier.pth", out),
+               lambda out: convert_module(identity, out)]
+    for i, convert in enumerate(sources):
+        out = tmp_path / f"backbone{i}.safetensors"
+        with pytest.warns(UserWarning, match="has no classifier: converted as DenseNet.*classes=none.*features only"):
+            convert(out)
+        engine = densetriton.load(out, device="cpu", backend="reference")
+        assert engine.spec.num_classes == 0 and "classifier.weight" not in engine.weights.tensors
+        assert torch.equal(engine.features(x), identity(x))  # bit-exact: the same reference computation
+        assert rel_err(engine.features(x), expected) < 1e-6
+    # The architecture named (a registry name): the same backbone.
+    torch.save(torchvision.models.densenet121().features.state_dict(), tmp_path / "densenet121-features.pth")
+    with pytest.warns(UserWarning, match="converted as densenet121 with no classifier"):
+        named = convert_checkpoint(tmp_path / "densenet121-features.pth", tmp_path / "named.safetensors", arch="densenet121")
+    assert densetriton.load_weights(named).spec == densetriton.get_spec("densenet121").replace(num_classes=0)
+    # Class names or sigmoid outputs need a classifier: one error, nothing written.
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    for flags, says in ((["--class-names", str(tmp_path / "names.txt")], "takes no class names"),
+                        (["--multi-label"], "takes no class names, --multi-label")):
+        rc = main(["convert", "--checkpoint", str(tmp_path / "features.pth"), "--out", str(tmp_path / "x.safetensors"), *flags])
+        assert rc == 1 and says in capsys.readouterr().err
+        assert not (tmp_path / "x.safetensors").exists()
+    # predict needs a classifier: one line, before any image is read; embed gives the features.
+    from PIL import Image
+
+    Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / "a.png")
+    common = ["--weights", str(tmp_path / "backbone0.safetensors"), "--device", "cpu", "--backend", "reference"]
+    assert main(["predict", str(tmp_path / "a.png"), *common]) == 1
+    err = capsys.readouterr().err
+    assert "has no classifier" in err and "densetriton embed" in err and len(err.strip().splitlines()) == 1
+    assert main(["embed", str(tmp_path / "a.png"), *common, "--out", str(tmp_path / "f.npy"), "--workers", "0"]) == 0
+    assert np.load(tmp_path / "f.npy").shape == (1, engine.spec.num_features)
+    assert main(["info", str(tmp_path / "backbone0.safetensors")]) == 0
+    assert "classes             none: no classifier" in capsys.readouterr().out
 
 
 class _Payload:
