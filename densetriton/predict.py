@@ -170,8 +170,10 @@ Output (written atomically, once every image has been processed):
 Row i belongs to path i; skipped images have no row, the rest are in input order. Until FILE is
 written, the rows computed so far are kept in FILE.partial/ (every 30 s, and when the run stops,
 by an error or Ctrl-C); --resume embeds only the images in neither FILE nor FILE.partial/ and
-writes FILE with the old rows first. Without --resume FILE.partial/ is cleared. Under torchrun each
-rank takes every world_size-th image and rank 0 writes FILE.
+writes FILE with the old rows first. Without --resume FILE.partial/ is cleared and FILE replaced;
+--resume after such a run was interrupted goes on replacing FILE (its old rows are not kept).
+Paths are separated by "\n" alone. Under torchrun each rank takes every world_size-th image and
+rank 0 writes FILE.
 
 Examples:
   densetriton embed photos/ --model densenet121 --out feats.npy
@@ -530,6 +532,8 @@ class _Records:
             if rows[0] != self.header():
                 if rows[0][:1] == ["path"] and rows[0][-1:] != ["model"]:
                     self._check_model(path, None)
+                if rows[0][:1] == ["path"] and len(rows) > 1 and rows[1]:
+                    self._check_model(path, rows[1][-1])  # another model first: its class count may differ
                 width = (len(rows[0]) - 2) // 2
                 raise ValueError(
                     f"{path} has {width} ranks per row (columns {','.join(rows[0][:3])},...), not --topk {self.k}: "
@@ -541,7 +545,7 @@ class _Records:
                     self._check_model(path, row[-1])
                     records.append((row[0], self._csv_line(row)))
         else:
-            for n, line in enumerate(text.splitlines(), 1):
+            for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and friends are no line break here
                 if not line.strip():
                     continue
                 try:
@@ -823,21 +827,37 @@ def _feature_file_paths(out: str, width: int, model_id: str) -> list[str]:
     npy = out.lower().endswith(".npy")
     try:
         if npy:
-            try:
-                found = json.loads(Path(out + ".json").read_text(encoding="utf-8")).get("model_id")
-            except FileNotFoundError:
-                found = None  # written by densetriton before FILE.npy.json
+            if not os.path.isfile(out + ".paths.txt"):
+                raise ValueError(f"no {out}.paths.txt beside it")
         else:
             with safe_open(out, framework="pt") as f:
-                found = (f.metadata() or {}).get("model_id")
-    except (OSError, ValueError, AttributeError, SafetensorError) as e:
+                metadata = f.metadata() or {}
+            if metadata.get("format") != "densetriton-features":
+                raise ValueError("its metadata does not say format densetriton-features")
+    except (OSError, ValueError, SafetensorError) as e:
         raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
+    if npy:
+        try:
+            with open(out + ".json", encoding="utf-8") as f:
+                found = json.load(f).get("model_id")
+        except FileNotFoundError:
+            found = None  # written by densetriton before FILE.npy.json
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{out}.json should name the model of {out}, and cannot be read ({e}); "
+                             f"cannot resume from it") from None
+    else:
+        found = metadata.get("model_id")
     if found != model_id:  # checked before any row is read: another model's rows are never mixed in
         raise _other_model(out, found, model_id)
     try:
         if npy:
             shape = np.load(out, mmap_mode="r", allow_pickle=False).shape  # the header, not the rows
-            paths = Path(out + ".paths.txt").read_text(encoding="utf-8").splitlines()
+            # One path per "\n" exactly (as written): splitlines() would also break a path at U+2028,
+            # a form feed or a lone "\r", pairing later rows with the wrong paths.
+            with open(out + ".paths.txt", encoding="utf-8", newline="") as f:
+                paths = f.read().split("\n")
+            if paths[-1] == "":
+                paths.pop()  # the last path's own "\n"
         else:
             with safe_open(out, framework="pt") as f:
                 shape, paths = tuple(f.get_slice("features").get_shape()), json.loads(f.metadata()["paths"])
@@ -854,6 +874,9 @@ def _feature_file_paths(out: str, width: int, model_id: str) -> list[str]:
 
 # The paths of a .safetensors features file live in its header, which safetensors caps at 100 MB.
 _SAFETENSORS_PATHS_LIMIT = 90_000_000
+
+
+_REPLACES_FILE = "replaces-FILE"  # in FILE.partial/: written by a run without --resume
 
 
 def _progress_dir(out: str) -> Path:
@@ -954,8 +977,11 @@ def _embed(args, dist: _Dist, out: str) -> int:
     # stopped after writing FILE but before clearing FILE.partial/ leaves rows in both). Only
     # their paths are read now; rank 0 copies the rows into the new FILE at the end.
     file_paths, old_paths, recovered = [], [], 0
+    # A run without --resume replaces FILE, and says so in FILE.partial/: resuming it after an
+    # interruption goes on replacing FILE (its rows are not kept, nor its model checked).
+    replacing = not args.resume or (_progress_dir(out) / _REPLACES_FILE).is_file()
     if args.resume:
-        if os.path.isfile(out):
+        if os.path.isfile(out) and not replacing:
             file_paths = _feature_file_paths(out, width, mid)
         partial_paths = [p for _, paths in _progress_chunks(out, width, mid) for p in paths]
         fresh = unseen_in_input_order(partial_paths, {_path_key(p) for p in file_paths})
@@ -963,6 +989,8 @@ def _embed(args, dist: _Dist, out: str) -> int:
         old_paths = file_paths + [partial_paths[j] for j in fresh]
     elif dist.rank == 0:
         shutil.rmtree(_progress_dir(out), ignore_errors=True)  # an earlier run's, not to be mixed in
+        _progress_dir(out).mkdir(parents=True, exist_ok=True)
+        (_progress_dir(out) / _REPLACES_FILE).write_text(f"this run replaces {Path(out).name}\n", encoding="utf-8")
     dist.barrier()  # every rank has read (or rank 0 has cleared) the old rows before any rank writes
     done_keys = {_path_key(p) for p in old_paths}
     todo = [(i, p) for i, p in enumerate(files) if _path_key(p) not in done_keys]
@@ -1002,10 +1030,10 @@ def _embed(args, dist: _Dist, out: str) -> int:
         new_paths = [p for _, paths in _progress_chunks(out, width, mid) for p in paths]
         new_rows = unseen_in_input_order(new_paths, set(done_keys))
         _write_features(out, width, describe_spec(engine.spec), mid, old_paths + [new_paths[j] for j in new_rows],
-                        file_rows=len(file_paths), resumed=args.resume)
+                        file_rows=len(file_paths), resumed=not replacing)
         shutil.rmtree(_progress_dir(out), ignore_errors=True)
-    elif dist.rank == 0 and args.resume:
-        shutil.rmtree(_progress_dir(out), ignore_errors=True)  # nothing new: FILE stays; leftover rows were in it
+    elif dist.rank == 0:  # nothing new: FILE stays (a resumed run's leftover rows were in it)
+        shutil.rmtree(_progress_dir(out), ignore_errors=True)
     dist.barrier()
     if show:
         written = out + (f", {out}.paths.txt and {out}.json" if out.lower().endswith(".npy") else "")

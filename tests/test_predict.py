@@ -395,6 +395,15 @@ def test_resume_never_mixes_two_models_rows(weights, engine, tmp_path, capsys, m
             assert out.read_bytes() == before
         assert run_cli(capsys, *base, "--resume")[0] == 0  # the same model goes on
         assert_matches_engine(read_csv(out) if out.suffix == ".csv" else read_jsonl(out), engine, 2)
+    # Another model with more classes at the same --topk: its rows are another model's (said
+    # first), not a --topk slip.
+    five = tmp_path / "five.safetensors"
+    densetriton.save_weights(five, _tensors(SPEC.replace(num_classes=5), 2), SPEC.replace(num_classes=5),
+                             class_names=["a", "b", "c", "d", "e"], preprocessing=PRE)
+    wide = tmp_path / "wide.csv"
+    assert run_cli(capsys, "predict", folder, *common(weights, "--out", wide, "--workers", "0", "--topk", "5"))[0] == 0
+    rc, _, err = run_cli(capsys, "predict", folder, *common(str(five), "--out", wide, "--workers", "0", "--topk", "5", "--resume"))
+    assert rc == 1 and "holds rows of another model" in err, err
     # A file written before rows named their model cannot be checked: refused, not guessed.
     old = tmp_path / "old.csv"
     old.write_text("path,label_1,prob_1,label_2,prob_2\n" + f"{folder / 'one.png'},cat,0.5,dog,0.25\n")
@@ -454,6 +463,86 @@ def test_embed_resume_never_mixes_two_models_features(weights, engine, tmp_path,
     assert len(list(partial.iterdir())) == 1
     rc, _, err = run_cli(capsys, "embed", folder, *common(str(relabelled), "--out", out, "--workers", "0", "--resume"))
     assert rc == 0 and "embedded 1 image " in err
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_an_interrupted_run_without_resume_goes_on_replacing_file(weights, engine, tmp_path, capsys, monkeypatch, suffix):
+    """FILE of model A; a run of model B without --resume (it replaces FILE) stops after a chunk:
+    --resume with B finishes the replacement (A's rows are neither kept nor checked), and --resume
+    with A is refused, since FILE.partial/ holds B's rows."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = _rng("replace-" + suffix)
+    for i in range(5):
+        Image.fromarray(_noise(rng, 40, 40)).save(folder / f"{i}.png")
+    b = tmp_path / "b.safetensors"
+    densetriton.save_weights(b, _tensors(SPEC, 1), SPEC, class_names=NAMES, preprocessing=PRE)
+    out = tmp_path / f"f{suffix}"
+    run = ["embed", folder, "--backend", "reference", "--device", "cpu", "--out", out, "--workers", "0", "--batch-size", "2"]
+    assert run_cli(capsys, *run, "--weights", weights)[0] == 0
+    features, calls = densetriton.engine.Engine.features, []
+
+    def interrupted(self, x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return features(self, x)
+
+    monkeypatch.setattr(densetriton.engine.Engine, "features", interrupted)
+    rc, _, err = run_cli(capsys, *run, "--weights", b)
+    assert rc == 130 and "run the same command with --resume" in err
+    monkeypatch.setattr(densetriton.engine.Engine, "features", features)
+    rc, _, err = run_cli(capsys, *run, "--weights", weights, "--resume")
+    assert rc == 1 and "holds features of another model" in err and ".partial" in err
+    rc, _, err = run_cli(capsys, *run, "--weights", b, "--resume")
+    assert rc == 0 and "resuming: 2 of 5 images already embedded" in err, err
+    engine_b = densetriton.load(str(b), device="cpu", backend="reference")
+    if suffix == ".npy":
+        rows = torch.from_numpy(np.load(out))
+        paths = Path(f"{out}.paths.txt").read_text(encoding="utf-8").splitlines()
+        assert json.loads(Path(f"{out}.json").read_text())["model_id"] == model_id(engine_b, head=False)
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(out), framework="pt") as f:
+            rows, paths = f.get_tensor("features"), json.loads(f.metadata()["paths"])
+            assert f.metadata()["model_id"] == model_id(engine_b, head=False)
+    assert paths == [str(folder / f"{i}.png") for i in range(5)]
+    assert rel_err(rows, torch.cat([engine_b.features(preprocess(load_image(p), engine_b)) for p in paths])) < 1e-5
+    assert not Path(f"{out}.partial").exists()
+
+
+def test_npy_paths_keep_unusual_characters_and_foreign_files_are_named(weights, engine, tmp_path, capsys):
+    """A path with U+2028 or a form feed is one line of FILE.npy.paths.txt (only "\n" ends one),
+    so --resume pairs every row with its own path; a file that is not densetriton's, or a
+    FILE.npy.json that cannot be read, is named in one error and left as it is."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = _rng("odd-names")
+    names = ["a\u2028b.png", "c\x0cd.png", "e\x85f.png", "plain.png"]
+    for name in names:
+        Image.fromarray(_noise(rng, 40, 40)).save(folder / name)
+    npy = tmp_path / "f.npy"
+    args = ["embed", folder, *common(weights, "--out", npy, "--workers", "0")]
+    assert run_cli(capsys, *args)[0] == 0
+    Image.fromarray(_noise(rng, 40, 40)).save(folder / "zz.png")
+    rc, _, err = run_cli(capsys, *args, "--resume")
+    assert rc == 0 and "embedded 1 image " in err and "4 already done" in err, err
+    with open(f"{npy}.paths.txt", encoding="utf-8", newline="") as f:
+        paths = f.read().split("\n")[:-1]
+    assert paths == [str(folder / n) for n in sorted(names)] + [str(folder / "zz.png")]
+    expected = torch.cat([engine.features(preprocess(load_image(p), engine)) for p in paths])
+    assert rel_err(torch.from_numpy(np.load(npy)), expected) < 1e-5
+
+    for bad, says in (("", "f.npy.json should name the model of"), ("[1, 2]", "f.npy.json should name the model of")):
+        Path(f"{npy}.json").write_text(bad)
+        rc, _, err = run_cli(capsys, *args, "--resume")
+        assert rc == 1 and says in err, err
+    weights_copy = tmp_path / "w.safetensors"
+    weights_copy.write_bytes(Path(weights).read_bytes())
+    rc, _, err = run_cli(capsys, "embed", folder, *common(weights, "--out", weights_copy, "--workers", "0", "--resume"))
+    assert rc == 1 and "is not a densetriton features file" in err
+    assert weights_copy.read_bytes() == Path(weights).read_bytes()
 
 
 def test_model_id_names_what_the_images_become_not_how_it_is_spelled(engine):

@@ -489,6 +489,8 @@ def convert_checkpoint(
         except WeightsError as e:
             raise ConversionError(f"{e}; {path.name} records it: pass --mean, --std, --resize-size and --crop-size "
                                   f"to record the preprocessing the model was trained with") from None
+        except (TypeError, AttributeError, IndexError, KeyError):
+            pass  # not even well-formed: save_weights' check_preprocessing says what is wrong
     bn_eps = bn_eps if bn_eps is not None else carried.get("bn_eps")
     multi_label = multi_label if multi_label is not None else carried.get("multi_label")
     if operating_points is None and multi_label is not False:

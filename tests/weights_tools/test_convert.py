@@ -393,6 +393,15 @@ def test_convert_option_files_and_odd_inputs_give_errors_that_say_what_to_fix(sm
                  "--std", "0.25", "0.25", "0.25", "--resize-size", "80", "--crop-size", "80"]) == 0
     capsys.readouterr()
     assert load_weights(renewed).preprocessing["resize_size"] == 80
+    # Not even well-formed (a hand-edited file): the preprocessing check says what is wrong.
+    for bad, says in (({"resize_size": "40", "crop_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}, "resize_size '40' is not"),
+                      ([1, 2], "preprocessing must be a dict"),
+                      ({"resize_size": 40, "crop_size": [], "mean": [0.5] * 3, "std": [0.25] * 3}, "crop_size [] is not")):
+        metadata["preprocessing"] = json.dumps(bad)
+        save_file(tensors, str(old), metadata=metadata)
+        assert main(["convert", "--checkpoint", str(old), "--out", str(tmp_path / "x.safetensors")]) == 1
+        e = capsys.readouterr().err
+        assert says in e and "Traceback" not in e, e
     (tmp_path / "empty.pth").write_bytes(b"")
     np.save(tmp_path / "array.npy", np.zeros(3))
     for path, says in ((tmp_path / "empty.pth", "is empty (0 bytes)"), (tmp_path / "array.npy", "is a NumPy array file")):
