@@ -164,6 +164,21 @@ def common(weights, *extra):
     return ["--weights", weights, "--backend", "reference", "--device", "cpu", *extra]
 
 
+def ctrl_c_on_second_batch(monkeypatch, method: str):
+    """Engine.<method> (__call__ or features) raises KeyboardInterrupt on its second batch, as a
+    Ctrl-C would; returns the real method, to put back with monkeypatch.setattr."""
+    real, calls = getattr(densetriton.engine.Engine, method), []
+
+    def interrupted(self, x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    monkeypatch.setattr(densetriton.engine.Engine, method, interrupted)
+    return real
+
+
 # -- predict ------------------------------------------------------------------------------------
 
 
@@ -411,16 +426,7 @@ def test_resume_never_mixes_two_models_rows(weights, engine, tmp_path, capsys, m
     assert rc == 1 and "names no model in its rows" in err
 
     # Ctrl-C says where the results so far are, and how to go on.
-    calls = []
-    real = densetriton.engine.Engine.__call__
-
-    def interrupted(self, x):
-        calls.append(len(x))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, x)
-
-    monkeypatch.setattr(densetriton.engine.Engine, "__call__", interrupted)
+    ctrl_c_on_second_batch(monkeypatch, "__call__")
     out = tmp_path / "stopped.csv"
     rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--workers", "0", "--batch-size", "1"))
     assert rc == 130 and f"1 images' results are in {out}: run the same command with --resume" in err
@@ -480,15 +486,7 @@ def test_an_interrupted_run_without_resume_goes_on_replacing_file(weights, engin
     out = tmp_path / f"f{suffix}"
     run = ["embed", folder, "--backend", "reference", "--device", "cpu", "--out", out, "--workers", "0", "--batch-size", "2"]
     assert run_cli(capsys, *run, "--weights", weights)[0] == 0
-    features, calls = densetriton.engine.Engine.features, []
-
-    def interrupted(self, x):
-        calls.append(len(x))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return features(self, x)
-
-    monkeypatch.setattr(densetriton.engine.Engine, "features", interrupted)
+    features = ctrl_c_on_second_batch(monkeypatch, "features")
     rc, _, err = run_cli(capsys, *run, "--weights", b)
     assert rc == 130 and "run the same command with --resume" in err
     monkeypatch.setattr(densetriton.engine.Engine, "features", features)
@@ -690,16 +688,7 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     npy = tmp_path / "feats.npy"
     args = common(weights, "--out", npy, "--workers", "0", "--batch-size", "3")
 
-    features = densetriton.engine.Engine.features
-    calls = []
-
-    def interrupted(self, x):
-        calls.append(len(x))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return features(self, x)
-
-    monkeypatch.setattr(densetriton.engine.Engine, "features", interrupted)
+    features = ctrl_c_on_second_batch(monkeypatch, "features")
     rc, _, err = run_cli(capsys, "embed", folder, *args)
     assert rc == 130 and not npy.exists()
     assert "images' features are kept in" in err and "feats.npy.partial/: run the same command with --resume" in err
