@@ -276,12 +276,19 @@ def _unwrap_sequential_classifier(tensors: dict[str, torch.Tensor]) -> dict[str,
 
 
 def _refuse_3d(tensors: dict[str, torch.Tensor]) -> None:
-    """A 3-D DenseNet (MONAI's spatial_dims=3) is named as such, whatever else is wrong with it."""
+    """A 3-D DenseNet (MONAI's spatial_dims=3), or one with timm's deep stem, is named as such,
+    whatever else is wrong with it."""
     conv0 = tensors.get("features.conv0.weight")
     if conv0 is not None and conv0.dim() == 5:
         raise ConversionError(
             f"features.conv0.weight has shape {tuple(conv0.shape)}: a 3-D DenseNet (MONAI's spatial_dims=3); "
             f"densetriton runs 2-D DenseNets"
+        )
+    if conv0 is not None and "features.conv1.weight" in tensors:
+        raise ConversionError(
+            "the stem has three convolutions (features.conv0, conv1, conv2): timm's deep-stem DenseNets "
+            "(densenet264d, densenetblur121d); densetriton runs the paper's stems (one 7x7 convolution, or "
+            "CIFAR's 3x3), so it cannot convert this one"
         )
 
 

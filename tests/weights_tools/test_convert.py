@@ -522,6 +522,22 @@ def test_a_3d_monai_densenet_is_refused_by_name(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_timms_deep_stem_densenets_are_refused_by_name(small_model, tmp_path):
+    """timm's densenet264d and densenetblur121d: conv0 is a 3x3 stride-2 convolution followed by
+    conv1/norm1 and conv2/norm2 (the layout timm saves); not the CIFAR stem its 3x3 conv0 suggests."""
+    sd = dict(small_model.state_dict())
+    sd["features.conv0.weight"] = torch.randn(4, 3, 3, 3)
+    for i, (c_in, c_out) in enumerate([(4, 4), (4, 8)], start=1):
+        sd[f"features.conv{i}.weight"] = torch.randn(c_out, c_in, 3, 3)
+        for stat in ("weight", "bias", "running_mean", "running_var"):
+            sd[f"features.norm{i}.{stat}"] = torch.rand(c_out)
+    torch.save(sd, tmp_path / "densenet264d.pth")
+    for arch in (None, "densenet264"):
+        _assert_refused(tmp_path / "densenet264d.pth", tmp_path / "out.safetensors", r"three convolutions",
+                        r"timm's deep-stem", arch=arch)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_a_grayscale_preprocessing_needs_its_mean_and_std(tmp_path):
     model = _monai_model(9, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1)
     with pytest.raises(WeightsError, match=r"mean is missing \(a 1-channel model has no default\); std is missing"):
