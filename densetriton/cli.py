@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -121,7 +122,12 @@ def _read_text(path: str, option: str) -> str:
 
 def _read_class_names(path: str) -> list[str]:
     """One name per line; blank lines at the end are ignored, one between names is an error
-    (a class without a name, or a slip that would shift every later name)."""
+    (a class without a name, or a slip that would shift every later name). "imagenet", where no
+    such file is, names torchvision's ImageNet-1k classes (those of its pretrained weights)."""
+    if path == "imagenet" and not os.path.exists(path):
+        from torchvision.models import DenseNet121_Weights
+
+        return list(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
     lines = [line.strip() for line in _read_text(path, "--class-names").splitlines()]
     while lines and not lines[-1]:
         lines.pop()
@@ -205,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .safetensors file to write (written atomically)")
     p.add_argument("--arch", choices=list_models(), metavar="NAME", help="architecture; without --checkpoint, fetch torchvision's weights")
     p.add_argument("--checkpoint", help="a local checkpoint file; the architecture is inferred unless --arch is given")
-    p.add_argument("--class-names", help="a text file with one class name per line, stored in the weights file")
+    p.add_argument("--class-names", metavar="FILE",
+                   help="a text file with one class name per line, stored in the weights file; 'imagenet' for "
+                        "torchvision's ImageNet-1k names (a model fine-tuned from them, or timm's in1k weights)")
     p.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
                    help="record that the model was trained multi-label (a sigmoid per class, as chest X-ray models "
                    "are), so predict applies a sigmoid; default: what a Keras head applies, else not recorded")

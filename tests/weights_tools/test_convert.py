@@ -353,6 +353,23 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_class_names_imagenet_are_torchvisions(tmp_path, capsys, monkeypatch):
+    """--class-names imagenet: torchvision's ImageNet-1k names, unless a file of that name is there."""
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2)
+    torch.save(model.state_dict(), tmp_path / "in1k.pth")
+    out = tmp_path / "in1k.safetensors"
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "--checkpoint", "in1k.pth", "--class-names", "imagenet", "--out", str(out)]) == 0
+    names = load_weights(out).class_names
+    assert names == list(torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
+    assert names[0] == "tench" and len(names) == 1000
+    (tmp_path / "imagenet").write_text("".join(f"c{i}\n" for i in range(1000)))  # a file of that name wins
+    assert main(["convert", "--checkpoint", "in1k.pth", "--class-names", "imagenet", "--out", str(out)]) == 0
+    assert load_weights(out).class_names[:2] == ["c0", "c1"]
+    capsys.readouterr()
+
+
 def test_convert_option_files_and_odd_inputs_give_errors_that_say_what_to_fix(small_model, tmp_path, capsys):
     torch.save(small_model.state_dict(), tmp_path / "m.pth")
     out = tmp_path / "m.safetensors"
@@ -370,6 +387,7 @@ def test_convert_option_files_and_odd_inputs_give_errors_that_say_what_to_fix(sm
     (tmp_path / "gap.txt").write_text("cat\n\ndog\neel\nfox\nyak\n")
     assert "--class-names " in (e := err("--class-names", str(tmp_path / "gap.txt"))) and "line 2 is blank" in e
     assert "--class-names nosuch.txt: no such file" in err("--class-names", "nosuch.txt")
+    assert "1000 class names for a 5-class classifier" in err("--class-names", "imagenet")  # torchvision's names
     assert f"--class-names {tmp_path}: a folder, not a text file" in err("--class-names", str(tmp_path))
     assert "is not 3 finite numbers" in err("--mean", "nan", "0", "0", "--std", "1", "1", "1")
     (tmp_path / "points.txt").write_text("0.2\nnan\n1\n0.3\n0.4\n")
