@@ -30,7 +30,9 @@ def randomize_batchnorm(
             m.reset_running_stats()
     with torch.no_grad():
         for _ in range(passes):
-            model(torch.randn(4, in_channels, image_size, image_size, generator=g))
+            # The features alone where there is no classifier (a backbone: num_classes 0).
+            run = model.forward_features if getattr(model, "classifier", True) is None else model
+            run(torch.randn(4, in_channels, image_size, image_size, generator=g))
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)

@@ -92,6 +92,88 @@ def test_forward_calls_no_cat(tiny_engine):
     assert any(n.startswith("aten::") for n in names)
 
 
+def test_a_call_allocates_only_its_result_and_the_stem_reads_the_callers_tensor(tiny_engine, monkeypatch):
+    """With the kernels stubbed out (the interpreter allocates for itself), what is left is the
+    executor's own work per call: one allocation, the returned logits, and no copy of the input."""
+    import densetriton.kernels as kernels
+
+    model, _ = tiny_engine
+    launched = []
+    for name in ("bn_relu_conv", "bn_relu_avgpool_conv", "max_pool_3x3_s2", "bn_relu_global_avgpool"):
+        monkeypatch.setattr(kernels, name, lambda *args, _name=name, **kw: launched.append((_name, args[0] if args else None)))
+    tensors = {k: v for k, v in model.state_dict().items() if "num_batches" not in k}
+    engine = densetriton.Engine(densetriton.weights.Weights(model.spec, tensors), device=torch.device(DEVICE),
+                                dtype=torch.float32, backend="triton", pretrained=False)
+    x = torch.randn(2, 3, 40, 40, device=DEVICE)
+    engine(x)  # builds (and on CUDA captures) the plan
+    launched.clear()
+    with torch.profiler.profile() as prof:
+        logits = engine(x)
+    allocations = [e.name for e in prof.events() if e.name.startswith(("aten::empty", "aten::zeros", "aten::clone"))]
+    copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::contiguous", "aten::to", "aten::cat")]
+    assert allocations == ["aten::empty"] and not copies, (allocations, copies)
+    assert logits.shape == (2, 5)
+    stem, stem_input = launched[0]
+    assert stem == "bn_relu_conv" and stem_input.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize(
+    "spec,size",
+    [(DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 40), (DenseNetSpec(6, (3, 2, 4), 10, 3, 0.7, 5, "imagenet"), 45),
+     (DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"), 9), (DenseNetSpec(3, (2, 2), 5, None, 0.5, 0, "cifar"), 12)],
+    ids=["bottleneck", "odd-widths", "plain-cifar", "plain-no-classifier"],
+)
+def test_no_stage_reads_a_buffer_element_nobody_wrote(spec, size):
+    """Every plan buffer (arenas, bottleneck scratch, features) poisoned with NaN once the plan is
+    built: a stage that read a stale or unwritten element would carry NaN into the result."""
+    model = _random_model(spec, seed=11, size=size)
+    tensors = {k: v for k, v in model.state_dict().items() if "num_batches" not in k}
+    engine = densetriton.Engine(densetriton.weights.Weights(spec, tensors), device=torch.device(DEVICE),
+                                dtype=torch.float32, backend="triton", pretrained=False)
+    x = torch.randn(3, 3, size, size)
+    plan = engine._model.plan(3, size, size)
+    for buffer in (*plan.arenas, plan.features) + ((plan.scratch,) if plan.scratch is not None else ()):
+        buffer.fill_(float("nan"))
+    with torch.no_grad():
+        expected = model.forward_features(x)
+    features = engine.features(x.to(DEVICE))
+    assert not features.isnan().any() and rel_err(features, expected) < 1e-4
+    if spec.num_classes:
+        for buffer in (*plan.arenas, plan.features) + ((plan.scratch,) if plan.scratch is not None else ()):
+            buffer.fill_(float("nan"))
+        with torch.no_grad():
+            assert rel_err(engine(x.to(DEVICE)), model(x)) < 1e-4
+
+
+def test_release_frees_every_plan_buffer():
+    """After release() (and after a batch too large to plan) no plan buffer is reachable: nothing
+    but the plan cache held them."""
+    import gc
+    import weakref
+
+    spec = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet")
+    engine = densetriton.load(spec, weights=None, device=DEVICE, backend="triton")
+    x = torch.randn(2, 3, 40, 40, device=DEVICE)
+
+    def buffers_of_the_plan():
+        engine(x)
+        engine.features(x)
+        plan = engine._model.plan(2, 40, 40)
+        return [weakref.ref(t) for t in (*plan.arenas, plan.features, plan.scratch)]
+
+    refs = buffers_of_the_plan()
+    engine.release()
+    gc.collect()
+    assert not any(r() is not None for r in refs)
+    refs = buffers_of_the_plan()
+    with pytest.raises(MemoryError):
+        engine(torch.randn(1, 3, 40, 40, device=DEVICE).expand(10**11, 3, 40, 40))
+    engine.release()
+    gc.collect()
+    assert not any(r() is not None for r in refs)
+    assert engine(x).shape == (2, 5)
+
+
 def test_plans_are_reused_and_results_never_alias(tiny_engine):
     model, engine = tiny_engine
     x1, x2 = torch.randn(2, 3, 40, 40, device=DEVICE), torch.randn(2, 3, 40, 40, device=DEVICE)
@@ -136,6 +218,9 @@ def test_plan_cache_stays_within_its_bound(tiny_engine):
         engine(torch.randn(2, 3, size, size, device=DEVICE))
         assert sum(p.nbytes for p in executor.plans.values()) <= executor.plan_cache_bytes
     assert len(executor.plans) == 2
+    executor.plan_cache_bytes = one // 2  # below one plan: the newest is kept alone, the call needs it
+    engine(torch.randn(2, 3, 44, 44, device=DEVICE))
+    assert [key[:3] for key in executor.plans] == [(2, 44, 44)]
     engine.release()
     assert not executor.plans
     assert engine(torch.randn(1, 3, 40, 40, device=DEVICE)).shape == (1, 5)

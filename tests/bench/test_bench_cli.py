@@ -1,5 +1,6 @@
 """`densetriton bench` end to end on the CPU, on a setting small enough for CI."""
 
+import datetime
 import json
 import re
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from densetriton.bench import peers as P
+from densetriton.bench import roofline as R
+from densetriton.bench.run import resolve
 from densetriton.bench.schema import RESULTS
 from densetriton.cli import build_parser, main
 
@@ -58,6 +61,8 @@ def test_quick_run_writes_valid_json_markdown_and_chart(quick_run):
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(doc, RESULTS)
     assert doc["device"] == "cpu" and doc["torch"] == torch.__version__ and doc["complete"] is True
+    created = datetime.datetime.fromisoformat(doc["created"])  # the schema checks no date format
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()) < 3600
     assert stem.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
     assert f"]({stem.name}.png)" in stem.with_suffix(".md").read_text()
 
@@ -76,6 +81,11 @@ def test_quick_run_records(quick_run):
         assert 0 <= r["top1_agree"] <= 1
         entry = next(e for e in doc["roofline"] if e["batch"] == r["batch"])
         assert r["floor_ms"] == entry["floor_ms"] > 0
+        # the floor comes from the rates this run timed on this machine
+        rates = doc["machine"]
+        assert rates["copy_bytes_per_s"] > 0 and rates["matmul_flops_per_s"]["bfloat16"] > 0
+        assert entry["floor_ms"] == pytest.approx(R.floor_ms(entry["macs"], entry["bytes"],
+                                                             rates["matmul_flops_per_s"]["bfloat16"], rates["copy_bytes_per_s"]))
         assert r["pct_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["median_ms"])
     dt = recs[("densetriton", 1)]
     assert dt["backend"] == "reference" and dt["peer_dtype"] == "bfloat16" and dt["planned_mem_bytes"] is None
@@ -154,6 +164,29 @@ def test_an_interrupted_run_keeps_its_records_and_lists_what_it_did_not_run(tmp_
     not_run = {(s["batch"], s["peer"]) for s in doc["skipped"] if "interrupted" in s["reason"]}
     # batch 1: the second and third peers; batch 2: all three
     assert len(not_run) == 5 and (doc["results"][0]["batch"], doc["results"][0]["peer"]) not in not_run
+
+
+def test_default_settings_are_the_issues(monkeypatch):
+    """What a bare command measures: on a GPU densenet121 and 201, batches 1/8/64/256, float16,
+    224, every peer; `--quick` on a CPU (the README's main job) densenet121, batches 1 and 2,
+    224, bfloat16 (float16 is emulated there)."""
+    def settings(*argv):
+        return resolve(build_parser().parse_args(["bench", *argv]))
+
+    quick = settings("--quick", "--device", "cpu")
+    assert (quick.models, quick.batches, quick.image_size, quick.dtypes) == (["densenet121"], [1, 2], 224, ["bfloat16"])
+    assert quick.quick and quick.peers == list(P.PEERS) and not quick.peers_named
+    full = settings("--device", "cpu")
+    assert (full.models, full.batches, full.image_size, full.dtypes) == (
+        ["densenet121", "densenet201"], [1, 8, 64, 256], 224, ["bfloat16"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU machine gets
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gpu = settings()
+    assert str(gpu.device) == "cuda:0" and not gpu.quick
+    assert (gpu.models, gpu.batches, gpu.image_size, gpu.dtypes) == (
+        ["densenet121", "densenet201"], [1, 8, 64, 256], 224, ["float16"])
+    assert gpu.peers == ["densetriton", "torchvision-eager-fp32", "torchvision-eager-fp16-cl", "torch-compile-default",
+                         "torch-compile-max-autotune"]
 
 
 def test_parser_and_errors(capsys, tmp_path):
