@@ -362,7 +362,7 @@ def specs_and_sizes(draw):
     return spec, draw(st.integers(1, 3)), h, w
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(specs_and_sizes(), st.integers(0, 2**31 - 1))
 def test_triton_backend_equals_the_reference_on_random_specs(case, seed):
     spec, batch, h, w = case

@@ -107,3 +107,46 @@ def test_skipped_records_are_grouped_by_peer_and_reason():
         "skipped torch-compile-default: no CUDA",
         "skipped densetriton (densenet201 1 float16): failed: boom",
     ]
+
+
+def test_chart_has_one_panel_per_model_and_one_line_per_peer(tmp_path, monkeypatch):
+    """What the chart shows, read off the figure: a panel per model, a line per peer, batch sizes
+    on x and each record's images/s on y."""
+    from matplotlib.figure import Figure
+
+    doc = synthetic_doc()
+    doc["results"] += [dict(r, model="densenet201", images_per_s=r["images_per_s"] / 2) for r in doc["results"]]
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), save(self, *a, **k))[1])
+    report.draw_chart(doc, tmp_path / "c.png")
+    (fig,) = drawn
+    assert [ax.get_title() for ax in fig.axes] == ["densenet121 224x224", "densenet201 224x224"]
+    for ax in fig.axes:
+        model = ax.get_title().split()[0]
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"densetriton", "torchvision-eager-fp16-cl"}
+        for peer, line in lines.items():
+            rows = sorted((r["batch"], r["images_per_s"]) for r in doc["results"] if r["model"] == model and r["peer"] == peer)
+            assert list(line.get_xdata()) == [b for b, _ in rows] == [1, 8, 64]
+            assert list(line.get_ydata()) == pytest.approx([y for _, y in rows])
+
+
+def test_gpu_run_script_records_each_stage_and_fails_when_one_does(tmp_path):
+    """bench/gpu_run.sh, with its stages off (a GPU host runs them): it still writes run.log with
+    the versions and exits 0; a stage that fails (an interpreter that cannot install) is in the
+    summary and the exit status."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_run.sh"
+    off = dict(os.environ, PYTHON=sys.executable, RUN_INSTALL="0", RUN_TESTS="0", RUN_BENCH="0")
+    done = subprocess.run(["bash", str(script), str(tmp_path / "a")], env=off, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "a" / "run.log").read_text()
+    assert "gpu_run: started" in log and f"torch {__import__('torch').__version__}" in log
+    failing = dict(off, PYTHON="false", RUN_INSTALL="1")
+    done = subprocess.run(["bash", str(script), str(tmp_path / "b")], env=failing, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "install: FAILED (exit 1)" in done.stdout
