@@ -164,9 +164,9 @@ class TritonExecutor:
         return plan.features.clone()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.plan(x.shape[0], x.shape[2], x.shape[3])
         if not self.spec.num_classes:
             raise ValueError(NO_CLASSIFIER)
+        plan = self.plan(x.shape[0], x.shape[2], x.shape[3])
         logits = torch.empty(x.shape[0], self.spec.num_classes, dtype=torch.float32, device=self.device)
         self._forward(plan, x, logits)
         return logits
