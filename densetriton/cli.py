@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert torchvision's pretrained weights or a checkpoint into a .safetensors weights file",
         description="Convert torchvision's pretrained weights (--arch) or a local checkpoint (--checkpoint: .pth, .pt, "
         ".pth.tar, .safetensors; nested state dicts, 'module.' prefixes, legacy keys, Sequential classifiers, MONAI's "
-        "DenseNet and grayscale stems are handled; or a Keras DenseNet: .h5, .weights.h5, .keras) into a densetriton "
+        "DenseNet, timm's, grayscale stems and backbones without a classifier (features only) are handled; or a Keras DenseNet: .h5, .weights.h5, .keras) into a densetriton "
         "weights file. Pickles load with weights_only=True, or (whole pickled models, torchxrayvision's) with inert "
         "placeholders for the classes they name; Keras configs are read as JSON: no code from a file runs.",
     )
