@@ -352,8 +352,18 @@ def _close_failed_capture(graph: "torch.cuda.CUDAGraph", device: torch.device, c
     """Undo what torch leaves open when a capture is invalidated: capture_end raises before it
     ends the allocator's routing into the graph's memory pool (every later empty_cache() would
     then fail an internal assert) and before it restores the caller's stream. Private APIs,
-    looked up by name and used best effort: on a capture that closed itself, ending it raises."""
+    looked up by name and used best effort: on a capture that closed itself, ending it raises.
+
+    capture_end also raises before it takes the device's default RNG out of capture mode, after
+    which every torch.randn on that device fails ("Offset increment outside graph capture"):
+    the generator gets a copy of its state (same seed and offset, not capturing). A graph of the
+    caller's own that drew random numbers from the old state would no longer advance it."""
     torch.cuda.set_stream(caller_stream)
+    try:
+        generator = torch.cuda.default_generators[device.index]
+        generator.graphsafe_set_state(generator.clone_state())
+    except Exception:  # noqa: BLE001 -- torch without graph-safe generator states: nothing to undo
+        pass
     end = getattr(torch._C, "_cuda_endAllocateToPool", None)
     release = getattr(torch._C, "_cuda_releasePool", None)
     if end is None or release is None:
