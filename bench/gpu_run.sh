@@ -17,7 +17,8 @@
 #   TEST_BUDGET_S=360       seconds for all tests: kernel tests, GPU tests, the rest with what is left
 #   BENCH_TIMEOUT_S=0       >0: the bench starts no record after 80% of this (--budget-s) and is
 #                           interrupted (SIGINT, partial results kept) at this many seconds
-#   DENSETRITON_BENCH_COMMIT=<sha>   the commit to record when this copy has no .git
+#   DENSETRITON_BENCH_COMMIT=<sha>   the commit to record (wins over a .git beside the code, which
+#                                    on a GPU host may be stale)
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then

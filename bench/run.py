@@ -244,11 +244,15 @@ def package_version(name: str) -> str | None:
 def git_commit() -> tuple[str | None, bool | None]:
     """(HEAD, dirty) of the checkout densetriton runs from; (None, None) when it is not one.
 
-    Where the code is a copy without .git (a GPU host handed a work tree), the caller may name the
-    commit in $DENSETRITON_BENCH_COMMIT (40 hex digits); dirty is then unknown (None).
+    $DENSETRITON_BENCH_COMMIT (40 hex digits), when set, names the commit instead (dirty is then
+    unknown: None): a GPU host handed a copy of the work tree may hold a stale .git beside it
+    (the 2026-12-04 H200 run recorded the session's first commit, "with uncommitted changes").
     """
     import densetriton
 
+    named = os.environ.get("DENSETRITON_BENCH_COMMIT", "").strip().lower()
+    if re.fullmatch(r"[0-9a-f]{40}", named):
+        return named, None
     root = Path(densetriton.__file__).resolve().parent.parent
 
     def git(*a):
@@ -259,9 +263,6 @@ def git_commit() -> tuple[str | None, bool | None]:
             return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         pass
-    named = os.environ.get("DENSETRITON_BENCH_COMMIT", "").strip().lower()
-    if re.fullmatch(r"[0-9a-f]{40}", named):
-        return named, None
     return None, None
 
 

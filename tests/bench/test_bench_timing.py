@@ -87,10 +87,16 @@ def test_names_and_files(tmp_path):
     assert R.output_stem(tmp_path, "h100", "2025-01-02", also=(committed,)) == "2025-01-02-h100-2"
 
 
-def test_git_commit_is_a_sha_or_none():
+def test_git_commit_is_a_sha_or_none(monkeypatch):
+    monkeypatch.delenv("DENSETRITON_BENCH_COMMIT", raising=False)
     commit, dirty = R.git_commit()
     if commit is not None:
         assert len(commit) == 40 and int(commit, 16) >= 0 and isinstance(dirty, bool)
+    # A commit named by the caller wins over whatever .git lies beside the code (a GPU host's copy).
+    monkeypatch.setenv("DENSETRITON_BENCH_COMMIT", "AB" * 20)
+    assert R.git_commit() == ("ab" * 20, None)
+    monkeypatch.setenv("DENSETRITON_BENCH_COMMIT", "not-a-sha")
+    assert R.git_commit()[0] == commit
 
 
 def test_peer_dtypes_backends_and_skips():
