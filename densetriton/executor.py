@@ -30,6 +30,17 @@ def _interpreter_ready(kernels: ModuleType) -> bool:
     return not any(isinstance(v, JITFunction) for m in modules for v in vars(m).values())
 
 
+def _triton_version_text() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = (_triton_version_text().split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """CUDA's caching allocator raises torch.OutOfMemoryError; the CPU allocator, and CUDA errors
     from a library's own allocation, a RuntimeError that says so."""
@@ -58,6 +69,14 @@ class TritonExecutor:
             raise ValueError(
                 "bfloat16 does not run correctly under Triton's interpreter (its tl.dot on bfloat16 gives wrong "
                 "results); on the CPU use dtype=float16 or float32, or backend='reference'"
+            )
+        if self.interpreted and _triton_version() < (3, 8):
+            # Seen with triton 3.6.0 and numpy 2.5: the interpreter fails on a loop whose bound is
+            # a kernel argument ("only 0-dimensional arrays can be converted to Python scalars").
+            # Compiled kernels on a GPU are not affected.
+            raise RuntimeError(
+                f"backend='triton' on {device} needs Triton's interpreter from triton 3.8 on (triton "
+                f"{_triton_version_text()}'s fails on these kernels): upgrade triton, or use backend='reference'"
             )
         self.spec, self.device, self.dtype = spec, device, dtype
         self.stages = build_stages(spec)

@@ -282,8 +282,27 @@ def test_cpu_triton_with_the_interpreter_set_before_python_starts_runs():
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    from densetriton.executor import _triton_version
+
+    if _triton_version() < (3, 8):  # the GPU host's triton 3.6: its interpreter fails these kernels
+        assert "needs Triton's interpreter from triton 3.8 on" in out.stderr, out.stdout + out.stderr
+        return
     assert "ERR" in out.stdout, out.stdout + out.stderr
     assert float(out.stdout.split("ERR")[1]) < 1e-5, out.stdout
+
+
+def test_an_older_tritons_interpreter_is_one_clear_error(monkeypatch):
+    """triton 3.6's interpreter fails these kernels (seen on the GPU host with numpy 2.5): refused
+    with a message saying what to do, before anything runs."""
+    import densetriton.executor as executor
+
+    monkeypatch.setattr(executor, "_triton_version_text", lambda: "3.6.0")
+    monkeypatch.setattr(executor, "_interpreter_ready", lambda kernels: True)  # as on a CPU machine
+    assert executor._triton_version() == (3, 6)
+    with pytest.raises(RuntimeError, match=r"from triton 3.8 on \(triton 3.6.0's fails.*backend='reference'"):
+        densetriton.load(DenseNetSpec(4, (2,), 8, 2, 0.5, 3, "cifar"), weights=None, device="cpu", backend="triton")
+    monkeypatch.setattr(executor, "_triton_version_text", lambda: "3.8.0+git1234")
+    assert executor._triton_version() == (3, 8)
 
 
 # -- on the GPU -----------------------------------------------------------------------------
