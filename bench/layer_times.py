@@ -102,6 +102,8 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")  # random weights: only time is measured
         weights = None if args.model in densetriton.list_models() else "DEFAULT"  # a registry name, or a file's own
         engine = densetriton.load(args.model, weights=weights, dtype=args.dtype, backend="triton")
+    if not engine.spec.num_classes:  # the timed forward is a logits call
+        parser.error(f"{args.model} has no classifier (a backbone, features only): time a model with one")
     g = torch.Generator(device=engine.device).manual_seed(0)
     x = torch.randn(args.batch_size, engine.spec.in_channels, args.image_size, args.image_size, generator=g,
                     device=engine.device, dtype=engine.dtype)

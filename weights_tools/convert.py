@@ -255,7 +255,13 @@ def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[st
                           f"choose one with --prefix (prefix=...)"
             raise ConversionError(f"two checkpoint tensors map to {name!r} (one is {key!r}){several}")
         out[name] = value
-    return _unwrap_sequential_classifier(out)
+    out = _unwrap_sequential_classifier(out)
+    weight = out.get("classifier.weight")
+    bias = out.get("classifier.bias")
+    if weight is not None and weight.dim() == 2 and weight.shape[0] == 0 and (bias is None or bias.numel() == 0):
+        # torchvision's DenseNet(num_classes=0): a Linear with no outputs is no classifier.
+        out = {k: v for k, v in out.items() if k not in ("classifier.weight", "classifier.bias")}
+    return out
 
 
 def _unwrap_sequential_classifier(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -337,6 +343,9 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
                 compression = theta
                 break
     # No classifier at all: a backbone saved for its features (num_classes 0).
+    if "classifier.bias" in tensors and "classifier.weight" not in tensors:
+        raise ConversionError("cannot infer the architecture: the classifier has a bias (classifier.bias) but no "
+                              "weight (classifier.weight)")
     num_classes = shape("classifier.weight")[0] if any(k.startswith("classifier.") for k in tensors) else 0
     try:
         return DenseNetSpec(growth_rate, tuple(block_config), conv0[0], bn_size, compression, num_classes, stem, conv0[1])
@@ -360,6 +369,7 @@ def convert_state_dict(
     multi_label: bool | None = None,
     operating_points: list[float | None] | None = None,
     prefix: str | None = None,
+    _carried: frozenset = frozenset(),
 ) -> Path:
     """Normalise, validate against the spec (given or inferred) and write `out` atomically.
 
@@ -410,9 +420,15 @@ def convert_state_dict(
                 f"{hint.replace('converts the DenseNet alone', 'converts the DenseNet alone, for its features')}") from None
         raise ConversionError(f"{e}{hint}") from None
     if not spec.num_classes:
-        if class_names is not None or multi_label or operating_points is not None:
+        head = {"class_names": class_names is not None, "multi_label": bool(multi_label),
+                "operating_points": operating_points is not None}
+        if any(present and name not in _carried for name, present in head.items()):
             raise ConversionError("the checkpoint has no classifier (a backbone: features only), so it takes no class "
                                   "names, --multi-label or operating points")
+        if any(head.values()):  # the file converted recorded them for the classifier left out (--prefix)
+            warnings.warn(f"left out the file's {', '.join(n.replace('_', ' ') for n, p in head.items() if p)}: "
+                          f"they belong to a classifier this conversion does not keep", stacklevel=2)
+            class_names, multi_label, operating_points = None, None, None
         warnings.warn(f"the checkpoint has no classifier: converted as {describe_spec(spec)}, a backbone that gives "
                       f"features only (engine.features, densetriton embed), not predictions", stacklevel=2)
     if operating_points is None and multi_label is not False and spec.num_classes:
@@ -488,6 +504,9 @@ def convert_checkpoint(
     else:
         state_dict = load_checkpoint(path)
         carried = _carried_metadata(path)
+    # What comes from the file itself, not from the caller: left out, not refused, if the result has no classifier.
+    from_file = frozenset(k for k, v in (("class_names", class_names), ("multi_label", multi_label),
+                                          ("operating_points", operating_points)) if v is None and carried.get(k) is not None)
     class_names = class_names if class_names is not None else carried.get("class_names")
     if preprocessing is None and carried.get("preprocessing") is not None:
         preprocessing = carried["preprocessing"]
@@ -505,7 +524,7 @@ def convert_checkpoint(
     return convert_state_dict(
         state_dict, out, arch=arch, class_names=class_names, preprocessing=preprocessing,
         source=f"checkpoint:{path.name}", progress=progress, bn_eps=bn_eps, multi_label=multi_label,
-        operating_points=operating_points, prefix=prefix,
+        operating_points=operating_points, prefix=prefix, _carried=from_file,
     )
 
 

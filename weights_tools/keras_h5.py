@@ -299,8 +299,9 @@ def _by_position(convs: list, bns: list, denses: list) -> dict[str, torch.Tensor
 def _classifier(denses: list[dict]) -> dict[str, torch.Tensor]:
     if not denses:
         raise KerasError(
-            "the model has no Dense classifier (a model built with include_top=False and no head): densetriton "
-            "converts DenseNets with their single linear classifier"
+            "the model has no Dense classifier (a model built with include_top=False and no head): its pooling "
+            "(average, max or none) is not in the file, so densetriton converts Keras DenseNets with their single "
+            "linear classifier only"
         )
     if len(denses) > 1:
         raise KerasError(f"the model has {len(denses)} Dense layers: densetriton supports DenseNet's single linear classifier")

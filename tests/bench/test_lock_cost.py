@@ -2,6 +2,7 @@
 
 import threading
 
+import pytest
 import torch
 
 import densetriton
@@ -51,3 +52,16 @@ def test_the_command_takes_a_grayscale_weights_file(tmp_path, capsys):
                            "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "input (2, 1, 8, 8)" in out and "calls_per_s_2_threads" in out
+
+
+def test_the_bench_tools_refuse_a_model_without_classifier_before_timing(tmp_path, capsys):
+    """Both time logits calls: a features-only file is one usage error, not a traceback after the timing."""
+    from densetriton.bench import layer_times
+
+    spec = TINY.replace(num_classes=0)
+    path = tmp_path / "backbone.safetensors"
+    densetriton.save_weights(path, densetriton.engine.random_weights(spec).tensors, spec)
+    for tool in (lock_cost, layer_times):
+        with pytest.raises(SystemExit) as stop:
+            tool.main(["--model", str(path), "--batch-size", "1", "--image-size", "16"])
+        assert stop.value.code == 2 and "has no classifier" in capsys.readouterr().err

@@ -307,6 +307,22 @@ def test_a_backbone_saved_without_its_classifier_converts_for_its_features(small
         assert engine.spec.num_classes == 0 and "classifier.weight" not in engine.weights.tensors
         assert torch.equal(engine.features(x), identity(x))  # bit-exact: the same reference computation
         assert rel_err(engine.features(x), expected) < 1e-6
+    # torchvision's DenseNet(num_classes=0) saves a Linear with no outputs: no classifier either.
+    zero = dict(small_model.state_dict(), **{"classifier.weight": torch.empty(0, small_model.classifier.in_features),
+                                             "classifier.bias": torch.empty(0)})
+    torch.save(zero, tmp_path / "zero.pth")
+    with pytest.warns(UserWarning, match="has no classifier"):
+        assert load_weights(convert_checkpoint(tmp_path / "zero.pth", tmp_path / "z.safetensors")).spec.num_classes == 0
+    # A bias without its weight is no backbone: said so.
+    torch.save({k: v for k, v in small_model.state_dict().items() if k != "classifier.weight"}, tmp_path / "bias.pth")
+    _assert_refused(tmp_path / "bias.pth", tmp_path / "b.safetensors", r"has a bias \(classifier.bias\) but no weight")
+    # The backbone of a densetriton file with class names (--prefix features.): the file's names
+    # and multi-label flag belong to the classifier left out, so they are left out too, with a warning.
+    torch.save(small_model.state_dict(), tmp_path / "full.pth")
+    full = convert_checkpoint(tmp_path / "full.pth", tmp_path / "full.safetensors", class_names=list("abcde"), multi_label=True)
+    with pytest.warns(UserWarning, match="left out the file's class names, multi label"):
+        backbone = load_weights(convert_checkpoint(full, tmp_path / "fb.safetensors", prefix="features."))
+    assert backbone.spec.num_classes == 0 and backbone.class_names is None and backbone.multi_label is None
     # The architecture named (a registry name): the same backbone.
     torch.save(torchvision.models.densenet121().features.state_dict(), tmp_path / "densenet121-features.pth")
     with pytest.warns(UserWarning, match="converted as densenet121 with no classifier"):
