@@ -432,7 +432,7 @@ def _print_summary(verb: str, done: int, skipped: list, elapsed: float, *, alrea
         line += "; skipped 0"
     print(line, file=sys.stderr)
     for _, path, reason in sorted(skipped, key=lambda s: s[0])[:SUMMARY_LIMIT]:
-        print(f"  {path}: {reason}", file=sys.stderr)
+        print(f"  {_shown(path)}: {reason}", file=sys.stderr)
     if len(skipped) > SUMMARY_LIMIT:
         print(f"  ... and {len(skipped) - SUMMARY_LIMIT} more", file=sys.stderr)
     if out is not None and (done or already):
@@ -583,9 +583,24 @@ def _open_for_append(path: str, records: _Records, resume: bool):
     return f
 
 
+def _not_utf8(path: str) -> bool:
+    """A file name that is not valid UTF-8 (Python keeps its bytes as surrogates): a UTF-8 text
+    file cannot hold it."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(path: str) -> str:
+    """A path to print: a name that is not UTF-8 shows its bytes escaped instead of failing the print."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _print_table(rows, multi_label: bool, write) -> None:
     for _, path, top in rows:
-        lines = [path]
+        lines = [_shown(path)]
         for rank, (name, p) in enumerate(top, 1):
             lines.append(f"  {rank:>2}. {100 * p:7.3f}%  {name}")
         write("\n".join(lines))
@@ -638,6 +653,10 @@ def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
     todo = [(i, p) for i, p in indexed if _path_key(p) not in done_keys]
     already = len(files) - len(todo)
     mine = [(i, p) for i, p in todo if i % dist.world == dist.rank]
+    pre_skipped = []
+    if fmt == ".csv":  # a UTF-8 text file: a name that is not UTF-8 cannot be written there
+        pre_skipped = [(i, p, "its name is not valid UTF-8 (use --out FILE.jsonl)") for i, p in mine if _not_utf8(p)]
+        mine = [(i, p) for i, p in mine if not _not_utf8(p)]
     if show:
         print(_describe_run(engine, args), file=sys.stderr)
         if already:
@@ -672,6 +691,7 @@ def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
     finally:
         if sink is not None:
             sink.close()
+    tally.skipped = pre_skipped + tally.skipped
     elapsed = time.perf_counter() - start
 
     tallies = dist.all_gather((tally.done, tally.skipped))  # also a barrier: every part is complete
@@ -999,7 +1019,8 @@ def _embed(args, dist: _Dist, out: str) -> int:
     pre_skipped = []
     if out.lower().endswith(".npy"):  # the .paths.txt sidecar lists one path per line
         pre_skipped = [(i, p, "its path contains a line break (use --out FILE.safetensors)") for i, p in items if "\n" in p or "\r" in p]
-        items = [(i, p) for i, p in items if "\n" not in p and "\r" not in p]
+        pre_skipped += [(i, p, "its name is not valid UTF-8 (use --out FILE.safetensors)") for i, p in items if _not_utf8(p)]
+        items = [(i, p) for i, p in items if "\n" not in p and "\r" not in p and not _not_utf8(p)]
     if show:
         print(_describe_run(engine, args), file=sys.stderr)
         if already:

@@ -885,3 +885,27 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
     assert resumed_paths == paths + [str(folder / "aaa.png")] and torch.equal(resumed[:11], features)
     assert rel_err(resumed[11:], engine.features(preprocess(load_image(folder / "aaa.png"), engine))) < 1e-5
     assert not (tmp_path / "feats.safetensors.partial").exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_where_a_text_file_cannot_hold_it(weights, engine, tmp_path, capsys):
+    """A name of raw bytes (Python keeps them as surrogates): CSV and FILE.npy.paths.txt are UTF-8
+    text, so it is skipped there with a hint; JSONL (escaped) and .safetensors keep its row."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = _rng("not-utf8")
+    Image.fromarray(_noise(rng, 40, 40)).save(folder / "good.png")
+    with open(os.path.join(os.fsencode(folder), b"\xff-odd.png"), "wb") as f:
+        Image.fromarray(_noise(rng, 40, 40)).save(f, format="PNG")
+    odd = os.fsdecode(os.path.join(os.fsencode(folder), b"\xff-odd.png"))
+    for out, kept in ((tmp_path / "r.csv", False), (tmp_path / "r.jsonl", True)):
+        rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--workers", "0", "--topk", "2"))
+        assert rc == 0, err
+        rows = read_csv(out) if out.suffix == ".csv" else read_jsonl(out)
+        assert [p for p, _ in rows] == [str(folder / "good.png")] + ([odd] if kept else [])
+        assert ("skipped 1:" in err and "not valid UTF-8 (use --out FILE.jsonl)" in err) != kept
+    for out, kept in ((tmp_path / "f.npy", False), (tmp_path / "f.safetensors", True)):
+        rc, _, err = run_cli(capsys, "embed", folder, *common(weights, "--out", out, "--workers", "0"))
+        assert rc == 0 and (f"embedded {2 if kept else 1} image" in err), err
+        assert ("not valid UTF-8 (use --out FILE.safetensors)" in err) != kept
+    rc, stdout, _ = run_cli(capsys, "predict", folder, *common(weights, "--workers", "0", "--topk", "1"))
+    assert rc == 0 and "\\udcff-odd.png" in stdout  # the table shows the name escaped, not a crash
