@@ -320,7 +320,8 @@ def test_a_backbone_saved_without_its_classifier_converts_for_its_features(small
     # and multi-label flag belong to the classifier left out, so they are left out too, with a warning.
     torch.save(small_model.state_dict(), tmp_path / "full.pth")
     full = convert_checkpoint(tmp_path / "full.pth", tmp_path / "full.safetensors", class_names=list("abcde"), multi_label=True)
-    with pytest.warns(UserWarning, match="left out the file's class names, multi label"):
+    with pytest.warns(UserWarning, match="has no classifier"), \
+            pytest.warns(UserWarning, match="left out the file's class names, multi label"):
         backbone = load_weights(convert_checkpoint(full, tmp_path / "fb.safetensors", prefix="features."))
     assert backbone.spec.num_classes == 0 and backbone.class_names is None and backbone.multi_label is None
     # The architecture named (a registry name): the same backbone.
