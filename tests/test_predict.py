@@ -827,7 +827,16 @@ def _torchrun(*argv, cwd):
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
         "--master-port", str(_free_port()), "-m", "densetriton", *map(str, argv),
     ]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    if (proc.returncode and "--resume" not in argv and "results: " in proc.stderr
+            and "terminate called without an active exception" in proc.stderr):
+        # A rank aborted in gloo's teardown after the run had finished and written its results
+        # (seen once in ~25 runs here, never reproduced): torch's, not this run's. A run without
+        # --resume replaces its output, so it runs again once; the caller's assertions then judge
+        # the second run's files and output.
+        cmd[8] = str(_free_port())
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    return proc
 
 
 def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
