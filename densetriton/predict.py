@@ -593,6 +593,19 @@ def _not_utf8(path: str) -> bool:
     return False
 
 
+def _set_aside(items: list, rules: list) -> tuple[list, list]:
+    """(index, path) items split into those to run and those skipped up front, each with the
+    reason of the first rule (predicate, reason) its path meets."""
+    kept, skipped = [], []
+    for i, p in items:
+        reason = next((why for meets, why in rules if meets(p)), None)
+        if reason is None:
+            kept.append((i, p))
+        else:
+            skipped.append((i, p, reason))
+    return kept, skipped
+
+
 def _shown(path: str) -> str:
     """A path to print: a name that is not UTF-8 shows its bytes escaped instead of failing the print."""
     return path.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -655,8 +668,7 @@ def _predict(args, dist: _Dist, out: str | None, fmt: str | None) -> int:
     mine = [(i, p) for i, p in todo if i % dist.world == dist.rank]
     pre_skipped = []
     if fmt == ".csv":  # a UTF-8 text file: a name that is not UTF-8 cannot be written there
-        pre_skipped = [(i, p, "its name is not valid UTF-8 (use --out FILE.jsonl)") for i, p in mine if _not_utf8(p)]
-        mine = [(i, p) for i, p in mine if not _not_utf8(p)]
+        mine, pre_skipped = _set_aside(mine, [(_not_utf8, "its name is not valid UTF-8 (use --out FILE.jsonl)")])
     if show:
         print(_describe_run(engine, args), file=sys.stderr)
         if already:
@@ -904,6 +916,11 @@ def _progress_dir(out: str) -> Path:
     return Path(out + ".partial")
 
 
+def _progress_paths(out: str, width: int, model_id: str) -> list[str]:
+    """The paths of every row FILE.partial/ holds, chunk after chunk."""
+    return [p for _, paths in _progress_chunks(out, width, model_id) for p in paths]
+
+
 def _progress_chunks(out: str, width: int, model_id: str) -> list[tuple[Path, list[str]]]:
     """Every chunk an interrupted run (any rank) left behind, with the paths of its rows; a chunk
     cut short is ignored, one of another model refused. Only headers are read."""
@@ -1003,7 +1020,7 @@ def _embed(args, dist: _Dist, out: str) -> int:
     if args.resume:
         if os.path.isfile(out) and not replacing:
             file_paths = _feature_file_paths(out, width, mid)
-        partial_paths = [p for _, paths in _progress_chunks(out, width, mid) for p in paths]
+        partial_paths = _progress_paths(out, width, mid)
         fresh = unseen_in_input_order(partial_paths, {_path_key(p) for p in file_paths})
         recovered = len(fresh)
         old_paths = file_paths + [partial_paths[j] for j in fresh]
@@ -1017,10 +1034,11 @@ def _embed(args, dist: _Dist, out: str) -> int:
     already = len(files) - len(todo)
     items = [(i, p) for i, p in todo if i % dist.world == dist.rank]
     pre_skipped = []
-    if out.lower().endswith(".npy"):  # the .paths.txt sidecar lists one path per line
-        pre_skipped = [(i, p, "its path contains a line break (use --out FILE.safetensors)") for i, p in items if "\n" in p or "\r" in p]
-        pre_skipped += [(i, p, "its name is not valid UTF-8 (use --out FILE.safetensors)") for i, p in items if _not_utf8(p)]
-        items = [(i, p) for i, p in items if "\n" not in p and "\r" not in p and not _not_utf8(p)]
+    if out.lower().endswith(".npy"):  # the .paths.txt sidecar: UTF-8, one path per line
+        items, pre_skipped = _set_aside(items, [
+            (lambda p: "\n" in p or "\r" in p, "its path contains a line break (use --out FILE.safetensors)"),
+            (_not_utf8, "its name is not valid UTF-8 (use --out FILE.safetensors)"),
+        ])
     if show:
         print(_describe_run(engine, args), file=sys.stderr)
         if already:
@@ -1048,7 +1066,7 @@ def _embed(args, dist: _Dist, out: str) -> int:
     skipped = [s for _, sk in tallies for s in sk]
     if dist.rank == 0 and (done or recovered):
         # The old rows as they were, then this run's in input order (chunks from every rank).
-        new_paths = [p for _, paths in _progress_chunks(out, width, mid) for p in paths]
+        new_paths = _progress_paths(out, width, mid)
         new_rows = unseen_in_input_order(new_paths, set(done_keys))
         _write_features(out, width, describe_spec(engine.spec), mid, old_paths + [new_paths[j] for j in new_rows],
                         file_rows=len(file_paths), resumed=not replacing)
