@@ -161,7 +161,7 @@ class TritonExecutor:
             self._launch(plan, x, logits)
 
     def _launch(self, plan: Plan, x: torch.Tensor, logits: torch.Tensor | None) -> None:
-        if self.use_cuda_graphs and plan.graph is None and not plan.graph_failed and logits is not None:
+        if self.use_cuda_graphs and plan.graph is None and not plan.graph_failed:
             try:
                 if self.capture_stream is None:
                     # From the high-priority pool: torch hands out its default-priority streams

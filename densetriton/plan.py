@@ -316,15 +316,20 @@ class Plan:
                 break
             launch(x, logits)
 
-    def capture(self, x: torch.Tensor, logits: torch.Tensor, stream: torch.cuda.Stream) -> None:
-        """Record the launches between the stem and the classifier in one CUDA graph.
+    def graph_launches(self) -> list:
+        """What a CUDA graph of this plan holds: every launch but the two that touch the caller's
+        tensors, the stem (it reads the input in place) and the classifier, where there is one (it
+        writes the returned logits). Both the graph's ends are this plan's own buffers."""
+        end = -1 if self.launches[-1][0].op == "classifier" else None
+        return [launch for _, launch in self.launches[1:end]]
+
+    def capture(self, x: torch.Tensor, logits: torch.Tensor | None, stream: torch.cuda.Stream) -> None:
+        """Record graph_launches() in one CUDA graph, which logits and features calls both replay.
 
         ~200 launches cost more host time than a small batch costs the GPU; a replay is one.
-        The graph bakes in its pointers, so the two launches that touch the caller's tensors
-        stay outside it: the stem (it reads the caller's input in place) and the classifier
-        (it writes the returned logits). Both the graph's ends are this plan's own buffers.
+        The graph bakes in its pointers, so it holds none of the caller's tensors.
         """
-        self.run(x, logits)  # compiles every kernel: nothing may compile while capturing
+        self.run(x, logits)  # compiles every kernel the graph holds: nothing may compile while capturing
         caller_stream = torch.cuda.current_stream(x.device)
         caller_stream.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -332,7 +337,7 @@ class Plan:
         # capture neither fail nor break it. The stream is the executor's, on the engine's device.
         try:
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                for stage, launch in self.launches[1:-1]:
+                for launch in self.graph_launches():
                     launch(None, None)
         except BaseException:
             _close_failed_capture(graph, x.device, caller_stream)
@@ -340,7 +345,8 @@ class Plan:
         self.graph = graph
 
     def replay(self, x: torch.Tensor, logits: torch.Tensor | None) -> None:
-        """The forward as three launches: the stem, the graph, the classifier."""
+        """The forward as two or three launches: the stem, the graph, and the classifier when
+        logits are asked for."""
         (_, stem), *_, (_, classifier) = self.launches
         stem(x, logits)
         self.graph.replay()

@@ -305,6 +305,56 @@ def test_an_older_tritons_interpreter_is_one_clear_error(monkeypatch):
     assert executor._triton_version() == (3, 8)
 
 
+class _StandInGraph:
+    """What a CUDA graph of the plan replays, run eagerly: CUDA graphs need a GPU."""
+
+    def __init__(self, plan):
+        self.launches = plan.graph_launches()
+
+    def replay(self):
+        for launch in self.launches:
+            launch(None, None)
+
+
+@pytest.mark.parametrize("num_classes", [5, 0], ids=["classifier", "backbone"])
+def test_a_features_call_captures_the_graph_and_every_replay_runs_each_launch_once(tiny_engine, num_classes, monkeypatch):
+    """The graph holds every launch but the stem and the classifier, so features calls (the only
+    calls a backbone gets) capture and replay it too, and a logits call replays the same graph.
+    On the CPU the capture is stood in for; each replay's buffers are poisoned with NaN first."""
+    model, _ = tiny_engine
+    spec = model.spec.replace(num_classes=num_classes)
+    tensors = {k: v for k, v in model.state_dict().items()
+               if "num_batches" not in k and (num_classes or not k.startswith("classifier."))}
+    engine = densetriton.Engine(densetriton.weights.Weights(spec, tensors), device=torch.device(DEVICE),
+                                dtype=torch.float32, backend="triton", pretrained=False)
+    captures = []
+
+    def capture(plan, x, logits, stream):
+        plan.run(x, logits)
+        plan.graph = _StandInGraph(plan)
+        captures.append((plan.key, logits is None))
+
+    monkeypatch.setattr(densetriton.plan.Plan, "capture", capture)
+    executor = engine._model
+    executor.use_cuda_graphs, executor.capture_stream = True, "stream"
+    plan = executor.plan(3, 40, 40)
+    ops = [stage.op for stage, _ in plan.launches]
+    held = len(plan.graph_launches())
+    assert held == len(ops) - 1 - (num_classes > 0) and ops[0] == "conv" and ops[-1] == ("classifier" if num_classes else "head")
+    for call in range(3):
+        x = torch.randn(3, 3, 40, 40, device=DEVICE)
+        with torch.no_grad():
+            expected = model.forward_features(x.cpu())
+        if call:
+            for t in [*plan.arenas, plan.features] + ([plan.scratch] if plan.scratch is not None else []):
+                t.fill_(float("nan"))
+        assert rel_err(engine.features(x), expected) < 1e-4
+        if num_classes:
+            with torch.no_grad():
+                assert rel_err(engine(x), model(x.cpu())) < 1e-4
+    assert captures == [((3, 40, 40), True)] and plan.graph is not None
+
+
 # -- on the GPU -----------------------------------------------------------------------------
 
 GPU_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -332,6 +382,20 @@ def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
     plans = list(graphed._model.plans.values())
     assert plans and all(p.graph is not None for p in plans)
     assert graphed.planned_memory_bytes(8, 224, 224) == graphed._model.plan(8, 224, 224).nbytes + graphed._model.weight_bytes
+    # A features call captures too (embedding workloads may never ask for logits), and a
+    # backbone without a classifier, which gets only features calls, is graphed.
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    assert torch.equal(graphed.features(x), eager.features(x))
+    assert graphed._model.plan(4, 224, 224).graph is not None
+    assert torch.equal(graphed(x), eager(x))
+    backbone = graphed.weights.spec.replace(num_classes=0)
+    tensors = {k: v for k, v in graphed.weights.tensors.items() if not k.startswith("classifier.")}
+    engine = densetriton.Engine(densetriton.weights.Weights(backbone, tensors), device=graphed.device,
+                                dtype=torch.float16, backend="triton", pretrained=False)
+    for batch in (2, 2):
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        assert torch.equal(engine.features(x), eager.features(x))
+    assert engine._model.plan(2, 224, 224).graph is not None
 
 
 @pytest.mark.gpu
