@@ -20,7 +20,7 @@ from densetriton.images import (
     to_rgb,
     topk,
 )
-from densetriton.predict import collect_files
+from densetriton.stream import collect_files
 
 MEAN = [0.5, 0.4, 0.3]
 STD = [0.2, 0.25, 0.3]

@@ -1,0 +1,391 @@
+"""`densetriton embed`: the pooled features (engine.features) of images and folders, to a .npy
+or .safetensors file.
+
+FILE is written once, atomically, when every image has been processed; until then each rank
+keeps the rows it has computed in FILE.partial/ (a chunk every 30 s and when the run stops), so
+`--resume` loses at most that much. Every file names the model whose features it holds
+(stream.model_id), so that --resume never mixes two models' rows. Under torchrun rank 0 writes
+FILE from every rank's chunks, in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .stream import (
+    Dist, add_common_arguments, collect_files, describe_run, inputs_help, load_engine, model_id, not_utf8, path_key,
+    print_summary, progress_label, set_aside, stream_images,
+)
+
+EMBED_FORMATS = (".npy", ".safetensors")
+# The paths of a .safetensors features file live in its header, which safetensors caps at 100 MB.
+_SAFETENSORS_PATHS_LIMIT = 90_000_000
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    """Add the `embed` subcommand to densetriton's command line."""
+    p = subparsers.add_parser(
+        "embed",
+        help="extract pooled features (what the classifier sees) for images and folders, to .npy or .safetensors",
+        description="Extract each image's pooled features as float32: engine.features, the global average pool\n"
+        "after the final BatchNorm-ReLU, which is what the classifier sees.",
+        epilog=inputs_help() + """
+Output (written atomically, once every image has been processed):
+  FILE.npy          a float32 array [N, features]; the N image paths, one per line (UTF-8), go to
+                    FILE.npy.paths.txt, and FILE.npy.json names the model ("model", "model_id")
+                    -- e.g. feats.npy, feats.npy.paths.txt and feats.npy.json
+  FILE.safetensors  a float32 tensor "features" [N, features]; metadata "paths" holds the paths as a
+                    JSON list, "model" describes the network, "model_id" names the weights and
+                    preprocessing (12 hex digits), so that --resume refuses another model's rows
+Row i belongs to path i; skipped images have no row, the rest are in input order. Until FILE is
+written, the rows computed so far are kept in FILE.partial/ (every 30 s, and when the run stops,
+by an error or Ctrl-C); --resume embeds only the images in neither FILE nor FILE.partial/ and
+writes FILE with the old rows first. Without --resume FILE.partial/ is cleared and FILE replaced;
+--resume after such a run was interrupted goes on replacing FILE (its old rows are not kept).
+Paths are separated by "\n" alone. Under torchrun each rank takes every world_size-th image and
+rank 0 writes FILE.
+
+Examples:
+  densetriton embed photos/ --model densenet121 --out feats.npy
+  torchrun --nproc-per-node 2 -m densetriton embed photos/ --model densenet121 --out feats.safetensors
+  densetriton embed photos/ --model densenet121 --out feats.npy --resume   # after an interruption
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_arguments(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="FILE.npy (plus FILE.npy.paths.txt and FILE.npy.json) or FILE.safetensors")
+    p.add_argument("--resume", action="store_true",
+                   help="keep FILE's rows and those an interrupted run left in FILE.partial/; embed only the other images")
+    p.set_defaults(func=embed_command)
+
+
+# -- the output file ------------------------------------------------------------------------------
+
+
+_FILE_ROWS_AT_ONCE = 1 << 16  # rows copied from the old FILE into the new one at a time
+
+
+def _write_features(out: str, width: int, model: str, model_id: str, paths: list[str], *, file_rows: int,
+                    resumed: bool) -> None:
+    """Write FILE: row i is path i's features. The first file_rows rows are the old FILE's (a
+    resumed run), every later one the first row FILE.partial/'s chunks hold for its path. Rows
+    stream from FILE and one chunk at a time into the new file (a memory map for .npy), so a
+    large FILE is never held in memory, let alone several copies of it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .weights import atomic_write
+
+    position = {path_key(p): i for i, p in enumerate(paths[file_rows:], start=file_rows)}
+    block = _FILE_ROWS_AT_ONCE
+
+    def fill(rows) -> None:
+        """rows: a [len(paths), width] float32 array or tensor, written in place."""
+        if file_rows and out.lower().endswith(".npy"):
+            old = np.load(out, mmap_mode="r", allow_pickle=False)
+            for i in range(0, file_rows, block):
+                j = min(i + block, file_rows)
+                rows[i:j] = old[i:j]  # .npy to .npy: both numpy
+            del old
+        elif file_rows:
+            with safe_open(out, framework="pt") as f:
+                old = f.get_slice("features")
+                for i in range(0, file_rows, block):
+                    j = min(i + block, file_rows)
+                    rows[i:j] = old[i:j]  # .safetensors to .safetensors: both torch
+        for chunk, chunk_paths in _progress_chunks(out, width, model_id):
+            take = [(j, position.pop(path_key(p))) for j, p in enumerate(chunk_paths) if path_key(p) in position]
+            if take:
+                with safe_open(str(chunk), framework="pt") as f:
+                    features = f.get_tensor("features")
+                source, target = zip(*take)
+                picked = features[list(source)]
+                rows[list(target)] = picked.numpy() if isinstance(rows, np.ndarray) else picked
+        if position:  # FILE.partial/ changed under this run: write nothing rather than rows never computed
+            raise RuntimeError(f"{len(position)} rows, {next(iter(position))!r} first, vanished from "
+                               f"{_progress_dir(out)}/ before {out} was written; run again with --resume")
+
+    if out.lower().endswith(".npy"):
+        def write_npy(tmp):
+            rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), width))
+            fill(rows)
+            rows.flush()
+            del rows
+
+        def write_paths(tmp):
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.write("".join(p + "\n" for p in paths))
+
+        def write_model(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"format": "densetriton-features", "model": model, "model_id": model_id}, f, indent=1)
+                f.write("\n")
+
+        # Three files cannot be replaced at once, so the order makes a stop between them harmless:
+        # the model, then the paths, then the rows. A resumed FILE's model is the same and its rows
+        # are the new list's first ones, so --resume then reads the old rows against a prefix of
+        # the paths; a new FILE's old rows go first, so they are never paired with the new model
+        # or paths (FILE.partial/ still has every row).
+        if not resumed and os.path.isfile(out):
+            os.unlink(out)
+        atomic_write(out + ".json", write_model)
+        atomic_write(out + ".paths.txt", write_paths)
+        atomic_write(out, write_npy)
+    else:
+        rows = torch.empty(len(paths), width)
+        fill(rows)
+        metadata = {"format": "densetriton-features", "paths": json.dumps(paths), "model": model, "model_id": model_id}
+        atomic_write(out, lambda tmp: save_file({"features": rows}, tmp, metadata=metadata))
+
+
+def _other_model(where: str, found, model_id: str) -> ValueError:
+    if not found:
+        return ValueError(f"{where} names no model (an earlier densetriton wrote it), so its rows cannot be checked "
+                          f"against this run's: use another --out")
+    return ValueError(f"{where} holds features of another model (model {found}), not of this run's ({model_id}: the "
+                      f"weights and preprocessing decide it): resume with the model that wrote it, or another --out")
+
+
+def _feature_file_paths(out: str, width: int, model_id: str) -> list[str]:
+    """The paths of an earlier run's FILE (.npy with its .paths.txt, or .safetensors), to resume
+    from; FILE must name this run's model (a .npy in FILE.npy.json). Its rows are not read."""
+    from safetensors import SafetensorError, safe_open
+
+    npy = out.lower().endswith(".npy")
+    try:
+        if npy:
+            if not os.path.isfile(out + ".paths.txt"):
+                raise ValueError(f"no {out}.paths.txt beside it")
+        else:
+            with safe_open(out, framework="pt") as f:
+                metadata = f.metadata() or {}
+            if metadata.get("format") != "densetriton-features":
+                raise ValueError("its metadata does not say format densetriton-features")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
+    if npy:
+        try:
+            with open(out + ".json", encoding="utf-8") as f:
+                found = json.load(f).get("model_id")
+        except FileNotFoundError:
+            found = None  # written by densetriton before FILE.npy.json
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{out}.json should name the model of {out}, and cannot be read ({e}); "
+                             f"cannot resume from it") from None
+    else:
+        found = metadata.get("model_id")
+    if found != model_id:  # checked before any row is read: another model's rows are never mixed in
+        raise _other_model(out, found, model_id)
+    try:
+        if npy:
+            shape = np.load(out, mmap_mode="r", allow_pickle=False).shape  # the header, not the rows
+            # One path per "\n" exactly (as written): splitlines() would also break a path at U+2028,
+            # a form feed or a lone "\r", pairing later rows with the wrong paths.
+            with open(out + ".paths.txt", encoding="utf-8", newline="") as f:
+                paths = f.read().split("\n")
+            if paths[-1] == "":
+                paths.pop()  # the last path's own "\n"
+        else:
+            with safe_open(out, framework="pt") as f:
+                shape, paths = tuple(f.get_slice("features").get_shape()), json.loads(f.metadata()["paths"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise ValueError(f"{out} is not a densetriton features file ({e}); cannot resume from it") from None
+    if not isinstance(paths, list) or len(shape) != 2 or shape[0] > len(paths):
+        raise ValueError(f"{out} holds {tuple(shape)} features for {len(paths)} paths; cannot resume from it")
+    paths = paths[: shape[0]]  # a run stopped between writing FILE.paths.txt and FILE
+    if shape[1] != width:
+        raise ValueError(f"{out} holds {shape[1]} features per image, this model gives {width}: "
+                         f"resume with the model that wrote it, or another --out")
+    return paths
+
+
+# -- FILE.partial/: the rows so far -----------------------------------------------------------
+
+
+_REPLACES_FILE = "replaces-FILE"  # in FILE.partial/: written by a run without --resume
+
+
+def _progress_dir(out: str) -> Path:
+    """Where a run keeps the rows it has computed, chunk by chunk, until FILE is written."""
+    return Path(out + ".partial")
+
+
+def _progress_paths(out: str, width: int, model_id: str) -> list[str]:
+    """The paths of every row FILE.partial/ holds, chunk after chunk."""
+    return [p for _, paths in _progress_chunks(out, width, model_id) for p in paths]
+
+
+def _progress_chunks(out: str, width: int, model_id: str) -> list[tuple[Path, list[str]]]:
+    """Every chunk an interrupted run (any rank) left behind, with the paths of its rows; a chunk
+    cut short is ignored, one of another model refused. Only headers are read."""
+    from safetensors import SafetensorError, safe_open
+
+    chunks = []
+    folder = _progress_dir(out)
+    for chunk in sorted(folder.glob("chunk-*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(chunk), framework="pt") as f:
+                metadata = f.metadata()
+                shape, paths = tuple(f.get_slice("features").get_shape()), json.loads(metadata["paths"])
+                found = metadata.get("model_id")
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            continue  # written atomically, so only a foreign file can be unreadable
+        if found != model_id:  # another model's rows: never mixed in, nor deleted unasked
+            raise _other_model(str(folder), found, model_id)
+        if isinstance(paths, list) and shape == (len(paths), width):
+            chunks.append((chunk, paths))
+    return chunks
+
+
+class _ChunkWriter:
+    """Keeps one rank's new rows on disk every `every` seconds (and at the end), so that an
+    interrupted run loses at most that much work: `embed --resume` reads the chunks back."""
+
+    def __init__(self, out: str, rank: int, model_id: str, every: float = 30.0):
+        self.folder, self.rank, self.model_id, self.every = _progress_dir(out), rank, model_id, every
+        self.pending: list[tuple[int, str, torch.Tensor]] = []
+        self.written = 0
+        self.last = time.monotonic()
+
+    def add(self, rows) -> None:
+        self.pending.extend(rows)
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        from .weights import atomic_write
+
+        self.last = time.monotonic()
+        if not self.pending:
+            return
+        features = torch.stack([r[2] for r in self.pending]).float().contiguous()
+        paths = [r[1] for r in self.pending]
+        # Rank, then a time stamp: chunks of a resumed run never overwrite an earlier run's.
+        name = f"chunk-r{self.rank:04d}-{time.time_ns():020d}-{self.written:08d}.safetensors"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        metadata = {"paths": json.dumps(paths), "model_id": self.model_id}
+        atomic_write(self.folder / name, lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
+        self.written += len(self.pending)
+        self.pending = []
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def embed_command(args) -> int:
+    out = args.out
+    if not out.lower().endswith(EMBED_FORMATS):
+        raise ValueError(f"--out must end in .npy or .safetensors, got {out!r}")
+    dist = Dist.from_env(args.device)
+    try:
+        return _embed(args, dist, out)
+    finally:
+        dist.close()
+
+
+def _embed(args, dist: Dist, out: str) -> int:
+    from .weights import describe_spec
+
+    files = collect_files(args.paths)
+    if not files:
+        raise ValueError("no image files found in " + ", ".join(args.paths))
+    engine = load_engine(args, dist)
+    show = dist.rank == 0
+    width = engine.spec.num_features
+    mid = model_id(engine, head=False)
+
+    if not out.lower().endswith(".npy") and len(json.dumps(files)) > _SAFETENSORS_PATHS_LIMIT:
+        # safetensors keeps metadata in a header of at most 100 MB: say so now, not after the run.
+        raise ValueError(f"{len(files):,} paths do not fit in a safetensors header (100 MB); use --out FILE.npy")
+    order = {path_key(p): i for i, p in enumerate(files)}
+
+    def unseen_in_input_order(paths: list[str], seen: set[str]) -> list[int]:
+        """Indices of the paths not in `seen` (each once; `seen` takes them), in input order:
+        chunks are written per rank, and may repeat rows FILE already holds."""
+        new = [j for j, p in enumerate(paths) if path_key(p) not in seen and not seen.add(path_key(p))]
+        return sorted(new, key=lambda j: order.get(path_key(paths[j]), len(order)))
+
+    # What --resume keeps: FILE's rows, then the chunks an interrupted run left behind (a run
+    # stopped after writing FILE but before clearing FILE.partial/ leaves rows in both). Only
+    # their paths are read now; rank 0 copies the rows into the new FILE at the end.
+    file_paths, old_paths, recovered = [], [], 0
+    # A run without --resume replaces FILE, and says so in FILE.partial/: resuming it after an
+    # interruption goes on replacing FILE (its rows are not kept, nor its model checked).
+    replacing = not args.resume or (_progress_dir(out) / _REPLACES_FILE).is_file()
+    if args.resume:
+        if os.path.isfile(out) and not replacing:
+            file_paths = _feature_file_paths(out, width, mid)
+        partial_paths = _progress_paths(out, width, mid)
+        fresh = unseen_in_input_order(partial_paths, {path_key(p) for p in file_paths})
+        recovered = len(fresh)
+        old_paths = file_paths + [partial_paths[j] for j in fresh]
+    elif dist.rank == 0:
+        shutil.rmtree(_progress_dir(out), ignore_errors=True)  # an earlier run's, not to be mixed in
+        _progress_dir(out).mkdir(parents=True, exist_ok=True)
+        (_progress_dir(out) / _REPLACES_FILE).write_text(f"this run replaces {Path(out).name}\n", encoding="utf-8")
+    dist.barrier()  # every rank has read (or rank 0 has cleared) the old rows before any rank writes
+    done_keys = {path_key(p) for p in old_paths}
+    todo = [(i, p) for i, p in enumerate(files) if path_key(p) not in done_keys]
+    already = len(files) - len(todo)
+    items = [(i, p) for i, p in todo if i % dist.world == dist.rank]
+    pre_skipped = []
+    if out.lower().endswith(".npy"):  # the .paths.txt sidecar: UTF-8, one path per line
+        items, pre_skipped = set_aside(items, [
+            (lambda p: "\n" in p or "\r" in p, "its path contains a line break (use --out FILE.safetensors)"),
+            (not_utf8, "its name is not valid UTF-8 (use --out FILE.safetensors)"),
+        ])
+    if show:
+        print(describe_run(engine, args), file=sys.stderr)
+        if already:
+            print(f"resuming: {already} of {len(files)} images already embedded", file=sys.stderr)
+
+    chunks = _ChunkWriter(out, dist.rank, mid)
+    start = time.perf_counter()
+    try:
+        tally = stream_images(engine, items, args, run=engine.features, on_batch=chunks.add, desc=progress_label("embed", dist), show=show)
+    except BaseException:
+        try:
+            chunks.flush()  # an error or Ctrl-C keeps what was computed, for --resume
+        except Exception:  # noqa: BLE001 -- the first error is the one to report
+            pass
+        if chunks.written:
+            print(f"densetriton: {chunks.written} images' features are kept in {chunks.folder}/: run the same command "
+                  f"with --resume to go on", file=sys.stderr)
+        raise
+    chunks.flush()
+    tally.skipped = pre_skipped + tally.skipped
+    elapsed = time.perf_counter() - start
+
+    tallies = dist.all_gather((tally.done, tally.skipped))  # also a barrier: every rank's chunks are written
+    done = sum(d for d, _ in tallies)
+    skipped = [s for _, sk in tallies for s in sk]
+    if dist.rank == 0 and (done or recovered):
+        # The old rows as they were, then this run's in input order (chunks from every rank).
+        new_paths = _progress_paths(out, width, mid)
+        new_rows = unseen_in_input_order(new_paths, set(done_keys))
+        _write_features(out, width, describe_spec(engine.spec), mid, old_paths + [new_paths[j] for j in new_rows],
+                        file_rows=len(file_paths), resumed=not replacing)
+        shutil.rmtree(_progress_dir(out), ignore_errors=True)
+    elif dist.rank == 0:  # nothing new: FILE stays (a resumed run's leftover rows were in it)
+        shutil.rmtree(_progress_dir(out), ignore_errors=True)
+    dist.barrier()
+    if show:
+        written = out + (f", {out}.paths.txt and {out}.json" if out.lower().endswith(".npy") else "")
+        print_summary("embedded", done, skipped, elapsed, already=already, out=written if done or already else None)
+        if not done and not already:
+            print(f"nothing written to {out}: no image could be read", file=sys.stderr)
+    return 1 if done == 0 and not already else 0
