@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -117,6 +118,79 @@ class Engine:
                 f"out of memory running batch {x.shape[0]} at {x.shape[2]}x{x.shape[3]} on {self.device} "
                 f"({self.backend} backend, {self.dtype}): {wanted}; use a smaller batch"
             ) from None
+
+    def warmup(self, batch_sizes=(1,), image_size: int | tuple[int, int] | None = None) -> dict[int, float]:
+        """One forward at each batch size, so that the first real call at each is as fast as the
+        ones after it: its plan is built, its kernels compiled and, on CUDA, its graph captured
+        (the first call of a new shape on a GPU takes seconds, later ones milliseconds).
+
+        image_size: an int or (height, width); default the size the weights' preprocessing
+        crops or resizes to (224 for torchvision's), else 224 for an ImageNet stem, 32 for a
+        CIFAR stem. The inputs are random float32 NCHW tensors, as torchvision's transforms give.
+        Returns the seconds each batch size took. Warns when the plan cache cannot keep every
+        size warmed (raise engine.plan_cache_bytes). On CUDA, plans belong to the stream that
+        runs them: warm up on the stream (thread) that will serve.
+        """
+        height, width = self._warmup_size(image_size)
+        sizes = list(batch_sizes)
+        bad = [n for n in sizes if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if bad or not sizes:
+            raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+        self.spec.feature_sizes(height, width)  # too small: one clear error before any work
+        run = self.__call__ if self.spec.num_classes else self.features
+        generator = torch.Generator(device=self.device).manual_seed(0)  # the global RNG is the caller's
+        seconds = {}
+        for n in sizes:
+            x = torch.randn(n, self.spec.in_channels, height, width, generator=generator, device=self.device)
+            start = time.perf_counter()
+            run(x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds[n] = time.perf_counter() - start
+        if self.backend == "triton":
+            kept = {key[:3] for key in self._model.plans}
+            evicted = sorted({n for n in sizes if (n, height, width) not in kept})
+            if evicted:
+                warnings.warn(
+                    f"the plan cache ({self.plan_cache_bytes / 2**30:.2f} GiB) cannot hold every warmed size at "
+                    f"{height}x{width}: batch sizes {evicted} were evicted and will be rebuilt on their next call "
+                    f"(raise engine.plan_cache_bytes)", stacklevel=2)
+        return seconds
+
+    def _warmup_size(self, image_size) -> tuple[int, int]:
+        if image_size is None:
+            pre = self.preprocessing or {}
+            crop, resize = pre.get("crop_size"), pre.get("resize_size")
+            if crop is not None:
+                image_size = crop
+            elif isinstance(resize, (list, tuple)) and len(resize) == 2:
+                image_size = tuple(resize)
+            else:
+                image_size = 224 if self.spec.stem == "imagenet" else 32
+        if isinstance(image_size, (list, tuple)) and len(image_size) == 1:
+            image_size = image_size[0]
+        if isinstance(image_size, int) and not isinstance(image_size, bool):
+            return image_size, image_size
+        if (isinstance(image_size, (list, tuple)) and len(image_size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)):
+            return int(image_size[0]), int(image_size[1])
+        raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+
+    @property
+    def plan_cache_bytes(self) -> int | None:
+        """The bound on the device bytes cached plans hold (Triton backend; default 4 GiB). The
+        newest plan is kept even when larger; lowering the bound frees the oldest plans at once.
+        None on the reference backend, which keeps no plans."""
+        return None if self.backend == "reference" else self._model.plan_cache_bytes
+
+    @plan_cache_bytes.setter
+    def plan_cache_bytes(self, value: int) -> None:
+        if self.backend == "reference":
+            raise ValueError("the reference backend keeps no plans, so it has no plan cache to bound")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"plan_cache_bytes must be a non-negative int, got {value!r}")
+        with self._lock:
+            self._model.plan_cache_bytes = value
 
     def planned_memory_bytes(self, batch: int, height: int, width: int) -> int | None:
         """Device bytes the Triton backend holds for this input size: buffers, scratch and folded

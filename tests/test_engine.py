@@ -164,3 +164,78 @@ def test_dtype_by_name_and_half_precision_reference():
     ref._model.load_state_dict(engine.weights.tensors, strict=False)
     out = engine(x)
     assert out.dtype == torch.float32 and rel_err(out, ref(x)) < 3e-2
+
+
+# -- warm-up and the plan cache -------------------------------------------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's interpreter on the CPU
+SMALL = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet")
+
+
+def _triton_engine(spec=SMALL, preprocessing=None):
+    torch.manual_seed(0)
+    tensors = {k: v for k, v in densetriton.engine.random_weights(spec).tensors.items()}
+    weights = densetriton.weights.Weights(spec, tensors, preprocessing=preprocessing)
+    return densetriton.Engine(weights, device=torch.device(DEVICE), dtype=torch.float32, backend="triton",
+                              pretrained=False)
+
+
+def test_warmup_builds_each_plan_so_that_later_calls_build_none(monkeypatch):
+    engine = _triton_engine()
+    rng = torch.get_rng_state()
+    seconds = engine.warmup([1, 3], image_size=40)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream is left alone
+    assert list(seconds) == [1, 3] and all(s > 0 for s in seconds.values())
+    assert {key[:3] for key in engine._model.plans} == {(1, 40, 40), (3, 40, 40)}
+    built = []
+    real = densetriton.plan.Plan.__init__
+    monkeypatch.setattr(densetriton.plan.Plan, "__init__", lambda self, *a, **k: built.append(a[3:6]) or real(self, *a, **k))
+    reference = densetriton.Engine(engine.weights, device=torch.device("cpu"), dtype=torch.float32,
+                                   backend="reference", pretrained=False)
+    x = torch.randn(3, 3, 40, 40)
+    assert rel_err(engine(x.to(DEVICE)), reference(x)) < 1e-4
+    assert rel_err(engine.features(x[:1].to(DEVICE)), reference.features(x[:1])) < 1e-4
+    assert built == []
+    engine(torch.randn(2, 3, 40, 40, device=DEVICE))  # the counter counts
+    assert built == [(2, 40, 40)]
+
+
+def test_warmup_size_defaults_to_the_weights_preprocessing_and_a_backbone_warms_its_features():
+    pre = {"resize_size": 36, "crop_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    engine = _triton_engine(preprocessing=pre)
+    engine.warmup([2])
+    assert [key[:3] for key in engine._model.plans] == [(2, 32, 32)]
+    backbone = _triton_engine(SMALL.replace(num_classes=0), preprocessing=dict(pre, crop_size=None, resize_size=[33, 35]))
+    backbone.warmup()
+    assert [key[:3] for key in backbone._model.plans] == [(1, 33, 35)]
+
+
+def test_warmup_warns_when_the_plan_cache_cannot_keep_every_size():
+    engine = _triton_engine()
+    engine.plan_cache_bytes = 1  # only the newest plan is kept
+    assert engine.plan_cache_bytes == 1
+    with pytest.warns(UserWarning, match=r"batch sizes \[1\] were evicted.*raise engine.plan_cache_bytes"):
+        engine.warmup([1, 2], image_size=(40, 40))
+    assert [key[:3] for key in engine._model.plans] == [(2, 40, 40)]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(batch_sizes=[0]), "batch_sizes must be positive ints"),
+    (dict(batch_sizes=[]), "batch_sizes must be positive ints"),
+    (dict(batch_sizes=[2.0]), "batch_sizes must be positive ints"),
+    (dict(image_size=2), "too small for this network.*the smallest input is 5x5"),
+    (dict(image_size="224"), "image_size must be an int or"),
+    (dict(image_size=(32, 32, 3)), "image_size must be an int or"),
+])
+def test_warmup_errors(kwargs, match):
+    engine = densetriton.load(SMALL, weights=None, device="cpu", backend="reference")
+    with pytest.raises(ValueError, match=match):
+        engine.warmup(**kwargs)
+
+
+def test_the_reference_backend_warms_up_and_has_no_plan_cache():
+    engine = densetriton.load(SMALL, weights=None, device="cpu", backend="reference")
+    assert list(engine.warmup([1, 2])) == [1, 2]
+    assert engine.plan_cache_bytes is None
+    with pytest.raises(ValueError, match="keeps no plans"):
+        engine.plan_cache_bytes = 1 << 30
