@@ -148,7 +148,8 @@ class Engine:
                 torch.cuda.synchronize(self.device)
             seconds[n] = time.perf_counter() - start
         if self.backend == "triton":
-            kept = {key[:3] for key in self._model.plans}
+            with self._lock:  # other threads' calls may be adding plans
+                kept = {key[:3] for key in self._model.plans}
             evicted = sorted({n for n in sizes if (n, height, width) not in kept})
             if evicted:
                 warnings.warn(
