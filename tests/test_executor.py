@@ -396,6 +396,8 @@ def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
         x = torch.randn(batch, 3, 224, 224, device="cuda")
         assert torch.equal(engine.features(x), eager.features(x))
     assert engine._model.plan(2, 224, 224).graph is not None
+    engine.warmup([5])  # builds, compiles and captures: the next call only replays
+    assert engine._model.plan(5, 224, 224).graph is not None
 
 
 @pytest.mark.gpu
