@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import time
@@ -119,79 +120,102 @@ class Engine:
                 f"({self.backend} backend, {self.dtype}): {wanted}; use a smaller batch"
             ) from None
 
-    def warmup(self, batch_sizes=(1,), image_size: int | tuple[int, int] | None = None) -> dict[int, float]:
+    def warmup(self, batch_sizes=(1,), image_size: int | tuple[int, int] | None = None, *,
+               dtype: torch.dtype = torch.float32) -> dict[int, float]:
         """One forward at each batch size, so that the first real call at each is as fast as the
-        ones after it: its plan is built, its kernels compiled and, on CUDA, its graph captured
-        (the first call of a new shape on a GPU takes seconds, later ones milliseconds).
+        ones after it: its plan is built and, on CUDA, its graph captured (0.1-0.4 s on an H200),
+        and the first of all compiles Triton's kernels (seconds).
 
-        image_size: an int or (height, width); default the size the weights' preprocessing
-        crops or resizes to (224 for torchvision's), else 224 for an ImageNet stem, 32 for a
-        CIFAR stem. The inputs are random float32 NCHW tensors, as torchvision's transforms give.
+        batch_sizes: an int or several. image_size: an int or (height, width); default the size
+        the weights' preprocessing crops to, or resizes to exactly (224 for torchvision's), else,
+        without preprocessing, 224 for an ImageNet stem and 32 for a CIFAR stem. dtype: that of
+        the inputs to come (the stem reads them in place, and Triton compiles it per input
+        dtype); they are random contiguous NCHW tensors. Sizes run largest first, so that one too
+        big for memory is a MemoryError before any other is warmed.
+
         Returns the seconds each batch size took. Warns when the plan cache cannot keep every
-        size warmed (raise engine.plan_cache_bytes). On CUDA, plans belong to the stream that
-        runs them: warm up on the stream (thread) that will serve.
+        size (raise engine.plan_cache_bytes). On CUDA a plan belongs to the stream it ran on:
+        warm up on the stream that will serve.
         """
         height, width = self._warmup_size(image_size)
-        sizes = list(batch_sizes)
-        bad = [n for n in sizes if isinstance(n, bool) or not isinstance(n, int) or n < 1]
-        if bad or not sizes:
-            raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+        sizes = [batch_sizes] if isinstance(batch_sizes, numbers.Integral) else list(batch_sizes)
+        if not sizes or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in sizes):
+            raise ValueError(f"batch_sizes must be a positive int or several, got {batch_sizes!r}")
+        sizes = list(dict.fromkeys(int(n) for n in sizes))
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         self.spec.feature_sizes(height, width)  # too small: one clear error before any work
         run = self.__call__ if self.spec.num_classes else self.features
         generator = torch.Generator(device=self.device).manual_seed(0)  # the global RNG is the caller's
         seconds = {}
-        for n in sizes:
-            x = torch.randn(n, self.spec.in_channels, height, width, generator=generator, device=self.device)
+        for n in sorted(sizes, reverse=True):
+            try:
+                x = torch.randn(n, self.spec.in_channels, height, width, generator=generator, device=self.device,
+                                dtype=dtype)
+            except RuntimeError as e:  # torch.OutOfMemoryError included
+                if not is_out_of_memory(e):
+                    raise
+                raise MemoryError(f"out of memory allocating a warm-up input of batch {n} at {height}x{width} on "
+                                  f"{self.device}; use a smaller batch") from None
             start = time.perf_counter()
             run(x)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds[n] = time.perf_counter() - start
+            del x
         if self.backend == "triton":
+            stream = torch.cuda.current_stream(self.device).stream_id if self.device.type == "cuda" else 0
             with self._lock:  # other threads' calls may be adding plans
-                kept = {key[:3] for key in self._model.plans}
-            evicted = sorted({n for n in sizes if (n, height, width) not in kept})
+                kept = set(self._model.plans)
+            evicted = [n for n in sizes if (n, height, width, stream) not in kept]
             if evicted:
                 warnings.warn(
                     f"the plan cache ({self.plan_cache_bytes / 2**30:.2f} GiB) cannot hold every warmed size at "
                     f"{height}x{width}: batch sizes {evicted} were evicted and will be rebuilt on their next call "
                     f"(raise engine.plan_cache_bytes)", stacklevel=2)
-        return seconds
+        return {n: seconds[n] for n in sizes}
 
     def _warmup_size(self, image_size) -> tuple[int, int]:
         if image_size is None:
             pre = self.preprocessing or {}
             crop, resize = pre.get("crop_size"), pre.get("resize_size")
+            if isinstance(resize, (list, tuple)) and len(resize) == 1:
+                resize = resize[0]
             if crop is not None:
                 image_size = crop
-            elif isinstance(resize, (list, tuple)) and len(resize) == 2:
+            elif isinstance(resize, (list, tuple)):
                 image_size = tuple(resize)
+            elif resize is not None:
+                raise ValueError(f"pass image_size: this model's preprocessing resizes the shorter side to {resize} "
+                                 f"without a crop, so its input size depends on each image's shape")
             else:
                 image_size = 224 if self.spec.stem == "imagenet" else 32
         if isinstance(image_size, (list, tuple)) and len(image_size) == 1:
             image_size = image_size[0]
-        if isinstance(image_size, int) and not isinstance(image_size, bool):
-            return image_size, image_size
-        if (isinstance(image_size, (list, tuple)) and len(image_size) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)):
-            return int(image_size[0]), int(image_size[1])
-        raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+        if isinstance(image_size, (list, tuple)) and len(image_size) == 2:
+            height, width = image_size
+        else:
+            height = width = image_size
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (height, width)):
+            raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
+        return int(height), int(width)
 
     @property
     def plan_cache_bytes(self) -> int | None:
-        """The bound on the device bytes cached plans hold (Triton backend; default 4 GiB). The
-        newest plan is kept even when larger; lowering the bound frees the oldest plans at once.
-        None on the reference backend, which keeps no plans."""
+        """The bound on the device bytes cached plans hold (Triton backend; default 4 GiB). A call
+        keeps its own plan even when that alone is larger. Setting it drops the oldest plans until
+        the rest fit (their memory goes back to torch's caching allocator; release() also returns
+        it to the device). None on the reference backend, which keeps no plans."""
         return None if self.backend == "reference" else self._model.plan_cache_bytes
 
     @plan_cache_bytes.setter
     def plan_cache_bytes(self, value: int) -> None:
         if self.backend == "reference":
             raise ValueError("the reference backend keeps no plans, so it has no plan cache to bound")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"plan_cache_bytes must be a non-negative int, got {value!r}")
         with self._lock:
-            self._model.plan_cache_bytes = value
+            self._model.plan_cache_bytes = int(value)
 
     def planned_memory_bytes(self, batch: int, height: int, width: int) -> int | None:
         """Device bytes the Triton backend holds for this input size: buffers, scratch and folded

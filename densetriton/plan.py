@@ -251,7 +251,7 @@ class Plan:
         owned = [*self.arenas, self.features] + ([self.scratch] if self.scratch is not None else [])
         self.nbytes = sum(t.numel() * t.element_size() for t in owned)
 
-        self.graph = None  # a CUDA graph of the whole forward, once captured
+        self.graph = None  # a CUDA graph of graph_launches(), once captured
         self.graph_failed = False
         self.launches = []  # (stage, callable(x, logits))
         for stage in stages:

@@ -5,6 +5,7 @@ import re
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -214,15 +215,35 @@ def test_warmup_warns_when_the_plan_cache_cannot_keep_every_size():
     engine = _triton_engine()
     engine.plan_cache_bytes = 1  # only the newest plan is kept
     assert engine.plan_cache_bytes == 1
-    with pytest.warns(UserWarning, match=r"batch sizes \[1\] were evicted.*raise engine.plan_cache_bytes"):
-        engine.warmup([1, 2], image_size=(40, 40))
-    assert [key[:3] for key in engine._model.plans] == [(2, 40, 40)]
+    with pytest.warns(UserWarning, match=r"batch sizes \[2\] were evicted.*raise engine.plan_cache_bytes"):
+        engine.warmup([1, 2], image_size=(40, 40))  # 2 runs first
+    assert [key[:3] for key in engine._model.plans] == [(1, 40, 40)]
+
+
+def test_warmup_runs_each_size_once_largest_first_and_reports_them_in_the_callers_order(monkeypatch):
+    engine = densetriton.load(SMALL, weights=None, device="cpu", backend="reference")
+    seen = []
+    real = densetriton.Engine.__call__
+    monkeypatch.setattr(densetriton.Engine, "__call__", lambda self, x: seen.append((len(x), x.dtype)) or real(self, x))
+    assert list(engine.warmup([2, np.int64(5), 2, 1], image_size=(np.int32(40), 36))) == [2, 5, 1]
+    assert seen == [(5, torch.float32), (2, torch.float32), (1, torch.float32)]
+    seen.clear()
+    assert list(engine.warmup(3, dtype=torch.float16)) == [3]  # one int; the inputs' dtype to come
+    assert seen == [(3, torch.float16)]
+
+
+def test_warmup_out_of_memory_is_one_memory_error():
+    engine = densetriton.load(SMALL, weights=None, device="cpu", backend="reference")
+    with pytest.raises(MemoryError, match="warm-up input of batch 100000000 at 224x224.*smaller batch"):
+        engine.warmup([1, 10**8])
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(batch_sizes=[0]), "batch_sizes must be positive ints"),
-    (dict(batch_sizes=[]), "batch_sizes must be positive ints"),
-    (dict(batch_sizes=[2.0]), "batch_sizes must be positive ints"),
+    (dict(batch_sizes=[0]), "batch_sizes must be a positive int or several"),
+    (dict(batch_sizes=[]), "batch_sizes must be a positive int or several"),
+    (dict(batch_sizes=[2.0]), "batch_sizes must be a positive int or several"),
+    (dict(batch_sizes=True), "batch_sizes must be a positive int or several"),
+    (dict(dtype=torch.float64), "dtype must be float32, float16 or bfloat16"),
     (dict(image_size=2), "too small for this network.*the smallest input is 5x5"),
     (dict(image_size="224"), "image_size must be an int or"),
     (dict(image_size=(32, 32, 3)), "image_size must be an int or"),
@@ -231,6 +252,18 @@ def test_warmup_errors(kwargs, match):
     engine = densetriton.load(SMALL, weights=None, device="cpu", backend="reference")
     with pytest.raises(ValueError, match=match):
         engine.warmup(**kwargs)
+
+
+def test_warmup_without_a_known_input_size_asks_for_one():
+    """Preprocessing that resizes the shorter side without cropping: sizes vary with each image."""
+    spec = SMALL
+    weights = densetriton.weights.Weights(spec, densetriton.engine.random_weights(spec).tensors,
+                                          preprocessing={"resize_size": 320, "mean": [0.5] * 3, "std": [0.25] * 3})
+    engine = densetriton.Engine(weights, device=torch.device("cpu"), dtype=torch.float32, backend="reference",
+                                pretrained=False)
+    with pytest.raises(ValueError, match="pass image_size: .* shorter side to 320 without a crop"):
+        engine.warmup([1])
+    assert list(engine.warmup([1], image_size=320)) == [1]
 
 
 def test_the_reference_backend_warms_up_and_has_no_plan_cache():

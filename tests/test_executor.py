@@ -316,43 +316,61 @@ class _StandInGraph:
             launch(None, None)
 
 
-@pytest.mark.parametrize("num_classes", [5, 0], ids=["classifier", "backbone"])
-def test_a_features_call_captures_the_graph_and_every_replay_runs_each_launch_once(tiny_engine, num_classes, monkeypatch):
+@pytest.mark.parametrize("stem,num_classes,first", [
+    ("imagenet", 5, "features"), ("imagenet", 5, "logits"), ("cifar", 5, "features"),
+    ("imagenet", 0, "features"), ("cifar", 0, "features"),
+], ids=["imagenet-features-first", "imagenet-logits-first", "cifar-features-first", "imagenet-backbone", "cifar-backbone"])
+def test_a_replayed_graph_runs_every_launch_exactly_once_for_logits_and_features(stem, num_classes, first, monkeypatch):
     """The graph holds every launch but the stem and the classifier, so features calls (the only
-    calls a backbone gets) capture and replay it too, and a logits call replays the same graph.
-    On the CPU the capture is stood in for; each replay's buffers are poisoned with NaN first."""
-    model, _ = tiny_engine
-    spec = model.spec.replace(num_classes=num_classes)
+    calls a backbone gets) capture and replay it too, and logits and features calls replay the
+    same graph, whichever captured it. On the CPU a stand-in replays the captured launches; every
+    launch is counted, and each call's buffers are poisoned with NaN first."""
+    spec = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, stem)
+    size = 40 if stem == "imagenet" else 12
+    model = _random_model(spec, seed=21, size=size)
     tensors = {k: v for k, v in model.state_dict().items()
                if "num_batches" not in k and (num_classes or not k.startswith("classifier."))}
-    engine = densetriton.Engine(densetriton.weights.Weights(spec, tensors), device=torch.device(DEVICE),
-                                dtype=torch.float32, backend="triton", pretrained=False)
+    engine = densetriton.Engine(densetriton.weights.Weights(spec.replace(num_classes=num_classes), tensors),
+                                device=torch.device(DEVICE), dtype=torch.float32, backend="triton", pretrained=False)
     captures = []
 
     def capture(plan, x, logits, stream):
         plan.run(x, logits)
         plan.graph = _StandInGraph(plan)
-        captures.append((plan.key, logits is None))
+        captures.append((plan.key, "logits" if logits is not None else "features"))
 
     monkeypatch.setattr(densetriton.plan.Plan, "capture", capture)
     executor = engine._model
     executor.use_cuda_graphs, executor.capture_stream = True, "stream"
-    plan = executor.plan(3, 40, 40)
+    plan = executor.plan(3, size, size)
+    counts = [0] * len(plan.launches)
+
+    def counted(i, launch):
+        def run(x, logits):
+            counts[i] += 1
+            launch(x, logits)
+        return run
+
+    plan.launches = [(stage, counted(i, launch)) for i, (stage, launch) in enumerate(plan.launches)]
     ops = [stage.op for stage, _ in plan.launches]
-    held = len(plan.graph_launches())
-    assert held == len(ops) - 1 - (num_classes > 0) and ops[0] == "conv" and ops[-1] == ("classifier" if num_classes else "head")
-    for call in range(3):
-        x = torch.randn(3, 3, 40, 40, device=DEVICE)
+    assert len(plan.graph_launches()) == len(ops) - 1 - (num_classes > 0)
+    assert ops[0] == "conv" and ops[-1] == ("classifier" if num_classes else "head")
+    calls = ["features", "logits"] * 2 if num_classes else ["features"] * 3
+    if first == "logits":
+        calls = calls[1:] + calls[:1]
+    for call in calls:
+        x = torch.randn(3, 3, size, size, device=DEVICE)
+        for t in [*plan.arenas, plan.features] + ([plan.scratch] if plan.scratch is not None else []):
+            t.fill_(float("nan"))
+        counts[:] = [0] * len(counts)
         with torch.no_grad():
-            expected = model.forward_features(x.cpu())
-        if call:
-            for t in [*plan.arenas, plan.features] + ([plan.scratch] if plan.scratch is not None else []):
-                t.fill_(float("nan"))
-        assert rel_err(engine.features(x), expected) < 1e-4
-        if num_classes:
-            with torch.no_grad():
+            if call == "features":
+                assert rel_err(engine.features(x), model.forward_features(x.cpu())) < 1e-4
+            else:
                 assert rel_err(engine(x), model(x.cpu())) < 1e-4
-    assert captures == [((3, 40, 40), True)] and plan.graph is not None
+        classifier = num_classes and call == "logits"
+        assert counts == [1] * (len(ops) - 1) + [1 if classifier or not num_classes else 0], (call, counts)
+    assert captures == [((3, size, size), first)] and plan.graph is not None
 
 
 # -- on the GPU -----------------------------------------------------------------------------
