@@ -406,6 +406,7 @@ def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
     assert torch.equal(graphed.features(x), eager.features(x))
     assert graphed._model.plan(4, 224, 224).graph is not None
     assert torch.equal(graphed(x), eager(x))
+    monkeypatch.delenv("DENSETRITON_CUDA_GRAPHS")  # set to 0 for the eager engine above
     backbone = graphed.weights.spec.replace(num_classes=0)
     tensors = {k: v for k, v in graphed.weights.tensors.items() if not k.startswith("classifier.")}
     engine = densetriton.Engine(densetriton.weights.Weights(backbone, tensors), device=graphed.device,
