@@ -90,6 +90,9 @@ run_tests() {  # run_tests NAME LIMIT_S PYTEST_ARGS...: one pytest run, its stat
         >>"$OUTDIR/tests.log" 2>&1 || rc=$?
     [[ $rc == 5 ]] && rc=0  # no test collected
     stage "$name" "$rc" "$( [[ $rc == 124 ]] && echo "cut at the test budget; " )$(pytest_tail)"
+    # The failing tests' names in run.log and on stdout too: tests.log may not come back whole.
+    awk '/^=== python -m pytest/ { n = 0 } /^(FAILED|ERROR) / && n < 20 { line[n++] = $0 }
+         END { for (i = 0; i < n; i++) print "  " line[i] }' "$OUTDIR/tests.log" | tee -a "$LOG"
 }
 
 if [[ $RUN_TESTS == 1 ]]; then

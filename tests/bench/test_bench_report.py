@@ -150,3 +150,17 @@ def test_gpu_run_script_records_each_stage_and_fails_when_one_does(tmp_path):
     failing = dict(off, PYTHON="false", RUN_INSTALL="1")
     done = subprocess.run(["bash", str(script), str(tmp_path / "b")], env=failing, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "install: FAILED (exit 1)" in done.stdout
+    # Each test stage lists its own failing tests in run.log and on stdout (tests.log may not
+    # come back whole from a GPU host): a stand-in for python fails one new test per pytest run.
+    fake = tmp_path / "fake-python"
+    fake.write_text('#!/usr/bin/env bash\n[[ $1 == -m ]] || exit 0\n'
+                    f'n=$(( $(cat {tmp_path}/count 2>/dev/null || echo 0) + 1 )); echo $n > {tmp_path}/count\n'
+                    'echo "FAILED tests/fake.py::test_$n - boom"; echo "1 failed in 0.01s"; exit 1\n')
+    fake.chmod(0o755)
+    tests = dict(off, PYTHON=str(fake), RUN_TESTS="1", TEST_BUDGET_S="600")
+    done = subprocess.run(["bash", str(script), str(tmp_path / "c")], env=tests, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "c" / "run.log").read_text()
+    assert done.returncode == 1, done.stdout + done.stderr
+    for n in (1, 2, 3):  # kernel tests, gpu tests, the rest: each stage's own failure, once
+        assert log.count(f"  FAILED tests/fake.py::test_{n} - boom") == 1, log
+        assert done.stdout.count(f"FAILED tests/fake.py::test_{n} - boom") == 1, done.stdout
