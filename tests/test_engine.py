@@ -86,7 +86,10 @@ def test_without_network_the_error_says_how_to_pass_a_local_file(cache_home, mon
     with pytest.raises(densetriton.WeightsError) as info:
         densetriton.load("densenet169", device="cpu")
     msg = str(info.value)
-    assert "densenet169-b2777c0a.pth" in msg and "densetriton convert --checkpoint" in msg and "--arch densenet169" in msg
+    hub = str(Path(torch.hub.get_dir()) / "checkpoints")
+    assert "densenet169-b2777c0a.pth" in msg and f"put it in {hub}/" in msg and "sha256" in msg
+    assert "densetriton convert --checkpoint FILE --arch densenet169" in msg
+    assert str(cache_dir()) not in msg  # never a file of unknown origin at the pretrained cache path
     assert not list(cache_dir().glob("*")) if cache_dir().exists() else True
 
 

@@ -611,8 +611,10 @@ def convert_torchvision(arch: str, out: str | os.PathLike, *, progress: bool | N
         name = Path(weights.url).name
         raise ConversionError(
             f"could not get torchvision's {arch} weights from {weights.url} ({e}). Without network access, fetch "
-            f"that file on another machine and convert it with: densetriton convert --checkpoint {name} --arch {arch} "
-            f"--out {out}  (or put it in {torch.hub.get_dir()}/checkpoints/ where torchvision looks first)"
+            f"that file on another machine and put it in {torch.hub.get_dir()}/checkpoints/, where torchvision looks "
+            f"first: it is then checked against the sha256 digits in its name ({name}) and converted with "
+            f"torchvision's class names, once. (A checkpoint of your own converts with densetriton convert "
+            f"--checkpoint FILE --arch {arch} --out FILE.safetensors, and loads from that path.)"
         ) from None
     return convert_state_dict(
         state_dict,

@@ -1,5 +1,5 @@
-"""Read Keras DenseNets (keras.applications' DenseNet121/169/201 and fine-tuned models built on
-them) into torchvision's state-dict names.
+"""Read Keras DenseNets (keras.applications' DenseNet121/169/201, fine-tuned models built on them,
+and their bases without a head) into torchvision's state-dict names.
 
 Keras's DenseNet computes torchvision's function: the same layers in the same order; a
 ZeroPadding2D before the stem conv and the max-pool where torch pads inside them (the max-pool
@@ -297,12 +297,8 @@ def _by_position(convs: list, bns: list, denses: list) -> dict[str, torch.Tensor
 
 
 def _classifier(denses: list[dict]) -> dict[str, torch.Tensor]:
-    if not denses:
-        raise KerasError(
-            "the model has no Dense classifier (a model built with include_top=False and no head): its pooling "
-            "(average, max or none) is not in the file, so densetriton converts Keras DenseNets with their single "
-            "linear classifier only"
-        )
+    if not denses:  # include_top=False and no head: a backbone (its pooling is checked against the config)
+        return {}
     if len(denses) > 1:
         raise KerasError(f"the model has {len(denses)} Dense layers: densetriton supports DenseNet's single linear classifier")
     (dense,) = denses
@@ -332,14 +328,24 @@ def _config_layers(model: dict):
 
 
 def _with_config(tensors: dict[str, torch.Tensor], config, path: Path) -> KerasCheckpoint:
+    backbone = "classifier.weight" not in tensors
     if config is None:
         warnings.warn(
             f"{path} is weights only, with no model config to check: keras.applications' DenseNet is assumed "
-            f"(BatchNorm eps {KERAS_DENSENET_BN_EPS}, no preprocessing or other weightless layers inside the model)",
+            f"(BatchNorm eps {KERAS_DENSENET_BN_EPS}, no preprocessing or other weightless layers inside the model"
+            + (", and, with no classifier, features average-pooled as pooling='avg' gives them)" if backbone else ")"),
             stacklevel=3,
         )
         return KerasCheckpoint(tensors, KERAS_DENSENET_BN_EPS)
     layers = list(_config_layers(config))
+    # A backbone (include_top=False, no head) converts to a features-only model when its output is
+    # what densetriton's features are: the global average pool (pooling="avg").
+    if backbone and not any(c["class_name"] in ("GlobalAveragePooling2D", "GlobalAvgPool2D") for c in layers):
+        raise KerasError(
+            "the model has no Dense classifier and does not pool its features (include_top=False, pooling=None): "
+            "it outputs the feature map, and densetriton's features are its global average pool. A backbone "
+            "built with pooling='avg' converts to a features-only model"
+        )
     # pooling="max" gives the same weights a different head: refused, not averaged.
     max_pooled = sorted({c["class_name"] for c in layers if c["class_name"] in ("GlobalMaxPooling2D", "GlobalMaxPool2D")})
     if max_pooled:

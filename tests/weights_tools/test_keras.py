@@ -332,9 +332,31 @@ def test_keras_models_that_are_not_densenets_are_refused(tmp_path):
     _refused(_save(small, "h5", tmp_path), out, r"not keras\.applications DenseNet layers", r"conv2d")
     _refused(_save(small, "weights.h5", tmp_path), out, r"Conv2D layer has a bias")
     headless = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
-    _refused(_save(headless, "keras", tmp_path), out, r"no Dense classifier", r"include_top=False")
     two_heads = keras.Sequential([keras.Input((32, 32, 3)), headless, keras.layers.Dense(16), keras.layers.Dense(2)])
     _refused(_save(two_heads, "h5", tmp_path), out, r"2 Dense layers")
+
+
+@pytest.mark.parametrize("fmt", ["h5", "weights.h5", "keras"])
+def test_a_keras_backbone_without_head_converts_to_features_only(fmt, tmp_path):
+    """include_top=False, pooling="avg" (the base users put their own head on): its output is
+    densetriton's features; without pooling its output is the feature map, which is refused."""
+    keras.utils.set_random_seed(4)
+    base = _randomize_batchnorms(
+        keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3)), seed=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = convert_checkpoint(_save(base, fmt, tmp_path), tmp_path / "backbone.safetensors", progress=False)
+    said = " ".join(str(w.message) for w in caught)
+    assert "no classifier" in said and (fmt != "weights.h5" or "pooling='avg'" in said)
+    w = load_weights(out)
+    assert w.spec == densetriton.get_spec("densenet121").replace(num_classes=0, bn_eps=KERAS_EPS)
+    x = torch.randn(2, 3, 32, 32)
+    engine = densetriton.load(out, device="cpu", backend="reference")
+    assert rel_err(engine.features(x), _keras_logits(base, x)) < 1e-5
+    if fmt != "weights.h5":  # only a config can say the output is not pooled
+        unpooled = keras.applications.DenseNet121(weights=None, include_top=False, input_shape=(32, 32, 3))
+        _refused(_save(unpooled, fmt, tmp_path), tmp_path / "out.safetensors", r"does not pool its features",
+                 r"pooling='avg'")
 
 
 def test_broken_keras_files_are_one_clear_error(xray_densenet121, tmp_path):
