@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         register(sub)
+    for command in sub.choices.values():  # --debug after the command as well as before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show full tracebacks on errors")
     return parser
 
 

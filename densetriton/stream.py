@@ -109,7 +109,6 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch (default 32)")
     g.add_argument("--workers", type=nonnegative_int, default=default_workers(), metavar="W",
                    help="DataLoader worker processes decoding images (default %(default)s; 0 decodes in the main process)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
 
 
 # -- inputs ----------------------------------------------------------------------------------

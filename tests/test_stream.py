@@ -63,6 +63,11 @@ def test_errors_are_one_line(weights, images, tmp_path, capsys):
         main(["--debug", "predict", str(folder), *common(weights, "--out", str(tmp_path / "r.txt"))])
     with pytest.raises(ValueError, match="--out must end"):
         main(["predict", str(folder), *common(weights, "--out", str(tmp_path / "r.txt")), "--debug"])
+    # Every command takes --debug after its name too.
+    with pytest.raises(ValueError, match="its name ends in .safetensors"):
+        main(["convert", "--arch", "densenet121", "--out", str(tmp_path / "x.pth"), "--debug"])
+    with pytest.raises(ValueError, match="unknown model"):
+        main(["info", "densenet999", "--debug"])
 
 
 def test_all_skipped_is_a_failure(weights, images, capsys):
