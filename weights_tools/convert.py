@@ -431,6 +431,10 @@ def convert_state_dict(
             class_names, multi_label, operating_points = None, None, None
         warnings.warn(f"the checkpoint has no classifier: converted as {describe_spec(spec)}, a backbone that gives "
                       f"features only (engine.features, densetriton embed), not predictions", stacklevel=2)
+    if spec.num_classes == 1000 and class_names is None:
+        warnings.warn("no class names recorded for its 1000 classes, so predict shows class indices; for ImageNet-1k's "
+                      "(torchvision's or timm's weights, or a model fine-tuned from them that kept their classifier) "
+                      "convert with --class-names imagenet", stacklevel=2)
     if operating_points is None and multi_label is not False and spec.num_classes:
         operating_points = _operating_points_in(state_dict, spec)
     if operating_points is not None and multi_label is None:

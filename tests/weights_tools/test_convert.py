@@ -4,6 +4,7 @@ import copy
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -377,7 +378,12 @@ def test_class_names_imagenet_are_torchvisions(tmp_path, capsys, monkeypatch):
     torch.save(model.state_dict(), tmp_path / "in1k.pth")
     out = tmp_path / "in1k.safetensors"
     monkeypatch.chdir(tmp_path)
-    assert main(["convert", "--checkpoint", "in1k.pth", "--class-names", "imagenet", "--out", str(out)]) == 0
+    with pytest.warns(UserWarning, match="no class names recorded for its 1000 classes.*--class-names imagenet"):
+        assert main(["convert", "--checkpoint", "in1k.pth", "--out", str(out)]) == 0
+    assert load_weights(out).class_names is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named: nothing to say
+        assert main(["convert", "--checkpoint", "in1k.pth", "--class-names", "imagenet", "--out", str(out)]) == 0
     names = load_weights(out).class_names
     assert names == list(torchvision.models.DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
     assert names[0] == "tench" and len(names) == 1000
