@@ -101,7 +101,10 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: only time is measured
         weights = None if args.model in densetriton.list_models() else "DEFAULT"  # a registry name, or a file's own
-        engine = densetriton.load(args.model, weights=weights, dtype=args.dtype, backend="triton")
+        try:  # no GPU and no interpreter, an unknown model, ...: one line, not a traceback
+            engine = densetriton.load(args.model, weights=weights, dtype=args.dtype, backend="triton")
+        except (RuntimeError, ValueError) as e:
+            parser.error(str(e))
     if not engine.spec.num_classes:  # the timed forward is a logits call
         parser.error(f"{args.model} has no classifier (a backbone, features only): time a model with one")
     g = torch.Generator(device=engine.device).manual_seed(0)

@@ -65,3 +65,14 @@ def test_the_bench_tools_refuse_a_model_without_classifier_before_timing(tmp_pat
         with pytest.raises(SystemExit) as stop:
             tool.main(["--model", str(path), "--batch-size", "1", "--image-size", "16"])
         assert stop.value.code == 2 and "has no classifier" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["lock_cost", "layer_times"])
+def test_a_model_that_cannot_load_is_one_line_not_a_traceback(module, capsys):
+    import importlib
+
+    main = importlib.import_module(f"densetriton.bench.{module}").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "densenet999"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{module}: error: unknown model 'densenet999'" in err and "Traceback" not in err
