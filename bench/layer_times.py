@@ -84,8 +84,25 @@ def table(times: dict[str, dict], floors: dict[str, dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def timing_engine(parser: argparse.ArgumentParser, args):
+    """The Triton engine a timing tool's --model names (a registry name gets random weights, a
+    file its own), with a classifier: the timed forward is a logits call. What cannot be loaded
+    is one argparse error line, not a traceback (no GPU and no interpreter, an unknown name)."""
     import densetriton
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: only time is measured
+        weights = None if args.model in densetriton.list_models() else "DEFAULT"
+        try:
+            engine = densetriton.load(args.model, weights=weights, dtype=args.dtype, backend="triton")
+        except (RuntimeError, ValueError) as e:
+            parser.error(str(e))
+    if not engine.spec.num_classes:
+        parser.error(f"{args.model} has no classifier (a backbone, features only): time a model with one")
+    return engine
+
+
+def main(argv=None) -> int:
 
     from . import roofline
     from .peers import dtype_name
@@ -98,15 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="default: the engine's (float16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights: only time is measured
-        weights = None if args.model in densetriton.list_models() else "DEFAULT"  # a registry name, or a file's own
-        try:  # no GPU and no interpreter, an unknown model, ...: one line, not a traceback
-            engine = densetriton.load(args.model, weights=weights, dtype=args.dtype, backend="triton")
-        except (RuntimeError, ValueError) as e:
-            parser.error(str(e))
-    if not engine.spec.num_classes:  # the timed forward is a logits call
-        parser.error(f"{args.model} has no classifier (a backbone, features only): time a model with one")
+    engine = timing_engine(parser, args)
     g = torch.Generator(device=engine.device).manual_seed(0)
     x = torch.randn(args.batch_size, engine.spec.in_channels, args.image_size, args.image_size, generator=g,
                     device=engine.device, dtype=engine.dtype)

@@ -17,7 +17,6 @@ import contextlib
 import threading
 import time
 import timeit
-import warnings
 
 import torch
 
@@ -65,7 +64,7 @@ def measure(engine, x: torch.Tensor, *, calls: int = 400, threads: int = 8) -> d
 
 
 def main(argv=None) -> int:
-    import densetriton
+    from .layer_times import timing_engine
 
     parser = argparse.ArgumentParser(prog="python -m densetriton.bench.lock_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="densenet121")
@@ -75,15 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--calls", type=int, default=400)
     args = parser.parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights: only time is measured
-        weights = None if args.model in densetriton.list_models() else "DEFAULT"  # a registry name, or a file's own
-        try:  # no GPU and no interpreter, an unknown model, ...: one line, not a traceback
-            engine = densetriton.load(args.model, weights=weights, dtype=args.dtype, backend="triton")
-        except (RuntimeError, ValueError) as e:
-            parser.error(str(e))
-    if not engine.spec.num_classes:  # the timed forward is a logits call
-        parser.error(f"{args.model} has no classifier (a backbone, features only): time a model with one")
+    engine = timing_engine(parser, args)
     x = torch.randn(args.batch_size, engine.spec.in_channels, args.image_size, args.image_size, device=engine.device)
     print(f"{engine!r}, input {tuple(x.shape)}, {args.calls} calls")
     for key, value in measure(engine, x, calls=args.calls, threads=args.threads).items():
