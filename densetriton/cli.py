@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .limits import FileRefused
+
 
 def _info(args) -> int:
     from .spec import MODELS, get_spec, list_models
@@ -276,6 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"densetriton: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, FileRefused) else 1  # 2: a file refused before it was read
     finally:
         warnings.formatwarning = formatwarning

@@ -1,0 +1,67 @@
+"""Bounds on what a file may declare, for checkpoints, weights files and images from untrusted sources.
+
+A small file must not be able to make densetriton allocate gigabytes, loop for minutes or crash:
+every reader checks what a file declares (sizes, shapes, nesting, spec fields) against these
+bounds, and against what the file actually holds, before it allocates or decodes anything. The
+bounds are generous for every real DenseNet: the largest registry model, densenet264 with a
+100,000-class head, converts. A refusal is a `FileRefused`: one line naming the file, what it
+declared and the bound; the CLI exits with status 2 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+# -- checkpoints and weights files -------------------------------------------------------------
+
+# One tensor, and all tensors of one file (densenet264 with a 100,000-class float32 head is ~1.2 GB).
+MAX_TENSOR_BYTES = 4 << 30
+MAX_TOTAL_TENSOR_BYTES = 8 << 30
+# A zip member (torch checkpoint, .keras archive) may inflate to at most this many times its
+# compressed size, unless it is small: torch writes members uncompressed, and float weights
+# hardly compress, so a high ratio is a decompression bomb, not a checkpoint.
+MAX_COMPRESSION_RATIO = 20
+SMALL_MEMBER_BYTES = 16 << 20
+# Pickle streams: nesting of containers (a deep tuple crashes CPython's unpickler), and size.
+MAX_PICKLE_DEPTH = 1000
+MAX_PICKLE_BYTES = 256 << 20
+# JSON held in a file's metadata or config (safetensors metadata, Keras config, a spec).
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+# -- spec fields ---------------------------------------------------------------------------------
+
+MAX_BLOCKS = 16
+MAX_LAYERS_PER_BLOCK = 1024
+MAX_CHANNELS = 1 << 16  # growth rate, stem and block channels, bottleneck width, input channels
+MAX_CLASSES = 1_000_000
+
+# -- images --------------------------------------------------------------------------------------
+
+# A preprocessing's resize or crop side: DenseNets are run at a few hundred pixels.
+MAX_IMAGE_SIDE = 4096
+# Pixels an image file may declare before it is decoded (Pillow's own bomb bound is 179 million);
+# shared by predict, embed and the server. Raise it with DENSETRITON_MAX_IMAGE_PIXELS.
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 26  # 67 million: 8192 x 8192
+
+
+def max_image_pixels() -> int:
+    value = os.environ.get("DENSETRITON_MAX_IMAGE_PIXELS")
+    if value is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        pixels = int(value)
+    except ValueError:
+        raise ValueError(f"DENSETRITON_MAX_IMAGE_PIXELS must be a whole number of pixels, got {value!r:.40}") from None
+    if pixels <= 0:
+        raise ValueError(f"DENSETRITON_MAX_IMAGE_PIXELS must be positive, got {pixels}")
+    return pixels
+
+
+class FileRefused(ValueError):
+    """A file declares more than it holds, or more than a bound allows; nothing was read past the check."""
+
+
+def refuse(path, what: str, declared, bound) -> FileRefused:
+    """The one-line refusal: the file, what it declared, and the bound it broke."""
+    return FileRefused(f"{path}: refused: {what} is {declared}, over the bound of {bound}")

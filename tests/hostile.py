@@ -1,0 +1,77 @@
+"""Run a densetriton command on a hostile file in a child process and measure what it cost.
+
+The child's peak resident memory comes from os.wait4: that child's rusage alone (RUSAGE_CHILDREN
+would keep the maximum over every child the test process ever waited for).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+# What every hostile file must stay under: a one-line error, quickly, in little memory.
+TIME_BOUND_S = 10.0
+MEMORY_BOUND_MB = 1024
+
+
+@dataclass
+class ChildRun:
+    returncode: int  # negative: killed by that signal (e.g. -11 for SIGSEGV)
+    stdout: str
+    stderr: str
+    seconds: float
+    peak_mb: float
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def _drain(stream, chunks: list) -> None:
+    chunks.append(stream.read())
+
+
+def run_python(code_or_args: list[str], *, timeout: float = 60.0, env: dict | None = None) -> ChildRun:
+    """`python ARGS` in a child, killed past `timeout`; its exit status, output, time and peak memory."""
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, *code_or_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})}, text=True, errors="replace")
+    out, err = [], []
+    readers = [threading.Thread(target=_drain, args=(proc.stdout, out)),
+               threading.Thread(target=_drain, args=(proc.stderr, err))]
+    for r in readers:
+        r.start()
+    deadline, killed = start + timeout, False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline and not killed:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.02)
+    for r in readers:
+        r.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
+    stderr = "".join(err) + (f"\n[killed after {timeout} s]" if killed else "")
+    return ChildRun(proc.returncode, "".join(out), stderr, time.monotonic() - start, usage.ru_maxrss / 1024)
+
+
+def run_cli(*args: str, timeout: float = 60.0, env: dict | None = None) -> ChildRun:
+    """`densetriton ARGS` (as `python -m densetriton`) in a child process."""
+    return run_python(["-m", "densetriton", *args], timeout=timeout, env=env)
+
+
+def assert_refused(run: ChildRun, *, mentions: str | None = None, status: int = 2) -> None:
+    """One error line, the refusal's exit status, within the time and memory bounds."""
+    assert run.returncode == status, f"exit {run.returncode}, stderr: {run.stderr[-2000:]}"
+    assert len(run.error_lines) == 1 and run.error_lines[0].startswith("densetriton: error: "), run.stderr[-2000:]
+    if mentions is not None:
+        assert mentions in run.error_lines[0], run.error_lines[0]
+    assert run.seconds < TIME_BOUND_S, f"took {run.seconds:.1f} s"
+    assert run.peak_mb < MEMORY_BOUND_MB, f"peak {run.peak_mb:.0f} MB"
