@@ -266,7 +266,7 @@ def draw_chart(doc: dict, path: Path) -> Path:
 
 def write(doc: dict, out: Path, stem: str, *, chart: bool = True, write_json: bool = True) -> dict[str, Path]:
     """stem.json and stem.md (and stem.png when chart) under out, each written atomically."""
-    from densetriton.weights import atomic_write
+    from densetriton.atomic import atomic_write
 
     out = Path(out)
     paths = {"md": out / f"{stem}.md"}

@@ -22,7 +22,8 @@ def _info(args) -> int:
     if args.model in MODELS:
         spec = get_spec(args.model)
     elif Path(args.model).suffix == ".safetensors" or Path(args.model).is_file():
-        from .weights import describe_spec, load_weights
+        from .spec import describe_spec
+        from .weights import load_weights
 
         weights = load_weights(args.model)
         spec = weights.spec
@@ -59,9 +60,9 @@ def _info(args) -> int:
         from .images import describe_preprocessing
 
         names = weights.class_names
-        from .weights import _listing
+        from .weights import listing
 
-        shown = _listing(names, limit=5) if names else "none recorded"
+        shown = listing(names, limit=5) if names else "none recorded"
         outputs = {True: "a sigmoid per class (multi-label)", False: "a softmax over the classes", None: "not recorded (softmax)"}
         pre = describe_preprocessing(weights.preprocessing) if weights.preprocessing else "none recorded"
         if spec.num_classes:
@@ -82,9 +83,9 @@ def _info(args) -> int:
 
 
 def _points(points) -> str:
-    from .weights import _listing
+    from .weights import listing
 
-    return _listing(("none" if p is None else f"{p:.4g}" for p in points), limit=5)
+    return listing(("none" if p is None else f"{p:.4g}" for p in points), limit=5)
 
 
 def _read_operating_points(path: str) -> list[float | None]:
@@ -167,7 +168,8 @@ def _convert(args) -> int:
                              "apply to --checkpoint; torchvision's weights carry their own")
         out = convert_torchvision(args.arch, args.out)
     from .images import describe_preprocessing
-    from .weights import describe_spec, load_weights
+    from .spec import describe_spec
+    from .weights import load_weights
 
     w = load_weights(out)
     names = f", {len(w.class_names)} class names" if w.class_names else ""

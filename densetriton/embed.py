@@ -86,7 +86,7 @@ def _write_features(out: str, width: int, model: str, model_id: str, paths: list
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .weights import atomic_write
+    from .atomic import atomic_write
 
     position = {path_key(p): i for i, p in enumerate(paths[file_rows:], start=file_rows)}
     block = _FILE_ROWS_AT_ONCE
@@ -267,7 +267,7 @@ class _ChunkWriter:
     def flush(self) -> None:
         from safetensors.torch import save_file
 
-        from .weights import atomic_write
+        from .atomic import atomic_write
 
         self.last = time.monotonic()
         if not self.pending:
@@ -298,7 +298,7 @@ def embed_command(args) -> int:
 
 
 def _embed(args, dist: Dist, out: str) -> int:
-    from .weights import describe_spec
+    from .spec import describe_spec
 
     files = collect_files(args.paths)
     if not files:

@@ -14,7 +14,8 @@ import torch
 from .executor import is_out_of_memory
 from .reference import ReferenceDenseNet
 from .spec import MODELS, NO_CLASSIFIER, TORCHVISION_MODELS, DenseNetSpec, get_spec
-from .weights import Weights, WeightsError, cache_dir, default_preprocessing, describe_spec, load_weights
+from .spec import describe_spec
+from .weights import Weights, WeightsError, cache_dir, default_preprocessing, load_weights
 
 BACKENDS = ("auto", "reference", "triton")
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -306,7 +306,7 @@ def _predict(args, dist: Dist, out: str | None, fmt: str | None) -> int:
 
 def _merge_predictions(out: str, records: _Records, files: list[str], world: int, *, keep_old: bool) -> None:
     """Rank 0: --out's old rows (with --resume), then the parts' rows in input order; delete the parts."""
-    from .weights import atomic_write
+    from .atomic import atomic_write
 
     order = {path_key(p): i for i, p in enumerate(files)}
     old = records.read(out)[0] if keep_old and os.path.isfile(out) else []

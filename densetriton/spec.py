@@ -274,3 +274,29 @@ def get_spec(name: str) -> DenseNetSpec:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+
+
+def describe_spec(spec: DenseNetSpec) -> str:
+    """A registry name where one fits ("densenet121 with 1 input channel and 14 classes"), else the spec."""
+    default = DenseNetSpec()
+    for name, s in MODELS.items():
+        if s != spec.replace(num_classes=s.num_classes, in_channels=s.in_channels, bn_eps=s.bn_eps):
+            continue
+        changes = []
+        if spec.in_channels != s.in_channels:
+            changes.append(f"{spec.in_channels} input channel{'s' * (spec.in_channels != 1)}")
+        if not spec.num_classes:
+            changes.append("no classifier")
+        elif spec.num_classes != s.num_classes:
+            changes.append(f"{spec.num_classes} classes")
+        if spec.bn_eps != s.bn_eps:
+            changes.append(f"BatchNorm eps {spec.bn_eps:g}")
+        if len(changes) > 2:
+            changes = [", ".join(changes[:-1]), changes[-1]]
+        return name + (" with " + " and ".join(changes) if changes else "")
+    extras = f", in_channels={spec.in_channels}" if spec.in_channels != default.in_channels else ""
+    extras += f", bn_eps={spec.bn_eps:g}" if spec.bn_eps != default.bn_eps else ""
+    return (
+        f"DenseNet(k={spec.growth_rate}, blocks={list(spec.block_config)}, init={spec.num_init_features}, "
+        f"bn_size={spec.bn_size}, theta={spec.compression}, classes={spec.num_classes or 'none'}, stem={spec.stem}{extras})"
+    )

@@ -418,7 +418,7 @@ def shown(path: str) -> str:
 
 
 def describe_run(engine, args) -> str:
-    from .weights import describe_spec
+    from .spec import describe_spec
 
     source = args.weights if args.weights is not None else "torchvision's pretrained weights"
     dtype = str(engine.dtype).replace("torch.", "")

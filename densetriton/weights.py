@@ -25,14 +25,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .spec import DenseNetSpec
+from .atomic import atomic_write
+from .spec import DenseNetSpec, describe_spec
 
 FORMAT = "densetriton"
 FORMAT_VERSION = "1"
@@ -78,7 +78,7 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "densetriton"
 
 
-def _listing(names, limit=12) -> str:
+def listing(names, limit=12) -> str:
     names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
@@ -103,11 +103,11 @@ def layout_problems(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> lis
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing: {listing(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {listing(unexpected)}")
     if misshaped:
-        problems.append(f"{len(misshaped)} mis-shaped: {_listing(misshaped)}")
+        problems.append(f"{len(misshaped)} mis-shaped: {listing(misshaped)}")
     return problems
 
 
@@ -117,14 +117,14 @@ def value_problems(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> list
     names = [k for k in spec.state_dict_shapes() if k in tensors]
     bad_dtype = [f"{k} ({tensors[k].dtype})" for k in names if tensors[k].dtype not in TENSOR_DTYPES]
     if bad_dtype:
-        return [f"{len(bad_dtype)} not floating point (float16, bfloat16, float32 or float64): {_listing(bad_dtype)}"]
+        return [f"{len(bad_dtype)} not floating point (float16, bfloat16, float32 or float64): {listing(bad_dtype)}"]
     problems = []
     not_finite = [k for k in names if not torch.isfinite(tensors[k]).all()]
     if not_finite:
-        problems.append(f"{len(not_finite)} with NaN or Inf values: {_listing(not_finite)}")
+        problems.append(f"{len(not_finite)} with NaN or Inf values: {listing(not_finite)}")
     negative = [k for k in names if k.endswith("running_var") and (tensors[k] < 0).any()]
     if negative:
-        problems.append(f"{len(negative)} BatchNorm variances below zero: {_listing(negative)}")
+        problems.append(f"{len(negative)} BatchNorm variances below zero: {listing(negative)}")
     return problems
 
 
@@ -217,76 +217,6 @@ def check_crop_fits(preprocessing: dict) -> None:
     if pads:
         raise WeightsError(f"preprocessing: crop_size {crop} is larger than the resized image (resize_size {resize}), "
                            f"which the crop would pad with black")
-
-
-def describe_spec(spec: DenseNetSpec) -> str:
-    """A registry name where one fits ("densenet121 with 1 input channel and 14 classes"), else the spec."""
-    from .spec import MODELS
-
-    default = DenseNetSpec()
-    for name, s in MODELS.items():
-        if s != spec.replace(num_classes=s.num_classes, in_channels=s.in_channels, bn_eps=s.bn_eps):
-            continue
-        changes = []
-        if spec.in_channels != s.in_channels:
-            changes.append(f"{spec.in_channels} input channel{'s' * (spec.in_channels != 1)}")
-        if not spec.num_classes:
-            changes.append("no classifier")
-        elif spec.num_classes != s.num_classes:
-            changes.append(f"{spec.num_classes} classes")
-        if spec.bn_eps != s.bn_eps:
-            changes.append(f"BatchNorm eps {spec.bn_eps:g}")
-        if len(changes) > 2:
-            changes = [", ".join(changes[:-1]), changes[-1]]
-        return name + (" with " + " and ".join(changes) if changes else "")
-    extras = f", in_channels={spec.in_channels}" if spec.in_channels != default.in_channels else ""
-    extras += f", bn_eps={spec.bn_eps:g}" if spec.bn_eps != default.bn_eps else ""
-    return (
-        f"DenseNet(k={spec.growth_rate}, blocks={list(spec.block_config)}, init={spec.num_init_features}, "
-        f"bn_size={spec.bn_size}, theta={spec.compression}, classes={spec.num_classes or 'none'}, stem={spec.stem}{extras})"
-    )
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (os.umask can only
-    read it by setting it, which races with other threads creating files)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(tmp_path), then rename into place: a failure never leaves a half-written file.
-
-    The file gets the permissions a plain open() would give it (0o666 less the umask), or keeps
-    those of the file it replaces -- not mkstemp's owner-only 0o600. A symbolic link is written
-    through, as open() would: its target is replaced, the link stays."""
-    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except OSError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def save_weights(

@@ -265,7 +265,7 @@ def test_metadata_as_torchvision_takes_it_is_accepted(tmp_path):
 def test_files_written_atomically_get_the_permissions_open_would_give(tmp_path):
     import os
 
-    from densetriton.weights import atomic_write
+    from densetriton.atomic import atomic_write
 
     tensors = random_weights(TINY).tensors
     old = os.umask(0o022)

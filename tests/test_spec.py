@@ -102,9 +102,9 @@ def test_input_channels_change_the_stem_only():
     # JSON: in_channels is written only when it is not 3, so files of RGB models read as before.
     assert "in_channels" not in rgb.to_dict() and gray.to_dict()["in_channels"] == 1
     assert DenseNetSpec.from_json(gray.to_json()) == gray and DenseNetSpec.from_json(rgb.to_json()) == rgb
-    assert densetriton.weights.describe_spec(gray.replace(num_classes=14)) == "densenet121 with 1 input channel and 14 classes"
-    assert densetriton.weights.describe_spec(rgb.replace(in_channels=4)) == "densenet121 with 4 input channels"
-    assert "in_channels=2" in densetriton.weights.describe_spec(DenseNetSpec(4, (2,), 8, in_channels=2, stem="cifar"))
+    assert densetriton.spec.describe_spec(gray.replace(num_classes=14)) == "densenet121 with 1 input channel and 14 classes"
+    assert densetriton.spec.describe_spec(rgb.replace(in_channels=4)) == "densenet121 with 4 input channels"
+    assert "in_channels=2" in densetriton.spec.describe_spec(DenseNetSpec(4, (2,), 8, in_channels=2, stem="cifar"))
 
 
 def test_batchnorm_eps_is_part_of_the_function():
@@ -124,9 +124,9 @@ def test_batchnorm_eps_is_part_of_the_function():
     # JSON: bn_eps is written only when it is not torch's default; it round-trips exactly.
     assert "bn_eps" not in base.to_dict() and keras.to_dict()["bn_eps"] == 1.001e-5
     assert DenseNetSpec.from_json(keras.to_json()) == keras and DenseNetSpec.from_json(base.to_json()) == base
-    assert densetriton.weights.describe_spec(get_spec("densenet121").replace(bn_eps=1.001e-5, num_classes=14)) == (
+    assert densetriton.spec.describe_spec(get_spec("densenet121").replace(bn_eps=1.001e-5, num_classes=14)) == (
         "densenet121 with 14 classes and BatchNorm eps 1.001e-05")
-    assert "bn_eps=0.001" in densetriton.weights.describe_spec(base.replace(bn_eps=1e-3))
+    assert "bn_eps=0.001" in densetriton.spec.describe_spec(base.replace(bn_eps=1e-3))
 
 
 def test_spec_json_round_trip_and_hashable():
@@ -167,7 +167,7 @@ def test_a_spec_without_classifier_is_a_backbone():
     assert shapes == {k: v for k, v in full.state_dict_shapes().items() if not k.startswith("classifier")}
     assert full.num_parameters() - backbone.num_parameters() == 1000 * 1024 + 1000
     assert full.macs(224) - backbone.macs(224) == 1000 * 1024
-    assert densetriton.weights.describe_spec(backbone) == "densenet121 with no classifier"
+    assert densetriton.spec.describe_spec(backbone) == "densenet121 with no classifier"
     assert DenseNetSpec.from_json(backbone.to_json()) == backbone
 
 

@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..spec import TORCHVISION_MODELS, DenseNetSpec, get_spec
+from ..spec import TORCHVISION_MODELS, DenseNetSpec, describe_spec, get_spec
 from .keras_h5 import KERAS_SUFFIXES, KerasError, read_keras
 from .pickled_module import HostileCheckpoint, clear_sparse_checks, load_pickled, replace_modules
 from ..weights import (
-    FORMAT, WeightsError, _listing, check_crop_fits, check_operating_points, check_tensors, default_preprocessing, describe_spec,
+    FORMAT, WeightsError, check_crop_fits, check_operating_points, check_tensors, default_preprocessing, listing,
     save_weights,
 )
 
@@ -415,7 +415,7 @@ def convert_state_dict(
         hint = _outside_hint(_unnest(state_dict), unexpected)
         if not spec.num_classes and unexpected and not any(k.startswith("features.") for k in unexpected):
             raise ConversionError(
-                f"the DenseNet has no classifier of its own, and the rest of the checkpoint ({_listing(unexpected)}) is "
+                f"the DenseNet has no classifier of its own, and the rest of the checkpoint ({listing(unexpected)}) is "
                 f"not one Linear layer to take as it: a multi-layer or normalised head is not supported"
                 f"{hint.replace('converts the DenseNet alone', 'converts the DenseNet alone, for its features')}") from None
         raise ConversionError(f"{e}{hint}") from None
