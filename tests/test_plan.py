@@ -4,10 +4,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import densetriton
 from densetriton import DenseNetSpec, get_spec
 from densetriton.plan import CHANNEL_ALIGN, View, buffer_shapes, build_stages, fold_batchnorm, memory_layout
+from densetriton.reference import ReferenceDenseNet
+
+from helpers import rel_err
 
 SPECS = [
     get_spec("densenet121"),
@@ -98,3 +102,63 @@ def test_fold_batchnorm_matches_eval_batchnorm(bn_eps):
     torch.testing.assert_close(x @ folded["denseblock2.denselayer1.conv1.weight"] + folded["denseblock2.denselayer1.conv1.bias"], y, rtol=1e-5, atol=1e-5)
     assert folded["classifier.weight"].dtype == torch.float32
     assert fold_batchnorm(tensors, spec, torch.float16, "cpu")["conv0.weight"].dtype == torch.float16
+
+
+def _model_with_tiny_running_variances(spec):
+    """A model whose every BatchNorm has running variances log-uniform in [1e-6, 1e-4]: the size of
+    torch's default epsilon (1e-5), so a fold that leaves epsilon out is off by 5% to 3x."""
+    gen = torch.Generator().manual_seed(5)
+    model = ReferenceDenseNet(spec)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.running_var.copy_(10 ** (-6 + 2 * torch.rand(c, generator=gen)))
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.01)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen))
+    return model.eval()
+
+
+def _unpacked(packed, model_conv):
+    """A packed [KH*KW*Cin, Cout] GEMM operand back to torch's [Cout, Cin, KH, KW], in float64."""
+    c_out, c_in, kh, kw = model_conv.weight.shape
+    return packed.double().reshape(kh, kw, c_in, c_out).permute(3, 2, 0, 1)
+
+
+def _convs_with_a_folded_batchnorm(model, spec):
+    """(conv, the BatchNorm after it, its folded name, stride, padding): the stem and each conv1."""
+    yield model.features.conv0, model.features.norm0, "conv0", 2, 3
+    for b, layers in enumerate(spec.block_config, 1):
+        for i in range(1, layers + 1):
+            layer = model.get_submodule(f"features.denseblock{b}.denselayer{i}")
+            yield layer.conv1, layer.norm2, f"denseblock{b}.denselayer{i}.conv1", 1, 0
+
+
+def test_fold_batchnorm_at_torchs_default_epsilon_with_tiny_running_variances():
+    """Every folded BatchNorm (the prologues' scale and shift, and norm0 and norm2 folded into the
+    conv before them) equals BatchNorm2d.eval() at its default epsilon. Fails when the fold drops
+    epsilon (sqrt(var) for sqrt(var + eps) in plan.py's _bn_scale_shift): the variances here are
+    1e-6..1e-4, so epsilon changes every scale by 5% or more."""
+    eps = torch.nn.BatchNorm2d(1).eps
+    assert eps == 1e-5
+    spec = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "imagenet", bn_eps=eps)
+    model = _model_with_tiny_running_variances(spec)
+    tensors = {k: v for k, v in model.state_dict().items() if "num_batches" not in k}
+    folded = fold_batchnorm(tensors, spec, torch.float32, "cpu")
+    model.double()
+    gen = torch.Generator().manual_seed(6)
+    prologues = [name[: -len(".scale")] for name in folded if name.endswith(".scale")]
+    assert len(prologues) == sum(spec.block_config) + len(spec.block_config)  # norm1s, transition norm, norm5
+    with torch.no_grad():
+        for name in prologues:
+            bn = model.get_submodule(f"features.{name}")
+            x = torch.randn(2, bn.num_features, 3, 3, generator=gen, dtype=torch.float64)
+            got = x * folded[f"{name}.scale"].double()[:, None, None] + folded[f"{name}.shift"].double()[:, None, None]
+            assert rel_err(got, bn(x)) < 1e-6, name
+        for conv, bn, name, stride, padding in _convs_with_a_folded_batchnorm(model, spec):
+            x = torch.randn(2, conv.in_channels, 9, 9, generator=gen, dtype=torch.float64)
+            got = F.conv2d(x, _unpacked(folded[f"{name}.weight"], conv), folded[f"{name}.bias"].double(),
+                           stride=stride, padding=padding)
+            assert rel_err(got, bn(conv(x))) < 1e-6, name
+
