@@ -60,3 +60,69 @@ def assert_close(out, ref, tol):
     assert not torch.isnan(out).any(), "kernel left poisoned (unwritten) elements"
     err = rel_err(out, ref)
     assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
+# -- guard bands: stores outside the output view --------------------------------------------------
+
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+class GuardBand:
+    """An output view inside a larger tensor, `margin` elements bigger on each side of every dim.
+
+    The view is poisoned with NaN (unwritten elements fail assert_close); the band around it holds
+    random finite values fixed at creation. An out-of-bounds store (a mask one channel, row or
+    pixel too wide, a wrong stride) lands in the band instead of past the allocation, where the
+    interpreter may corrupt its heap: assert_untouched() then fails, comparing the band bit for bit.
+    Every dim keeps its stride order, so the view is as NHWC as the tensor it replaces.
+    """
+
+    def __init__(self, shape, *, dtype=torch.float32, device="cpu", margin=2):
+        big = tuple(s + 2 * margin for s in shape)
+        band_values = torch.randn(big, generator=torch.Generator().manual_seed(12345)) * 100
+        self.base = band_values.to(dtype).to(device)
+        self.view = self.base[tuple(slice(margin, margin + s) for s in shape)]
+        self.view.fill_(float("nan"))
+        self._outside = torch.ones(big, dtype=torch.bool)
+        self._outside[tuple(slice(margin, margin + s) for s in shape)] = False
+        self._before = self._bits().clone()
+
+    def _bits(self):
+        return self.base.cpu().view(_BITS[self.base.dtype])
+
+    def assert_untouched(self):
+        changed = (self._bits() != self._before) & self._outside
+        if changed.any():
+            first = tuple(i.item() for i in changed.nonzero()[0])
+            raise AssertionError(f"kernel wrote {changed.sum().item()} element(s) outside its output view "
+                                 f"(first at {first} of the guarded tensor {tuple(self.base.shape)})")
+
+
+# -- non-finite inputs: NaN and Inf must go where torch's go ---------------------------------------
+
+
+def plant_nonfinite(x, gen, *, nan=1, posinf=2, neginf=2):
+    """Write NaN, +Inf and -Inf into `x` in place at distinct positions drawn from `gen`."""
+    flat_positions = torch.randperm(x.numel(), generator=gen)[: nan + posinf + neginf]
+    values = [float("nan")] * nan + [float("inf")] * posinf + [float("-inf")] * neginf
+    index = torch.unravel_index(flat_positions, x.shape)
+    for i, value in enumerate(values):
+        x[tuple(dim[i] for dim in index)] = value
+    return x
+
+
+def assert_nonfinite_like(out, ref, tol):
+    """NaN, +Inf and -Inf at exactly the reference's positions, the finite rest within `tol`.
+
+    The reference must hold both NaN and finite elements, else the check says little.
+    """
+    tol = KERNEL_TOL.get(tol, tol)
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert ref.isnan().any() and ref.isfinite().any(), "the planted values left no NaN (or no finite) output"
+    for name, where in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        got, want = where(out), where(ref)
+        assert torch.equal(got, want), (f"{name} at {got.sum().item()} output(s), torch has it at "
+                                        f"{want.sum().item()}; {(got != want).sum().item()} position(s) differ")
+    finite = ref.isfinite()
+    err = rel_err(out[finite], ref[finite])
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e} on the finite outputs"  # tol 0: exact
