@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .roofline import KINDS
-from .run import Timer
+from .timing import Timer, summarize
 
 
 def stage_kind(stage) -> str:
@@ -106,7 +106,6 @@ def main(argv=None) -> int:
 
     from . import roofline
     from .peers import dtype_name
-    from .run import summarize
 
     parser = argparse.ArgumentParser(prog="python -m densetriton.bench.layer_times", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="densenet201")

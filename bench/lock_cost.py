@@ -20,7 +20,7 @@ import timeit
 
 import torch
 
-from .run import Timer
+from .timing import Timer
 
 
 def _calls_per_s(engine, x: torch.Tensor, calls: int, threads: int) -> float:

@@ -125,7 +125,7 @@ def matmul_rate(dtype, device, *, n: int | None = None, repeats: int = 5, allow_
     float32 rate densetriton's float32 kernels compute at."""
     import torch
 
-    from .run import Timer
+    from .timing import Timer
 
     if n is None:
         n = 8192 if device.type == "cuda" else 2048
@@ -145,7 +145,7 @@ def copy_bandwidth(device, *, nbytes: int | None = None, repeats: int = 5) -> fl
     """Bytes/s of a large same-device copy, counting bytes read plus bytes written (best of repeats)."""
     import torch
 
-    from .run import Timer
+    from .timing import Timer
 
     if nbytes is None:
         nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)

@@ -1,10 +1,6 @@
-"""Measurement: settings, timing, and the loop over model x batch x dtype x peer.
+"""The bench run: settings, the machine's description, and the loop over model x batch x dtype x peer.
 
-Per record: a fresh peer is built and run once on the first input (cold start: build, weights
-to the device, compile, first result); one untimed sweep over the input pool gives the logits for
-the accuracy figures and warms up; more warm-up until the warm-up time is spent; one forward
-after a reset of the peak-memory counter; then the timed repeats, rotating over the pool
-(CUDA events on GPU, time.perf_counter on CPU).
+Each record is measured by record.measure_peer; timing primitives are in timing.py.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ import math
 import os
 import platform
 import re
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,13 +22,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from densetriton.engine import DTYPE_NAMES
 
 from . import peers as P
+from . import report
 from . import roofline as R
+from .record import measure_peer, no_tf32, to_host
 
 DEFAULT_MODELS = ["densenet121", "densenet201"]
 DEFAULT_BATCHES = [1, 8, 64, 256]
@@ -46,58 +43,7 @@ _CHECKOUT_RESULTS = Path(__file__).resolve().parent / "results"
 RESULTS_DIR = _CHECKOUT_RESULTS if _CHECKOUT_RESULTS.is_dir() else Path("bench-results")
 
 
-# -- timing --------------------------------------------------------------------------------
-
-
-class Timer:
-    """Per-call wall times in ms of fn over inputs rotated in order (CUDA events on a GPU)."""
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def time(self, fn, inputs, *, repeats: int, warmup: int = 0, start: int = 0) -> list[float]:
-        if not inputs:
-            raise ValueError("no inputs to time")
-        for i in range(warmup):
-            fn(inputs[(start + i) % len(inputs)])
-        start += warmup
-        if self.cuda:
-            self.sync()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-            for i, (a, b) in enumerate(events):
-                x = inputs[(start + i) % len(inputs)]
-                a.record()
-                fn(x)
-                b.record()
-            self.sync()
-            return [a.elapsed_time(b) for a, b in events]
-        times = []
-        for i in range(repeats):
-            x = inputs[(start + i) % len(inputs)]
-            t = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t) * 1e3)
-        return times
-
-
-def summarize(times_ms) -> dict:
-    """Median and 90th percentile (linear interpolation between order statistics, numpy's default)."""
-    a = np.asarray(times_ms, dtype=np.float64)
-    if a.size == 0:
-        raise ValueError("no times to summarize")
-    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90))}
-
-
-def choose_repeats(estimate_ms: float, target_s: float, lo: int, hi: int) -> int:
-    """Enough repeats to fill target_s at estimate_ms per call, within [lo, hi]."""
-    if estimate_ms <= 0 or not math.isfinite(estimate_ms):
-        return hi
-    return int(min(hi, max(lo, math.ceil(target_s * 1e3 / estimate_ms))))
+# -- how much to repeat ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -277,194 +223,12 @@ def output_stem(out: Path, device_slug: str, today: str, also: tuple[Path, ...] 
     return stem
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _malloc_trim() -> None:
-    """glibc keeps freed memory resident; give it back to the OS (best effort, glibc only)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_rss_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux 4.0+); False where it can't."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _proc_status_kib("VmHWM") is not None
-
-
-class HostMemory:
-    """Peak resident memory of the process on CPU, relative to a baseline taken before the peer exists.
-
-    On Linux the peak mark is reset right before the measured forward, so the figure is the weights
-    and buffers the peer holds plus its forward's peak ("cpu_rss_peak"); elsewhere it falls back to
-    the growth of ru_maxrss over the peer's whole run ("cpu_maxrss_growth", coarse: 0 when the
-    process had been higher before).
-    """
-
-    def __init__(self):
-        _malloc_trim()  # hand freed heap pages back, so that this peer's allocations show up in RSS
-        rss = _proc_status_kib("VmRSS")
-        self.base = rss * 1024 if rss is not None else None
-        self.maxrss0 = peak_rss_bytes()
-        self.kind = "cpu_maxrss_growth"
-
-    def before_forward(self) -> None:
-        if self.base is not None and reset_rss_peak():
-            self.kind = "cpu_rss_peak"
-
-    def peak(self) -> int:
-        if self.kind == "cpu_rss_peak":
-            return _proc_status_kib("VmHWM") * 1024 - self.base
-        return peak_rss_bytes() - self.maxrss0
-
-
-# -- accuracy -------------------------------------------------------------------------------
-
-
-def accuracy(outs, refs) -> tuple[float | None, float]:
-    """(max relative error, top-1 agreement) of logits against reference logits.
-
-    max relative error: the largest, over images, of ||out - ref||_2 / ||ref||_2 of the image's
-    logit vector, in float64; None when any output is NaN or infinite. top-1 agreement: the share
-    of images whose arg-max class equals the reference's.
-    """
-    out = torch.cat([o.double() for o in outs])
-    ref = torch.cat([r.double() for r in refs])
-    agree = (out.argmax(1) == ref.argmax(1)).double().mean().item()
-    if not torch.isfinite(out).all():
-        return None, agree
-    err = (out - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-    return err.max().item(), agree
-
-
-class _no_tf32:
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float32, copy=True)
-
-
-# -- one record -------------------------------------------------------------------------------
-
-
-def measure_peer(peer: str, w, s: Settings, dtype: torch.dtype, batch: int, pool, refs) -> dict:
-    """Build peer, run it, and return its record (without model/batch/dtype/floor fields)."""
-    started = time.perf_counter()
-    device, timer, policy = s.device, Timer(s.device), s.policy
-    cuda = device.type == "cuda"
-    pdtype = P.peer_dtype(peer, dtype, device)
-    inputs = [P.prepare_input(peer, x, pdtype) for x in pool]
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        timer.sync()
-        base_mem = torch.cuda.memory_allocated(device)
-    host = HostMemory()
-
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        built = P.build(peer, w, device, pdtype)
-        first = built.fn(inputs[0])
-        timer.sync()
-        cold_start_s = time.perf_counter() - t0
-        outs = [_to_host(first)]
-        del first
-        for x in inputs[1:]:  # the accuracy sweep, untimed; it warms up too
-            outs.append(_to_host(built.fn(x)))
-        max_rel_err, top1 = accuracy(outs, refs)
-
-        calls, t = 0, time.perf_counter()
-        while calls < 1 or time.perf_counter() - t < policy.warmup_s:
-            built.fn(inputs[calls % len(inputs)])
-            timer.sync()
-            calls += 1
-        estimate_ms = (time.perf_counter() - t) * 1e3 / calls
-
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        else:
-            host.before_forward()
-        built.fn(inputs[0])
-        timer.sync()
-        peak_mem = torch.cuda.max_memory_allocated(device) - base_mem if cuda else host.peak()
-
-        repeats = s.repeats or choose_repeats(estimate_ms, policy.target_s, policy.min_repeats, policy.max_repeats)
-        times = timer.time(built.fn, inputs, repeats=repeats, start=1)
-
-    planned = None
-    plan_fn = getattr(built.engine, "planned_memory_bytes", None)
-    if callable(plan_fn):
-        planned = plan_fn(batch, s.image_size, s.image_size)
-    kinds_ms = None
-    if getattr(built.engine, "backend", None) == "triton":  # where the time goes, per layer kind
-        from .layer_times import layer_times
-
-        try:  # an extra: its failure must not cost the record
-            kinds_ms = {k: d["ms"] for k, d in layer_times(built.engine, inputs[0], repeats=min(repeats, 10)).items()}
-        except Exception as e:
-            print(f"bench: {peer} batch {batch}: per-kind times failed ({type(e).__name__}: {e})", file=sys.stderr)
-    stats = summarize(times)
-    del built, inputs
-    return {
-        "peer": peer,
-        "backend": P.peer_backend(peer, device),
-        "peer_dtype": P.dtype_name(pdtype),
-        **stats,
-        "images_per_s": batch / (stats["median_ms"] / 1e3),
-        "peak_mem_bytes": int(peak_mem),
-        "peak_mem_kind": "cuda_max_allocated" if cuda else host.kind,
-        "planned_mem_bytes": None if planned is None else int(planned),
-        "kinds_ms": kinds_ms,
-        "cold_start_s": cold_start_s,
-        "max_rel_err": max_rel_err,
-        "top1_agree": top1,
-        "accuracy_images": batch * len(pool),
-        "repeats": len(times),
-        "wall_s": round(time.perf_counter() - started, 3),  # this record's whole measurement
-        "times_ms": [round(t, 6) for t in times],
-    }
-
-
 # -- the run ---------------------------------------------------------------------------------
 
 
-def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
-    """Run the whole bench; writes JSON and Markdown after every record and the chart at the end."""
-    from tqdm import tqdm
-
-    from . import report
-
-    started = time.perf_counter()
-    cuda = s.device.type == "cuda"
-    name = device_name(s.device)
-    commit, dirty = git_commit()
-    now = _dt.datetime.now(_dt.timezone.utc)
-    s.out.mkdir(parents=True, exist_ok=True)
-    # GPU runs are committed to bench/results/: a run into another folder must not reuse a name there.
-    stem = output_stem(s.out, slug(name), now.strftime("%Y-%m-%d"), also=(RESULTS_DIR,) if cuda else ())
-    doc = {
+def new_document(s: Settings, name: str, commit, dirty, now) -> dict:
+    """The results document before any record: what ran, where, from which code."""
+    return {
         "schema_version": 1,
         "device": name,
         "device_detail": device_detail(s.device),
@@ -484,20 +248,132 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
         "skipped": [],
         "complete": False,
     }
+
+
+def machine_rates(s: Settings) -> dict:
+    """Copy bandwidth and matmul rate per dtype, timed in this run for the roofline floors."""
+    repeats = s.policy.roofline_repeats
+    rates = {"copy_bytes_per_s": R.copy_bandwidth(s.device, repeats=repeats), "matmul_flops_per_s": {}}
+    for d in s.dtypes:
+        rates["matmul_flops_per_s"][d] = R.matmul_rate(DTYPES[d], s.device, repeats=repeats)
+        if d == "float32" and s.device.type == "cuda":  # the floor uses TF32; densetriton's float32 kernels compute IEEE
+            rates["matmul_flops_per_s"]["float32-ieee"] = R.matmul_rate(torch.float32, s.device, repeats=repeats,
+                                                                         allow_tf32=False)
+    return rates
+
+
+class BenchRun:
+    """One bench run's document and bookkeeping: which records are done or skipped, the budget, saving."""
+
+    def __init__(self, s: Settings, doc: dict, save, bar, runnable: list[str]):
+        self.s, self.doc, self.save, self.bar, self.runnable = s, doc, save, bar, runnable
+        self.started = time.perf_counter()
+        self.done = set()  # (model, batch, dtype, peer) with a record or a skipped entry
+
+    def budget_spent(self) -> bool:
+        s = self.s
+        return s.budget_s is not None and time.perf_counter() - self.started > s.budget_s
+
+    def budget_reason(self) -> str:
+        return f"not run: --budget-s {self.s.budget_s:g} spent"
+
+    def skip(self, model, batch, d, peer, reason, update=True) -> None:
+        self.doc["skipped"].append({"peer": peer, "model": model, "batch": batch, "dtype": d,
+                                    "image_size": self.s.image_size, "reason": reason})
+        self.done.add((model, batch, d, peer))
+        if update:
+            self.bar.update()
+
+    def skip_rest(self, reason, models=None, batches=None) -> None:
+        s = self.s
+        for model, batch, d, peer in itertools.product(models or s.models, batches or s.batches, s.dtypes, self.runnable):
+            if (model, batch, d, peer) not in self.done:
+                self.skip(model, batch, d, peer, reason)
+
+    def run_model(self, model: str, workdir: Path) -> None:
+        s = self.s
+        if self.budget_spent():
+            self.skip_rest(self.budget_reason(), models=[model])
+            return
+        w = P.prepare_weights(model, workdir, seed=s.seed, image_size=s.image_size)
+        self.doc["weights"][model] = w.source
+        ref_net = P.torchvision_model(model, w.spec)
+        P.load_weights_into(ref_net, w.tensors)
+        ref_net = ref_net.to(s.device).eval()
+        for batch in s.batches:
+            if self.budget_spent():  # before the inputs and the float32 references, which take time too
+                self.skip_rest(self.budget_reason(), models=[model], batches=[batch])
+                continue
+            self.run_batch(model, w, ref_net, batch)
+        del ref_net
+        gc.collect()
+
+    def run_batch(self, model: str, w, ref_net, batch: int) -> None:
+        s = self.s
+        g = torch.Generator(device=s.device).manual_seed(s.seed * 1000003 + batch)
+        pool = [P.bench_images(batch, s.image_size, generator=g, device=s.device) for _ in range(s.policy.pool_size(batch))]
+        with torch.inference_mode(), no_tf32():
+            refs = [to_host(ref_net(x)) for x in pool]
+        rates = self.doc["machine"]
+        for d in s.dtypes:
+            dtype = DTYPES[d]
+            entry = R.roofline_entry(w.spec, model, batch, s.image_size, d, dtype.itemsize,
+                                     rates["matmul_flops_per_s"][d], rates["copy_bytes_per_s"])
+            self.doc["roofline"].append(entry)
+            for peer in self.runnable:
+                self.bar.set_postfix_str(f"{model} b{batch} {d} {peer}")
+                if self.budget_spent():
+                    self.skip(model, batch, d, peer, self.budget_reason())
+                    continue
+                self.record(model, batch, d, peer, w, pool, refs, entry)
+                self.bar.update()
+                self.save()
+
+    def record(self, model, batch, d, peer, w, pool, refs, entry) -> None:
+        """Measure one peer; a failure (out of memory, a bug) is a skipped entry, not the end of the run."""
+        s = self.s
+        try:
+            rec = measure_peer(peer, w, s, DTYPES[d], batch, pool, refs)
+        except Exception as e:
+            msg = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            self.skip(model, batch, d, peer, msg[:500], update=False)
+            self.bar.write(f"bench: {model} batch {batch} {d} {peer} {msg[:300]}", file=sys.stderr)
+        else:
+            where = {"model": model, "batch": batch, "dtype": d, "image_size": s.image_size}
+            rec = {**where, **rec, "floor_ms": entry["floor_ms"]}
+            rec["pct_of_floor"] = 100.0 * entry["floor_ms"] / rec["median_ms"]
+            self.doc["results"].append(report.order_record(rec))  # the issue's fields first, the raw times last
+            self.done.add((model, batch, d, peer))
+        finally:
+            gc.collect()
+            if s.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
+    """Run the whole bench; writes JSON and Markdown after every record and the chart at the end."""
+    from tqdm import tqdm
+
+    cuda = s.device.type == "cuda"
+    name = device_name(s.device)
+    commit, dirty = git_commit()
+    now = _dt.datetime.now(_dt.timezone.utc)
+    s.out.mkdir(parents=True, exist_ok=True)
+    # GPU runs are committed to bench/results/: a run into another folder must not reuse a name there.
+    stem = output_stem(s.out, slug(name), now.strftime("%Y-%m-%d"), also=(RESULTS_DIR,) if cuda else ())
+    doc = new_document(s, name, commit, dirty, now)
     paths = {}
 
     def save(final=False):
         paths.update(report.write(doc, s.out, stem, chart=final and s.chart))
 
-    named = s.peers_named
     runnable = []
     for peer in s.peers:
-        reason = P.skip_reason(peer, s.device, named)
+        reason = P.skip_reason(peer, s.device, s.peers_named)
         if reason:
             doc["skipped"].append({"peer": peer, "reason": reason})
         else:
             runnable.append(peer)
-
     workdir = Path(tempfile.mkdtemp(prefix="densetriton-bench-"))
     saved_env = None if s.warm_caches else P.fresh_compile_caches(workdir / "caches")
     if not s.warm_caches:
@@ -505,98 +381,25 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
                             "compiles from scratch; later ones reuse what this process compiled")
     bar = tqdm(total=len(s.models) * len(s.batches) * len(s.dtypes) * len(runnable), disable=not progress,
                desc="bench", unit="run", file=sys.stderr)
-    done = set()  # (model, batch, dtype, peer) with a record or a skipped entry
-
-    def budget_spent() -> bool:
-        return s.budget_s is not None and time.perf_counter() - started > s.budget_s
-
-    def skip(model, batch, d, peer, reason, update=True):
-        doc["skipped"].append({"peer": peer, "model": model, "batch": batch, "dtype": d, "image_size": s.image_size,
-                               "reason": reason})
-        done.add((model, batch, d, peer))
-        if update:
-            bar.update()
-
-    def skip_rest(reason, models=s.models, batches=s.batches):
-        for model, batch, d, peer in itertools.product(models, batches, s.dtypes, runnable):
-            if (model, batch, d, peer) not in done:
-                skip(model, batch, d, peer, reason)
-
+    bench = BenchRun(s, doc, save, bar, runnable)
     saved_cudnn_benchmark = torch.backends.cudnn.benchmark
     if cuda:
         torch.backends.cudnn.benchmark = True  # what a user after speed sets for eager convolutions (restored at the end)
     try:
-        pol = s.policy
-        doc["machine"] = {"copy_bytes_per_s": R.copy_bandwidth(s.device, repeats=pol.roofline_repeats),
-                          "matmul_flops_per_s": {}}
-        for d in s.dtypes:
-            doc["machine"]["matmul_flops_per_s"][d] = R.matmul_rate(DTYPES[d], s.device, repeats=pol.roofline_repeats)
-            if d == "float32" and cuda:  # the floor uses TF32; densetriton's float32 kernels compute IEEE
-                doc["machine"]["matmul_flops_per_s"]["float32-ieee"] = R.matmul_rate(
-                    torch.float32, s.device, repeats=pol.roofline_repeats, allow_tf32=False)
+        doc["machine"] = machine_rates(s)
         for model in s.models:
-            if budget_spent():
-                skip_rest(f"not run: --budget-s {s.budget_s:g} spent", models=[model])
-                continue
-            w = P.prepare_weights(model, workdir, seed=s.seed, image_size=s.image_size)
-            doc["weights"][model] = w.source
-            ref_net = P.torchvision_model(model, w.spec)
-            P.load_weights_into(ref_net, w.tensors)
-            ref_net = ref_net.to(s.device).eval()
-            for batch in s.batches:
-                if budget_spent():  # before the inputs and the float32 references, which take time too
-                    skip_rest(f"not run: --budget-s {s.budget_s:g} spent", models=[model], batches=[batch])
-                    continue
-                g = torch.Generator(device=s.device).manual_seed(s.seed * 1000003 + batch)
-                pool = [P.bench_images(batch, s.image_size, generator=g, device=s.device)
-                        for _ in range(pol.pool_size(batch))]
-                with torch.inference_mode(), _no_tf32():
-                    refs = [_to_host(ref_net(x)) for x in pool]
-                for d in s.dtypes:
-                    dtype = DTYPES[d]
-                    entry = R.roofline_entry(w.spec, model, batch, s.image_size, d, dtype.itemsize,
-                                             doc["machine"]["matmul_flops_per_s"][d], doc["machine"]["copy_bytes_per_s"])
-                    doc["roofline"].append(entry)
-                    for peer in runnable:
-                        where = {"model": model, "batch": batch, "dtype": d, "image_size": s.image_size}
-                        bar.set_postfix_str(f"{model} b{batch} {d} {peer}")
-                        if budget_spent():
-                            skip(model, batch, d, peer, f"not run: --budget-s {s.budget_s:g} spent")
-                            continue
-                        try:
-                            rec = measure_peer(peer, w, s, dtype, batch, pool, refs)
-                        except Exception as e:  # one peer failing (out of memory, a bug) does not stop the run
-                            msg = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                            skip(model, batch, d, peer, msg[:500], update=False)
-                            bar.write(f"bench: {model} batch {batch} {d} {peer} {msg[:300]}", file=sys.stderr)
-                        else:
-                            rec = {**where, **rec, "floor_ms": entry["floor_ms"]}
-                            rec["pct_of_floor"] = 100.0 * entry["floor_ms"] / rec["median_ms"]
-                            # key order: the issue's fields first, the raw times last
-                            doc["results"].append(report.order_record(rec))
-                            done.add((model, batch, d, peer))
-                        finally:
-                            gc.collect()
-                            if cuda:
-                                torch.cuda.empty_cache()
-                        bar.update()
-                        save()
-                del pool, refs
-            del ref_net
-            gc.collect()
+            bench.run_model(model, workdir)
         doc["complete"] = True
     except KeyboardInterrupt:
         doc["notes"].append("interrupted: the results are partial")
-        skip_rest("not run: the bench was interrupted")
+        bench.skip_rest("not run: the bench was interrupted")
         raise
     finally:
         torch.backends.cudnn.benchmark = saved_cudnn_benchmark
         bar.close()
-        doc["wall_s"] = round(time.perf_counter() - started, 3)
+        doc["wall_s"] = round(time.perf_counter() - bench.started, 3)
         save(final=True)
         if saved_env is not None:
             P.restore_env(saved_env)
-        import shutil
-
         shutil.rmtree(workdir, ignore_errors=True)
     return doc, paths

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from densetriton.bench import run as R
+from densetriton.bench import timing as T
 from densetriton.cli import main
 
 pytestmark = pytest.mark.gpu
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 def test_cuda_event_times_agree_with_the_wall_clock():
     dev = torch.device("cuda")
     a = torch.randn(4096, 4096, device=dev, dtype=torch.float16)
-    timer = R.Timer(dev)
+    timer = T.Timer(dev)
     timer.time(lambda x: x @ x, [a], repeats=3, warmup=3)
     t = time.perf_counter()
     times = timer.time(lambda x: x @ x, [a], repeats=20)

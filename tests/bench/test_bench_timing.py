@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from densetriton.bench import peers as P
+from densetriton.bench import record
 from densetriton.bench import run as R
+from densetriton.bench import timing as T
 
 
 def test_timer_times_each_call_with_rotated_inputs_and_skips_warmup():
@@ -17,7 +19,7 @@ def test_timer_times_each_call_with_rotated_inputs_and_skips_warmup():
         time.sleep(seconds)
 
     inputs = [0.004, 0.03]
-    times = R.Timer(torch.device("cpu")).time(fn, inputs, repeats=6, warmup=2)
+    times = T.Timer(torch.device("cpu")).time(fn, inputs, repeats=6, warmup=2)
     assert len(times) == 6 and len(calls) == 8
     assert calls == [0.004, 0.03] * 4  # warm-up first, then rotation in order
     for t, s in zip(times, inputs * 3):
@@ -28,30 +30,30 @@ def test_timer_times_each_call_with_rotated_inputs_and_skips_warmup():
 
 def test_timer_start_offset_and_empty_inputs():
     seen = []
-    R.Timer(torch.device("cpu")).time(seen.append, ["a", "b", "c"], repeats=4, start=1)
+    T.Timer(torch.device("cpu")).time(seen.append, ["a", "b", "c"], repeats=4, start=1)
     assert seen == ["b", "c", "a", "b"]
     with pytest.raises(ValueError):
-        R.Timer(torch.device("cpu")).time(seen.append, [], repeats=1)
+        T.Timer(torch.device("cpu")).time(seen.append, [], repeats=1)
 
 
 def test_summarize_median_and_p90():
-    s = R.summarize([10, 1, 9, 2, 8, 3, 7, 4, 6, 5])  # order does not matter
+    s = T.summarize([10, 1, 9, 2, 8, 3, 7, 4, 6, 5])  # order does not matter
     assert s["median_ms"] == pytest.approx(5.5)
     assert s["p90_ms"] == pytest.approx(9.1)  # rank 0.9 * 9 = 8.1: 9 + 0.1 * (10 - 9)
-    assert R.summarize([4.0]) == {"median_ms": 4.0, "p90_ms": 4.0}
-    s = R.summarize([1, 2, 3, 100])
+    assert T.summarize([4.0]) == {"median_ms": 4.0, "p90_ms": 4.0}
+    s = T.summarize([1, 2, 3, 100])
     assert s["median_ms"] == pytest.approx(2.5) and s["p90_ms"] == pytest.approx(70.9)
     with pytest.raises(ValueError):
-        R.summarize([])
+        T.summarize([])
 
 
 def test_choose_repeats():
-    assert R.choose_repeats(10.0, 1.0, 5, 200) == 100
-    assert R.choose_repeats(10.0, 0.015, 5, 200) == 5  # at least lo
-    assert R.choose_repeats(0.001, 1.0, 5, 200) == 200  # at most hi
-    assert R.choose_repeats(3.0, 0.01, 1, 200) == 4  # rounds up
-    assert R.choose_repeats(0.0, 1.0, 5, 200) == 200
-    assert R.choose_repeats(float("nan"), 1.0, 5, 200) == 200
+    assert T.choose_repeats(10.0, 1.0, 5, 200) == 100
+    assert T.choose_repeats(10.0, 0.015, 5, 200) == 5  # at least lo
+    assert T.choose_repeats(0.001, 1.0, 5, 200) == 200  # at most hi
+    assert T.choose_repeats(3.0, 0.01, 1, 200) == 4  # rounds up
+    assert T.choose_repeats(0.0, 1.0, 5, 200) == 200
+    assert T.choose_repeats(float("nan"), 1.0, 5, 200) == 200
 
 
 def test_pool_size():
@@ -62,13 +64,13 @@ def test_pool_size():
 def test_accuracy_max_relative_error_per_image_and_top1():
     ref = [torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
     out = [torch.tensor([[3.0, 4.5], [0.0, 1.0]]), torch.tensor([[0.0, 2.0]])]
-    err, top1 = R.accuracy(out, ref)
+    err, top1 = record.accuracy(out, ref)
     # image 1: 0.5 / 5 = 0.1; image 2: sqrt(2) / 1; image 3: exact
     assert err == pytest.approx(2**0.5)
     assert top1 == pytest.approx(2 / 3)  # image 2's top class flips
-    err, top1 = R.accuracy([torch.tensor([[3.0, 4.5]])], [torch.tensor([[3.0, 4.0]])])
+    err, top1 = record.accuracy([torch.tensor([[3.0, 4.5]])], [torch.tensor([[3.0, 4.0]])])
     assert err == pytest.approx(0.1) and top1 == 1.0
-    err, _ = R.accuracy([torch.tensor([[float("nan"), 1.0]])], [torch.tensor([[3.0, 4.0]])])
+    err, _ = record.accuracy([torch.tensor([[float("nan"), 1.0]])], [torch.tensor([[3.0, 4.0]])])
     assert err is None
 
 
@@ -139,5 +141,5 @@ def test_calibrated_random_weights_fit_the_spec_and_keep_activations_sane(tmp_pa
     # The logits depend on the input: several top-1 classes, and a peer that ignores its input
     # (one image's logits for all) is caught by both accuracy figures.
     assert logits.argmax(1).unique().numel() >= 4
-    rel, agree = R.accuracy([logits[:1].expand_as(logits)], [logits])
+    rel, agree = record.accuracy([logits[:1].expand_as(logits)], [logits])
     assert rel > 0.5 and agree < 0.5
