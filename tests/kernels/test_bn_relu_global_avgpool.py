@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from densetriton.kernels import bn_relu_global_avgpool
 
-from helpers import assert_close, randn
+from helpers import GuardBand, assert_close, assert_nonfinite_like, plant_nonfinite, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bfloat16 is fine in the interpreter
 
@@ -30,10 +30,24 @@ def test_head_matches_torch(device, gen, dtype, n, h, w, c):
     scale = randn(gen, c, device=device)
     # Positive shift: masked tail pixels would add relu(shift) if they leaked into the sum.
     shift = randn(gen, c, device=device).abs() + 0.5
-    out = torch.full((n, c), float("nan"), device=device)
-    bn_relu_global_avgpool(x, scale, shift, out, BLOCK_C=16, BLOCK_HW=16)
+    band = GuardBand((n, c), device=device)
+    bn_relu_global_avgpool(x, scale, shift, band.view, BLOCK_C=16, BLOCK_HW=16)
     # Only the input is rounded; the float32 sum and mean are nearly exact.
-    assert_close(out, reference(x, scale, shift), 1e-5)
+    assert_close(band.view, reference(x, scale, shift), 1e-5)
+    band.assert_untouched()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_reach_the_output_where_torchs_do(device, gen, dtype):
+    """A NaN makes its channel's mean NaN, an Inf that survives the ReLU makes it Inf, as in torch.
+    Fails when the ReLU drops NaN (tl.maximum(x, 0.0) in kernels/_math.py's _relu)."""
+    n, h, w, c = 2, 5, 5, 21
+    x = plant_nonfinite(randn(gen, n, h, w, c, dtype=dtype, device=device), gen, nan=2, posinf=3, neginf=3)
+    scale, shift = randn(gen, c, device=device), randn(gen, c, device=device)
+    band = GuardBand((n, c), device=device)
+    bn_relu_global_avgpool(x, scale, shift, band.view, BLOCK_C=16, BLOCK_HW=16)
+    assert_nonfinite_like(band.view, reference(x, scale, shift), 1e-5)
+    band.assert_untouched()
 
 
 def test_strided_input_and_output(device, gen):
@@ -41,19 +55,22 @@ def test_strided_input_and_output(device, gen):
     n, h, w, c = 2, 7, 6, 37
     x = randn(gen, n, 40, h, w, device=device).permute(0, 2, 3, 1)[..., :c]
     scale, shift = randn(gen, c, device=device), randn(gen, c, device=device)
-    big = torch.full((c, 2 * n), float("nan"), device=device)
-    out = big.T[::2]  # [n, c] with strides (2, 2n)
+    band = GuardBand((c, 2 * n), device=device)
+    big = band.view
+    out = big.T[::2]  # [n, c] with strides (2, 2n + 4)
     bn_relu_global_avgpool(x, scale, shift, out, BLOCK_C=16, BLOCK_HW=16)
     assert_close(out, reference(x, scale, shift), 1e-5)
     assert torch.isnan(big.T[1::2]).all(), "kernel wrote outside its output view"
+    band.assert_untouched()
 
 
 def test_default_block_sizes(device, gen):
     x = randn(gen, 2, 7, 7, 13, device=device)
     scale, shift = randn(gen, 13, device=device), randn(gen, 13, device=device)
-    out = torch.full((2, 13), float("nan"), device=device)
-    bn_relu_global_avgpool(x, scale, shift, out)
-    assert_close(out, reference(x, scale, shift), 1e-5)
+    band = GuardBand((2, 13), device=device)
+    bn_relu_global_avgpool(x, scale, shift, band.view)
+    assert_close(band.view, reference(x, scale, shift), 1e-5)
+    band.assert_untouched()
 
 
 def test_validation_errors(device, gen):
