@@ -10,7 +10,10 @@ declared and the bound; the CLI exits with status 2 and writes nothing.
 
 from __future__ import annotations
 
+import json
 import os
+
+import numpy as np
 
 # -- checkpoints and weights files -------------------------------------------------------------
 
@@ -25,6 +28,8 @@ SMALL_MEMBER_BYTES = 16 << 20
 # Pickle streams: nesting of containers (a deep tuple crashes CPython's unpickler), and size.
 MAX_PICKLE_DEPTH = 1000
 MAX_PICKLE_BYTES = 256 << 20
+# The unpickler is pure Python: its time grows with the opcodes (a few million a second).
+MAX_PICKLE_OPS = 4_000_000
 # JSON held in a file's metadata or config (safetensors metadata, Keras config, a spec).
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64
@@ -65,3 +70,48 @@ class FileRefused(ValueError):
 def refuse(path, what: str, declared, bound) -> FileRefused:
     """The one-line refusal: the file, what it declared, and the bound it broke."""
     return FileRefused(f"{path}: refused: {what} is {declared}, over the bound of {bound}")
+
+
+class OverBound(ValueError):
+    """A value over one of these bounds where no file is known yet (a spec built from a file's
+    metadata): the reader that knows the file turns it into a FileRefused with `refused_in`."""
+
+    def __init__(self, what: str, declared, bound, prefix: str = ""):
+        super().__init__(f"{prefix}{what} is {declared}, over the bound of {bound}")
+        self.what, self.declared, self.bound = what, declared, bound
+
+    def refused_in(self, path, context: str = "") -> FileRefused:
+        return refuse(path, f"{context}{self.what}", self.declared, self.bound)
+
+
+_DEPTH_CHUNK = 1 << 22
+
+
+def json_depth(text: str | bytes) -> int:
+    """The deepest nesting of [ and { outside strings in a JSON text, found without parsing it
+    (json.loads recurses once per level: a deep enough text raises RecursionError, or worse)."""
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    # Escaped backslashes first, then escaped quotes: what is left of a string is its quotes.
+    chars = np.frombuffer(data.replace(b"\\\\", b"").replace(b'\\"', b""), dtype=np.uint8)
+    deepest = depth = quotes = 0
+    for start in range(0, len(chars), _DEPTH_CHUNK):  # in chunks: a few bytes of memory per byte of text
+        chunk = chars[start:start + _DEPTH_CHUNK]
+        outside = (quotes + np.cumsum(chunk == ord('"'))) % 2 == 0
+        step = ((chunk == ord("[")) | (chunk == ord("{"))).astype(np.int64) - ((chunk == ord("]")) | (chunk == ord("}")))
+        levels = depth + np.cumsum(np.where(outside, step, 0))
+        if len(levels):
+            deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+            quotes += int(np.count_nonzero(chunk == ord('"')))
+    return deepest
+
+
+def load_json(text: str | bytes, path, what: str):
+    """json.loads of a file's JSON (metadata, a config) after bounding its size and nesting depth;
+    a text over either bound is a FileRefused naming `what` in `path`."""
+    size = len(text)
+    if size > MAX_JSON_BYTES:
+        raise refuse(path, f"{what} size", f"{size} bytes", f"{MAX_JSON_BYTES} bytes")
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise refuse(path, f"{what} nesting depth", depth, MAX_JSON_DEPTH)
+    return json.loads(text)

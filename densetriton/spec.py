@@ -13,11 +13,45 @@ weights validator and the Triton plan all agree by construction.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import numbers
 from dataclasses import dataclass
 
+from .limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CLASSES, MAX_LAYERS_PER_BLOCK, OverBound
+
 STEMS = ("imagenet", "cifar")
+INVALID = "invalid DenseNetSpec: "
+
+
+def _whole_number(value) -> int | None:
+    """An int from an int, a numpy integer, or a float without a fraction (JSON may write 1000 as
+    1e3); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _layer_counts(block_config) -> tuple[int, ...]:
+    """block_config as a tuple of ints; more blocks than MAX_BLOCKS is an OverBound, counted
+    before any entry is converted."""
+    if isinstance(block_config, (str, bytes, dict)) or not hasattr(block_config, "__iter__"):
+        raise ValueError(f"invalid DenseNetSpec: block_config must be a sequence of layer counts, got {block_config!r:.80}")
+    items = list(itertools.islice(block_config, MAX_BLOCKS + 1)) if not hasattr(block_config, "__len__") else block_config
+    if len(items) > MAX_BLOCKS:
+        count = len(items) if hasattr(block_config, "__len__") else f"more than {MAX_BLOCKS}"
+        raise OverBound("len(block_config) (the number of blocks)", count, MAX_BLOCKS, INVALID)
+    counts = tuple(_whole_number(b) for b in items)
+    if None in counts:
+        raise ValueError(f"invalid DenseNetSpec: block_config must be whole numbers of layers, got {tuple(items)!r:.80}")
+    return counts
+
+
 NO_CLASSIFIER = ("this model has no classifier (a backbone converted without one, num_classes 0): it gives features "
                  "only -- engine.features(x), or densetriton embed")
 
@@ -36,32 +70,59 @@ class DenseNetSpec:
 
     def __post_init__(self):
         # Accept lists (e.g. from JSON) but store a tuple so the spec stays hashable.
-        object.__setattr__(self, "block_config", tuple(int(b) for b in self.block_config))
-        problems = []
-        if not (isinstance(self.growth_rate, int) and self.growth_rate > 0):
-            problems.append(f"growth_rate must be a positive int, got {self.growth_rate!r}")
-        if not self.block_config or any(b <= 0 for b in self.block_config):
-            problems.append(f"block_config must be non-empty positive layer counts, got {self.block_config!r}")
-        if not (isinstance(self.num_init_features, int) and self.num_init_features > 0):
-            problems.append(f"num_init_features must be a positive int, got {self.num_init_features!r}")
-        if self.bn_size is not None and not (isinstance(self.bn_size, int) and self.bn_size > 0):
-            problems.append(f"bn_size must be a positive int or None, got {self.bn_size!r}")
-        if not (0.0 < float(self.compression) <= 1.0):
-            problems.append(f"compression (theta) must be in (0, 1], got {self.compression!r}")
-        if not (isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool) and self.num_classes >= 0):
-            problems.append(f"num_classes must be a positive int, or 0 for no classifier, got {self.num_classes!r}")
-        if self.stem not in STEMS:
-            problems.append(f"stem must be one of {STEMS}, got {self.stem!r}")
-        if not (isinstance(self.in_channels, int) and self.in_channels > 0):
-            problems.append(f"in_channels must be a positive int, got {self.in_channels!r}")
-        if not (isinstance(self.bn_eps, (int, float)) and not isinstance(self.bn_eps, bool)
-                and math.isfinite(self.bn_eps) and self.bn_eps > 0):
-            problems.append(f"bn_eps must be a positive finite number, got {self.bn_eps!r}")
+        object.__setattr__(self, "block_config", _layer_counts(self.block_config))
+        problems = self._field_problems()
         if problems:
             raise ValueError("invalid DenseNetSpec: " + "; ".join(problems))
+        self._check_bounds()
         for i, c in enumerate(self.transition_channels()):
             if c < 1:
                 raise ValueError(f"invalid DenseNetSpec: transition {i + 1} would have {c} output channels")
+
+    def _field_problems(self) -> list[str]:
+        """Each field of the wrong type or sign, in words."""
+        def positive_int(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        problems = []
+        if not positive_int(self.growth_rate):
+            problems.append(f"growth_rate must be a positive int, got {self.growth_rate!r:.40}")
+        if not self.block_config or any(b <= 0 for b in self.block_config):
+            problems.append(f"block_config must be non-empty positive layer counts, got {self.block_config!r:.80}")
+        if not positive_int(self.num_init_features):
+            problems.append(f"num_init_features must be a positive int, got {self.num_init_features!r:.40}")
+        if self.bn_size is not None and not positive_int(self.bn_size):
+            problems.append(f"bn_size must be a positive int or None, got {self.bn_size!r:.40}")
+        if not (isinstance(self.compression, numbers.Real) and not isinstance(self.compression, bool)
+                and 0.0 < float(self.compression) <= 1.0):
+            problems.append(f"compression (theta) must be in (0, 1], got {self.compression!r:.40}")
+        if not (isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool) and self.num_classes >= 0):
+            problems.append(f"num_classes must be a positive int, or 0 for no classifier, got {self.num_classes!r:.40}")
+        if not (isinstance(self.stem, str) and self.stem in STEMS):
+            problems.append(f"stem must be one of {STEMS}, got {self.stem!r:.40}")
+        if not positive_int(self.in_channels):
+            problems.append(f"in_channels must be a positive int, got {self.in_channels!r:.40}")
+        if not (isinstance(self.bn_eps, (int, float)) and not isinstance(self.bn_eps, bool)
+                and math.isfinite(self.bn_eps) and self.bn_eps > 0):
+            problems.append(f"bn_eps must be a positive finite number, got {self.bn_eps!r:.40}")
+        return problems
+
+    def _check_bounds(self) -> None:
+        """limits.py's bounds on a spec, so that one read from a file cannot make its tensor list, or
+        the tensors, huge: the first field over its bound is an OverBound (a ValueError)."""
+        for i, layers in enumerate(self.block_config):
+            if layers > MAX_LAYERS_PER_BLOCK:
+                raise OverBound(f"block_config[{i}] (the layers of block {i + 1})", layers, MAX_LAYERS_PER_BLOCK, INVALID)
+        fields = [("growth_rate", self.growth_rate, MAX_CHANNELS), ("num_init_features", self.num_init_features, MAX_CHANNELS),
+                  ("in_channels", self.in_channels, MAX_CHANNELS), ("num_classes", self.num_classes, MAX_CLASSES)]
+        if self.bn_size is not None:
+            fields.append(("bn_size x growth_rate (the bottleneck width)", self.bn_size * self.growth_rate, MAX_CHANNELS))
+        for what, value, bound in fields:
+            if value > bound:
+                raise OverBound(what, value, bound, INVALID)
+        for i, (_, c_end) in enumerate(self.block_channels()):
+            if c_end > MAX_CHANNELS:
+                raise OverBound(f"the channels at the end of block {i + 1}", c_end, MAX_CHANNELS, INVALID)
 
     # -- channel bookkeeping -------------------------------------------------------------
 
@@ -115,7 +176,8 @@ class DenseNetSpec:
         if self.stem == "imagenet":
             bn("features.norm0", c0)
         k = self.growth_rate
-        for b, ((c_in, _), layers) in enumerate(zip(self.block_channels(), self.block_config), start=1):
+        channels, transitions = self.block_channels(), self.transition_channels()  # once: linear in the blocks
+        for b, ((c_in, c_end), layers) in enumerate(zip(channels, self.block_config), start=1):
             for layer in range(layers):
                 p = f"features.denseblock{b}.denselayer{layer + 1}"
                 c = c_in + layer * k
@@ -128,12 +190,12 @@ class DenseNetSpec:
                     bn(f"{p}.norm2", width)
                     shapes[f"{p}.conv2.weight"] = (k, width, 3, 3)
             if b < len(self.block_config):
-                c_end = self.block_channels()[b - 1][1]
                 bn(f"features.transition{b}.norm", c_end)
-                shapes[f"features.transition{b}.conv.weight"] = (self.transition_channels()[b - 1], c_end, 1, 1)
-        bn("features.norm5", self.num_features)
+                shapes[f"features.transition{b}.conv.weight"] = (transitions[b - 1], c_end, 1, 1)
+        num_features = channels[-1][1]
+        bn("features.norm5", num_features)
         if self.num_classes:  # 0: a backbone without a classifier (features only)
-            shapes["classifier.weight"] = (self.num_classes, self.num_features)
+            shapes["classifier.weight"] = (self.num_classes, num_features)
             shapes["classifier.bias"] = (self.num_classes,)
         return shapes
 
@@ -185,12 +247,13 @@ class DenseNetSpec:
         sizes = self.feature_sizes(height, width)
         k = self.growth_rate
         total = 0
+        channels, transitions = self.block_channels(), self.transition_channels()
         if self.stem == "imagenet":
             oh, ow = (height - 1) // 2 + 1, (width - 1) // 2 + 1
             total += oh * ow * self.num_init_features * self.in_channels * 49
         else:
             total += height * width * self.num_init_features * self.in_channels * 9
-        for b, ((c_in, c_end), layers, (h, w)) in enumerate(zip(self.block_channels(), self.block_config, sizes)):
+        for b, ((c_in, c_end), layers, (h, w)) in enumerate(zip(channels, self.block_config, sizes)):
             for layer in range(layers):
                 c = c_in + layer * k
                 if self.bn_size is None:
@@ -200,8 +263,8 @@ class DenseNetSpec:
                     total += h * w * (c * width_ + width_ * k * 9)
             if b + 1 < len(self.block_config):
                 pix = (h // 2) * (w // 2) if pooled_transitions else h * w
-                total += pix * c_end * self.transition_channels()[b]
-        total += self.num_features * self.num_classes
+                total += pix * c_end * transitions[b]
+        total += channels[-1][1] * self.num_classes
         return total
 
     # -- serialisation --------------------------------------------------------------------
@@ -222,6 +285,8 @@ class DenseNetSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DenseNetSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"a DenseNetSpec is a JSON object of its fields, got {d!r:.80}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write
+from .limits import MAX_IMAGE_SIDE, MAX_JSON_BYTES, FileRefused, OverBound, load_json, refuse
 from .spec import DenseNetSpec, describe_spec
 
 FORMAT = "densetriton"
@@ -93,13 +94,18 @@ TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def layout_problems(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> list[str]:
     """Missing, unexpected and mis-shaped tensors: what a spec that does not describe them gives."""
+    return shape_problems({k: tuple(t.shape) for k, t in tensors.items()}, spec)
+
+
+def shape_problems(shapes: dict[str, tuple[int, ...]], spec: DenseNetSpec) -> list[str]:
+    """layout_problems from the tensors' names and shapes alone (a file's header, before its tensors are read)."""
     expected = spec.state_dict_shapes()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
     misshaped = [
-        f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})"
+        f"{k} {tuple(shapes[k])} (expected {expected[k]})"
         for k in expected
-        if k in tensors and tuple(tensors[k].shape) != expected[k]
+        if k in shapes and tuple(shapes[k]) != expected[k]
     ]
     problems = []
     if missing:
@@ -190,6 +196,9 @@ def check_preprocessing(preprocessing, channels: int = 3) -> None:
         v = preprocessing.get(key)
         if v is not None and not (is_size(v) or (isinstance(v, (list, tuple)) and len(v) in (1, 2) and all(map(is_size, v)))):
             problems.append(f"{key} {v!r:.60} is not a positive integer or a pair of them")
+    oversized = oversized_side(preprocessing)
+    if oversized:
+        problems.append(f"{oversized[0]} {oversized[1]} is over the bound of {MAX_IMAGE_SIDE} pixels a side")
     for key in ("mean", "std"):
         v = preprocessing.get(key)
         if v is None and channels != 3:
@@ -201,6 +210,17 @@ def check_preprocessing(preprocessing, channels: int = 3) -> None:
             problems.append(f"std {v!r} is not positive")
     if problems:
         raise WeightsError("preprocessing: " + "; ".join(problems))
+
+
+def oversized_side(preprocessing: dict) -> tuple[str, int] | None:
+    """The first resize or crop side over MAX_IMAGE_SIDE, as (key, side): a resize to 20000 makes
+    every image gigabytes before the model sees it."""
+    for key in ("resize_size", "crop_size"):
+        v = preprocessing.get(key)
+        for side in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(side, int) and side > MAX_IMAGE_SIDE:
+                return key, side
+    return None
 
 
 def check_crop_fits(preprocessing: dict) -> None:
@@ -260,69 +280,122 @@ def save_weights(
     return atomic_write(path, lambda tmp: save_file(ordered, tmp, metadata=metadata))
 
 
+def check_safetensors_header(path: Path) -> None:
+    """A safetensors file starts with its header's length (8 bytes, little-endian), then the header
+    JSON: one longer than MAX_JSON_BYTES is refused before it is read. (A length past the end of
+    the file is safetensors' own error, as is what a pickle's or zip's first bytes read as.)"""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = os.fstat(f.fileno()).st_size
+    declared = int.from_bytes(head, "little")
+    if len(head) == 8 and MAX_JSON_BYTES < declared <= size - 8:
+        raise refuse(path, "its safetensors header length", f"{declared} bytes", f"{MAX_JSON_BYTES} bytes")
+
+
+@dataclass
+class FileMetadata:
+    """What a densetriton weights file's metadata records, parsed and checked against its spec."""
+    spec: DenseNetSpec
+    class_names: list[str] | None = None
+    preprocessing: dict | None = None
+    multi_label: bool | None = None
+    operating_points: list[float | None] | None = None
+
+
+def _metadata_json(path: Path, metadata: dict[str, str], key: str):
+    return load_json(metadata[key], path, f"its metadata's {key}") if key in metadata else None
+
+
+def read_metadata(path: Path, metadata: dict[str, str]) -> FileMetadata:
+    """Parse and check a densetriton file's metadata before any tensor is read: a spec over
+    limits.py's bounds (or preprocessing sides over MAX_IMAGE_SIDE) is a FileRefused, anything
+    else unusable one WeightsError line."""
+    if metadata.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise WeightsError(f"{path} has format version {metadata.get('format_version'):.40}; "
+                           f"this densetriton reads {FORMAT_VERSION}")
+    try:
+        spec = DenseNetSpec.from_dict(_metadata_json(path, metadata, "spec"))
+        found = FileMetadata(spec, *(_metadata_json(path, metadata, key) for key in
+                                     ("class_names", "preprocessing", "multi_label", "operating_points")))
+        if not isinstance(found.multi_label, (bool, type(None))):
+            raise ValueError(f"multi_label is {metadata['multi_label']!r:.40}, not true or false")
+    except OverBound as e:
+        raise e.refused_in(path, "its spec's ") from None
+    except FileRefused:
+        raise
+    except (ValueError, TypeError, AttributeError, RecursionError, MemoryError) as e:
+        raise WeightsError(f"{path} has unreadable metadata ({one_line(e)})") from None
+    if isinstance(found.preprocessing, dict) and oversized_side(found.preprocessing):
+        key, side = oversized_side(found.preprocessing)
+        raise refuse(path, f"its preprocessing's {key}", side, f"{MAX_IMAGE_SIDE} pixels a side")
+    try:
+        if found.class_names is not None:
+            found.class_names = check_class_names(found.class_names, spec)
+        if found.preprocessing is not None:
+            check_preprocessing(found.preprocessing, spec.in_channels)
+        if found.operating_points is not None:
+            found.operating_points = check_operating_points(found.operating_points, spec, found.multi_label)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    return found
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line of words: its message, or its type where it has none (a MemoryError)."""
+    text = " ".join(str(error).split())[:300]
+    if not text or not isinstance(error, ValueError):  # "list index out of range" needs its type to make sense
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, str], FileMetadata | None, dict[str, torch.Tensor]]:
+    """The file's metadata, checked (ours only: None for a plain file), then its tensors: a spec
+    that does not describe the header's shapes is refused before any tensor is read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        if metadata.get("format") == "densetriton-features":
+            raise WeightsError(f"{path} holds image features written by densetriton embed, not a model's weights")
+        found = read_metadata(path, metadata) if "spec" in metadata else None
+        if found is not None:
+            layout = shape_problems({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, found.spec)
+            if layout:
+                raise WeightsError(f"{path}: its metadata contradicts its tensors: they do not fit "
+                                   f"{describe_spec(found.spec)}: " + "; ".join(layout))
+        return metadata, found, {k: f.get_tensor(k) for k in f.keys()}
+
+
 def load_weights(path: str | os.PathLike) -> Weights:
     """Read a weights file: ours (with metadata) or a plain torchvision-layout safetensors file."""
     from safetensors import SafetensorError
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        check_safetensors_header(path)
+        metadata, found, tensors = _read_tensors(path)
+    except (WeightsError, FileRefused):
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, AttributeError, MemoryError) as e:
         hint = ""
         if path.suffix.lower() in CHECKPOINT_SUFFIXES:
             hint = f"; convert the checkpoint first: densetriton convert --checkpoint {path} --out {path.stem}.safetensors"
-        raise WeightsError(f"{path} is not a readable safetensors file ({e}){hint}") from None
-
-    if metadata.get("format") == "densetriton-features":
-        raise WeightsError(f"{path} holds image features written by densetriton embed, not a model's weights")
-    if "spec" in metadata:
-        if metadata.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-            raise WeightsError(
-                f"{path} has format version {metadata.get('format_version')}; this densetriton reads {FORMAT_VERSION}"
-            )
-        try:
-            spec = DenseNetSpec.from_json(metadata["spec"])
-            class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
-            preprocessing = json.loads(metadata["preprocessing"]) if "preprocessing" in metadata else None
-            multi_label = json.loads(metadata["multi_label"]) if "multi_label" in metadata else None
-            if not isinstance(multi_label, (bool, type(None))):
-                raise ValueError(f"multi_label is {metadata['multi_label']!r:.40}, not true or false")
-            operating_points = json.loads(metadata["operating_points"]) if "operating_points" in metadata else None
-        except (ValueError, TypeError) as e:
-            raise WeightsError(f"{path} has unreadable metadata ({e})") from None
-        layout = layout_problems(tensors, spec)
-        if layout:
-            raise WeightsError(
-                f"{path}: its metadata contradicts its tensors: they do not fit {describe_spec(spec)}: " + "; ".join(layout)
-            )
-        try:
-            check_tensors(tensors, spec)
-            if class_names is not None:
-                class_names = check_class_names(class_names, spec)
-            if preprocessing is not None:
-                check_preprocessing(preprocessing, spec.in_channels)
-            if operating_points is not None:
-                operating_points = check_operating_points(operating_points, spec, multi_label)
-        except WeightsError as e:
-            raise WeightsError(f"{path}: {e}") from None
-    else:
+        raise WeightsError(f"{path} is not a readable safetensors file ({one_line(e)}){hint}") from None
+    if found is None:
         # A plain torchvision-layout file (e.g. timm's): normalise the names, infer the spec.
         from .weights_tools.convert import normalize_state_dict, infer_spec
 
         tensors = normalize_state_dict(tensors)
         spec = infer_spec(tensors)
-        try:
-            check_tensors(tensors, spec)
-        except WeightsError as e:
-            raise WeightsError(f"{path}: {e}") from None
-        class_names = preprocessing = multi_label = operating_points = None
-    return Weights(spec, tensors, class_names, preprocessing, metadata.get("source"), metadata, multi_label,
-                   operating_points)
+        found = FileMetadata(spec)
+    try:
+        check_tensors(tensors, found.spec)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    return Weights(found.spec, tensors, found.class_names, found.preprocessing, metadata.get("source"), metadata,
+                   found.multi_label, found.operating_points)
 
 
 def to_torchvision_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
