@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from densetriton.kernels import bn_relu_avgpool_conv, pack_conv_weight
 
-from helpers import DOT_DTYPES, assert_close, randn
+from helpers import (DOT_DTYPES, NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like, plant_nonfinite,
+                     randn)
 
 DTYPES = DOT_DTYPES
 SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -37,11 +38,29 @@ def test_transition_matches_torchvision_order(device, gen, dtype, n, h, w, c_in,
     w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
-    out = torch.full((n, h // 2, w // 2, c_out), float("nan"), dtype=dtype, device=device)
+    band = GuardBand((n, h // 2, w // 2, c_out), dtype=dtype, device=device)
 
-    bn_relu_avgpool_conv(x, weight, out, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+    bn_relu_avgpool_conv(x, weight, band.view, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
 
-    assert_close(out, reference(x, w_oikk.to(dtype), scale, shift), dtype)
+    assert_close(band.view, reference(x, w_oikk.to(dtype), scale, shift), dtype)
+    band.assert_untouched()
+
+
+@NONFINITE_OK
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_reach_the_output_where_torchs_do(device, gen, dtype):
+    """NaN and Inf in the input give NaN and Inf at torchvision's output positions (the ReLU keeps
+    NaN, turns -Inf to 0; Infs of both signs meeting in a sum give NaN). Fails when the ReLU drops
+    NaN (tl.maximum(x, 0.0) in kernels/_math.py's _relu)."""
+    n, h, w, c_in, c_out = 2, 7, 6, 13, 5
+    x = plant_nonfinite(randn(gen, n, h, w, c_in, dtype=dtype, device=device), gen, nan=2, posinf=3, neginf=3)
+    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
+    scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
+    band = GuardBand((n, h // 2, w // 2, c_out), dtype=dtype, device=device)
+    bn_relu_avgpool_conv(x, pack_conv_weight(w_oikk, dtype, device), band.view, in_scale=scale, in_shift=shift,
+                         **SMALL_BLOCKS)
+    assert_nonfinite_like(band.view, reference(x, w_oikk.to(dtype), scale, shift), dtype)
+    band.assert_untouched()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -49,7 +68,8 @@ def test_prefix_input_and_middle_output_slices(device, gen, dtype):
     """Input is buf[..., :37] of a 40-channel buffer; output is the middle of a wider buffer."""
     n, h, w, c_in, c_out = 2, 7, 9, 37, 19
     src = randn(gen, n, h, w, 40, dtype=dtype, device=device)
-    dst = torch.full((n, h // 2, w // 2, 32), float("nan"), dtype=dtype, device=device)
+    band = GuardBand((n, h // 2, w // 2, 32), dtype=dtype, device=device)
+    dst = band.view
     w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device).abs()
@@ -59,6 +79,7 @@ def test_prefix_input_and_middle_output_slices(device, gen, dtype):
 
     assert_close(dst[..., 6:6 + c_out], reference(src[..., :c_in], w_oikk.to(dtype), scale, shift), dtype)
     assert torch.isnan(dst[..., :6]).all() and torch.isnan(dst[..., 6 + c_out:]).all()
+    band.assert_untouched()
 
 
 def test_default_block_sizes(device, gen):
@@ -66,9 +87,10 @@ def test_default_block_sizes(device, gen):
     x = randn(gen, n, h, w, c_in, device=device)
     w_oikk = randn(gen, c_out, c_in, 1, 1)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
-    out = torch.full((n, 3, 3, c_out), float("nan"), device=device)
-    bn_relu_avgpool_conv(x, pack_conv_weight(w_oikk, torch.float32, device), out, in_scale=scale, in_shift=shift)
-    assert_close(out, reference(x, w_oikk, scale, shift), torch.float32)
+    band = GuardBand((n, 3, 3, c_out), device=device)
+    bn_relu_avgpool_conv(x, pack_conv_weight(w_oikk, torch.float32, device), band.view, in_scale=scale, in_shift=shift)
+    assert_close(band.view, reference(x, w_oikk, scale, shift), torch.float32)
+    band.assert_untouched()
 
 
 def test_validation_errors(device, gen):
@@ -108,8 +130,9 @@ def test_padded_and_dense_weight_rows_give_the_same_result(device, gen, dtype):
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
     outs = []
     for weight in (padded, dense):
-        out = torch.full((n, h // 2, w // 2, c_out), float("nan"), dtype=dtype, device=device)
-        bn_relu_avgpool_conv(x, weight, out, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
-        outs.append(out)
+        band = GuardBand((n, h // 2, w // 2, c_out), dtype=dtype, device=device)
+        bn_relu_avgpool_conv(x, weight, band.view, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+        band.assert_untouched()
+        outs.append(band.view)
     assert not outs[0].isnan().any()
     assert torch.equal(outs[0], outs[1])
