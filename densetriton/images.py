@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .limits import max_image_pixels
 from .weights import IMAGENET_PREPROCESSING
 
 # Folder scans pick files by suffix (case-insensitive), and DICOM files named without one by their
@@ -64,6 +66,7 @@ NO_RESIZE_PREPROCESSING = {
 }
 
 _WHITE = (255, 255, 255)
+_PILLOW_BOUND_LOCK = threading.Lock()
 
 
 class ImageError(ValueError):
@@ -244,12 +247,63 @@ def _load_dicom(path):
 
         ds.file_meta = file_meta if file_meta is not None else pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian  # what a file without a header is written in
+    _check_dicom_declared(path, ds)
     try:
         pixels = _dicom_to_8bit(ds)
     except Exception as e:  # compressed pixel data without a decoder plugin, inconsistent attributes
         name = getattr(ds.file_meta.TransferSyntaxUID, "name", ds.file_meta.TransferSyntaxUID)
         raise ImageError(path, _one_line(f"DICOM pixel data ({name}) could not be read ({type(e).__name__}: {e})")) from None
     return Image.fromarray(pixels).convert("RGB")
+
+
+def _check_dicom_declared(path, ds) -> None:
+    """What a DICOM header declares, checked before its pixel data is decoded: a frame's pixels
+    (Rows x Columns; only the first frame is decoded) within max_image_pixels(), 1 or 3 samples a
+    pixel, and uncompressed pixel data as long as declared (every frame: the file must hold them).
+    A compressed frame's decoder allocates the declared size before it finds the data short."""
+    from pydicom.pixels.utils import get_expected_length
+
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except Exception as e:  # missing or non-numeric attributes
+        raise ImageError(path, _one_line(f"a DICOM image without a readable size ({type(e).__name__}: {e})")) from None
+    check_declared_pixels(path, columns, rows)
+    if samples not in (1, 3):
+        raise ImageError(path, f"refused: it declares {samples} samples per pixel (DICOM images have 1 or 3)")
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    try:
+        expected = get_expected_length(ds, unit="bytes")
+    except Exception as e:
+        raise ImageError(path, _one_line(f"a DICOM image with unreadable attributes ({type(e).__name__}: {e})")) from None
+    held = len(ds.PixelData) if "PixelData" in ds and ds.PixelData is not None else 0
+    if held < expected:
+        raise ImageError(path, f"refused: it declares {expected:,} bytes of pixel data and holds {held:,}")
+
+
+def check_declared_pixels(path, width: int, height: int) -> None:
+    """An image that declares more than max_image_pixels() pixels is refused before it is decoded:
+    a few hundred bytes of PNG or DICOM can declare gigabytes."""
+    bound = max_image_pixels()
+    if width * height > bound:
+        raise ImageError(path, f"refused: it declares {width}x{height} = {width * height:,} pixels, over the bound of "
+                               f"{bound:,} (DENSETRITON_MAX_IMAGE_PIXELS)")
+
+
+def _open_header(path):
+    """Image.open, which reads only the header, with Pillow's own pixel bound off: ours, checked right
+    after, replaces it, so that DENSETRITON_MAX_IMAGE_PIXELS alone decides (above Pillow's 179 million
+    too) and an image over it is one refusal, not a DecompressionBombWarning first. The lock keeps
+    concurrent loads from restoring each other's setting."""
+    from PIL import Image
+
+    with _PILLOW_BOUND_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def _one_line(text: str) -> str:
@@ -263,7 +317,8 @@ def load_image(path: str | os.PathLike):
     if os.path.splitext(str(path))[1].lower() in DICOM_SUFFIXES or _is_dicom(path):
         return _load_dicom(path)
     try:
-        with Image.open(path) as img:
+        with _open_header(path) as img:
+            check_declared_pixels(path, *img.size)
             img.load()
             try:
                 upright = ImageOps.exif_transpose(img)
@@ -280,8 +335,10 @@ def load_image(path: str | os.PathLike):
         raise ImageError(path, "permission denied") from None
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (PIL cannot identify the file)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(path, f"too large ({e})") from None
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:  # a later frame or tile over Pillow's bound (GIF, ICO, TIFF)
+        raise ImageError(path, _one_line(f"refused: {e}")) from None
     except OSError as e:
         raise ImageError(path, f"corrupt or truncated image ({e})") from None
     except Exception as e:  # SyntaxError, ValueError, struct.error ... from format plugins
@@ -329,6 +386,31 @@ def resolve_preprocessing(engine_or_preprocessing=None) -> dict:
     return out
 
 
+class ResizeBound:
+    """A transform that refuses a PIL image whose resize (as torchvision's Resize computes it) would
+    exceed max_image_pixels(): a 1 x 60000 strip resized to a shorter side of 256 is 15 million
+    pixels long, billions in all, though the file itself is within the bound."""
+
+    def __init__(self, resize_size):
+        self.resize_size = resize_size
+
+    def __call__(self, img):
+        width, height = img.size
+        size = self.resize_size
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            out_h, out_w = size
+        else:
+            side = size[0] if isinstance(size, (list, tuple)) else size
+            short, long = min(width, height), max(width, height)
+            out_short, out_long = side, int(side * long / max(short, 1))
+            out_w, out_h = (out_short, out_long) if width <= height else (out_long, out_short)
+        bound = max_image_pixels()
+        if out_w * out_h > bound:
+            raise ValueError(f"refused: resizing its {width}x{height} pixels to resize_size {size} gives {out_w}x{out_h} "
+                             f"= {out_w * out_h:,} pixels, over the bound of {bound:,} (DENSETRITON_MAX_IMAGE_PIXELS)")
+        return img
+
+
 def build_transform(engine_or_preprocessing=None):
     """torchvision transforms for a preprocessing dict: Resize (bilinear, antialiased; the shorter
     side to resize_size, or exactly [H, W] for a pair), CenterCrop(crop_size), Grayscale for a 1-channel mean and std, ToTensor,
@@ -346,6 +428,7 @@ def build_transform(engine_or_preprocessing=None):
     check_preprocessing(pre, channels)
     steps = []
     if pre.get("resize_size") is not None:
+        steps.append(ResizeBound(pre["resize_size"]))
         steps.append(transforms.Resize(pre["resize_size"], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True))
     if pre.get("crop_size") is not None:
         steps.append(transforms.CenterCrop(pre["crop_size"]))
