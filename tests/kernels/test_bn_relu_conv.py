@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from densetriton.kernels import bn_relu_conv, pack_conv_weight
 
-from helpers import DOT_DTYPES, KERNEL_TOL, assert_close, randn, rel_err
+from helpers import (DOT_DTYPES, KERNEL_TOL, NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like,
+                     plant_nonfinite, randn, rel_err)
 
 DTYPES = DOT_DTYPES
 SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -50,20 +51,22 @@ def test_conv_matches_torch(device, gen, dtype, n, h, w, c_in, c_out, k, stride,
     shift = randn(gen, c_in, device=device) if prologue else None
     b = randn(gen, c_out, device=device) if bias else None
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    out = torch.full((n, oh, ow, c_out), float("nan"), dtype=dtype, device=device)
+    band = GuardBand((n, oh, ow, c_out), dtype=dtype, device=device)
 
-    bn_relu_conv(x, weight, out, kernel_size=k, stride=stride, padding=pad,
+    bn_relu_conv(x, weight, band.view, kernel_size=k, stride=stride, padding=pad,
                  in_scale=scale, in_shift=shift, bias=b, relu_out=relu_out, **SMALL_BLOCKS)
 
     ref = reference(x, w_oikk.to(dtype), stride=stride, padding=pad, scale=scale, shift=shift, bias=b, relu_out=relu_out)
-    assert_close(out, ref, dtype)
+    assert_close(band.view, ref, dtype)
+    band.assert_untouched()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dense_layer_in_place_concat(device, gen, dtype):
     """Reads the channel prefix buf[..., :c] and writes buf[..., c:c+g] of the same buffer."""
     n, h, w, c, g, c_total = 2, 7, 7, 21, 19, 48
-    buf = torch.full((n, h, w, c_total), float("nan"), dtype=dtype, device=device)
+    band = GuardBand((n, h, w, c_total), dtype=dtype, device=device)
+    buf = band.view
     buf[..., :c] = randn(gen, n, h, w, c, dtype=dtype, device=device)
     before = buf.clone()
     w_oikk = randn(gen, g, c, 3, 3) / (9 * c) ** 0.5
@@ -77,6 +80,7 @@ def test_dense_layer_in_place_concat(device, gen, dtype):
     assert_close(buf[..., c:c + g], ref, dtype)
     assert torch.equal(buf[..., :c], before[..., :c]), "input channels were modified"
     assert torch.isnan(buf[..., c + g:]).all(), "kernel wrote past its output slice"
+    band.assert_untouched()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -84,7 +88,8 @@ def test_output_slice_in_middle_of_wider_buffer(device, gen, dtype):
     """Input: prefix of a wider buffer; output: a middle channel slice; nothing else touched."""
     n, h, w, c_in, c_out = 3, 5, 6, 37, 19
     src = randn(gen, n, h, w, 40, dtype=dtype, device=device)
-    dst = torch.full((n, h, w, 30), float("nan"), dtype=dtype, device=device)
+    band = GuardBand((n, h, w, 30), dtype=dtype, device=device)
+    dst = band.view
     w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
@@ -97,6 +102,7 @@ def test_output_slice_in_middle_of_wider_buffer(device, gen, dtype):
                     scale=scale, shift=shift, bias=bias, relu_out=True)
     assert_close(dst[..., 5:5 + c_out], ref, dtype)
     assert torch.isnan(dst[..., :5]).all() and torch.isnan(dst[..., 5 + c_out:]).all()
+    band.assert_untouched()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,15 +116,16 @@ def test_imagenet_stem_7x7_s2_p3_from_nchw(device, gen, dtype, n, h, w, c_in):
     weight = pack_conv_weight(w_oikk, dtype, device)
     bias = randn(gen, c_out, device=device)
     oh, ow = (h + 6 - 7) // 2 + 1, (w + 6 - 7) // 2 + 1
-    out = torch.full((n, oh, ow, c_out), float("nan"), dtype=dtype, device=device)
+    band = GuardBand((n, oh, ow, c_out), dtype=dtype, device=device)
 
     x = x_nchw.permute(0, 2, 3, 1)
     assert c_in == 1 or not x.is_contiguous()  # one channel: NCHW and NHWC are the same memory
-    bn_relu_conv(x, weight, out, kernel_size=7, stride=2, padding=3, bias=bias, relu_out=True,
+    bn_relu_conv(x, weight, band.view, kernel_size=7, stride=2, padding=3, bias=bias, relu_out=True,
                  BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
 
     ref = reference(x, w_oikk.to(dtype), stride=2, padding=3, bias=bias, relu_out=True)
-    assert_close(out, ref, dtype)
+    assert_close(band.view, ref, dtype)
+    band.assert_untouched()
 
 
 @pytest.mark.parametrize("w_dtype", DTYPES)
@@ -129,22 +136,24 @@ def test_classifier_float32_logits(device, gen, w_dtype):
     w_oikk = randn(gen, classes, c, 1, 1) / c ** 0.5
     weight = pack_conv_weight(w_oikk, w_dtype, device)
     bias = randn(gen, classes, device=device)
-    logits = torch.full((n, classes), float("nan"), dtype=torch.float32, device=device)
+    band = GuardBand((n, classes), device=device)
 
-    bn_relu_conv(feats.view(n, 1, 1, c), weight, logits.view(n, 1, 1, classes), kernel_size=1,
+    bn_relu_conv(feats.view(n, 1, 1, c), weight, band.view.view(n, 1, 1, classes), kernel_size=1,
                  bias=bias, **SMALL_BLOCKS)
 
     ref = feats.double().cpu() @ w_oikk.to(w_dtype).double()[:, :, 0, 0].T + bias.double().cpu()
-    assert_close(logits, ref, w_dtype)
+    assert_close(band.view, ref, w_dtype)
+    band.assert_untouched()
 
 
 def test_default_block_sizes(device, gen):
     n, h, w, c_in, c_out = 2, 6, 6, 13, 5
     x = randn(gen, n, h, w, c_in, device=device)
     w_oikk = randn(gen, c_out, c_in, 3, 3)
-    out = torch.full((n, h, w, c_out), float("nan"), device=device)
-    bn_relu_conv(x, pack_conv_weight(w_oikk, torch.float32, device), out, kernel_size=3, padding=1)
-    assert_close(out, reference(x, w_oikk, stride=1, padding=1), torch.float32)
+    band = GuardBand((n, h, w, c_out), device=device)
+    bn_relu_conv(x, pack_conv_weight(w_oikk, torch.float32, device), band.view, kernel_size=3, padding=1)
+    assert_close(band.view, reference(x, w_oikk, stride=1, padding=1), torch.float32)
+    band.assert_untouched()
 
 
 @pytest.mark.parametrize("c_in", [13, 37], ids=["flat-k", "per-tap"])  # FLAT_K below 16 input channels
@@ -157,12 +166,14 @@ def test_padding_is_zero_after_activation(device, gen, dtype, c_in):
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale = randn(gen, c_in, device=device) * 0.1
     shift = torch.full((c_in,), 5.0, device=device)
-    out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype, device=device)
+    band = GuardBand((n, h, w, c_out), dtype=dtype, device=device)
+    out = band.view
 
     bn_relu_conv(x, weight, out, kernel_size=3, padding=1, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
 
     ref = reference(x, w_oikk.to(dtype), stride=1, padding=1, scale=scale, shift=shift)
     assert_close(out, ref, dtype)
+    band.assert_untouched()
     # The wrong answer (pad the raw input, then activate) differs by far more than the tolerance.
     xd = x.double().cpu()
     x_padded = F.pad(xd.permute(0, 3, 1, 2), (1, 1, 1, 1))
@@ -234,9 +245,11 @@ def test_padded_and_dense_weight_rows_give_the_same_result(device, gen, dtype, k
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
     outs = []
     for weight in (padded, dense):
-        out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype, device=device)
-        bn_relu_conv(x, weight, out, kernel_size=k, padding=k // 2, in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
-        outs.append(out)
+        band = GuardBand((n, h, w, c_out), dtype=dtype, device=device)
+        bn_relu_conv(x, weight, band.view, kernel_size=k, padding=k // 2, in_scale=scale, in_shift=shift,
+                     **SMALL_BLOCKS)
+        band.assert_untouched()
+        outs.append(band.view)
     assert not outs[0].isnan().any()
     assert torch.equal(outs[0], outs[1])
 
@@ -249,6 +262,59 @@ def test_one_output_channel_weight_of_any_column_stride(device, gen):
     dense = pack_conv_weight(w_oikk, torch.float32, device).contiguous()
     weight = torch.as_strided(dense, (9 * c_in, 1), (1, 1000))  # a column stride nobody walks
     assert weight.shape == (9 * c_in, 1) and weight.stride(1) != 1
-    out = torch.full((n, h, w, 1), float("nan"), device=device)
-    bn_relu_conv(x, weight, out, kernel_size=3, padding=1, **SMALL_BLOCKS)
-    assert_close(out, reference(x, w_oikk, stride=1, padding=1), torch.float32)
+    band = GuardBand((n, h, w, 1), device=device)
+    bn_relu_conv(x, weight, band.view, kernel_size=3, padding=1, **SMALL_BLOCKS)
+    assert_close(band.view, reference(x, w_oikk, stride=1, padding=1), torch.float32)
+    band.assert_untouched()
+
+
+# (k, stride, pad, prologue, bias, relu_out, c_in): each role of the kernel in DenseNet.
+NONFINITE_ROLES = {
+    "bottleneck-1x1": (1, 1, 0, True, True, True, 21),
+    "dense-3x3-prologue": (3, 1, 1, True, False, False, 21),
+    "flat-k-3x3-prologue": (3, 1, 1, True, False, False, 5),
+    "plain-3x3": (3, 1, 1, False, False, False, 13),
+    "stem-7x7-s2": (7, 2, 3, False, True, True, 3),
+}
+
+
+@NONFINITE_OK
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("role", NONFINITE_ROLES)
+def test_nan_and_inf_reach_the_output_where_torchs_do(device, gen, dtype, role):
+    """NaN and Inf in the input reach exactly torch's output positions: the prologue's and the
+    epilogue's ReLU keep NaN and zero -Inf, Infs of both signs meeting in a sum give NaN. Fails
+    when the ReLU drops NaN (tl.maximum(x, 0.0) in kernels/_math.py's _relu) in every role with a
+    ReLU; the plain 3x3 checks the GEMM and the padding alone."""
+    k, stride, pad, prologue, bias, relu_out, c_in = NONFINITE_ROLES[role]
+    n, h, w, c_out = 2, 8 if k == 7 else 5, 8 if k == 7 else 6, 19
+    x = plant_nonfinite(randn(gen, n, h, w, c_in, dtype=dtype, device=device), gen, nan=1, posinf=2, neginf=2)
+    w_oikk = randn(gen, c_out, c_in, k, k) / (c_in * k * k) ** 0.5
+    scale = randn(gen, c_in, device=device) if prologue else None
+    shift = randn(gen, c_in, device=device) if prologue else None
+    b = randn(gen, c_out, device=device) if bias else None
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    band = GuardBand((n, oh, ow, c_out), dtype=dtype, device=device)
+
+    bn_relu_conv(x, pack_conv_weight(w_oikk, dtype, device), band.view, kernel_size=k, stride=stride, padding=pad,
+                 in_scale=scale, in_shift=shift, bias=b, relu_out=relu_out, **SMALL_BLOCKS)
+
+    ref = reference(x, w_oikk.to(dtype), stride=stride, padding=pad, scale=scale, shift=shift, bias=b, relu_out=relu_out)
+    assert_nonfinite_like(band.view, ref, dtype)
+    band.assert_untouched()
+
+
+@NONFINITE_OK
+def test_nan_and_inf_in_the_classifiers_features_reach_its_logits(device, gen):
+    n, c, classes = 4, 37, 10
+    feats = plant_nonfinite(randn(gen, n, c, device=device), gen, nan=1, posinf=1, neginf=1)
+    w_oikk = randn(gen, classes, c, 1, 1) / c ** 0.5
+    bias = randn(gen, classes, device=device)
+    band = GuardBand((n, classes), device=device)
+
+    bn_relu_conv(feats.view(n, 1, 1, c), pack_conv_weight(w_oikk, torch.float32, device),
+                 band.view.view(n, 1, 1, classes), kernel_size=1, bias=bias, **SMALL_BLOCKS)
+
+    ref = feats.double().cpu() @ w_oikk.double()[:, :, 0, 0].T + bias.double().cpu()
+    assert_nonfinite_like(band.view, ref, torch.float32)
+    band.assert_untouched()
