@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop-size", type=int, metavar="N", help="center-crop to NxN (default: no crop)")
     p.set_defaults(func=_convert)
 
-    for module in ("densetriton.bench.cli", "densetriton.predict", "densetriton.embed"):
+    for module in ("densetriton.bench.cli", "densetriton.predict", "densetriton.embed", "densetriton.serve"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ModuleNotFoundError as e:
