@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .limits import FileRefused
+from .outputs import OutputLock, check_target, refuse_inputs_as_outputs, remove_stale_temps
 
 
 def _info(args) -> int:
@@ -141,8 +142,6 @@ def _read_class_names(path: str) -> list[str]:
 
 
 def _convert(args) -> int:
-    from .weights_tools.convert import convert_checkpoint, convert_torchvision
-
     if args.arch is None and args.checkpoint is None:
         raise ValueError("give --arch NAME (torchvision's pretrained weights) or --checkpoint FILE (a local checkpoint)")
     if not args.out.lower().endswith(".safetensors"):
@@ -157,16 +156,12 @@ def _convert(args) -> int:
         resize = args.resize_size[0] if args.resize_size is not None and len(args.resize_size) == 1 else args.resize_size
         preprocessing = {"resize_size": resize, "crop_size": args.crop_size, "mean": args.mean, "std": args.std}
     points = _read_operating_points(args.operating_points) if args.operating_points else None
-    if args.checkpoint is not None:
-        out = convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names,
-                                 preprocessing=preprocessing, bn_eps=args.bn_eps, multi_label=args.multi_label,
-                                 operating_points=points, prefix=args.prefix)
-    else:
-        if (class_names is not None or preprocessing is not None or args.bn_eps is not None
-                or args.multi_label is not None or points is not None or args.prefix is not None):
-            raise ValueError("--class-names, --bn-eps, --multi-label, --operating-points, --prefix and the preprocessing options "
-                             "apply to --checkpoint; torchvision's weights carry their own")
-        out = convert_torchvision(args.arch, args.out)
+    inputs = [p for p in (args.checkpoint, args.class_names, args.operating_points) if p is not None]
+    refuse_inputs_as_outputs([args.out], inputs)
+    check_target(args.out)
+    with OutputLock(args.out):  # one writer per file; no live run then owns a temp file left beside it
+        remove_stale_temps([args.out])
+        out = _convert_to(args, class_names, preprocessing, points)
     from .images import describe_preprocessing
     from .spec import describe_spec
     from .weights import load_weights
@@ -183,6 +178,20 @@ def _convert(args) -> int:
     else:
         print("  preprocessing: none recorded (--mean/--std to record how the model's images were prepared)")
     return 0
+
+
+def _convert_to(args, class_names, preprocessing, points) -> str:
+    from .weights_tools.convert import convert_checkpoint, convert_torchvision
+
+    if args.checkpoint is not None:
+        return convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names,
+                                  preprocessing=preprocessing, bn_eps=args.bn_eps, multi_label=args.multi_label,
+                                  operating_points=points, prefix=args.prefix)
+    if (class_names is not None or preprocessing is not None or args.bn_eps is not None
+            or args.multi_label is not None or points is not None or args.prefix is not None):
+        raise ValueError("--class-names, --bn-eps, --multi-label, --operating-points, --prefix and the preprocessing options "
+                         "apply to --checkpoint; torchvision's weights carry their own")
+    return convert_torchvision(args.arch, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:

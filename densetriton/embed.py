@@ -11,8 +11,11 @@ FILE from every rank's chunks, in input order.
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -21,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .outputs import check_target, lock_outputs, refuse_inputs_as_outputs, remove_stale_temps
 from .stream import (
-    Dist, add_common_arguments, collect_files, describe_run, inputs_help, load_engine, model_id, not_utf8, path_key,
-    print_summary, progress_label, set_aside, stream_images,
+    Dist, add_common_arguments, collect_files, describe_run, exit_status, inputs_help, load_engine, model_id, not_utf8,
+    outcome_help, path_key, print_summary, progress_label, set_aside, stream_images,
 )
 
 EMBED_FORMATS = (".npy", ".safetensors")
@@ -52,7 +56,8 @@ Output (written atomically, once every image has been processed):
 Row i belongs to path i; skipped images have no row, the rest are in input order. Until FILE is
 written, the rows computed so far are kept in FILE.partial/ (every 30 s, and when the run stops,
 by an error or Ctrl-C); --resume embeds only the images in neither FILE nor FILE.partial/ and
-writes FILE with the old rows first. Without --resume FILE.partial/ is cleared and FILE replaced;
+writes FILE with the old rows first; if FILE cannot be written (a full disk), its rows stay in
+FILE.partial/ and --resume writes it. Without --resume FILE.partial/ is cleared and FILE replaced;
 --resume after such a run was interrupted goes on replacing FILE (its old rows are not kept).
 Paths are separated by "\n" alone. Under torchrun each rank takes every world_size-th image and
 rank 0 writes FILE.
@@ -61,7 +66,7 @@ Examples:
   densetriton embed photos/ --model densenet121 --out feats.npy
   torchrun --nproc-per-node 2 -m densetriton embed photos/ --model densenet121 --out feats.safetensors
   densetriton embed photos/ --model densenet121 --out feats.npy --resume   # after an interruption
-""",
+""" + outcome_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_arguments(p)
@@ -83,7 +88,7 @@ def _write_features(out: str, width: int, model: str, model_id: str, paths: list
     resumed run), every later one the first row FILE.partial/'s chunks hold for its path. Rows
     stream from FILE and one chunk at a time into the new file (a memory map for .npy), so a
     large FILE is never held in memory, let alone several copies of it."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
     from .atomic import atomic_write
@@ -112,17 +117,15 @@ def _write_features(out: str, width: int, model: str, model_id: str, paths: list
                     features = f.get_tensor("features")
                 source, target = zip(*take)
                 picked = features[list(source)]
-                rows[list(target)] = picked.numpy() if isinstance(rows, np.ndarray) else picked
+                rows[list(target)] = picked
         if position:  # FILE.partial/ changed under this run: write nothing rather than rows never computed
             raise RuntimeError(f"{len(position)} rows, {next(iter(position))!r} first, vanished from "
                                f"{_progress_dir(out)}/ before {out} was written; run again with --resume")
 
     if out.lower().endswith(".npy"):
         def write_npy(tmp):
-            rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), width))
-            fill(rows)
-            rows.flush()
-            del rows
+            with _NpyRows(tmp, len(paths), width) as rows:
+                fill(rows)
 
         def write_paths(tmp):
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -147,7 +150,64 @@ def _write_features(out: str, width: int, model: str, model_id: str, paths: list
         rows = torch.empty(len(paths), width)
         fill(rows)
         metadata = {"format": "densetriton-features", "paths": json.dumps(paths), "model": model, "model_id": model_id}
-        atomic_write(out, lambda tmp: save_file({"features": rows}, tmp, metadata=metadata))
+
+        def write_safetensors(tmp):
+            try:
+                save_file({"features": rows}, tmp, metadata=metadata)
+            except SafetensorError as e:  # writing a file only fails by I/O: a full disk, a quota
+                code = re.search(r"os error (\d+)", str(e))
+                raise (OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(str(e))) from None
+
+        atomic_write(out, write_safetensors)
+
+
+class _NpyRows:
+    """A float32 [n, width] .npy file written row by row with plain writes at each row's offset.
+    Its space is allocated first where the filesystem can, and a memory map is never used: on a
+    full disk a write through one is a SIGBUS that kills the process; here it is an OSError."""
+
+    def __init__(self, path: str, n: int, width: int):
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": (n, width)})
+        self.start, self.row_bytes = len(header.getvalue()), 4 * width
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(self.fd, 0, self.start + n * self.row_bytes)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise  # no space: say so before any row is copied
+            self._write(header.getvalue(), 0)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _write(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def __setitem__(self, rows, values) -> None:
+        """rows: a slice, or a list of row indices, values one row per index."""
+        values = np.ascontiguousarray(values.numpy() if isinstance(values, torch.Tensor) else values, dtype="<f4")
+        if isinstance(rows, slice):
+            self._write(values.tobytes(), self.start + rows.start * self.row_bytes)
+            return
+        i = 0
+        while i < len(rows):  # one write per run of consecutive rows
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            self._write(values[i:j].tobytes(), self.start + rows[i] * self.row_bytes)
+            i = j
+
+    def __enter__(self) -> "_NpyRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 def _other_model(where: str, found, model_id: str) -> ValueError:
@@ -283,7 +343,30 @@ class _ChunkWriter:
         self.pending = []
 
 
+def _not_written(out: str, error: OSError, rows: int, width: int) -> OSError:
+    """A failure to write FILE (a full disk, a quota) as one line: the rows are safe, and how to go on."""
+    reason = error.strerror or str(error)
+    size = max(rows * width * 4 / 1e6, 0.1)
+    failed = OSError(f"cannot write {out} ({reason}); its {rows} rows are safe in {_progress_dir(out)}/: free space "
+                     f"({Path(out).name} needs about {size:.1f} MB) and run the same command with --resume")
+    failed.errno = error.errno
+    return failed
+
+
 # -- the command ------------------------------------------------------------------------------
+
+
+def _sidecars(out: str) -> list[str]:
+    """The files written with FILE: a .npy's paths and model beside it."""
+    return [out + ".paths.txt", out + ".json"] if out.lower().endswith(".npy") else []
+
+
+def _check_progress_dir(out: str) -> None:
+    folder = _progress_dir(out)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is not a folder; embed keeps its rows there until {out} is written")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder {folder} cannot be written")
 
 
 def embed_command(args) -> int:
@@ -292,7 +375,10 @@ def embed_command(args) -> int:
         raise ValueError(f"--out must end in .npy or .safetensors, got {out!r}")
     dist = Dist.from_env(args.device)
     try:
-        return _embed(args, dist, out)
+        check_target(out, _sidecars(out))  # all before any image is read
+        _check_progress_dir(out)
+        with lock_outputs(out, dist):
+            return _embed(args, dist, out)
     finally:
         dist.close()
 
@@ -303,6 +389,9 @@ def _embed(args, dist: Dist, out: str) -> int:
     files = collect_files(args.paths)
     if not files:
         raise ValueError("no image files found in " + ", ".join(args.paths))
+    refuse_inputs_as_outputs([out, *_sidecars(out)], files + ([args.weights] if args.weights else []))
+    if dist.rank == 0:
+        remove_stale_temps([out, *_sidecars(out)])
     engine = load_engine(args, dist)
     show = dist.rank == 0
     width = engine.spec.num_features
@@ -377,8 +466,12 @@ def _embed(args, dist: Dist, out: str) -> int:
         # The old rows as they were, then this run's in input order (chunks from every rank).
         new_paths = _progress_paths(out, width, mid)
         new_rows = unseen_in_input_order(new_paths, set(done_keys))
-        _write_features(out, width, describe_spec(engine.spec), mid, old_paths + [new_paths[j] for j in new_rows],
-                        file_rows=len(file_paths), resumed=not replacing)
+        paths = old_paths + [new_paths[j] for j in new_rows]
+        try:
+            _write_features(out, width, describe_spec(engine.spec), mid, paths, file_rows=len(file_paths),
+                            resumed=not replacing)
+        except OSError as e:
+            raise _not_written(out, e, len(paths), width) from None
         shutil.rmtree(_progress_dir(out), ignore_errors=True)
     elif dist.rank == 0:  # nothing new: FILE stays (a resumed run's leftover rows were in it)
         shutil.rmtree(_progress_dir(out), ignore_errors=True)
@@ -388,4 +481,4 @@ def _embed(args, dist: Dist, out: str) -> int:
         print_summary("embedded", done, skipped, elapsed, already=already, out=written if done or already else None)
         if not done and not already:
             print(f"nothing written to {out}: no image could be read", file=sys.stderr)
-    return 1 if done == 0 and not already else 0
+    return exit_status(done, already)

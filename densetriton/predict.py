@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,12 +23,14 @@ import torch
 
 from .images import format_prob, topk
 from .spec import NO_CLASSIFIER
+from .outputs import check_target, lock_outputs, part_name, refuse_inputs_as_outputs, remove_stale_temps
 from .stream import (
-    Dist, add_common_arguments, collect_files, describe_run, inputs_help, load_engine, model_id, not_utf8, path_key,
-    positive_int, print_summary, progress_label, set_aside, shown, stream_images,
+    Dist, add_common_arguments, collect_files, describe_run, exit_status, inputs_help, load_engine, model_id, not_utf8,
+    outcome_help, path_key, positive_int, print_summary, progress_label, set_aside, shown, stream_images,
 )
 
 PREDICT_FORMATS = (".csv", ".jsonl")
+_MODEL_ID = re.compile("[0-9a-f]{12}")  # stream.model_id
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -48,6 +51,8 @@ label_k, prob_k, model. With --out FILE.jsonl: one {"path": ..., "topk": [{"labe
 the same float32; "model" is 12 hex digits naming what decided the row (the weights, class names,
 preprocessing, softmax or sigmoid), so that --resume refuses to mix another model's rows in.
 Rows are appended batch by batch as they are computed; without --resume an existing FILE is replaced.
+--resume keeps FILE's whole rows; a row cut short or garbled (a run stopped while writing it) is
+dropped, with a warning, and its image classified again.
 
 Several GPUs or nodes: run under torchrun, e.g.
   torchrun --nproc-per-node 4 -m densetriton predict photos/ --model densenet121 --out results.csv
@@ -58,7 +63,7 @@ Examples:
   densetriton predict cat.jpg --model densenet121
   densetriton predict photos/ --model densenet201 --topk 3 --out results.csv
   densetriton predict xrays/ --weights chexnet.safetensors --multi-label --topk 14 --out findings.jsonl --resume
-""",
+""" + outcome_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_arguments(p)
@@ -77,7 +82,7 @@ Examples:
 
 
 def _part_path(out: str, rank: int) -> str:
-    return f"{out}.part{rank}"
+    return part_name(out, rank)
 
 
 def _stale_parts(out: str, world: int) -> list[Path]:
@@ -131,60 +136,114 @@ class _Records:
                 f"be checked against this run's: use another --out"
             )
 
-    def read(self, path: str) -> tuple[list[tuple[str, str]], int]:
-        """Complete records [(path, line)] of an existing file, and the byte length they span
-        (an unfinished last line, left by an interrupted run, is not counted)."""
+    def _csv_row_whole(self, row: list[str]) -> bool:
+        """A row as this run writes them: its fields for --topk, parseable probabilities, a model id."""
+        if len(row) != 2 * self.k + 2 or not _MODEL_ID.fullmatch(row[-1]) or "\0" in row[0]:
+            return False  # no path holds a NUL: bytes that two writers (or a power cut) left
+        try:
+            [float(row[2 + 2 * i]) for i in range(self.k)]
+        except ValueError:
+            return False
+        return True
+
+    @staticmethod
+    def _json_record(line: str):
+        """(path, ranks, model) of a densetriton JSON line, None where it is cut short or garbled."""
+        try:
+            record = json.loads(line)
+            path, ranks, model = record["path"], record["topk"], record.get("model")
+            whole = isinstance(path, str) and "\0" not in path and isinstance(ranks, list) and all(
+                isinstance(r["label"], str) and isinstance(r["prob"], (int, float)) and not isinstance(r["prob"], bool)
+                for r in ranks)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return (path, ranks, model) if whole else None
+
+    def _read_csv(self, path: str, text: str) -> tuple[list[tuple[str, str]], list[int]]:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            return [], []
+        if header != self.header():
+            self._refuse_header(path, header, next(reader, None))
+        records, torn = [], []
+        for row in reader:
+            if not row:
+                continue
+            if self._csv_row_whole(row):
+                self._check_model(path, row[-1])
+                records.append((row[0], self._csv_line(row)))
+            else:
+                torn.append(reader.line_num)
+        return records, torn
+
+    def _refuse_header(self, path: str, header: list[str], first) -> None:
+        if header[:1] == ["path"] and header[-1:] != ["model"]:
+            self._check_model(path, None)
+        if header[:1] == ["path"] and first and _MODEL_ID.fullmatch(first[-1]):
+            self._check_model(path, first[-1])  # another model first: its class count may differ
+        width = (len(header) - 2) // 2
+        raise ValueError(
+            f"{path} has {width} ranks per row (columns {','.join(header[:3])},...), not --topk {self.k}: "
+            f"use the same --topk to resume, or another --out"
+            if header[:1] == ["path"] else f"{path} does not start with a densetriton CSV header; cannot resume from it"
+        )
+
+    def _read_jsonl(self, path: str, text: str) -> tuple[list[tuple[str, str]], list[int]]:
+        records, torn = [], []
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and friends are no line break here
+            if not line.strip():
+                continue
+            record = self._json_record(line)
+            if record is None:
+                if not line.startswith('{"path": '):  # not a line this command writes: not its file
+                    raise ValueError(f"{path}: line {n} is not a densetriton JSON record; cannot resume from it")
+                torn.append(n)
+                continue
+            rec_path, ranks, model = record
+            self._check_model(path, model)
+            if len(ranks) != self.k:
+                raise ValueError(
+                    f"{path} has {len(ranks)} ranks per record, not --topk {self.k}: use the same --topk to resume, or another --out"
+                )
+            records.append((rec_path, line + "\n"))
+        return records, torn
+
+    def read(self, path: str) -> tuple[list[tuple[str, str]], int, list[int]]:
+        """Complete records [(path, line)] of an existing file, the byte length of its complete lines
+        (an unfinished last line, left by an interrupted run, is not counted), and the numbers of the
+        lines that are cut short or garbled (their images are not done)."""
         data = Path(path).read_bytes()
         end = data.rfind(b"\n") + 1
         try:
             text = data[:end].decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{path} is not a UTF-8 {self.fmt} results file; cannot resume from it") from None
-        records = []
-        if self.fmt == ".csv":
-            rows = list(csv.reader(io.StringIO(text, newline="")))
-            if not rows:
-                return [], 0
-            if rows[0] != self.header():
-                if rows[0][:1] == ["path"] and rows[0][-1:] != ["model"]:
-                    self._check_model(path, None)
-                if rows[0][:1] == ["path"] and len(rows) > 1 and rows[1]:
-                    self._check_model(path, rows[1][-1])  # another model first: its class count may differ
-                width = (len(rows[0]) - 2) // 2
-                raise ValueError(
-                    f"{path} has {width} ranks per row (columns {','.join(rows[0][:3])},...), not --topk {self.k}: "
-                    f"use the same --topk to resume, or another --out"
-                    if rows[0][:1] == ["path"] else f"{path} does not start with a densetriton CSV header; cannot resume from it"
-                )
-            for row in rows[1:]:
-                if row:
-                    self._check_model(path, row[-1])
-                    records.append((row[0], self._csv_line(row)))
-        else:
-            for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and friends are no line break here
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    rec_path, ranks = record["path"], record["topk"]
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{path}: line {n} is not a densetriton JSON record; cannot resume from it") from None
-                self._check_model(path, record.get("model"))
-                if len(ranks) != self.k:
-                    raise ValueError(
-                        f"{path} has {len(ranks)} ranks per record, not --topk {self.k}: use the same --topk to resume, or another --out"
-                    )
-                records.append((rec_path, line + "\n"))
-        return records, end
+        records, torn = self._read_csv(path, text) if self.fmt == ".csv" else self._read_jsonl(path, text)
+        return records, end, torn
+
+
+def _warn_torn(path: str, torn: list[int]) -> None:
+    lines = ", ".join(map(str, torn[:5])) + (f" and {len(torn) - 5} more" if len(torn) > 5 else "")
+    print(f"densetriton: warning: {path}: line{'s' if len(torn) > 1 else ''} {lines} cut short or garbled (a run "
+          f"stopped while writing {'them' if len(torn) > 1 else 'it'}): dropped, and their images classified again",
+          file=sys.stderr)
 
 
 def _open_for_append(path: str, records: _Records, resume: bool):
-    """Open the results file for appending: on --resume after its last complete row, else fresh."""
+    """Open the results file for appending: on --resume after its last whole row (rows cut short
+    are dropped), else fresh."""
+    from .atomic import atomic_write
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if resume and os.path.isfile(path):
-        _, end = records.read(path)
-        with open(path, "r+b") as f:  # drop an unfinished last line from an interrupted run
-            f.truncate(end)
+        kept, end, torn = records.read(path)
+        if torn:  # rewritten without them, whole rows only
+            text = records.header_line() + "".join(line for _, line in kept)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
+        else:
+            with open(path, "r+b") as f:  # drop an unfinished last line from an interrupted run
+                f.truncate(end)
         f = open(path, "a", encoding="utf-8", newline="")
         if end == 0:
             f.write(records.header_line())
@@ -217,19 +276,45 @@ def predict_command(args) -> int:
         raise ValueError("--resume needs --out FILE (the results file to resume)")
     dist = Dist.from_env(args.device)
     try:
-        return _predict(args, dist, out, fmt)
+        if out is None:
+            if dist.active:
+                raise ValueError("under torchrun, give --out FILE.csv or FILE.jsonl: each rank writes a part and rank 0 "
+                                 "merges them")
+            return _predict(args, dist, out, fmt)
+        check_target(out, [_part_path(out, dist.rank)] if dist.active else [], appended=True)
+        with lock_outputs(out, dist):  # one run per output, before any work
+            return _predict(args, dist, out, fmt)
     finally:
         dist.close()
+
+
+def _resume_from(args, dist: Dist, out: str, records: _Records) -> set[str]:
+    """The keys of the images --resume skips: the rows of --out, and under torchrun those of any
+    part left behind (a run stopped before rank 0 merged them)."""
+    sources = [out]
+    if dist.active:
+        sources += [_part_path(out, r) for r in range(dist.world)] + [str(p) for p in _stale_parts(out, dist.world)]
+    done_keys: set[str] = set()
+    for source in sources:
+        if os.path.isfile(source):
+            kept, _, torn = records.read(source)
+            if torn and dist.rank == 0:
+                _warn_torn(source, torn)
+            done_keys.update(path_key(p) for p, _ in kept)
+    return done_keys
 
 
 def _predict(args, dist: Dist, out: str | None, fmt: str | None) -> int:
     from tqdm.auto import tqdm
 
-    if dist.active and out is None:
-        raise ValueError("under torchrun, give --out FILE.csv or FILE.jsonl: each rank writes a part and rank 0 merges them")
     files = collect_files(args.paths)
     if not files:
         raise ValueError("no image files found in " + ", ".join(args.paths))
+    if out is not None:
+        outputs = [out] + ([_part_path(out, r) for r in range(dist.world)] if dist.active else [])
+        refuse_inputs_as_outputs(outputs, files + ([args.weights] if args.weights else []))
+        if dist.rank == 0:
+            remove_stale_temps([out])
     engine = load_engine(args, dist)
     if not engine.spec.num_classes:
         raise ValueError(f"{args.weights or args.model}: {NO_CLASSIFIER}")
@@ -239,14 +324,8 @@ def _predict(args, dist: Dist, out: str | None, fmt: str | None) -> int:
     records = _Records(fmt, k, model_id(engine, head=True, multi_label=args.multi_label)) if fmt else None
     show = dist.rank == 0
 
-    # What --resume skips: the rows of --out, and under torchrun those of any part left behind.
-    done_keys: set[str] = set()
-    if args.resume:
-        sources = [out] + ([_part_path(out, r) for r in range(dist.world)] + [str(p) for p in _stale_parts(out, dist.world)] if dist.active else [])
-        for source in sources:
-            if os.path.isfile(source):
-                done_keys.update(path_key(p) for p, _ in records.read(source)[0])
-    elif dist.active and dist.rank == 0:
+    done_keys = _resume_from(args, dist, out, records) if args.resume else set()
+    if not args.resume and dist.active and dist.rank == 0:
         for stale in _stale_parts(out, dist.world):
             stale.unlink()
     indexed = list(enumerate(files))
@@ -282,6 +361,8 @@ def _predict(args, dist: Dist, out: str | None, fmt: str | None) -> int:
 
     try:
         tally = stream_images(engine, mine, args, run=engine, on_batch=on_batch, desc=progress_label("predict", dist), show=show)
+        if sink is not None:
+            os.fsync(sink.fileno())  # a finished run's rows survive a power cut
     except BaseException:
         if written:
             print(f"densetriton: {written} images' results are in {target}: run the same command with --resume to go on",
@@ -301,7 +382,7 @@ def _predict(args, dist: Dist, out: str | None, fmt: str | None) -> int:
     dist.barrier()
     if show:
         print_summary("classified", done, skipped, elapsed, already=already, out=out)
-    return 1 if done == 0 and skipped else 0
+    return exit_status(done, already)
 
 
 def _merge_predictions(out: str, records: _Records, files: list[str], world: int, *, keep_old: bool) -> None:
@@ -315,7 +396,7 @@ def _merge_predictions(out: str, records: _Records, files: list[str], world: int
     new = []
     for part in parts:
         if part.is_file():
-            for p, line in records.read(str(part))[0]:
+            for p, line in records.read(str(part))[0]:  # rows cut short were classified again
                 key = path_key(p)
                 if key not in seen:
                     seen.add(key)

@@ -89,6 +89,31 @@ def inputs_help() -> str:
     return _INPUTS_HELP.format(suffixes=suffixes)
 
 
+_OUTCOME_HELP = """
+One run per output: a run holds a lock on its --out (.FILE.lock beside it, naming the run's pid, host
+and command) until it ends; a second run on the same output is refused at once, naming the first.
+An --out that is one of the inputs (the same file under any name) is refused.
+
+Exit status, the same for a first run and a resumed one: 0 when at least one image has its result
+in the output (from this run, or kept from an earlier run by --resume), even if others were
+skipped (they are listed); 1 when none has -- every image tried could not be read -- or on an
+error; 2 when a file is refused before it is read (a weights file beyond densetriton's limits);
+130 on Ctrl-C.
+"""
+
+
+def outcome_help() -> str:
+    """The epilog paragraphs predict and embed share after their own: locks and the exit status."""
+    return _OUTCOME_HELP
+
+
+def exit_status(done: int, already: int) -> int:
+    """The one rule for predict and embed, first run or resumed: 0 when some image has its result
+    (`done` by this run, `already` kept from an earlier one), however many were skipped; 1 when
+    no image has one, every image tried having been skipped."""
+    return 0 if done + already else 1
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     from .spec import TORCHVISION_MODELS, list_models
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from densetriton.cli import main
 from densetriton.images import load_image, preprocess
+from densetriton.outputs import OutputLock
 from densetriton.stream import model_id
 
 from helpers import rel_err
@@ -102,8 +103,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun(*argv, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _torchrun(*argv, cwd, path=()):
+    """Run densetriton under torchrun with two ranks; `path`: folders put first on PYTHONPATH."""
+    pythonpath = os.pathsep.join([*map(str, path), str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
         "--master-port", str(_free_port()), "-m", "densetriton", *map(str, argv),
@@ -118,6 +121,17 @@ def _torchrun(*argv, cwd):
         cmd[8] = str(_free_port())
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
     return proc
+
+
+_STOP_BEFORE_MERGING = """
+import os
+if os.environ.get("RANK") == "0":
+    import densetriton.predict
+    def stopped(*args, **kwargs):
+        print("stopped before merging", file=__import__("sys").stderr, flush=True)
+        raise KeyboardInterrupt
+    densetriton.predict._merge_predictions = stopped
+"""
 
 
 def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
@@ -145,6 +159,13 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
     assert "classified 11 images" in proc.stderr and "skipped 2:" in proc.stderr
     assert str(kinds["corrupt"]) in proc.stderr and str(kinds["fake"]) in proc.stderr
     assert not list(tmp_path.glob("merged.csv.part*"))
+    assert not list(tmp_path.glob(".merged.csv*.lock"))  # rank 0's and each rank's part's, released
+
+    # Another run holds the output: every rank refuses at once, naming it; nothing is written.
+    with OutputLock(merged):
+        proc = _torchrun("predict", folder, *common(weights, "--out", merged, "--workers", "0", "--resume"), cwd=tmp_path)
+    assert proc.returncode != 0 and f"is being written by another run (pid {os.getpid()} on" in proc.stderr
+    assert "classified" not in proc.stderr and read_csv(merged) == b and not list(tmp_path.glob("merged.csv.part*"))
 
     feats = tmp_path / "feats.safetensors"
     proc = _torchrun("embed", folder, *common(weights, "--out", feats, "--workers", "0", "--batch-size", "3"), cwd=tmp_path)
@@ -156,11 +177,20 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
     assert rel_err(features, expected) < 1e-5
     assert not list(tmp_path.glob("feats.safetensors.part*"))
 
-    # --resume under torchrun: only the new file is classified, appended after the old rows.
+    # --resume under torchrun: only the new file is classified, appended after the old rows. Rank 0
+    # is stopped after every rank's part is complete and before it merged them (as a Ctrl-C or a
+    # kill there would): the next --resume finds the new row in its part, classifies nothing again
+    # and merges it. Fails if _resume_from ignores the parts a run left, or the merge drops them.
     Image.fromarray(_noise(rng, 40, 44)).save(folder / "aaa.png")
-    proc = _torchrun("predict", folder, *common(weights, "--out", merged, "--workers", "0", "--topk", "2", "--resume"), cwd=tmp_path)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_STOP_BEFORE_MERGING)
+    resume = ("predict", folder, *common(weights, "--out", merged, "--workers", "0", "--topk", "2", "--resume"))
+    proc = _torchrun(*resume, cwd=tmp_path, path=[tmp_path / "hook"])
+    assert proc.returncode != 0 and "stopped before merging" in proc.stderr, proc.stderr[-3000:]
+    assert read_csv(merged) == b and sorted(p.name for p in tmp_path.glob("merged.csv.part*")) == ["merged.csv.part0", "merged.csv.part1"]
+    proc = _torchrun(*resume, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "classified 1 image " in proc.stderr and "11 already done" in proc.stderr
+    assert "classified 0 images" in proc.stderr and "12 already done" in proc.stderr
     c = read_csv(merged)
     assert c[:11] == b and [p for p, _ in c[11:]] == [str(folder / "aaa.png")]
     assert_matches_engine(c[11:], engine, 2)
