@@ -218,9 +218,11 @@ def _dicom_declaring(path, rows, columns, pixels: np.ndarray, rle=False):
 def test_hostile_images_are_skipped_by_predict_and_the_others_classified(weights, tmp_path):
     """`densetriton predict` on a folder of one good image and five hostile ones, in a child: the good
     one is classified; each hostile one is skipped with a one-line refusal, under 1 GB (predict itself
-    takes ~850 MB). Without the bound, the 12000 x 12000 PNG (144 million pixels, under Pillow's own
-    bound of 179 million) is decoded into 430 MB, the RLE DICOM of 30000 x 30000 allocates 1.8 GB before
-    its decoder finds the data short, and the 1 x 60000 strip is resized to 96 million pixels."""
+    takes ~850 MB). Without the pixel bound, the RLE DICOM of 30000 x 30000 allocates over 1 GB before
+    its decoder finds the data short, and the PNGs are not refused (Pillow warns about the 12000 x 12000 one,
+    under its own bound of 179 million pixels, then finds it truncated); without ResizeBound the
+    1 x 60000 strip is resized to 96 million pixels and classified; without the length check the short
+    DICOM is pydicom's error, not a refusal."""
     rng = np.random.default_rng(22)
     folder = tmp_path / "images"
     folder.mkdir()

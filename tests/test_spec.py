@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -9,6 +10,8 @@ import torchvision
 import densetriton
 from densetriton import DenseNetSpec, get_spec, list_models
 from densetriton.cli import main
+from densetriton.limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CLASSES, MAX_LAYERS_PER_BLOCK, OverBound
+from densetriton.spec import MODELS
 from densetriton.reference import ReferenceDenseNet
 
 TORCHVISION = ["densenet121", "densenet161", "densenet169", "densenet201"]
@@ -230,3 +233,49 @@ def test_info_of_a_weights_file(tmp_path, capsys):
     assert facts["multi_label"] is True and DenseNetSpec.from_dict(facts["spec"]) == spec
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 1
     assert "weights file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(block_config=[1e9]), r"block_config\[0\] \(the layers of block 1\) is 1000000000, over the bound of 1024"),
+        (dict(block_config=[1] * 100_000), r"len\(block_config\) \(the number of blocks\) is 100000, over the bound of 16"),
+        (dict(block_config=iter([1] * 100_000)), r"len\(block_config\) \(the number of blocks\) is more than 16"),
+        (dict(growth_rate=1 << 17), "growth_rate is 131072, over the bound of 65536"),
+        (dict(num_init_features=1 << 17), "num_init_features is 131072"),
+        (dict(in_channels=1 << 17), "in_channels is 131072"),
+        (dict(num_classes=1_000_001), "num_classes is 1000001, over the bound of 1000000"),
+        (dict(bn_size=4096), r"bn_size x growth_rate \(the bottleneck width\) is 131072"),
+        (dict(growth_rate=1024, block_config=(6, 64), bn_size=None), "the channels at the end of block 2 is 68640"),
+    ],
+)
+def test_specs_over_the_limits_are_refused(kwargs, match):
+    """limits.py's bounds: a spec read from a file cannot declare a tensor list or tensors of gigabytes
+    (block_config [1e9] took 4.6 GB in `densetriton info`). An OverBound is a ValueError."""
+    with pytest.raises(OverBound, match="invalid DenseNetSpec: " + match):
+        DenseNetSpec(**kwargs)
+
+
+def test_the_limits_admit_every_real_densenet():
+    """Every registry model, densenet264 with a 100,000-class head, and specs at each bound."""
+    for spec in MODELS.values():
+        assert DenseNetSpec.from_json(spec.to_json()) == spec
+    get_spec("densenet264").replace(num_classes=100_000)
+    DenseNetSpec(block_config=(MAX_LAYERS_PER_BLOCK,) * 2, num_classes=MAX_CLASSES, in_channels=4)
+    DenseNetSpec(growth_rate=1, block_config=(1,) * MAX_BLOCKS, num_init_features=MAX_CHANNELS - 1, bn_size=None)
+    assert DenseNetSpec(block_config=[np.int64(3), 2.0]).block_config == (3, 2)  # numpy ints, JSON's 2.0
+
+
+def test_tensor_shapes_and_macs_are_linear_in_the_blocks(monkeypatch):
+    """state_dict_shapes and macs work out the block channels once, not once per block (which made a
+    spec of 100,000 one-layer blocks quadratic)."""
+    spec = DenseNetSpec(growth_rate=4, block_config=(1,) * MAX_BLOCKS, num_init_features=8)
+    calls = []
+    for name in ("block_channels", "transition_channels"):
+        real = getattr(DenseNetSpec, name)
+        monkeypatch.setattr(DenseNetSpec, name, lambda self, real=real, name=name: calls.append(name) or real(self))
+    spec.state_dict_shapes()
+    assert sorted(calls) == ["block_channels", "transition_channels"]
+    calls.clear()
+    spec.macs(spec.min_input_size())
+    assert sorted(calls) == ["block_channels", "transition_channels"]
