@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .images import describe_preprocessing, format_prob, probabilities, resolve_preprocessing
-from .serve_inputs import RequestReader, read_embed_request, read_predict_request
+from .serve_inputs import RequestReader, read_embed_request, read_predict_request, to_model_input
 
 # -- what the server answers with ----------------------------------------------------------
 
@@ -146,7 +146,9 @@ class ImageAPI(ls.LitAPI):
             size = next(s for s in self.sizes if s >= n)
             if size > n:
                 chunk = torch.cat([chunk, chunk[-1:].expand(size - n, *chunk.shape[1:])])
-            outputs.append(self.compute(chunk.to(self.target).contiguous())[:n].float().cpu())
+            pre = self.card["preprocessing"]
+            x = to_model_input(chunk.to(self.target, non_blocking=True), pre["mean"], pre["std"])
+            outputs.append(self.compute(x)[:n].float().cpu())
         return torch.cat(outputs)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:

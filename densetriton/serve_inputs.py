@@ -3,10 +3,13 @@
 A request holds one image or several: the raw body (Content-Type image/*, application/octet-stream
 or application/dicom), multipart form fields named `file`, or JSON {"image": "<base64>"} or
 {"images": ["<base64>", ...]}; and for /predict a `topk` (query parameter, form or JSON field).
-Each image is read with load_image and preprocessed with build_transform -- the code `densetriton
-predict` uses -- in the HTTP process, before the request is queued: a request that cannot be read
-is answered with its 4xx there and never reaches the inference worker, so it cannot fail the batch
-it would have joined (LitServe answers a whole batch with the error when one request of it raises).
+Each image is read with load_image and preprocessed with build_transform's own transforms -- the
+code `densetriton predict` uses -- in the HTTP process, before the request is queued: a request that
+cannot be read is answered with its 4xx there and never reaches the inference worker, so it cannot
+fail the batch it would have joined (LitServe answers a whole batch with the error when one request
+of it raises). The image steps (resize, crop, grayscale) run there and the result travels as 8-bit
+pixels, a quarter of float32's bytes through LitServe's queue; ToTensor's scaling and Normalize run
+on the worker's device, on the whole batch (to_model_input: the same arithmetic, so the same floats).
 
 Every refusal is an HTTPException whose detail is one line:
   400  not an image, a corrupt one, malformed JSON, base64 or topk, an empty body
@@ -22,6 +25,7 @@ import os
 import tempfile
 
 import numpy as np
+import torch
 from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -49,10 +53,10 @@ class RequestReader:
         self.preprocessing = preprocessing
         self.max_body_bytes = max_body_bytes
         self.input_shape = tuple(input_shape)  # [C, H, W] every image must come out as
-        self._transform = None  # torchvision's transforms, built on first use in each process
+        self._image_steps = None  # build_transform's steps before ToTensor, built on first use in each process
 
     async def read(self, request: Request, *, with_topk: bool) -> dict:
-        """{"images": float32 [N, C, H, W], "single": one image sent, "topk": K or None}."""
+        """{"images": uint8 [N, H, W, C], "single": one image sent, "topk": K or None}."""
         self.check_declared_length(request)
         blobs, fields, single = await self.read_blobs(request)
         topk = choose_topk(request, fields) if with_topk else None
@@ -96,22 +100,45 @@ class RequestReader:
         return np.stack(arrays)
 
     def preprocess(self, blob: bytes, where: str) -> np.ndarray:
-        """One image's bytes -> its float32 [C, H, W] array, as `densetriton predict` makes it."""
-        if self._transform is None:
-            self._transform = build_transform(self.preprocessing)
+        """One image's bytes -> its uint8 [H, W, C] pixels after resize and crop, as `densetriton
+        predict` makes them before ToTensor."""
+        if self._image_steps is None:
+            self._image_steps = image_steps(self.preprocessing)
         with tempfile.NamedTemporaryFile(dir=SCRATCH, prefix="densetriton-serve-") as f:
             f.write(blob)
             f.flush()
             try:
                 image = load_image(f.name)
-            except FileRefused as e:  # declared more pixels than the bound, before decoding
+            except FileRefused as e:  # declared more than a bound, before decoding
                 raise refused(413, where + str(e).replace(f.name, "the image")) from None
             except ImageError as e:
                 raise refused(413 if declares_too_many_pixels(e.reason) else 400, where + e.reason) from None
-        tensor = self._transform(image)
-        if tuple(tensor.shape) != self.input_shape:  # the preprocessing fixes it; a guard, not a path
-            raise refused(400, f"{where}preprocessed to {tuple(tensor.shape)}, not {self.input_shape}")
-        return tensor.numpy()
+        pixels = np.asarray(self._image_steps(image), dtype=np.uint8)
+        pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels  # grayscale: one channel
+        channels, height, width = self.input_shape
+        if pixels.shape != (height, width, channels):  # the preprocessing fixes it; a guard, not a path
+            raise refused(400, f"{where}preprocessed to {pixels.shape[:2]}, not {(height, width)}")
+        return pixels
+
+
+def image_steps(preprocessing: dict):
+    """build_transform's steps up to its ToTensor and Normalize, which to_model_input does on a batch."""
+    from torchvision import transforms
+
+    steps = build_transform(preprocessing).transforms
+    if not (isinstance(steps[-2], transforms.ToTensor) and isinstance(steps[-1], transforms.Normalize)):
+        raise ValueError("build_transform no longer ends with ToTensor and Normalize, which to_model_input replaces")
+    return transforms.Compose(steps[:-2])
+
+
+def to_model_input(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [N, H, W, C] -> the float32 [N, C, H, W] an engine takes: ToTensor's division by 255 and
+    Normalize's subtraction and division, on the tensor's device (each is rounded once, so a batch
+    on any device gives the floats build_transform gives one image at a time)."""
+    from torchvision.transforms.functional import normalize
+
+    x = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+    return normalize(x, list(mean), list(std))
 
 
 def declares_too_many_pixels(reason: str) -> bool:
