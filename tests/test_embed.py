@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import densetriton
+import densetriton.embed
 from densetriton.images import load_image, preprocess
 from densetriton.stream import model_id
 
@@ -251,3 +252,45 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     np.save(npy, np.ones((8, 5), dtype=np.float32))
     rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
     assert rc == 1 and "holds 5 features per image, this model gives" in err
+
+
+def test_resume_after_every_row_reached_partial_but_before_file_was_written(weights, engine, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Stopped after the last chunk reached FILE.partial/ and before FILE was written (a Ctrl-C in
+    _write_features): --resume has nothing left to embed, and writes FILE from FILE.partial/ with
+    every row once, in input order, then removes FILE.partial/. Fails if the final merge condition
+    in embed.py (`if dist.rank == 0 and (done or recovered)`) loses `or recovered`: a resume with
+    nothing left to embed then deletes FILE.partial/ without writing FILE, exit status 0."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = _rng("window")
+    names = ["b.png", "a.png", "c.png", "sub-d.png", "e.png"]
+    for name in names:
+        Image.fromarray(_noise(rng, 40, 44)).save(folder / name)
+    files = [str(folder / n) for n in sorted(names)]
+    real = densetriton.embed._write_features
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for out in (tmp_path / "f.npy", tmp_path / "f.safetensors"):
+        argv = ["embed", folder, *common(weights, "--out", out, "--workers", "0", "--batch-size", "2")]
+        monkeypatch.setattr(densetriton.embed, "_write_features", stopped)
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 130 and not out.exists(), err
+        assert len(list(Path(f"{out}.partial").glob("chunk-*.safetensors"))) == 1  # every row, in one chunk
+        monkeypatch.setattr(densetriton.embed, "_write_features", real)
+        rc, _, err = run_cli(capsys, *argv, "--resume")
+        assert rc == 0 and "resuming: 5 of 5 images already embedded" in err and "embedded 0 images" in err, err
+        if out.suffix == ".npy":
+            paths = Path(f"{out}.paths.txt").read_text(encoding="utf-8").splitlines()
+            features = torch.from_numpy(np.load(out))
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(out), framework="pt") as f:
+                paths, features = json.loads(f.metadata()["paths"]), f.get_tensor("features")
+        assert paths == files  # each once, in input order
+        expected = torch.cat([engine.features(preprocess(load_image(p), engine)) for p in files])
+        assert rel_err(features, expected) < 1e-5
+        assert not Path(f"{out}.partial").exists()

@@ -77,6 +77,27 @@ def test_all_skipped_is_a_failure(weights, images, capsys):
     assert rc == 1 and "classified 0 images" in err and "skipped 2:" in err
 
 
+def test_one_exit_status_rule_first_run_or_resumed(weights, images, tmp_path, capsys):
+    """0 when some image has its result, this run's or one kept by --resume, however many were
+    skipped; 1 when none has. A --resume with nothing left but an unreadable file exits as the first
+    run did (predict returned 1 there: `done == 0 and skipped`, before stream.exit_status)."""
+    _, kinds = images
+    for command, out in (("predict", tmp_path / "r.csv"), ("predict", tmp_path / "r.jsonl"), ("embed", tmp_path / "f.npy")):
+        argv = [command, kinds["gray"], kinds["corrupt"], *common(weights, "--out", out, "--workers", "0")]
+        for extra in ([], ["--resume"], ["--resume"]):
+            rc, _, err = run_cli(capsys, *argv, *extra)
+            assert rc == 0 and "skipped 1:" in err and str(kinds["corrupt"]) in err, (command, extra, err)
+        unreadable = [command, kinds["corrupt"], kinds["fake"], *common(weights, "--out", out.with_stem("none"), "--workers", "0")]
+        for extra in ([], ["--resume"]):
+            rc, _, err = run_cli(capsys, *unreadable, *extra)
+            assert rc == 1 and "skipped 2:" in err, (command, extra, err)
+    for command in ("predict", "embed"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "Exit status, the same for a first run and a resumed one: 0 when at least one image has its result" in text
+
+
 def test_help_reads_well(capsys):
     for command, words in {
         "predict": ["--topk", "--multi-label", "--resume", "--out", "torchrun", "EXIF", "composited onto white", "label_1, prob_1"],
