@@ -14,18 +14,18 @@ Only the tensors are read, so what they cannot show is assumed to be torchvision
 activations, BatchNorm with eps 1e-5. A MONAI DenseNet built with another `act` (its
 default is ReLU) converts but computes another function.
 
-Pickle checkpoints are read with torch.load(weights_only=True): loading never executes code. A
-whole pickled model (torch.save(model), as torchxrayvision publishes) is read the same way, with
-inert placeholders for the classes it names (see pickled_module).
+Pickle checkpoints are read without executing any code: a restricted unpickler resolves the
+few names a checkpoint needs and makes every other class it names an inert placeholder, so a
+whole pickled model (torch.save(model), as torchxrayvision publishes) gives its tensors too (see
+pickled_module). Before anything is read, what a file declares is bounded (bounds.py, limits.py):
+a file over a bound is refused with a CheckpointRefused (exit status 2 from the CLI).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import pickle
 import re
 import tarfile
 import warnings
@@ -34,20 +34,30 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..limits import MAX_CLASSES, MAX_TENSOR_BYTES, MAX_TOTAL_TENSOR_BYTES, FileRefused
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, describe_spec, get_spec
-from .keras_h5 import KERAS_SUFFIXES, KerasError, read_keras
-from .pickled_module import HostileCheckpoint, clear_sparse_checks, load_pickled, replace_modules
 from ..weights import (
-    FORMAT, WeightsError, check_crop_fits, check_operating_points, check_tensors, default_preprocessing, listing,
+    FORMAT,
+    WeightsError,
+    check_crop_fits,
+    check_operating_points,
+    check_tensors,
+    default_preprocessing,
+    listing,
     save_weights,
 )
+from .bounds import check_tensor, load_json
+from .bounds import check_tensors as check_tensors_fit
+from .errors import CheckpointRefused, ConversionError, one_line, refused
+from .keras_h5 import KERAS_SUFFIXES, read_keras
+from .pickled_module import HostileCheckpoint, load_pickled, replace_modules
 
 # Containers under which training scripts commonly nest the weights.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 # Where a DenseNet's own keys begin, after any wrapper's prefix.
 _DENSENET_ROOTS = ("features", "classifier", "class_layers")
 # Module names training code gives its loss (criterion, loss_fn, train_loss, bce_loss, ...).
-_LOSS_MODULE = re.compile(r"^(criterion|criterions|loss|losses|(\w+_)?loss(_fn|_func|_function)?|\w+_criterion)$", re.I)
+_LOSS_MODULE = re.compile(r"^(criterion|criterions|loss|losses|(\w+_)?loss(_fn|_func|_function)?|\w+_criterion)$", re.IGNORECASE)
 
 # Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -58,15 +68,12 @@ _MONAI_LAYER_KEY = re.compile(r"^(.*denselayer\d+)\.layers\.(.*)$")
 _MONAI_CLASSIFIER_KEY = re.compile(r"^class_layers\.out\.(weight|bias)$")
 
 
-class ConversionError(WeightsError):
-    """A checkpoint that cannot be converted; the message says why and nothing was written."""
-
-
 # -- reading ----------------------------------------------------------------------------
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a .safetensors, .pth, .pt or .pth.tar file without executing any code."""
+    """Read a .safetensors, .pth, .pt or .pth.tar file without executing any code: every tensor
+    in it fits its storage, within limits.py's bounds (else CheckpointRefused)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"checkpoint not found: {path}")
@@ -77,35 +84,50 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if head.startswith(b"\x93NUMPY"):
         raise ConversionError(f"{path} is a NumPy array file, not a PyTorch checkpoint")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ConversionError(f"{path} is not a readable safetensors file ({e})") from None
+        return _load_safetensors(path)
     if tarfile.is_tarfile(str(path)):
         raise ConversionError(f"{path} is a tar checkpoint (torch < 0.4), which is not read: load it in an old torch "
                               f"you trust and save its state_dict()")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # a whole pickled model (or not a checkpoint at all): read below
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
-    finally:
-        clear_sparse_checks()  # what a failed load leaves would fail the next one
-    # A whole pickled model (torch.save(model)): its tensors, read without running its code.
-    try:
-        return replace_modules(load_pickled(path))
+        return replace_modules(load_pickled(path), path=path)
+    except FileRefused:
+        raise
     except HostileCheckpoint as e:
-        raise ConversionError(
+        raise CheckpointRefused(
             f"refusing to load {path}: it asks to call {e}, which a checkpoint has no reason to do "
             f"(nothing from the file was run)"
         ) from None
     except Exception as e:  # noqa: BLE001 -- whatever a malformed pickle makes the unpickler raise
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({one_line(e)})") from None
+
+
+def _load_safetensors(path: Path) -> dict:
+    """A safetensors file's tensors, after bounding the sizes its header declares (the library
+    checks that the file holds them)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        total = 0
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 -- safe_open is not a mapping
+                piece = f.get_slice(name)
+                nbytes = math.prod(piece.get_shape()) * _DTYPE_BYTES.get(piece.get_dtype(), 8)
+                if nbytes > MAX_TENSOR_BYTES:
+                    raise refused(path, f"tensor {name!a}'s size", f"{nbytes} bytes", f"{MAX_TENSOR_BYTES} bytes")
+                total += nbytes
+        if total > MAX_TOTAL_TENSOR_BYTES:
+            raise refused(path, "the tensors' total size", f"{total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes")
+        return load_file(str(path))
+    except FileRefused:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, MemoryError) as e:
+        raise ConversionError(f"{path} is not a readable safetensors file ({one_line(e)})") from None
+
+
+# Bytes per element of safetensors' dtype names (an unknown one counts as 8, the largest).
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _unnest(obj) -> dict[str, torch.Tensor]:
@@ -382,6 +404,7 @@ def convert_state_dict(
     if prefix:
         state_dict = _select(state_dict, prefix)
     tensors = normalize_state_dict(state_dict)
+    _check_sizes(tensors, source)
     _refuse_3d(tensors)
     if arch is None:
         spec = infer_spec(tensors)
@@ -436,7 +459,7 @@ def convert_state_dict(
                       "(torchvision's or timm's weights, or a model fine-tuned from them that kept their classifier) "
                       "convert with --class-names imagenet", stacklevel=2)
     if operating_points is None and multi_label is not False and spec.num_classes:
-        operating_points = _operating_points_in(state_dict, spec)
+        operating_points = _operating_points_in(state_dict, spec, source)
     if operating_points is not None and multi_label is None:
         multi_label = True
     # Copy to CPU with progress: the slow part for large checkpoints on slow disks.
@@ -450,7 +473,17 @@ def convert_state_dict(
                         multi_label=multi_label, operating_points=operating_points)
 
 
-def _operating_points_in(state_dict: dict, spec: DenseNetSpec) -> list[float | None] | None:
+def _check_sizes(tensors: dict[str, torch.Tensor], source: str | None) -> None:
+    """Before any tensor is copied or made contiguous: each fits its storage (no stride-0 or
+    overlapping view of more than the file holds), within the byte bounds and MAX_CLASSES."""
+    where = source or "the state dict"
+    check_tensors_fit(tensors, where)
+    weight = tensors.get("classifier.weight")
+    if weight is not None and weight.dim() >= 1 and weight.shape[0] > MAX_CLASSES:
+        raise refused(where, "the classifier's class count", weight.shape[0], MAX_CLASSES)
+
+
+def _operating_points_in(state_dict: dict, spec: DenseNetSpec, source: str | None) -> list[float | None] | None:
     """torchxrayvision's `op_threshs` (NaN for outputs it did not train), when the checkpoint has
     usable ones; unusable ones (a stale length after a new head, values outside (0, 1), all NaN)
     are left out with a warning rather than stopping the conversion."""
@@ -459,6 +492,7 @@ def _operating_points_in(state_dict: dict, spec: DenseNetSpec) -> list[float | N
     if len(found) != 1:
         return None
     t = found[0]
+    check_tensor(t, "op_threshs", source or "the state dict")  # before .tolist() materialises it
     try:
         if t.dim() != 1 or not t.is_floating_point():
             raise WeightsError(f"a {t.dtype} tensor of shape {tuple(t.shape)}")
@@ -500,10 +534,7 @@ def convert_checkpoint(
     if path.suffix.lower() in KERAS_SUFFIXES:
         if not path.is_file():
             raise ConversionError(f"checkpoint not found: {path}")
-        try:
-            keras = read_keras(path)
-        except KerasError as e:
-            raise ConversionError(str(e)) from None
+        keras = read_keras(path)  # its errors are ConversionErrors (KerasError), its refusals CheckpointRefused
         state_dict, carried = keras.tensors, {"bn_eps": keras.bn_eps, "multi_label": keras.multi_label}
     else:
         state_dict = load_checkpoint(path)
@@ -550,12 +581,14 @@ def _carried_metadata(path: Path) -> dict:
     carried = {}
     for key in ("class_names", "preprocessing", "multi_label", "operating_points"):
         try:
-            carried[key] = json.loads(metadata[key])
+            carried[key] = load_json(metadata[key], path, f"the metadata's {key}")
+        except FileRefused:
+            raise
         except (KeyError, ValueError):
             pass  # absent or unreadable: the caller's (or no) value, as for any checkpoint
     try:
         carried["bn_eps"] = DenseNetSpec.from_json(metadata["spec"]).bn_eps
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, RecursionError):
         pass
     return carried
 

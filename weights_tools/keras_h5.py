@@ -24,12 +24,19 @@ checked: keras.applications' epsilon and layers are assumed. Theano-trained Kera
 kernels Keras flips on loading) are refused. Nothing in a
 file is executed: h5py reads arrays and the config is parsed as JSON, never deserialised into
 layers (a Lambda layer's code stays unread).
+
+Before any data is read, the whole HDF5 file is walked (check_hdf5): a link that is not a hard
+link (an external link reaches another file, a soft link another path), a dataset stored in
+another file (external raw storage) or assembled from others (virtual), and a dataset declaring
+more bytes than the file stores for it (a fill value only, or a compression bomb) are refused
+(KerasRefused), so no other local file's bytes can reach a converted model; the .keras zip's
+members and its config are bounded the same way (bounds.py).
 """
 
 from __future__ import annotations
 
 import io
-import json
+import math
 import re
 import warnings
 import zipfile
@@ -39,7 +46,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..weights import WeightsError
+from ..limits import (
+    MAX_COMPRESSION_RATIO,
+    MAX_JSON_BYTES,
+    MAX_TENSOR_BYTES,
+    MAX_TOTAL_TENSOR_BYTES,
+    SMALL_MEMBER_BYTES,
+    FileRefused,
+)
+from .bounds import check_zip_members, load_json
+from .errors import CheckpointRefused, ConversionError, one_line, refused
 
 KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
 # keras.applications.densenet builds every BatchNormalization with this epsilon.
@@ -63,8 +79,16 @@ _DENSENET_LAYERS = {
 }
 
 
-class KerasError(WeightsError):
+# HDF5 objects (groups and datasets) a file may hold: a DenseNet's weights file has a few thousand.
+_MAX_HDF5_OBJECTS = 100_000
+
+
+class KerasError(ConversionError):
     """A Keras file that cannot be converted; the message says why."""
+
+
+class KerasRefused(CheckpointRefused, KerasError):
+    """A Keras file declaring more than it holds, or reaching outside itself; nothing was read past the check."""
 
 
 @dataclass
@@ -82,15 +106,12 @@ def read_keras(path: str | Path) -> KerasCheckpoint:
         raise KerasError("reading Keras files needs h5py: pip install h5py") from None
     try:
         if path.suffix.lower() == ".keras":
-            with zipfile.ZipFile(path) as archive:
-                names = set(archive.namelist())
-                if "model.weights.h5" not in names:
-                    raise KerasError("a zip without model.weights.h5: not a Keras 3 .keras archive")
-                config = json.loads(archive.read("config.json")) if "config.json" in names else None
-                data = io.BytesIO(archive.read("model.weights.h5"))
+            config, data = _read_archive(path)
             with h5py.File(data, "r") as f:
+                check_hdf5(f, path)
                 return _with_config(_read_keras3(f), config, path)
         with h5py.File(path, "r") as f:
+            check_hdf5(f, path)
             if "layers" in f and not _attr(f, "layer_names"):
                 return _with_config(_read_keras3(f), None, path)
             if _text(f.attrs.get("backend", "")) == "theano":
@@ -99,12 +120,85 @@ def read_keras(path: str | Path) -> KerasCheckpoint:
                     "again with a TensorFlow-backend Keras first"
                 )
             config = f.attrs.get("model_config")
-            config = json.loads(_text(config)) if config is not None else None
+            config = load_json(_text(config), path, "the model config", KerasRefused) if config is not None else None
             return _with_config(_read_legacy(f), config, path)
+    except FileRefused:
+        raise
     except KerasError as e:
         raise KerasError(f"{path}: {e}") from None
-    except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise KerasError(f"{path} is not a readable Keras file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 -- h5py, zipfile and JSON raise many kinds; each is one line here
+        raise KerasError(f"{path} is not a readable Keras file ({type(e).__name__}: {one_line(e)})") from None
+
+
+def _read_archive(path: Path) -> tuple[dict | None, io.BytesIO]:
+    """A .keras zip's config (parsed JSON) and weights file (in memory), each inflated once,
+    after the zip directory's sizes are checked."""
+    with zipfile.ZipFile(path) as archive:
+        check_zip_members(archive, path, KerasRefused)
+        names = set(archive.namelist())
+        if "model.weights.h5" not in names:
+            raise KerasError("a zip without model.weights.h5: not a Keras 3 .keras archive")
+        config = None
+        if "config.json" in names:
+            size = archive.getinfo("config.json").file_size
+            if size > MAX_JSON_BYTES:
+                raise refused(path, "config.json's size", f"{size} bytes", f"{MAX_JSON_BYTES} bytes", KerasRefused)
+            config = load_json(archive.read("config.json"), path, "config.json", KerasRefused)
+        return config, io.BytesIO(archive.read("model.weights.h5"))
+
+
+def check_hdf5(f, path) -> None:
+    """Walk every link and object of an open HDF5 file before reading any data: only hard links,
+    no dataset stored outside the file (external or virtual), none declaring more bytes than the
+    file stores for it, and their total within MAX_TOTAL_TENSOR_BYTES (KerasRefused otherwise)."""
+    import h5py
+
+    groups, seen, total = [f], {hash(f.id)}, 0
+    while groups:
+        group = groups.pop()
+        for name in group:
+            where = f"{group.name.rstrip('/')}/{name}"
+            link = group.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                target = getattr(link, "filename", None) or getattr(link, "path", "?")
+                raise refused(path, f"HDF5 link {where!a}", f"a {type(link).__name__} to {target!a}",
+                              "hard links inside the file", KerasRefused)
+            obj = group[name]
+            if hash(obj.id) in seen:
+                continue  # a group linked twice (or into itself) is walked once
+            seen.add(hash(obj.id))
+            if len(seen) > _MAX_HDF5_OBJECTS:
+                raise refused(path, "the HDF5 object count", f"over {_MAX_HDF5_OBJECTS}", _MAX_HDF5_OBJECTS, KerasRefused)
+            if isinstance(obj, h5py.Dataset):
+                total += _check_dataset(obj, where, path)
+            elif isinstance(obj, h5py.Group):
+                groups.append(obj)
+    if total > MAX_TOTAL_TENSOR_BYTES:
+        raise refused(path, "the datasets' total size", f"{total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes", KerasRefused)
+
+
+def _check_dataset(dataset, where: str, path) -> int:
+    """One dataset's storage, from its creation properties: its declared bytes."""
+    if dataset.external:
+        files = ", ".join(sorted({ascii(entry[0]) for entry in dataset.external}))
+        raise refused(path, f"dataset {where!a}'s storage", f"external, in {files}", "data inside the file",
+                      KerasRefused)
+    if dataset.is_virtual:
+        raise refused(path, f"dataset {where!a}'s storage", "virtual (mapped from other datasets or files)",
+                      "data inside the file", KerasRefused)
+    declared = math.prod(dataset.shape or ()) * dataset.dtype.itemsize
+    stored = dataset.id.get_storage_size()
+    compressed = dataset.id.get_create_plist().get_nfilters() > 0
+    if declared > MAX_TENSOR_BYTES:
+        raise refused(path, f"dataset {where!a}'s size", f"{declared} bytes", f"{MAX_TENSOR_BYTES} bytes",
+                      KerasRefused)
+    if not compressed and stored < declared:
+        raise refused(path, f"dataset {where!a}'s size ({stored} bytes stored)", f"{declared} bytes",
+                      "the bytes the file stores for it", KerasRefused)
+    if compressed and declared > SMALL_MEMBER_BYTES and declared > MAX_COMPRESSION_RATIO * stored:
+        raise refused(path, f"dataset {where!a}'s size ({stored} bytes compressed)", f"{declared} bytes",
+                      f"{MAX_COMPRESSION_RATIO} times its compressed size", KerasRefused)
+    return declared
 
 
 def _text(value) -> str:
@@ -124,12 +218,14 @@ def _attr(group, name: str) -> list[str]:
 
 
 def _array(dataset) -> torch.Tensor:
+    if not hasattr(dataset, "dtype"):
+        raise KerasError(f"{dataset.name} is a group where a weight (dataset) belongs")
+    bfloat16 = dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2 and _text(dataset.attrs.get("dtype", "")) == "bfloat16"
+    if dataset.dtype.kind != "f" and not bfloat16:  # before reading: a variable-length dtype reads more than it declares
+        raise KerasError(f"{dataset.name} holds {dataset.dtype} values, not floating point")
     array = np.asarray(dataset)
-    if array.dtype.kind == "V" and array.dtype.itemsize == 2 and _text(dataset.attrs.get("dtype", "")) == "bfloat16":
-        # Keras 3 stores bfloat16 variables as raw 16-bit words, marked in an attribute.
+    if bfloat16:  # Keras 3 stores bfloat16 variables as raw 16-bit words, marked in an attribute.
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-    if array.dtype.kind != "f":
-        raise KerasError(f"{dataset.name} holds {array.dtype} values, not floating point")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 

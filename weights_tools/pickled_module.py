@@ -6,11 +6,12 @@ Namespace or numpy scalars beside the state dict. Unpickling them the usual way 
 the classes they name, which is how a hostile file runs code, so torch.load(weights_only=True)
 refuses them. Their tensors, though, are ordinary torch storages.
 
-Here the file is read by torch.load with a restricted unpickler -- Python's documented way to
-restrict globals (`Unpickler.find_class`), in pickle's pure-Python Unpickler so that its opcodes
-can be checked too:
-- the few names a module pickle needs (dense tensor and parameter rebuilders, OrderedDict, set,
-  torch.Size, torch.device, dtypes; torch.load resolves storages itself) are the real objects;
+Here the file is read by torch_files (never torch.load, which would hand a TorchScript archive
+to torch.jit.load) with a restricted unpickler -- Python's documented way to restrict globals
+(`Unpickler.find_class`), in pickle's pure-Python Unpickler so that its opcodes can be checked too:
+- the few names a module pickle needs (OrderedDict, set, torch.Size, torch.device, dtypes) are
+  the real objects, and torch's storage classes and dense tensor and parameter rebuilders are
+  torch_files' own, which check every size against what the file holds;
 - every other class or function the file names is an inert `PickledObject` that only records
   the arguments and state the file hands it; nothing named in the file is imported or called;
 - a name that runs commands, touches files or imports code (os.system, subprocess,
@@ -18,8 +19,8 @@ can be checked too:
 - BUILD (which sets attributes) is allowed only on placeholders, tensors and OrderedDicts, and
   the copyreg extension opcodes (which bypass find_class through a process-wide cache) are refused.
 The module tree is then walked the way `nn.Module.state_dict()` walks it (`_parameters`,
-persistent `_buffers`, `_modules`). Both the zip format and the legacy one (torch < 1.6, which
-torchxrayvision's weights use, and which weights_only cannot read at all) are read.
+persistent `_buffers`, `_modules`), each module once by identity. Both the zip format and the
+legacy one (torch < 1.6, which torchxrayvision's weights use) are read.
 """
 
 from __future__ import annotations
@@ -33,28 +34,28 @@ from pathlib import Path
 import torch
 from torch._weights_only_unpickler import _get_allowed_globals
 
+from .errors import CheckpointRefused, refused
+from .torch_files import TorchFile
+
 # Modules whose functions run commands, touch files or the network, import or execute code. The
 # placeholders would make them harmless here anyway; a file naming them is refused as hostile.
 _HOSTILE_MODULES = frozenset(
-    "os posix nt sys subprocess pathlib shutil socket importlib runpy pickle marshal types code "
-    "codeop pty ctypes multiprocessing operator io tempfile webbrowser urllib http asyncio threading "
-    "signal glob zipfile tarfile pdb timeit cProfile profile trace posixpath ntpath inspect platform".split()
+    ["os", "posix", "nt", "sys", "subprocess", "pathlib", "shutil", "socket", "importlib", "runpy", "pickle", "marshal", "types", "code", "codeop", "pty", "ctypes", "multiprocessing", "operator", "io", "tempfile", "webbrowser", "urllib", "http", "asyncio", "threading", "signal", "glob", "zipfile", "tarfile", "pdb", "timeit", "cProfile", "profile", "trace", "posixpath", "ntpath", "inspect", "platform"]
 )
 _HOSTILE_TORCH = ("torch.hub", "torch.jit", "torch.package", "torch.utils.cpp_extension", "torch.distributed",
                   "torch._C", "torch.ops", "torch.load", "torch.save", "torch.serialization.load",
                   "torch.serialization.save")
-# What a module pickle needs resolved to real objects (everything else becomes a placeholder).
-# Not sparse or other tensor rebuilders, nor torch.cuda types: only dense CPU tensors come out.
-_REBUILDERS = ("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
-               "torch._utils._rebuild_parameter_with_state")
-# Limits on the module tree, far above any DenseNet's (densenet264: ~1000 modules, depth 5); a
-# module shared by several parents counts once per parent, as state_dict() lists it.
-_MAX_DEPTH, _MAX_MODULES = 64, 100_000
+# Limits on the module tree, far above any DenseNet's (densenet264: ~1000 modules and ~4000
+# tensors, depth 5); a module shared by several parents lists its tensors once per parent, as
+# state_dict() does, so a tiny file sharing one module over and over lists millions.
+_MAX_DEPTH, _MAX_TENSORS = 64, 100_000
 
 
-def _allowed_names() -> dict:
+def _allowed_names(reader_names: dict) -> dict:
+    """What a module pickle needs resolved to real objects (everything else becomes a placeholder):
+    the reader's storages and dense tensor rebuilders (not sparse or other ones), and plain types."""
     torch_allowed = _get_allowed_globals()
-    allowed = {name: torch_allowed[name] for name in _REBUILDERS if name in torch_allowed}
+    allowed = dict(reader_names)
     allowed.update({name: value for name, value in torch_allowed.items() if isinstance(value, torch.dtype)})
     allowed.update({"collections.OrderedDict": OrderedDict, "builtins.set": set, "torch.Size": torch.Size,
                     "torch.device": torch.device})
@@ -95,11 +96,14 @@ class HostileCheckpoint(pickle.UnpicklingError):
     """The file names a function that runs code (the message: its name, ascii-escaped); nothing was run."""
 
 
+class ModuleTreeRefused(CheckpointRefused):
+    """A module tree no model has (a module inside itself, or one shared until it lists millions of tensors)."""
+
+
 # Builtins that run code, touch files or reach into objects; other builtins (list, dict,
 # frozenset, object: what defaultdicts and old protocols name) are placeholders like any name.
 _HOSTILE_BUILTINS = frozenset(
-    "eval exec compile open __import__ breakpoint input globals locals vars getattr setattr delattr "
-    "exit quit help memoryview".split()
+    ["eval", "exec", "compile", "open", "__import__", "breakpoint", "input", "globals", "locals", "vars", "getattr", "setattr", "delattr", "exit", "quit", "help", "memoryview"]
 )
 
 
@@ -112,13 +116,11 @@ def _is_hostile(name: str) -> bool:
 
 
 class _InertPickle:
-    """A pickle module for torch.load(pickle_module=...) whose names resolve to torch's allowlist or
-    to placeholders (one class per name, shared by the several pickles of a legacy file)."""
+    """An Unpickler class whose names resolve to the short list above or to placeholders (one
+    class per name, shared by the several pickles of a legacy file)."""
 
-    __name__ = "densetriton.inert_pickle"  # torch.load reads a pickle module's name
-
-    def __init__(self):
-        self.allowed = _allowed_names()
+    def __init__(self, reader_names: dict):
+        self.allowed = _allowed_names(reader_names)
         self.placeholders: dict[str, type] = {}
         resolve = self.resolve
         settable = (torch.Tensor, torch.nn.Parameter, OrderedDict)  # and placeholders
@@ -144,10 +146,9 @@ class _InertPickle:
                 # EXT1/2/4 look names up in copyreg's process-wide cache before find_class.
                 raise pickle.UnpicklingError("the file uses copyreg extension codes, which torch.save never writes")
 
-            # torch's legacy loader sets persistent_load on the unpickler; its "module" records
-            # carry a class's source, which torch compares with the class's own and warns when it
-            # cannot read it -- as for every placeholder. Skipping the check here, rather than
-            # filtering warnings, leaves the process-wide warning filters alone (threads).
+            # The reader sets persistent_load to read storages; legacy files also hold "module"
+            # records (a class and its source, which torch would compare with the class's own):
+            # those are the class, its source unread.
             @property
             def persistent_load(self):  # pickle's own (which refuses every id) until torch sets one
                 return self.__dict__.get("_persistent_load") or super().persistent_load
@@ -176,29 +177,17 @@ class _InertPickle:
             self.placeholders[name] = type(name.rsplit(".", 1)[-1], (PickledObject,), {"qualname": name})
         return self.placeholders[name]
 
-    def load(self, file, **kwargs):
-        return self.Unpickler(file, **kwargs).load()
-
 
 def load_pickled(path: str | Path):
-    """torch.load of a pickle checkpoint (zip or legacy format), with every name off the short
+    """A torch.save file (zip or legacy format) read by torch_files, with every name off the short
     list above a placeholder.
 
-    Raises HostileCheckpoint for a hostile name, and what torch.load raises for a file it cannot read."""
+    Raises HostileCheckpoint for a hostile name, CheckpointRefused for a file over a bound
+    (TorchScript archives included), and what the unpickler raises for a file it cannot read."""
     if tarfile.is_tarfile(str(path)):
-        raise pickle.UnpicklingError("a tar checkpoint (torch < 0.4), which torch.load would extract")
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_InertPickle())
-    finally:
-        clear_sparse_checks()
-
-
-def clear_sparse_checks() -> None:
-    """torch keeps the sparse tensors a load built, to check them at its end, in a process-wide list
-    that a failed load leaves behind -- and the next, unrelated torch.load then fails on them."""
-    pending = getattr(torch._utils, "_sparse_tensors_to_validate", None)
-    if isinstance(pending, list):
-        pending.clear()
+        raise pickle.UnpicklingError("a tar checkpoint (torch < 0.4), which is not read")
+    reader = TorchFile(path)
+    return reader.load(_InertPickle(reader.names()).Unpickler)
 
 
 def _module_state(obj) -> dict | None:
@@ -211,45 +200,83 @@ def _module_state(obj) -> dict | None:
     return None
 
 
-def module_state_dict(obj) -> dict[str, torch.Tensor]:
+def module_state_dict(obj, path=None) -> dict[str, torch.Tensor]:
     """What `module.state_dict()` would return for a pickled module (empty for anything else).
 
     Parameters and buffers that are None (torchxrayvision's unset `op_threshs`) are skipped, as
     state_dict() skips them; so are non-persistent buffers. Modules pickled before torch 1.6 have
-    no `_non_persistent_buffers_set`: all their buffers were persistent. A module tree no model
-    has -- nested deeper than _MAX_DEPTH (a module inside itself), or more than _MAX_MODULES
-    modules (a tiny file can share one module between two parents twenty levels deep: a million)
-    -- or a tensor that is not a dense one is refused (pickle.UnpicklingError)."""
-    tensors, visits = {}, 0
+    no `_non_persistent_buffers_set`: all their buffers were persistent. Each module is walked
+    once, by identity: a module shared by several parents is listed under each from that one
+    walk. A module tree no model has -- nested deeper than _MAX_DEPTH, a module inside itself, or
+    more than _MAX_TENSORS tensors listed (a tiny file can share one module between two parents
+    twenty levels deep: a million) -- is refused (ModuleTreeRefused, naming `path`), as is a
+    tensor that is not a dense one."""
+    state = _module_state(obj)
+    if state is None:
+        return {}
+    count = _count_tensors(state, path)
+    if count > _MAX_TENSORS:
+        raise ModuleTreeRefused(str(refused(path, "the tensors its module tree lists (the module tree is not a model's: "
+                                            "modules shared over and over)", f"{count:,}", f"{_MAX_TENSORS:,}")))
+    listed: dict[int, list] = {}  # id(module state) -> its (name, tensor) entries, relative to it
 
-    def walk(module, prefix: str, depth: int) -> None:
-        nonlocal visits
-        state = _module_state(module)
-        if state is None:
-            return
-        visits += 1
-        if depth > _MAX_DEPTH or visits > _MAX_MODULES:
-            raise pickle.UnpicklingError(f"the module tree is not a model's: nested deeper than {_MAX_DEPTH} or more "
-                                         f"than {_MAX_MODULES:,} modules (at {ascii(prefix.rstrip('.'))})")
-        skipped = state.get("_non_persistent_buffers_set") or set()
-        buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in skipped}
-        for name, value in [*state["_parameters"].items(), *buffers.items()]:
-            if isinstance(value, torch.Tensor):
-                if value.layout != torch.strided:
-                    raise pickle.UnpicklingError(f"{ascii(prefix + name)} is a {value.layout} tensor, not a dense one")
-                tensors[prefix + name] = value
-        for name, child in state["_modules"].items():
-            walk(child, f"{prefix}{name}.", depth + 1)
+    def entries(state: dict, where: str) -> list:
+        if id(state) not in listed:
+            found = _own_tensors(state, where)
+            for name, child in _child_states(state):
+                found += [(f"{name}.{k}", t) for k, t in entries(child, f"{where}{name}.")]
+            listed[id(state)] = found
+        return listed[id(state)]
 
-    walk(obj, "", 0)
-    return tensors
+    return dict(entries(state, ""))
 
 
-def replace_modules(obj, depth: int = 0):
+def _child_states(state: dict) -> list:
+    return [(str(name), s) for name, child in state["_modules"].items() if (s := _module_state(child)) is not None]
+
+
+def _count_tensors(top: dict, path) -> int:
+    """How many entries state_dict() would list, each module counted once by identity (a tiny
+    file can share one module between two parents twenty levels deep: a million entries);
+    refuses a module inside itself or nested deeper than _MAX_DEPTH."""
+    counts: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def count(state: dict, where: str, depth: int) -> int:
+        if id(state) in counts:
+            return counts[id(state)]
+        if id(state) in walking or depth > _MAX_DEPTH:
+            raise ModuleTreeRefused(str(refused(path, f"the module tree at {where or '(top)'!a} (the module tree is "
+                                                f"not a model's)", f"a module inside itself or nested over {_MAX_DEPTH} "
+                                                f"deep", f"{_MAX_DEPTH} levels")))
+        walking.add(id(state))
+        own = sum(isinstance(v, torch.Tensor) for v in [*state["_parameters"].values(), *(state.get("_buffers") or {}).values()])
+        total = own + sum(count(child, f"{where}{name}.", depth + 1) for name, child in _child_states(state))
+        walking.discard(id(state))
+        counts[id(state)] = total
+        return total
+
+    return count(top, "", 0)
+
+
+def _own_tensors(state: dict, where: str) -> list:
+    """A module's own parameters and persistent buffers, as (name, tensor)."""
+    skipped = state.get("_non_persistent_buffers_set") or set()
+    buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in skipped}
+    found = []
+    for name, value in [*state["_parameters"].items(), *buffers.items()]:
+        if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided:
+                raise pickle.UnpicklingError(f"{where + name!a} is a {value.layout} tensor, not a dense one")
+            found.append((str(name), value))
+    return found
+
+
+def replace_modules(obj, depth: int = 0, path=None):
     """The loaded object with every pickled module -- at the top, or in dicts as in
     `{"model": model, "epoch": 3}` -- replaced by its state dict."""
     if _module_state(obj) is not None:
-        return module_state_dict(obj)
+        return module_state_dict(obj, path)
     if isinstance(obj, dict) and depth < 4:
-        return {key: replace_modules(value, depth + 1) for key, value in obj.items()}
+        return {key: replace_modules(value, depth + 1, path) for key, value in obj.items()}
     return obj
