@@ -98,6 +98,18 @@ class GuardBand:
                                  f"(first at {first} of the guarded tensor {tuple(self.base.shape)})")
 
 
+def nan_surrounded(x, margin=2):
+    """A copy of `x` as a view inside a NaN-filled tensor `margin` bigger on each side of every dim.
+
+    A kernel that reads past its input view (a load mask a channel, row or pixel too wide) pulls
+    NaN into its result even where it multiplies the value by a zero weight, so the read shows.
+    """
+    big = torch.full(tuple(s + 2 * margin for s in x.shape), float("nan"), dtype=x.dtype, device=x.device)
+    view = big[tuple(slice(margin, margin + s) for s in x.shape)]
+    view.copy_(x)
+    return view
+
+
 # -- non-finite inputs: NaN and Inf must go where torch's go ---------------------------------------
 
 

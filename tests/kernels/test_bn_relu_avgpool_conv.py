@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from densetriton.kernels import bn_relu_avgpool_conv, pack_conv_weight
 
-from helpers import (DOT_DTYPES, NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like, plant_nonfinite,
-                     randn)
+from helpers import (DOT_DTYPES, NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like, nan_surrounded,
+                     plant_nonfinite, randn)
 
 DTYPES = DOT_DTYPES
 SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -34,7 +34,7 @@ def reference(x, w_oikk, scale, shift):
     ],
 )
 def test_transition_matches_torchvision_order(device, gen, dtype, n, h, w, c_in, c_out):
-    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    x = nan_surrounded(randn(gen, n, h, w, c_in, dtype=dtype, device=device))
     w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
@@ -121,7 +121,7 @@ def test_validation_errors(device, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_padded_and_dense_weight_rows_give_the_same_result(device, gen, dtype):
     n, h, w, c_in, c_out = 2, 6, 6, 21, 19
-    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    x = nan_surrounded(randn(gen, n, h, w, c_in, dtype=dtype, device=device))
     padded = pack_conv_weight(randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5, dtype, device)
     dense = padded.contiguous()
     assert padded.stride(0) == 32 and dense.stride(0) == c_out

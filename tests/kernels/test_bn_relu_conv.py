@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from densetriton.kernels import bn_relu_conv, pack_conv_weight
 
 from helpers import (DOT_DTYPES, KERNEL_TOL, NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like,
-                     plant_nonfinite, randn, rel_err)
+                     nan_surrounded, plant_nonfinite, randn, rel_err)
 
 DTYPES = DOT_DTYPES
 SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -44,7 +44,7 @@ def reference(x, w_oikk, *, stride, padding, scale=None, shift=None, bias=None, 
     ],
 )
 def test_conv_matches_torch(device, gen, dtype, n, h, w, c_in, c_out, k, stride, pad, prologue, bias, relu_out):
-    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    x = nan_surrounded(randn(gen, n, h, w, c_in, dtype=dtype, device=device))
     w_oikk = randn(gen, c_out, c_in, k, k) / (c_in * k * k) ** 0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale = randn(gen, c_in, device=device) if prologue else None
@@ -111,7 +111,7 @@ def test_output_slice_in_middle_of_wider_buffer(device, gen, dtype):
 def test_imagenet_stem_7x7_s2_p3_from_nchw(device, gen, dtype, n, h, w, c_in):
     """The stem reads the caller's NCHW image through a permuted (non-contiguous) view."""
     c_out = 19
-    x_nchw = randn(gen, n, c_in, h, w, dtype=dtype, device=device)
+    x_nchw = nan_surrounded(randn(gen, n, c_in, h, w, dtype=dtype, device=device))
     w_oikk = randn(gen, c_out, c_in, 7, 7) / (c_in * 49) ** 0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     bias = randn(gen, c_out, device=device)
@@ -132,7 +132,7 @@ def test_imagenet_stem_7x7_s2_p3_from_nchw(device, gen, dtype, n, h, w, c_in):
 def test_classifier_float32_logits(device, gen, w_dtype):
     """Classifier: pooled features as [N, 1, 1, C], 16-bit weights, float32 logits."""
     n, c, classes = 3, 37, 10
-    feats = randn(gen, n, c, device=device)
+    feats = nan_surrounded(randn(gen, n, c, device=device))
     w_oikk = randn(gen, classes, c, 1, 1) / c ** 0.5
     weight = pack_conv_weight(w_oikk, w_dtype, device)
     bias = randn(gen, classes, device=device)
@@ -161,7 +161,7 @@ def test_default_block_sizes(device, gen):
 def test_padding_is_zero_after_activation(device, gen, dtype, c_in):
     """With a strongly positive shift, relu(0*scale + shift) > 0; padded taps must still add 0."""
     n, h, w, c_out = 2, 5, 5, 5
-    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    x = nan_surrounded(randn(gen, n, h, w, c_in, dtype=dtype, device=device))
     w_oikk = randn(gen, c_out, c_in, 3, 3).abs()  # all-positive: wrong padding can't cancel out
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale = randn(gen, c_in, device=device) * 0.1
@@ -236,7 +236,7 @@ def test_padded_and_dense_weight_rows_give_the_same_result(device, gen, dtype, k
     """The kernel walks weight rows by stride(0): packed rows padded to 16 elements (the default)
     and a dense copy must give bitwise the same output."""
     n, h, w, c_in, c_out = 2, 5, 6, 21, 19
-    x = randn(gen, n, h, w, c_in, dtype=dtype, device=device)
+    x = nan_surrounded(randn(gen, n, h, w, c_in, dtype=dtype, device=device))
     padded = pack_conv_weight(randn(gen, c_out, c_in, k, k) / (c_in * k * k) ** 0.5, dtype, device)
     dense = padded.contiguous()
     assert padded.stride(0) == 32 and dense.stride(0) == c_out
@@ -299,7 +299,8 @@ def test_nan_and_inf_reach_the_output_where_torchs_do(device, gen, dtype, role):
     bn_relu_conv(x, pack_conv_weight(w_oikk, dtype, device), band.view, kernel_size=k, stride=stride, padding=pad,
                  in_scale=scale, in_shift=shift, bias=b, relu_out=relu_out, **SMALL_BLOCKS)
 
-    ref = reference(x, w_oikk.to(dtype), stride=stride, padding=pad, scale=scale, shift=shift, bias=b, relu_out=relu_out)
+    ref = reference(x, w_oikk.to(dtype), stride=stride, padding=pad, scale=scale, shift=shift, bias=b,
+                    relu_out=relu_out)
     assert_nonfinite_like(band.view, ref, dtype)
     band.assert_untouched()
 
