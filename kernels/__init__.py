@@ -5,11 +5,13 @@ Every launcher writes into a caller-provided output view and allocates nothing.
 
 from .bn_relu_avgpool_conv import bn_relu_avgpool_conv
 from .bn_relu_conv import bn_relu_conv, pack_conv_weight
+from .bn_relu_conv_v2 import bn_relu_conv_v2
 from .bn_relu_global_avgpool import bn_relu_global_avgpool
 from .maxpool import max_pool_3x3_s2
 
 __all__ = [
     "bn_relu_conv",
+    "bn_relu_conv_v2",
     "pack_conv_weight",
     "bn_relu_avgpool_conv",
     "max_pool_3x3_s2",

@@ -1,0 +1,184 @@
+"""bn_relu_conv, variant v2: the same op and arguments as bn_relu_conv (v1), two kernels.
+
+    out = [relu]( conv2d( relu(x * in_scale + in_shift) , weight ) + bias )
+
+- A 1x1 convolution without padding (the dense layers' bottleneck) has no padded input, so its
+  BN-ReLU prologue needs no select: rows past the last pixel compute relu(shift) but are never
+  stored (a GEMM row only reaches its own output row), and channels past C_in load as zero in
+  x, scale, shift and weight alike (masked loads, other=0), so they add 0 * 0. Without the
+  select the activated A tile need not stay in the load layout.
+- Every other convolution walks one flattened K loop over (tap, channel block), so the whole
+  K = KH*KW*Cin is one software-pipelined loop: v1 nests the channel loop inside a loop over
+  taps, and only the inner loop (2 steps at Cin = 128) is pipelined, draining at every tap.
+
+Both ReLUs (prologue and epilogue) keep NaN, as torch.relu does: a NaN input gives NaN logits.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_conv_args
+from ._math import _dot, relu_keep_nan
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, bias_ptr, n, oh, ow, offs_co, pix_mask, co_mask,
+              stride_on, stride_oh, stride_ow, stride_oc, stride_bias,
+              HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_co * stride_bias, mask=co_mask, other=0.0)
+        acc = acc + bias[None, :]
+    if RELU_OUT:
+        acc = relu_keep_nan(acc)
+    out_pix_ptr = out_ptr + n * stride_on + oh * stride_oh + ow * stride_ow
+    tl.store(
+        out_pix_ptr[:, None] + offs_co[None, :] * stride_oc,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=pix_mask[:, None] & co_mask[None, :],
+    )
+
+
+# N, H, W, OH, OW only bound rows: not specialised, so one compile serves every batch and size.
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
+def _conv1x1_v2_kernel(
+    x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr,
+    N, H, W, C_in, OH, OW, C_out,
+    stride_xn, stride_xh, stride_xw, stride_xc,
+    stride_on, stride_oh, stride_ow, stride_oc,
+    stride_wk, stride_scale, stride_shift, stride_bias,
+    STRIDE: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pix_mask = offs_pix < N * OH * OW
+    co_mask = offs_co < C_out
+    ow = offs_pix % OW
+    oh = (offs_pix // OW) % OH
+    n = (offs_pix // (OW * OH)).to(tl.int64)  # n * stride_n can pass 2**31 on big batches
+    x_pix_ptr = x_ptr + n * stride_xn + (oh * STRIDE) * stride_xh + (ow * STRIDE) * stride_xw
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_in, BLOCK_K):
+        offs_ci = k0 + tl.arange(0, BLOCK_K)
+        ci_mask = offs_ci < C_in
+        w = tl.load(
+            w_ptr + offs_ci[:, None] * stride_wk + offs_co[None, :],
+            mask=ci_mask[:, None] & co_mask[None, :],
+            other=0.0,
+        )
+        a = tl.load(x_pix_ptr[:, None] + offs_ci[None, :] * stride_xc,
+                    mask=pix_mask[:, None] & ci_mask[None, :], other=0.0)
+        if HAS_PROLOGUE:
+            # No select: see the module docstring for why masked rows and channels add nothing.
+            scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
+            shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=ci_mask, other=0.0)
+            a = relu_keep_nan(a.to(tl.float32) * scale[None, :] + shift[None, :])
+        acc = _dot(a.to(w.dtype), w, acc, IEEE_DOT)
+
+    _epilogue(acc, out_ptr, bias_ptr, n, oh, ow, offs_co, pix_mask, co_mask,
+              stride_on, stride_oh, stride_ow, stride_oc, stride_bias, HAS_BIAS, RELU_OUT)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
+def _conv_taps_v2_kernel(
+    x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr,
+    N, H, W, C_in, OH, OW, C_out,
+    stride_xn, stride_xh, stride_xw, stride_xc,
+    stride_on, stride_oh, stride_ow, stride_oc,
+    stride_wk, stride_scale, stride_shift, stride_bias,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pix_mask = offs_pix < N * OH * OW
+    co_mask = offs_co < C_out
+    ow = offs_pix % OW
+    oh = (offs_pix // OW) % OH
+    n = (offs_pix // (OW * OH)).to(tl.int64)
+    ih_base = oh * STRIDE - PAD
+    iw_base = ow * STRIDE - PAD
+    # Each row's tap (0, 0) pixel; a tap adds one scalar offset (it may point before the row's
+    # image where the tap is padding, but those loads are masked).
+    x_pix_ptr = x_ptr + n * stride_xn + ih_base * stride_xh + iw_base * stride_xw
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One loop over (tap, channel block), tap-major as the packed weight rows are laid out. The
+    # tap (kh, kw) and channel offset k0 advance as counters: no division inside the loop.
+    kh = 0
+    kw = 0
+    k0 = 0
+    for _ in range(0, KH * KW * tl.cdiv(C_in, BLOCK_K)):
+        offs_ci = k0 + tl.arange(0, BLOCK_K)
+        ci_mask = offs_ci < C_in
+        tap = kh * KW + kw
+        ih = ih_base + kh
+        iw = iw_base + kw
+        # False for padded taps and for rows past the last output pixel.
+        tap_mask = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        w = tl.load(
+            w_ptr + (tap * C_in + offs_ci)[:, None] * stride_wk + offs_co[None, :],
+            mask=ci_mask[:, None] & co_mask[None, :],
+            other=0.0,
+        )
+        a = tl.load(x_pix_ptr[:, None] + (kh * stride_xh + kw * stride_xw) + offs_ci[None, :] * stride_xc,
+                    mask=tap_mask[:, None] & ci_mask[None, :], other=0.0)
+        if HAS_PROLOGUE:
+            # Padding is zero in the activated tensor, not relu(shift): here the select is needed.
+            scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
+            shift = tl.load(shift_ptr + offs_ci * stride_shift, mask=ci_mask, other=0.0)
+            a = tl.where(tap_mask[:, None], relu_keep_nan(a.to(tl.float32) * scale[None, :] + shift[None, :]), 0.0)
+        acc = _dot(a.to(w.dtype), w, acc, IEEE_DOT)
+        k0 += BLOCK_K
+        next_tap = k0 >= C_in
+        k0 = tl.where(next_tap, 0, k0)
+        kw = tl.where(next_tap, kw + 1, kw)
+        next_row = kw == KW
+        kw = tl.where(next_row, 0, kw)
+        kh = tl.where(next_row, kh + 1, kh)
+
+    _epilogue(acc, out_ptr, bias_ptr, n, oh, ow, offs_co, pix_mask, co_mask,
+              stride_on, stride_oh, stride_ow, stride_oc, stride_bias, HAS_BIAS, RELU_OUT)
+
+
+def bn_relu_conv_v2(
+    x, weight, out, *, kernel_size, stride=1, padding=0,
+    in_scale=None, in_shift=None, bias=None, relu_out=False,
+    BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=None,
+):
+    """bn_relu_conv's op and arguments (see its docstring), run by the v2 kernels."""
+    g = check_conv_args(x, weight, out, kernel_size=kernel_size, stride=stride, padding=padding,
+                        in_scale=in_scale, in_shift=in_shift, bias=bias, blocks=(BLOCK_M, BLOCK_N, BLOCK_K))
+    if out.numel() == 0:
+        return out
+    n, h, w, c_in, oh, ow, c_out, kh, kw = g
+    has_prologue = in_scale is not None
+    # Unused pointer arguments get a valid tensor; the constexpr flags compile their loads away.
+    scale = in_scale if has_prologue else weight
+    shift = in_shift if has_prologue else weight
+    bias_arg = bias if bias is not None else weight
+    grid = (triton.cdiv(n * oh * ow, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
+    args = (
+        x, weight, out, scale, shift, bias_arg,
+        n, h, w, c_in, oh, ow, c_out,
+        *x.stride(), *out.stride(),
+        weight.stride(0), scale.stride(0), shift.stride(0), bias_arg.stride(0),
+    )
+    flags = dict(HAS_PROLOGUE=has_prologue, HAS_BIAS=bias is not None, RELU_OUT=bool(relu_out),
+                 IEEE_DOT=weight.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                 num_warps=num_warps)
+    if num_stages is not None:
+        flags["num_stages"] = num_stages
+    if kh == kw == 1 and padding == 0:
+        _conv1x1_v2_kernel[grid](*args, STRIDE=stride, **flags)
+    else:
+        _conv_taps_v2_kernel[grid](*args, KH=kh, KW=kw, STRIDE=stride, PAD=padding, **flags)
+    return out
