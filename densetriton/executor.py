@@ -12,6 +12,8 @@ import torch
 
 from .plan import Plan, build_stages, fold_batchnorm, memory_layout
 from .spec import NO_CLASSIFIER, DenseNetSpec
+from .tiles import TunedTable, find_tuned_table
+from .variants import kernel_choice_from_env
 
 DEFAULT_PLAN_CACHE_BYTES = 4 << 30
 
@@ -39,6 +41,15 @@ def _triton_version_text() -> str:
 def _triton_version() -> tuple[int, int]:
     major, minor = (_triton_version_text().split("+")[0].split(".") + ["0"])[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def tuned_table_for(device: torch.device, kernels: ModuleType) -> TunedTable | None:
+    """The tuned tile table for this GPU and triton: the user's cache first, then the package's."""
+    from .weights import cache_dir
+
+    package_dir = os.path.join(os.path.dirname(kernels.__file__), "tuned")
+    return find_tuned_table(torch.cuda.get_device_name(device), _triton_version_text(),
+                            [cache_dir() / "tuned", package_dir])
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -79,6 +90,9 @@ class TritonExecutor:
                 f"{_triton_version_text()}'s fails on these kernels): upgrade triton, or use backend='reference'"
             )
         self.spec, self.device, self.dtype = spec, device, dtype
+        # Read once, here: every plan of this executor runs the same kernels (ValueError if unknown).
+        self.kernel_choice = kernel_choice_from_env()
+        self.tuned = None if self.interpreted else tuned_table_for(device, kernels)
         self.stages = build_stages(spec)
         self.folded = fold_batchnorm(tensors, spec, dtype, device)
         # Storage, not numel: packed weights are views with padded rows.
@@ -132,7 +146,8 @@ class TritonExecutor:
 
     def _build_plan(self, n: int, height: int, width: int) -> Plan | None:
         try:
-            return Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted)
+            return Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted,
+                        kernel_choice=self.kernel_choice, tuned=self.tuned)
         except RuntimeError as e:  # torch.OutOfMemoryError included
             if not is_out_of_memory(e):
                 raise

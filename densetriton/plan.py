@@ -8,7 +8,8 @@ Three steps, each cached at its own level:
    scale/shift (applied as a kernel prologue) or folded into the following conv's weights
    plus a bias; conv weights packed as [KH*KW*Cin, Cout] GEMM operands. Once per engine.
 3. `Plan(...)` -- for one (N, H, W): the preallocated buffers and every launch bound to its
-   views and block sizes. A call only launches.
+   views, its kernel variant (densetriton.variants) and its tiles (densetriton.tiles). A call
+   only launches.
 
 Buffers (NHWC). Each dense block owns a concatenation buffer [N, H, W, C0 + L*k]: layer l
 reads the channel prefix [0, C0 + l*k) and writes its k channels at [C0 + l*k, C0 + (l+1)*k).
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .spec import DenseNetSpec
+from .tiles import LayerKey, TunedTable, choose_tiles
+from .variants import KernelChoice
 
 CHANNEL_ALIGN = 16  # elements: Triton specialises integer arguments on divisibility by 16
 
@@ -193,55 +196,35 @@ def fold_batchnorm(tensors: dict, spec: DenseNetSpec, dtype: torch.dtype, device
     return folded
 
 
-def block_sizes(stage: Stage, rows: int, c_in: int, c_out: int, interpreted: bool, dtype: torch.dtype) -> dict:
-    """Tile sizes for one launch.
+def stage_op(stage: Stage) -> str:
+    """The op a stage is tiled and its kernel variant chosen under (densetriton.variants.OP_VARIANTS)."""
+    if stage.op != "conv":
+        return stage.op
+    if stage.reads.buffer == "input":
+        return "stem"
+    return "conv1x1" if stage.kernel_size == 1 else "conv3x3"
 
-    Under the interpreter every program instance costs Python time, so take the largest tiles.
-    On the GPU: tiles no wider than the channels there are (tensor-core minimum 16), and a
-    K step that keeps the stem's few input channels (3, or 1 for grayscale) from wasting most of each tile.
-    """
 
-    def fit(n, lo, hi):
-        p = lo
-        while p < n and p < hi:
-            p *= 2
-        return p
+# The launcher of each convolution variant (same arguments, see densetriton.kernels).
+CONV_LAUNCHERS = {"v1": "bn_relu_conv", "v2": "bn_relu_conv_v2"}
 
-    if stage.op in ("max_pool",):
-        return {"BLOCK_M": 64, "BLOCK_C": fit(c_out, 16, 64)}
-    if stage.op == "head":
-        return {"BLOCK_C": fit(c_out, 16, 128), "BLOCK_HW": fit(rows, 16, 64)}
-    if interpreted:
-        return {"BLOCK_M": fit(rows, 16, 256), "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": fit(c_in, 16, 128)}
-    if stage.op == "classifier":
-        # float32 IEEE products, one row per image: short, wide tiles (64 rows spill, ptxas).
-        return {"BLOCK_M": 16, "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": 16, "num_warps": 4}
-    tiles = {"BLOCK_M": 128 if rows >= 4096 else 64, "BLOCK_N": fit(c_out, 16, 128), "BLOCK_K": fit(c_in, 16, 64)}
-    # Register budgets read off ptxas for sm_90 (python -m densetriton.bench.kernel_report):
-    # a 128x128 float32 accumulator is 128 registers per thread at 4 warps, and with the
-    # prologue's operands the 16-bit kernels hit the 255 cap and spill; 8 warps halve it.
-    big_tile = tiles["BLOCK_M"] == 128 and tiles["BLOCK_N"] >= 64  # 128x64 spilled at k = 40
-    if dtype == torch.float32:
-        if stage.op == "transition":
-            # The pipeliner keeps all four 2x2-window loads per K step: at BLOCK_K=64 in float32
-            # that is 361 KB of shared memory, over the H100's 227 KB.
-            tiles["BLOCK_K"] = min(tiles["BLOCK_K"], 32)
-        else:
-            # IEEE float32 products run on the FMA units, operands in registers: a K step of
-            # 32 or 64 spills at any tile size, 16 does not.
-            tiles["BLOCK_K"] = 16
-            big_tile = tiles["BLOCK_M"] * tiles["BLOCK_N"] >= 64 * 64
-    tiles["num_warps"] = 8 if big_tile else 4
-    return tiles
+
+def conv_launcher(variant: str):
+    from . import kernels
+
+    return getattr(kernels, CONV_LAUNCHERS[variant])
 
 
 class Plan:
     """Buffers and bound launches for one (N, H, W): built once, then run many times."""
 
-    def __init__(self, spec, stages, folded, n, height, width, dtype, device, interpreted):
+    def __init__(self, spec, stages, folded, n, height, width, dtype, device, interpreted, *,
+                 kernel_choice: KernelChoice | None = None, tuned: TunedTable | None = None):
         from . import kernels
 
         self.key, self.dtype = (n, height, width), dtype
+        self.kernel_choice = kernel_choice or KernelChoice()
+        self.tuned, self.interpreted = tuned, interpreted
         shapes, arena_of, arena_numel, scratch_numel = memory_layout(spec, n, height, width)
         self.arenas = [torch.empty(m, dtype=dtype, device=device) for m in arena_numel]
         self.buffers = {name: self.arenas[a][: n * math.prod(shapes[name])].view(n, *shapes[name])
@@ -255,7 +238,7 @@ class Plan:
         self.graph_failed = False
         self.launches = []  # (stage, callable(x, logits))
         for stage in stages:
-            self.launches.append((stage, self._bind(stage, folded, kernels, n, shapes, interpreted)))
+            self.launches.append((stage, self._bind(stage, folded, kernels, n, shapes)))
 
     def _view(self, v: View, n, shapes, block_hw):
         if v.buffer == "bottleneck_scratch":
@@ -265,7 +248,15 @@ class Plan:
             return self.features[:, v.start:v.stop]
         return self.buffers[v.buffer][..., v.start:v.stop]
 
-    def _bind(self, stage, folded, kernels, n, shapes, interpreted):
+    def _tiles(self, stage: Stage, n: int, out_hw: tuple, c_in: int, c_out: int) -> tuple[str, dict]:
+        """The stage's kernel variant and launch configuration (densetriton.tiles)."""
+        op = stage_op(stage)
+        variant = self.kernel_choice.of(op)
+        dtype = torch.float32 if op == "classifier" else self.dtype  # the classifier runs on float32 features
+        key = LayerKey(op, variant, str(dtype).removeprefix("torch."), n, *out_hw, c_in, c_out, stage.kernel_size)
+        return variant, choose_tiles(key, interpreted=self.interpreted, tuned=self.tuned)
+
+    def _bind(self, stage, folded, kernels, n, shapes):
         w = {arg: folded[name] for arg, name in stage.weights.items()}
         # The scratch takes the spatial size of the block it serves.
         block = stage.writes.buffer if stage.writes.buffer.startswith("block") else stage.reads.buffer
@@ -273,29 +264,23 @@ class Plan:
         c_in, c_out = stage.reads.stop - stage.reads.start, stage.writes.stop - stage.writes.start
         if stage.op == "conv" and stage.reads.buffer == "input":
             out = self._view(stage.writes, n, shapes, None)
-            rows = n * out.shape[1] * out.shape[2]
-            tiles = block_sizes(stage, rows, c_in * stage.kernel_size**2, c_out, interpreted, self.dtype)
-            if not interpreted:
-                # K = 7*7*3 = 147 walked flat (FLAT_K): 5 steps of 32, 8% padding (grayscale: 49 in 2). The flat walk
-                # gathers from the caller's NCHW tensor element by element, which costs registers:
-                # at most 64 columns and 8 warps keep every dtype from spilling (ptxas).
-                tiles.update(BLOCK_N=min(tiles["BLOCK_N"], 64), BLOCK_K=32, num_warps=8)
-            conv = functools.partial(kernels.bn_relu_conv, weight=w["weight"], out=out, bias=w.get("bias"),
+            variant, tiles = self._tiles(stage, n, out.shape[1:3], c_in, c_out)
+            conv = functools.partial(conv_launcher(variant), weight=w["weight"], out=out, bias=w.get("bias"),
                                      kernel_size=stage.kernel_size, stride=stage.stride, padding=stage.padding,
                                      relu_out=stage.relu_out, **tiles)
             # The stem reads the caller's NCHW tensor in place, through an NHWC-ordered view.
             return lambda x, logits: conv(x.permute(0, 2, 3, 1))
         if stage.op == "classifier":
             feats = self.features.view(n, 1, 1, c_in)
-            tiles = block_sizes(stage, n, c_in, c_out, interpreted, torch.float32)
-            conv = functools.partial(kernels.bn_relu_conv, feats, w["weight"], kernel_size=1, bias=w["bias"], **tiles)
+            variant, tiles = self._tiles(stage, n, (1, 1), c_in, c_out)
+            conv = functools.partial(conv_launcher(variant), feats, w["weight"], kernel_size=1, bias=w["bias"], **tiles)
             return lambda x, logits: conv(logits.view(n, 1, 1, c_out))
         x = self._view(stage.reads, n, shapes, block_hw)
         out = self._view(stage.writes, n, shapes, block_hw)
-        rows = n * out.shape[1] * out.shape[2] if out.dim() == 4 else x.shape[1] * x.shape[2]
-        tiles = block_sizes(stage, rows, c_in, c_out, interpreted, self.dtype)
+        # The head's output has no pixels: its tiles follow the input's.
+        variant, tiles = self._tiles(stage, n, (out if out.dim() == 4 else x).shape[1:3], c_in, c_out)
         if stage.op == "conv":
-            launch = functools.partial(kernels.bn_relu_conv, x, w["weight"], out, kernel_size=stage.kernel_size,
+            launch = functools.partial(conv_launcher(variant), x, w["weight"], out, kernel_size=stage.kernel_size,
                                        stride=stage.stride, padding=stage.padding, in_scale=w.get("in_scale"),
                                        in_shift=w.get("in_shift"), bias=w.get("bias"), relu_out=stage.relu_out, **tiles)
         elif stage.op == "transition":

@@ -1,0 +1,245 @@
+"""Kernel variants (DENSETRITON_KERNELS), the tile tables, tuned tables, and a sweep's candidate check."""
+
+import json
+
+import pytest
+import torch
+
+import densetriton
+from densetriton import DenseNetSpec, kernels
+from densetriton.plan import Plan, build_stages, fold_batchnorm, stage_op
+from densetriton.reference import ReferenceDenseNet
+from densetriton.tiles import (LayerKey, choose_tiles, find_tuned_table, heuristic_tiles, load_tuned_table,
+                               tuned_table_json, tuned_table_name)
+from densetriton.tuning import build_candidate, check_candidate
+from densetriton.variants import OP_VARIANTS, KernelChoice, parse_kernel_choice
+
+from helpers import randomize_batchnorm, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- DENSETRITON_KERNELS ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    (None, {}),
+    ("", {}),
+    ("v1", {}),
+    ("v2", {"conv1x1": "v2", "conv3x3": "v2"}),
+    (" conv1x1 = v2 ", {"conv1x1": "v2"}),
+    ("v2,conv3x3=v1", {"conv1x1": "v2"}),
+    ("conv3x3=v2,stem=v1", {"conv3x3": "v2"}),
+])
+def test_kernel_choice_syntax(text, expected):
+    choice = parse_kernel_choice(text)
+    assert {op: choice.of(op) for op in OP_VARIANTS} == {op: expected.get(op, "v1") for op in OP_VARIANTS}
+
+
+@pytest.mark.parametrize("text,match", [
+    ("v3", "no op has a variant 'v3'"),
+    ("v1,v2", "more than one variant for all ops"),
+    ("stem=v2", "stem has no variant 'v2'"),
+    ("conv5x5=v1", "unknown op"),
+    ("conv1x1=v2,conv1x1=v1", "named twice"),
+    ("conv1x1", "no op has a variant 'conv1x1'"),
+])
+def test_a_bad_kernel_choice_is_one_error_naming_what_exists(text, match):
+    with pytest.raises(ValueError, match=match) as e:
+        parse_kernel_choice(text)
+    assert "DENSETRITON_KERNELS" in str(e.value) and "conv1x1: v1/v2" in str(e.value)
+
+
+def test_an_engine_refuses_an_unknown_variant_at_load(monkeypatch):
+    monkeypatch.setenv("DENSETRITON_KERNELS", "conv1x1=v9")
+    with pytest.raises(ValueError, match="conv1x1 has no variant 'v9'"):
+        densetriton.load(DenseNetSpec(4, (2,), 8, 2, 0.5, 3, "imagenet"), weights=None, device=DEVICE,
+                         dtype=torch.float32, backend="triton")
+
+
+# -- whole networks under v2 --------------------------------------------------------------------
+
+def _engines(spec, size, dtype, monkeypatch):
+    """The same random weights under v1, v2 and the float32 reference backend."""
+    torch.manual_seed(3)
+    model = randomize_batchnorm(ReferenceDenseNet(spec), seed=4, image_size=size)
+    weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
+    engines = {}
+    for name in ("v1", "v2"):
+        monkeypatch.setenv("DENSETRITON_KERNELS", name)
+        engines[name] = densetriton.Engine(weights, device=torch.device(DEVICE), dtype=dtype, backend="triton",
+                                           pretrained=False)
+    monkeypatch.setenv("DENSETRITON_KERNELS", "v1")  # read at creation: the v2 engine keeps v2
+    return model.eval(), engines
+
+
+def _spy_on_v2(monkeypatch):
+    calls = []
+    real = kernels.bn_relu_conv_v2
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["kernel_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "bn_relu_conv_v2", spy)
+    return calls
+
+
+@pytest.mark.parametrize("spec,size,dtype,tol", [
+    (DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 37, torch.float16, 1e-2),  # BC: 1x1 + 3x3, odd size
+    (DenseNetSpec(4, (3,), 8, None, 1.0, 7, "cifar"), 9, torch.float32, 1e-4),  # plain: 3x3 with prologue
+], ids=["bc-imagenet-fp16", "plain-cifar-fp32"])
+def test_v2_engine_matches_v1_and_the_reference(spec, size, dtype, tol, monkeypatch):
+    """Fails if the engine ignores DENSETRITON_KERNELS (no v2 call), or if v2 changes results."""
+    model, engines = _engines(spec, size, dtype, monkeypatch)
+    calls = _spy_on_v2(monkeypatch)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+    v2 = engines["v2"](x.to(DEVICE))
+    kernels_run = set(calls)
+    assert kernels_run == ({1, 3} if spec.bn_size else {3}), "the v2 engine did not run the v2 kernels"
+    v1 = engines["v1"](x.to(DEVICE))
+    assert len(calls) == sum(1 for s in build_stages(spec) if stage_op(s) in ("conv1x1", "conv3x3")), \
+        "the v1 engine ran v2 kernels"
+    assert rel_err(v2, expected) < tol and rel_err(v2, v1) < tol
+    assert torch.equal(engines["v2"](x.to(DEVICE)), v2), "two v2 calls differ"
+
+
+def test_a_nan_pixel_gives_nan_logits_under_v2(monkeypatch):
+    spec = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 5, "imagenet")
+    _, engines = _engines(spec, 32, torch.float32, monkeypatch)
+    x = torch.randn(2, 3, 32, 32)
+    x[1, 0, 5, 7] = float("nan")
+    logits = engines["v2"](x.to(DEVICE)).cpu()
+    assert torch.isfinite(logits[0]).all() and torch.isnan(logits[1]).all()
+
+
+# -- tile tables ----------------------------------------------------------------------------------
+
+def _key(op="conv1x1", variant="v1", dtype="float16", batch=256, hw=56, c_in=128, c_out=128, k=1):
+    return LayerKey(op, variant, dtype, batch, hw, hw, c_in, c_out, k)
+
+
+def test_heuristic_tables_give_the_sizes_ptxas_was_read_for():
+    # densenet121 at batch 256: 128x128x64 at 8 warps for the 1x1 (a 128x128 float32
+    # accumulator at 4 warps spilled); the stem at most 64 columns, K = 32, 8 warps; 16-row classifier.
+    assert heuristic_tiles(_key(), interpreted=False) == dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8)
+    assert heuristic_tiles(_key(op="stem", hw=112, c_in=3, c_out=64, k=7), interpreted=False) == \
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8)
+    assert heuristic_tiles(_key(op="classifier", dtype="float32", hw=1, c_in=1024, c_out=1000), interpreted=False) == \
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=16, num_warps=4)
+    # 64x128 in 16-bit stays at 4 warps; float32 K steps of 16 and 8 warps from 64x64.
+    assert heuristic_tiles(_key(batch=1, hw=7), interpreted=False)["num_warps"] == 4
+    assert heuristic_tiles(_key(dtype="float32", batch=1, hw=7), interpreted=False) == \
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=8)
+    assert heuristic_tiles(_key(op="head", batch=2, hw=7, c_out=1024), interpreted=False) == \
+        dict(BLOCK_C=128, BLOCK_HW=64)
+
+
+def _table(tmp_path, entries, name="nvidia-h100-80gb-hbm3-triton3.6.json"):
+    path = tmp_path / name
+    path.write_text(tuned_table_json("NVIDIA H100 80GB HBM3", "3.6.0", entries))
+    return path
+
+
+def test_a_tuned_entry_wins_for_its_exact_layer_only(tmp_path):
+    tuned_tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)
+    table = load_tuned_table(_table(tmp_path, {_key(variant="v2"): tuned_tiles}))
+    assert choose_tiles(_key(variant="v2"), interpreted=False, tuned=table) == tuned_tiles
+    for other in (_key(), _key(variant="v2", batch=64), _key(variant="v2", dtype="bfloat16")):
+        assert choose_tiles(other, interpreted=False, tuned=table) == heuristic_tiles(other, interpreted=False)
+    # The interpreter keeps its own (largest) tiles.
+    assert choose_tiles(_key(variant="v2"), interpreted=True, tuned=table) == heuristic_tiles(_key(), interpreted=True)
+
+
+def test_the_tuned_table_is_found_by_gpu_and_triton_user_cache_first(tmp_path):
+    assert tuned_table_name("NVIDIA H100 80GB HBM3", "3.6.0+git1a2b") == "nvidia-h100-80gb-hbm3-triton3.6.json"
+    user, package = tmp_path / "user", tmp_path / "package"
+    user.mkdir(), package.mkdir()
+    _table(package, {_key(): dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=2)})
+    assert find_tuned_table("NVIDIA H100 80GB HBM3", "3.6.1", [user, package]).path.parent == package
+    _table(user, {})
+    assert find_tuned_table("NVIDIA H100 80GB HBM3", "3.6.1", [user, package]).path.parent == user
+    assert find_tuned_table("NVIDIA H200", "3.6.1", [user, package]) is None
+    assert find_tuned_table("NVIDIA H100 80GB HBM3", "3.8.0", [user, package]) is None
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d.update(format="other"), "not a densetriton-tuned-tiles version 1 file"),
+    (lambda d: d["entries"][0].pop("c_in"), "entry 0: missing c_in"),
+    (lambda d: d["entries"][0].update(BLOCK_K=24), "BLOCK_K must be a power of two >= 16"),
+    (lambda d: d["entries"][0].update(num_warps=True), "num_warps must be a power of two"),
+    (lambda d: d["entries"][0].update(split_k=2), "split_k 2: no kernel splits K yet"),
+    (lambda d: d["entries"][0].update(op="max_pool"), "op must be one of"),
+    (lambda d: d["entries"][0].update(colour="blue"), "unknown field"),
+    (lambda d: d["entries"].append(dict(d["entries"][0])), "entry 1: a second entry for the same layer"),
+])
+def test_a_malformed_tuned_table_is_one_error_naming_file_and_entry(tmp_path, change, match):
+    path = _table(tmp_path, {_key(): dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=2)})
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=match) as e:
+        load_tuned_table(path)
+    assert str(path) in str(e.value)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read as JSON"):
+        load_tuned_table(path)
+
+
+def test_the_plan_launches_with_the_tuned_tiles(tmp_path, monkeypatch):
+    """A GPU plan (built on CPU tensors; kernels stubbed) takes the tuned entry for the one layer it
+    names and the heuristics for the others."""
+    spec = DenseNetSpec(4, (2,), 8, 2, 0.5, 3, "imagenet")
+    seen = []
+    monkeypatch.setattr(kernels, "bn_relu_conv_v2", lambda *a, **kw: seen.append(kw))
+    first_1x1 = LayerKey("conv1x1", "v2", "float16", 4, 8, 8, 8, 8, 1)  # 32x32 input: 8x8 after the stem
+    tuned = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=5)
+    table = load_tuned_table(_table(tmp_path, {first_1x1: tuned}))
+    folded = fold_batchnorm(ReferenceDenseNet(spec).state_dict(), spec, torch.float16, "cpu")
+    plan = Plan(spec, build_stages(spec), folded, 4, 32, 32, torch.float16, torch.device("cpu"), False,
+                kernel_choice=parse_kernel_choice("v2"), tuned=table)
+    for stage, launch in plan.launches:
+        if stage_op(stage) in ("conv1x1", "conv3x3"):
+            launch(None, None)
+    tiles = [{k: v for k, v in kw.items() if k.startswith(("BLOCK", "num_"))} for kw in seen]
+    assert [kw["kernel_size"] for kw in seen] == [1, 3, 1, 3]
+    assert tiles[0] == tuned
+    assert tiles[2] == heuristic_tiles(LayerKey("conv1x1", "v2", "float16", 4, 8, 8, 12, 8, 1), interpreted=False)
+
+
+def test_default_plans_run_v1_everywhere():
+    assert all(KernelChoice().of(op) == "v1" for op in OP_VARIANTS)
+
+
+# -- a sweep's candidate check --------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", [
+    LayerKey("conv3x3", "v2", "float16", 2, 5, 7, 37, 12, 3),
+    LayerKey("conv1x1", "v2", "float32", 2, 5, 3, 40, 24, 1),
+    LayerKey("transition", "v1", "float16", 2, 3, 3, 40, 20, 1),
+    LayerKey("stem", "v1", "float16", 1, 6, 5, 1, 16, 7),
+])
+def test_check_candidate_accepts_other_tiles_and_catches_a_wrong_kernel(key, monkeypatch):
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=2)
+    assert check_candidate(key, tiles, device=DEVICE) < 1e-2
+    out = build_candidate(key, tiles, device=DEVICE)()
+    assert out.shape == (key.batch, key.height, key.width, key.c_out) and not torch.isnan(out).any()
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
+        build_candidate(key, dict(tiles, BLOCK_N=24), device=DEVICE)()
+    if key.variant == "v2":  # a candidate kernel that skips the last input channel is caught
+        real = kernels.bn_relu_conv_v2
+
+        def wrong(x, weight, out, **kw):
+            taps = kw["kernel_size"] ** 2
+            kept = weight.view(taps, x.shape[3], weight.shape[1])[:, :-1].reshape(-1, weight.shape[1])
+            scale_shift = {k: kw[k][:-1] for k in ("in_scale", "in_shift") if kw.get(k) is not None}
+            return real(x[..., :-1], pack_like(kept, weight.dtype), out, **{**kw, **scale_shift})
+
+        monkeypatch.setattr(kernels, "bn_relu_conv_v2", wrong)
+        assert check_candidate(key, tiles, device=DEVICE) > 1e-2
+
+
+def pack_like(rows: torch.Tensor, dtype) -> torch.Tensor:
+    """[K, Cout] rows as a unit-column-stride operand (what pack_conv_weight returns)."""
+    return rows.to(dtype).contiguous()
