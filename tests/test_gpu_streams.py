@@ -57,11 +57,14 @@ def _on_each_stream_at_once(streams, work):
 
 
 @pytest.mark.filterwarnings("error:CUDA graph capture failed")
-def test_gpu_two_streams_at_once_each_get_their_own_plan_and_the_right_answers(monkeypatch):
+@pytest.mark.parametrize("graphs", ["1", "0"], ids=["cuda-graphs", "launch-by-launch"])
+def test_gpu_two_streams_at_once_each_get_their_own_plan_and_the_right_answers(monkeypatch, graphs):
     """Same shape, different images, on two streams at once. Fails when the plan cache's key
     leaves out the stream (executor.plan): both streams then get one plan (the identity check),
     and their calls race on its buffers (the values, whenever the kernels overlap)."""
+    monkeypatch.setenv("DENSETRITON_CUDA_GRAPHS", graphs)  # read when the engine is built
     model, engine = _model_and_engine()
+    assert engine._model.use_cuda_graphs == (graphs == "1")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # a float32 reference, not TF32
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
