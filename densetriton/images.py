@@ -271,11 +271,11 @@ def _check_dicom_declared(path, ds) -> None:
     check_declared_pixels(path, columns, rows)
     if samples not in (1, 3):
         raise ImageError(path, f"refused: it declares {samples} samples per pixel (DICOM images have 1 or 3)")
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        return
     try:
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            return
         expected = get_expected_length(ds, unit="bytes")
-    except Exception as e:
+    except Exception as e:  # an unknown transfer syntax, attributes of the wrong type
         raise ImageError(path, _one_line(f"a DICOM image with unreadable attributes ({type(e).__name__}: {e})")) from None
     held = len(ds.PixelData) if "PixelData" in ds and ds.PixelData is not None else 0
     if held < expected:

@@ -278,3 +278,24 @@ def test_the_pixel_bound_is_set_by_densetriton_max_image_pixels(tmp_path, monkey
     monkeypatch.delenv("DENSETRITON_MAX_IMAGE_PIXELS")
     with pytest.raises(ImageError, match=f"over the bound of {DEFAULT_MAX_IMAGE_PIXELS:,}"):
         load_image(_png_declaring(tmp_path / "bomb.png", 9000, 9000))
+
+
+def test_dicom_headers_that_cannot_be_checked_are_one_image_error(tmp_path):
+    """A DICOM file whose transfer syntax is no transfer syntax, or whose samples per pixel are not 1
+    or 3 (each sample multiplies what a frame allocates), is an ImageError with its reason (predict
+    skips it), not a ValueError from pydicom's UID class."""
+    from pydicom import dcmread
+
+    rng = np.random.default_rng(3)
+    unknown = _dicom_declaring(tmp_path / "unknown.dcm", 8, 8, rng.integers(0, 4096, (8, 8)))
+    ds = dcmread(unknown)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4"
+    ds.save_as(unknown)
+    with pytest.raises(ImageError, match="unreadable attributes"):
+        load_image(unknown)
+    samples = _dicom_declaring(tmp_path / "samples.dcm", 8, 8, rng.integers(0, 4096, (8, 8)))
+    ds = dcmread(samples)
+    ds.SamplesPerPixel = 4000
+    ds.save_as(samples)
+    with pytest.raises(ImageError, match="refused: it declares 4000 samples per pixel"):
+        load_image(samples)
