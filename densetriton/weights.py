@@ -388,8 +388,10 @@ def load_weights(path: str | os.PathLike) -> Weights:
         from .weights_tools.convert import normalize_state_dict, infer_spec
 
         tensors = normalize_state_dict(tensors)
-        spec = infer_spec(tensors)
-        found = FileMetadata(spec)
+        try:
+            found = FileMetadata(infer_spec(tensors))
+        except OverBound as e:  # e.g. the names of 100,000 empty tensors, one a block
+            raise e.refused_in(path, "the spec its tensors describe: ") from None
     try:
         check_tensors(tensors, found.spec)
     except WeightsError as e:

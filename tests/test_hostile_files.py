@@ -299,3 +299,25 @@ def test_dicom_headers_that_cannot_be_checked_are_one_image_error(tmp_path):
     ds.save_as(samples)
     with pytest.raises(ImageError, match="refused: it declares 4000 samples per pixel"):
         load_image(samples)
+
+
+def test_a_plain_file_whose_tensors_describe_a_spec_over_the_bounds_is_refused(tmp_path, monkeypatch):
+    """A safetensors file without metadata (timm's layout) gets its spec from its tensors' names and
+    shapes, and the spec's bounds apply to it too: 17 blocks is one error line naming the bound (a
+    ConversionError from weights_tools' infer_spec, which wraps the spec's ValueError; load_weights
+    turns an OverBound that reaches it into a FileRefused naming the file). Fails without the bounds:
+    the file loads."""
+    from safetensors.torch import save_file
+
+    from densetriton.reference import ReferenceDenseNet
+
+    monkeypatch.setattr(densetriton.spec, "MAX_BLOCKS", 32)  # to build the model the file holds
+    spec = densetriton.DenseNetSpec(4, (1,) * 17, 8, 2, 0.5, 3)
+    torch.manual_seed(0)
+    state = {k: v for k, v in ReferenceDenseNet(spec).state_dict().items() if not k.endswith("num_batches_tracked")}
+    monkeypatch.undo()
+    path = tmp_path / "plain.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=r"len\(block_config\) \(the number of blocks\) is 17, over the bound of 16") as e:
+        load_weights(path)
+    assert "\n" not in str(e.value)
