@@ -22,10 +22,11 @@ from densetriton.images import ImageError, build_transform, load_image
 from densetriton.limits import (
     DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, MAX_JSON_BYTES, MAX_JSON_DEPTH, FileRefused, json_depth,
 )
+from densetriton.engine import random_weights
 from densetriton.weights import WeightsError, load_weights, save_weights
 
 from hostile import TIME_BOUND_S, MEMORY_BOUND_MB, assert_refused, run_cli
-from image_commands import NAMES, PRE, SPEC, _tensors, one_thread, weights  # noqa: F401 -- fixtures by name
+from image_commands import NAMES, PRE, SPEC, one_thread, weights  # noqa: F401 -- fixtures by name
 
 
 # -- hostile weights files --------------------------------------------------------------------------
@@ -143,14 +144,16 @@ def test_preprocessing_sides_are_bounded_at_save_and_in_transforms(tmp_path):
     """A resize or crop over MAX_IMAGE_SIDE is refused by save_weights (nothing written) and by
     build_transform, as well as in a file being loaded (above)."""
     out = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    tensors = random_weights(SPEC).tensors
     for pre in ({**PRE, "resize_size": MAX_IMAGE_SIDE + 1}, {**PRE, "resize_size": None, "crop_size": [32, 20000]}):
         with pytest.raises(WeightsError, match=f"over the bound of {MAX_IMAGE_SIDE} pixels a side"):
-            save_weights(out, _tensors(SPEC, 0), SPEC, class_names=NAMES, preprocessing=pre)
+            save_weights(out, tensors, SPEC, class_names=NAMES, preprocessing=pre)
         assert not out.exists()
         with pytest.raises(WeightsError, match=f"over the bound of {MAX_IMAGE_SIDE}"):
             build_transform(pre)
     at_bound = {**PRE, "resize_size": MAX_IMAGE_SIDE, "crop_size": MAX_IMAGE_SIDE}
-    save_weights(out, _tensors(SPEC, 0), SPEC, class_names=NAMES, preprocessing=at_bound)
+    save_weights(out, tensors, SPEC, class_names=NAMES, preprocessing=at_bound)
     assert load_weights(out).preprocessing["resize_size"] == MAX_IMAGE_SIDE
 
 
