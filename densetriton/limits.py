@@ -108,10 +108,12 @@ def json_depth(text: str | bytes) -> int:
 def load_json(text: str | bytes, path, what: str):
     """json.loads of a file's JSON (metadata, a config) after bounding its size and nesting depth;
     a text over either bound is a FileRefused naming `what` in `path`."""
-    size = len(text)
-    if size > MAX_JSON_BYTES:
-        raise refuse(path, f"{what} size", f"{size} bytes", f"{MAX_JSON_BYTES} bytes")
-    depth = json_depth(text)
+    if len(text) > MAX_JSON_BYTES:  # a str's characters: at most its UTF-8 bytes, counted before encoding it
+        raise refuse(path, f"{what} size", f"{len(text)} characters", f"{MAX_JSON_BYTES} bytes")
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    if len(data) > MAX_JSON_BYTES:
+        raise refuse(path, f"{what} size", f"{len(data)} bytes", f"{MAX_JSON_BYTES} bytes")
+    depth = json_depth(data)
     if depth > MAX_JSON_DEPTH:
         raise refuse(path, f"{what} nesting depth", depth, MAX_JSON_DEPTH)
     return json.loads(text)
