@@ -6,6 +6,7 @@
 # tests (then the rest of the suite while the test budget lasts), run the full bench, and leave in OUTDIR
 #   run.log    versions, nvidia-smi, install output, one status line per stage
 #   tests.log  pytest output
+#   ab.log     the kernel-variant A/B (RUN_AB=1): variant_check, then layer_times per variant
 #   bench.log  the bench's output
 #   <date>-<device>.json/.md/.png   the results (also copied into bench/results/)
 # ending with a short table. A failing stage is recorded and the next one still runs; the exit
@@ -14,6 +15,11 @@
 # Environment knobs:
 #   PYTHON=python3          the interpreter that holds torch
 #   RUN_INSTALL=1 RUN_TESTS=1 RUN_BENCH=1   set one to 0 to skip that stage
+#   RUN_AB=0                1: after the tests, the kernel-variant A/B (DENSETRITON_KERNELS): the
+#                           variants' logits compared at the A/B shapes (variant_check), then
+#                           `layer_times` for each model x batch x variant, variants interleaved
+#   AB_VARIANTS="v1 v2" AB_MODELS="densenet121 densenet201" AB_BATCHES="1 256" AB_DTYPE=float16
+#   AB_TIMEOUT_S=240        the A/B's budget; a run that would start with under 20 s left is skipped
 #   TEST_BUDGET_S=360       seconds for all tests: kernel tests, GPU tests, the rest with what is left
 #   BENCH_TIMEOUT_S=0       >0: the bench starts no record after 80% of this (--budget-s) and is
 #                           interrupted (SIGINT, partial results kept) at this many seconds
@@ -36,6 +42,12 @@ RUN_TESTS=${RUN_TESTS:-1}
 RUN_BENCH=${RUN_BENCH:-1}
 TEST_BUDGET_S=${TEST_BUDGET_S:-360}
 BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-0}
+RUN_AB=${RUN_AB:-0}
+AB_VARIANTS=${AB_VARIANTS:-v1 v2}
+AB_MODELS=${AB_MODELS:-densenet121 densenet201}
+AB_BATCHES=${AB_BATCHES:-1 256}
+AB_DTYPE=${AB_DTYPE:-float16}
+AB_TIMEOUT_S=${AB_TIMEOUT_S:-240}
 export PYTHONUNBUFFERED=1
 LOG=$OUTDIR/run.log
 FAILED=0
@@ -101,7 +113,8 @@ if [[ $RUN_TESTS == 1 ]]; then
     # Cheapest and most telling first: every kernel, compiled, at small awkward shapes against
     # float64 (float32, float16 and bfloat16); then the GPU-marked tests (registry models at 224,
     # CUDA graphs, threads and streams, the soak); then the rest while the budget lasts.
-    run_tests "kernel tests" $((TEST_BUDGET_S * 2 / 5)) tests/kernels
+    # tests/test_kernel_variants.py: whole engines under DENSETRITON_KERNELS=v2 against v1.
+    run_tests "kernel tests" $((TEST_BUDGET_S * 2 / 5)) tests/kernels tests/test_kernel_variants.py
     left=$((TEST_BUDGET_S - (SECONDS - start)))
     if ((left >= 30)); then
         # Files in the order a cut budget should spare them: threads, streams and the soak, the
@@ -121,6 +134,46 @@ if [[ $RUN_TESTS == 1 ]]; then
         SUMMARY+=("rest of the suite: not run (${left}s of TEST_BUDGET_S left)")
         note "rest of the suite: not run (${left}s left)"
     fi
+fi
+
+ab_run() {  # ab_run LIMIT_S VARIANT MODULE ARGS...: one A/B command into ab.log; its exit status
+    local limit=$1 variant=$2 rc=0
+    shift 2
+    echo "=== DENSETRITON_KERNELS=$variant $PY -m densetriton.bench.$* (limit ${limit}s)" >>"$OUTDIR/ab.log"
+    DENSETRITON_KERNELS=$variant timeout -s INT -k 10 "$limit" "$PY" -m "densetriton.bench.$@" \
+        >>"$OUTDIR/ab.log" 2>&1 || rc=$?
+    return "$rc"
+}
+
+if [[ $RUN_AB == 1 ]]; then
+    : >"$OUTDIR/ab.log"
+    start=$SECONDS
+    read -r -a variants <<<"$AB_VARIANTS"
+    read -r -a models <<<"$AB_MODELS"
+    read -r -a batches <<<"$AB_BATCHES"
+    rc=0
+    # Correct first: a faster variant that is wrong at the bench's shapes is no result.
+    ab_run $((AB_TIMEOUT_S / 3)) "${variants[0]}" variant_check --model "${models[@]}" \
+        --batch-size "${batches[@]}" --dtype "$AB_DTYPE" --kernels "${variants[@]}" || rc=$?
+    stage "A/B variant check" "$rc" "$(grep -E '^(ok|FAILED):' "$OUTDIR/ab.log" | tail -1)"
+    done_runs=0 failed_runs=0 skipped_runs=0
+    for model in "${models[@]}"; do
+        for batch in "${batches[@]}"; do
+            for variant in "${variants[@]}"; do  # interleaved: a cut budget leaves whole pairs
+                left=$((AB_TIMEOUT_S - (SECONDS - start)))
+                if ((left < 20)); then
+                    skipped_runs=$((skipped_runs + 1))
+                    continue
+                fi
+                rc=0
+                ab_run "$left" "$variant" layer_times --model "$model" --batch-size "$batch" --dtype "$AB_DTYPE" || rc=$?
+                done_runs=$((done_runs + 1))
+                ((rc == 0)) || failed_runs=$((failed_runs + 1))
+            done
+        done
+    done
+    stage "A/B layer times" "$((failed_runs > 0))" \
+        "$done_runs run, $failed_runs failed, $skipped_runs skipped at AB_TIMEOUT_S=${AB_TIMEOUT_S}s"
 fi
 
 if [[ $RUN_BENCH == 1 ]]; then

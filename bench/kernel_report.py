@@ -1,14 +1,16 @@
 """What the kernels of a plan compile to on an NVIDIA GPU, read on a machine without one.
 
-For every distinct Triton specialisation that a plan (model x batch x dtype x image size)
-launches: registers per thread, bytes spilled to local memory, shared memory, and the time
-Triton plus ptxas took to build it, compiled for an NVIDIA target (default sm_90, the H100).
+For every distinct Triton specialisation that a plan (model x batch x dtype x image size, under
+a kernel selection as DENSETRITON_KERNELS gives it) launches: registers per thread, bytes spilled
+to local memory, shared memory, the SASS instructions and MMA instructions of one K step (the
+innermost loop holding the MMAs, plus what an enclosing loop adds per outer iteration), and the
+time Triton plus ptxas took to build it, compiled for an NVIDIA target (default sm_90, the H100).
 
 Why: a kernel that spills or asks for more shared memory than an SM has is slow (or fails to
 launch) whatever its tile sizes promise, and that shows here, without a GPU. The number of
 specialisations and their summed build time is the cold start on an empty Triton cache.
 
-    python -m densetriton.bench.kernel_report --model densenet201 --batch-size 1 64 --dtype float16
+    python -m densetriton.bench.kernel_report --model densenet201 --batch-size 1 64 --dtype float16 [--kernels v2]
 
 Run it without TRITON_INTERPRET (it needs Triton's compiler, not its interpreter). It uses
 Triton's own argument binder, so a specialisation here is one compile on the GPU host.
@@ -43,6 +45,7 @@ class Specialisation:
     shared_bytes: int | None = None
     compile_s: float | None = None
     error: str | None = None
+    k_loop: tuple | None = None  # sass_k_loop(): SASS instructions and MMAs per K step, outer loops' extra
 
 
 def _kernels():
@@ -85,11 +88,12 @@ def _record_launches(kernels, sink):
             fn.__dict__.pop("run", None)
 
 
-def collect(models, batches, dtypes, image_sizes=(None,)):
+def collect(models, batches, dtypes, image_sizes=(None,), kernel_choice=None):
     """(kernels by name, launches): every launch of every plan as (kernel, args, kwargs, where).
 
-    The plans are built on CPU tensors with the GPU's tile sizes; the recorder stands in for
-    the kernels, so nothing runs. An image size of None is the model's own (224, or 32 for CIFAR).
+    The plans are built on CPU tensors with the GPU's tile sizes and the kernel variants of
+    kernel_choice (default: every op's v1); the recorder stands in for the kernels, so nothing
+    runs. An image size of None is the model's own (224, or 32 for CIFAR).
     """
     import torch
 
@@ -108,7 +112,8 @@ def collect(models, batches, dtypes, image_sizes=(None,)):
             folded = fold_batchnorm(tensors, spec, dtype, "cpu")
             for image_size, n in itertools.product(image_sizes, batches):
                 size = image_size or (224 if spec.stem == "imagenet" else 32)
-                plan = Plan(spec, stages, folded, n, size, size, dtype, torch.device("cpu"), interpreted=False)
+                plan = Plan(spec, stages, folded, n, size, size, dtype, torch.device("cpu"), interpreted=False,
+                            kernel_choice=kernel_choice)
                 x = torch.empty(n, spec.in_channels, size, size, dtype=dtype)
                 logits = torch.empty(n, spec.num_classes)
                 for stage, launch in plan.launches:
@@ -167,6 +172,48 @@ def _ptxas_report(ptx: str, arch: int):
     return int(regs.group(1)), int(spill.group(1)) if spill else 0
 
 
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?P<op>.*?)\s*;")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+_MMA = re.compile(r"^(@!?U?P\w+\s+)?(HGMMA|HMMA|IMMA)")
+
+
+def sass_k_loop(sass: str) -> tuple[int, int, int] | None:
+    """(instructions, MMA instructions, instructions of enclosing loops outside it) of the
+    innermost SASS loop that holds the kernel's MMAs: the cost of one K step, and what a loop
+    around it (v1's loop over taps) adds per outer iteration. None without an MMA loop (the
+    float32 kernels' IEEE products run on FFMA)."""
+    ops, labels = [], {}
+    for line in sass.splitlines():
+        label, ins = _SASS_LABEL.match(line), _SASS_LINE.match(line)
+        if label:
+            labels[label.group(1)] = len(ops)
+        elif ins:
+            ops.append(ins.group("op"))
+    loops = [(labels[m.group(1)], i) for i, op in enumerate(ops)
+             if (m := _SASS_BRANCH.search(op)) and labels.get(m.group(1), i + 1) <= i]
+    with_mma = [(a, b) for a, b in loops if any(_MMA.match(op) for op in ops[a:b + 1])]
+    if not with_mma:
+        return None
+    a, b = min(with_mma, key=lambda loop: loop[1] - loop[0])
+    outer = max(with_mma, key=lambda loop: loop[1] - loop[0])
+    mma = sum(1 for op in ops[a:b + 1] if _MMA.match(op))
+    return b - a + 1, mma, (outer[1] - outer[0]) - (b - a)
+
+
+def _sass(cubin: bytes, arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(arch).path), "nvdisasm")  # bundled beside ptxas
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed: {out.stderr.strip()[:300]}")
+    return out.stdout
+
+
 def build(kernels, backend, groups, arch, progress=True):
     """Compile each specialisation (into an empty Triton cache) and read its resources."""
     items = list(groups.values())
@@ -199,6 +246,7 @@ def _build_one(fn, spec, packed, backend, arch):
         compile_s = time.perf_counter() - t0
         spec.registers, spec.spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
         spec.shared_bytes, spec.compile_s = compiled.metadata.shared, compile_s
+        spec.k_loop = sass_k_loop(_sass(compiled.asm["cubin"], arch))
     except Exception as e:  # one failure is a finding, not the end of the report
         spec.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
@@ -211,10 +259,18 @@ def _describe(s: Specialisation) -> str:
             f"{s.shared_bytes} B shared, {s.compile_s:.2f} s")
 
 
+def _k_loop_text(k_loop) -> str:
+    if k_loop is None:
+        return "-"
+    instructions, mma, outer = k_loop
+    return f"{instructions}/{mma}" + (f" (+{outer})" if outer else "")
+
+
 def table(specs, arch) -> str:
     limit = SMEM_LIMIT_KB.get(arch, 227) * 1024
-    lines = ["| kernel | constants | not /16 | launches | first launch | registers | spill B | shared B | compile s | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | constants | not /16 | launches | first launch | registers | spill B | shared B | compile s "
+             "| SASS/MMA per K step (+ outer loop) | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(specs, key=lambda s: (s.kernel, -len(s.stages))):
         consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in s.constants.items())
         notes = []
@@ -227,7 +283,7 @@ def table(specs, arch) -> str:
         f = lambda v, fmt="{}": "-" if v is None else fmt.format(v)  # noqa: E731
         lines.append(f"| {s.kernel} | {consts} | {' '.join(s.unaligned)} | {len(s.stages)} | {s.stages[0]} | "
                      f"{f(s.registers)} | {f(s.spill_bytes)} | "
-                     f"{f(s.shared_bytes)} | {f(s.compile_s, '{:.2f}')} | {'; '.join(notes)} |")
+                     f"{f(s.shared_bytes)} | {f(s.compile_s, '{:.2f}')} | {_k_loop_text(s.k_loop)} | {'; '.join(notes)} |")
     built = [s for s in specs if s.compile_s is not None]
     lines.append("")
     lines.append(f"{len(specs)} specialisations, {sum(len(s.stages) for s in specs)} launches; "
@@ -246,15 +302,24 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float16"], help="compute dtypes (default float16)")
     p.add_argument("--image-size", nargs="+", type=int, default=[None], metavar="S",
                    help="square input sizes (default 224; 32 for CIFAR stems)")
+    p.add_argument("--kernels", default=None, metavar="CHOICE",
+                   help="kernel variants, as DENSETRITON_KERNELS takes them (e.g. v2, or conv1x1=v2,conv3x3=v1); "
+                        "default: $DENSETRITON_KERNELS, else v1")
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (default 90: H100)")
     p.add_argument("--count-only", action="store_true",
                    help="count the specialisations (one line per --batch-size and in all), compile nothing")
     p.add_argument("--fail-on-spill", action="store_true", help="exit 1 if a kernel spills or fails to build")
     args = p.parse_args(argv)
+    from ..variants import kernel_choice_from_env, parse_kernel_choice
+
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("unset TRITON_INTERPRET: the report compiles kernels, the interpreter does not")
 
-    kernels, launches = collect(args.model, args.batch_size, args.dtype, args.image_size)
+    try:
+        choice = parse_kernel_choice(args.kernels) if args.kernels is not None else kernel_choice_from_env()
+    except ValueError as e:
+        p.error(str(e))
+    kernels, launches = collect(args.model, args.batch_size, args.dtype, args.image_size, choice)
     backend, groups = specialise(kernels, launches, args.arch)
     if args.count_only:
         # Per input shape too: what one shape needs on its own, against what all of them need.
@@ -268,6 +333,7 @@ def main(argv=None) -> int:
         print(f"{len(groups)} specialisations, {len(launches)} launches")
         return 0
     specs = build(kernels, backend, groups, args.arch)
+    print(f"kernel variants: {choice.describe()}\n")
     print(table(specs, args.arch), end="")
     bad = [s for s in specs if s.spill_bytes or s.error]
     return 1 if args.fail_on_spill and bad else 0
