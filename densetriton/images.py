@@ -426,6 +426,7 @@ def build_transform(engine_or_preprocessing=None):
             f"image files give 1 (grayscale) or 3 (RGB) channels; this preprocessing's mean is {pre['mean']!r:.60}"
         )
     check_preprocessing(pre, channels)
+    max_image_pixels()  # a malformed DENSETRITON_MAX_IMAGE_PIXELS is one error here, not one per image
     steps = []
     if pre.get("resize_size") is not None:
         steps.append(ResizeBound(pre["resize_size"]))

@@ -281,6 +281,10 @@ def test_the_pixel_bound_is_set_by_densetriton_max_image_pixels(tmp_path, monkey
     monkeypatch.delenv("DENSETRITON_MAX_IMAGE_PIXELS")
     with pytest.raises(ImageError, match=f"over the bound of {DEFAULT_MAX_IMAGE_PIXELS:,}"):
         load_image(_png_declaring(tmp_path / "bomb.png", 9000, 9000))
+    for malformed in ("lots", "0"):  # refused once, by the transform predict and embed build first
+        monkeypatch.setenv("DENSETRITON_MAX_IMAGE_PIXELS", malformed)
+        with pytest.raises(ValueError, match="DENSETRITON_MAX_IMAGE_PIXELS must be"):
+            build_transform(PRE)
 
 
 def test_dicom_headers_that_cannot_be_checked_are_one_image_error(tmp_path):
