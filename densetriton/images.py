@@ -30,6 +30,12 @@ Reading is robust to what real files contain:
 * A grayscale model (one input channel) gets the image's luminance, as torchvision's Grayscale
   computes it from the RGB image (L = 0.299 R + 0.587 G + 0.114 B; a gray image is unchanged).
 
+* An image that declares more pixels than limits.max_image_pixels() (DENSETRITON_MAX_IMAGE_PIXELS;
+  8192 x 8192 by default) is refused from its header, before anything is decoded: a PNG of a
+  hundred bytes can declare billions. For DICOM the bound is per frame (Rows x Columns), and
+  uncompressed pixel data must be as long as the header declares. A resize whose output would be
+  over the bound (a 1 x 60000 strip resized to a shorter side of 256) is refused too.
+
 A file that cannot be read raises ImageError, whose `reason` says why in a few words.
 """
 
