@@ -38,7 +38,8 @@ class Drain:
     """SIGINT/SIGTERM in the main process: the HTTP processes get SIGTERM (uvicorn stops accepting
     and answers the requests it has, while the workers still compute), then the workers, which
     ignore SIGINT and SIGTERM (Ctrl-C and `systemctl stop` signal every process of the group), get
-    SIGUSR1, and LitServe stops the rest as on Ctrl-C. A second signal stops at once."""
+    SIGUSR1, and LitServe stops the rest as on Ctrl-C. A second signal kills the HTTP processes and
+    the workers, giving up the requests in flight."""
 
     def __init__(self):
         self.main_pid = os.getpid()
@@ -53,10 +54,13 @@ class Drain:
             if multiprocessing.current_process().name.startswith("LitServer-"):
                 raise SystemExit(0)  # an HTTP process whose uvicorn has answered its requests and stopped
             return  # LitServe's queue manager: it is needed until the workers have answered
-        if self.stopping:
+        children = multiprocessing.active_children()
+        if self.stopping:  # a second signal: the requests in flight are given up
+            for process in children:
+                if process.name.startswith("LitServer-") or process.name == WORKER_NAME:
+                    process.kill()
             raise KeyboardInterrupt
         self.stopping = True
-        children = multiprocessing.active_children()
         http = [p for p in children if p.name.startswith("LitServer-")]
         for process in http:
             process.terminate()

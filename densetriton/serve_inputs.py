@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .images import ImageError, build_transform, load_image
 from .limits import FileRefused
@@ -164,7 +165,14 @@ def parse_json(body: bytes) -> tuple[list[bytes], dict, bool]:
 
 
 async def parse_form(request: Request) -> tuple[list[bytes], dict, bool]:
-    form = await request.form(max_files=MAX_IMAGES_PER_REQUEST + 1)
+    try:
+        form = await request.form(max_files=MAX_IMAGES_PER_REQUEST)
+    except StarletteHTTPException as e:  # starlette's 400 for a malformed form or too many files; a 413 passes
+        if e.status_code != 400:
+            raise
+        if "too many files" in str(e.detail).lower():
+            check_count(MAX_IMAGES_PER_REQUEST + 1)
+        raise refused(400, f"malformed multipart/form-data: {e.detail}") from None
     files = form.getlist("file")
     if not files:
         raise refused(400, "multipart/form-data without a field named file: " + ACCEPTED)
@@ -181,7 +189,8 @@ async def parse_form(request: Request) -> tuple[list[bytes], dict, bool]:
 
 def check_count(count: int) -> None:
     if count > MAX_IMAGES_PER_REQUEST:
-        raise refused(413, f"{count} images in one request, over the limit of {MAX_IMAGES_PER_REQUEST}")
+        raise refused(413, f"more than {MAX_IMAGES_PER_REQUEST} images in one request" if count == MAX_IMAGES_PER_REQUEST + 1
+                      else f"{count} images in one request, over the limit of {MAX_IMAGES_PER_REQUEST}")
 
 
 def decode_base64(value, where: str) -> bytes:

@@ -235,6 +235,7 @@ def request_cases(files) -> list[tuple]:
         valid.append(("/predict?topk=1", blob, "image/x-anything", KEY, 200, top1))
         valid.append(("/predict", as_json(image=b64(blob), topk=1), "application/json", KEY, 200, top1))
     oversized = b"\xff\xd8" + np.random.default_rng(0).bytes(int(1.2 * 2**20))
+    too_many, form_type = multipart([read(images["gray"])] * 257)
     invalid = [
         ("/predict", read(images["corrupt"]), "image/jpeg", KEY, 400, None),
         ("/predict", read(images["fake"]), "image/png", KEY, 400, None),
@@ -244,6 +245,8 @@ def request_cases(files) -> list[tuple]:
         ("/predict", as_json(image="not base64!"), "application/json", KEY, 400, None),
         ("/predict", as_json(image=b64(read(images["gray"])), topk=0), "application/json", KEY, 400, None),
         ("/predict", oversized, "image/jpeg", KEY, 413, None),
+        ("/predict", too_many, form_type, KEY, 413, None),
+        ("/predict", b"--not-the-boundary\r\n", form_type, KEY, 400, None),
         ("/predict", read(files["bomb"]), "image/png", KEY, 413, None),
         ("/predict", read(images["gray"]), "image/png", None, 401, None),
         ("/embed", read(images["gray"]), "image/png", "wrong", 401, None),
