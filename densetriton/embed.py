@@ -5,7 +5,8 @@ FILE is written once, atomically, when every image has been processed; until the
 keeps the rows it has computed in FILE.partial/ (a chunk every 30 s and when the run stops), so
 `--resume` loses at most that much. Every file names the model whose features it holds
 (stream.model_id), so that --resume never mixes two models' rows. Under torchrun rank 0 writes
-FILE from every rank's chunks, in input order.
+FILE from every rank's chunks, in input order. The run itself (inputs, lock, resume, torchrun,
+streaming, summary) is image_run's; this module supplies what embed writes, `Features`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .outputs import check_target, lock_outputs, refuse_inputs_as_outputs, remove_stale_temps
+from .image_run import Output, Sink, run_image_command
 from .stream import (
-    Dist, add_common_arguments, collect_files, describe_run, exit_status, inputs_help, load_engine, model_id, not_utf8,
-    outcome_help, path_key, print_summary, progress_label, set_aside, stream_images,
+    Dist, add_common_arguments, inputs_help, model_id, not_utf8, outcome_help, path_key, print_summary,
 )
 
 EMBED_FORMATS = (".npy", ".safetensors")
@@ -309,7 +309,7 @@ def _progress_chunks(out: str, width: int, model_id: str) -> list[tuple[Path, li
     return chunks
 
 
-class _ChunkWriter:
+class _ChunkWriter(Sink):
     """Keeps one rank's new rows on disk every `every` seconds (and at the end), so that an
     interrupted run loses at most that much work: `embed --resume` reads the chunks back."""
 
@@ -342,6 +342,18 @@ class _ChunkWriter:
         self.written += len(self.pending)
         self.pending = []
 
+    def finish(self) -> None:
+        self.flush()
+
+    def stopped(self) -> None:
+        try:
+            self.flush()  # an error or Ctrl-C keeps what was computed, for --resume
+        except Exception:  # noqa: BLE001 -- the first error is the one to report
+            pass
+        if self.written:
+            print(f"densetriton: {self.written} images' features are kept in {self.folder}/: run the same command "
+                  f"with --resume to go on", file=sys.stderr)
+
 
 def _not_written(out: str, error: OSError, rows: int, width: int) -> OSError:
     """A failure to write FILE (a full disk, a quota) as one line: the rows are safe, and how to go on."""
@@ -373,112 +385,100 @@ def embed_command(args) -> int:
     out = args.out
     if not out.lower().endswith(EMBED_FORMATS):
         raise ValueError(f"--out must end in .npy or .safetensors, got {out!r}")
-    dist = Dist.from_env(args.device)
-    try:
-        check_target(out, _sidecars(out))  # all before any image is read
-        _check_progress_dir(out)
-        with lock_outputs(out, dist):
-            return _embed(args, dist, out)
-    finally:
-        dist.close()
+    return run_image_command(args, Features(out))
 
 
-def _embed(args, dist: Dist, out: str) -> int:
-    from .spec import describe_spec
+class Features(Output):
+    """embed's output: FILE, written once by rank 0 from the rows every rank keeps in FILE.partial/
+    (and, with --resume, FILE's own rows first)."""
 
-    files = collect_files(args.paths)
-    if not files:
-        raise ValueError("no image files found in " + ", ".join(args.paths))
-    refuse_inputs_as_outputs([out, *_sidecars(out)], files + ([args.weights] if args.weights else []))
-    if dist.rank == 0:
-        remove_stale_temps([out, *_sidecars(out)])
-    engine = load_engine(args, dist)
-    show = dist.rank == 0
-    width = engine.spec.num_features
-    mid = model_id(engine, head=False)
+    command = "embed"
 
-    if not out.lower().endswith(".npy") and len(json.dumps(files)) > _SAFETENSORS_PATHS_LIMIT:
-        # safetensors keeps metadata in a header of at most 100 MB: say so now, not after the run.
-        raise ValueError(f"{len(files):,} paths do not fit in a safetensors header (100 MB); use --out FILE.npy")
-    order = {path_key(p): i for i, p in enumerate(files)}
+    def __init__(self, out: str):
+        self.path = out
 
-    def unseen_in_input_order(paths: list[str], seen: set[str]) -> list[int]:
+    def written_with(self, dist: Dist) -> list[str]:
+        return _sidecars(self.path)
+
+    def replaced(self) -> list[str]:
+        return [self.path, *_sidecars(self.path)]
+
+    def check(self, dist: Dist) -> None:
+        super().check(dist)
+        _check_progress_dir(self.path)
+
+    def start(self, engine, args, files: list[str]) -> None:
+        if not self.path.lower().endswith(".npy") and len(json.dumps(files)) > _SAFETENSORS_PATHS_LIMIT:
+            # safetensors keeps metadata in a header of at most 100 MB: say so now, not after the run.
+            raise ValueError(f"{len(files):,} paths do not fit in a safetensors header (100 MB); use --out FILE.npy")
+        self.width, self.model_id, self.spec = engine.spec.num_features, model_id(engine, head=False), engine.spec
+        self.order = {path_key(p): i for i, p in enumerate(files)}
+        # A run without --resume replaces FILE, and says so in FILE.partial/: resuming it after an
+        # interruption goes on replacing FILE (its rows are not kept, nor its model checked).
+        self.replacing = not args.resume or (_progress_dir(self.path) / _REPLACES_FILE).is_file()
+        self.file_paths, self.old_paths, self.recovered = [], [], 0
+
+    def model_call(self, engine):
+        return engine.features
+
+    def _unseen_in_input_order(self, paths: list[str], seen: set[str]) -> list[int]:
         """Indices of the paths not in `seen` (each once; `seen` takes them), in input order:
         chunks are written per rank, and may repeat rows FILE already holds."""
         new = [j for j, p in enumerate(paths) if path_key(p) not in seen and not seen.add(path_key(p))]
-        return sorted(new, key=lambda j: order.get(path_key(paths[j]), len(order)))
+        return sorted(new, key=lambda j: self.order.get(path_key(paths[j]), len(self.order)))
 
-    # What --resume keeps: FILE's rows, then the chunks an interrupted run left behind (a run
-    # stopped after writing FILE but before clearing FILE.partial/ leaves rows in both). Only
-    # their paths are read now; rank 0 copies the rows into the new FILE at the end.
-    file_paths, old_paths, recovered = [], [], 0
-    # A run without --resume replaces FILE, and says so in FILE.partial/: resuming it after an
-    # interruption goes on replacing FILE (its rows are not kept, nor its model checked).
-    replacing = not args.resume or (_progress_dir(out) / _REPLACES_FILE).is_file()
-    if args.resume:
-        if os.path.isfile(out) and not replacing:
-            file_paths = _feature_file_paths(out, width, mid)
-        partial_paths = _progress_paths(out, width, mid)
-        fresh = unseen_in_input_order(partial_paths, {path_key(p) for p in file_paths})
-        recovered = len(fresh)
-        old_paths = file_paths + [partial_paths[j] for j in fresh]
-    elif dist.rank == 0:
-        shutil.rmtree(_progress_dir(out), ignore_errors=True)  # an earlier run's, not to be mixed in
-        _progress_dir(out).mkdir(parents=True, exist_ok=True)
-        (_progress_dir(out) / _REPLACES_FILE).write_text(f"this run replaces {Path(out).name}\n", encoding="utf-8")
-    dist.barrier()  # every rank has read (or rank 0 has cleared) the old rows before any rank writes
-    done_keys = {path_key(p) for p in old_paths}
-    todo = [(i, p) for i, p in enumerate(files) if path_key(p) not in done_keys]
-    already = len(files) - len(todo)
-    items = [(i, p) for i, p in todo if i % dist.world == dist.rank]
-    pre_skipped = []
-    if out.lower().endswith(".npy"):  # the .paths.txt sidecar: UTF-8, one path per line
-        items, pre_skipped = set_aside(items, [
+    def resume(self, dist: Dist) -> set[str]:
+        """FILE's rows, then the chunks an interrupted run left behind (a run stopped after writing
+        FILE but before clearing FILE.partial/ leaves rows in both). Only their paths are read now;
+        rank 0 copies the rows into the new FILE at the end."""
+        if os.path.isfile(self.path) and not self.replacing:
+            self.file_paths = _feature_file_paths(self.path, self.width, self.model_id)
+        partial_paths = _progress_paths(self.path, self.width, self.model_id)
+        fresh = self._unseen_in_input_order(partial_paths, {path_key(p) for p in self.file_paths})
+        self.recovered = len(fresh)
+        self.old_paths = self.file_paths + [partial_paths[j] for j in fresh]
+        return {path_key(p) for p in self.old_paths}
+
+    def fresh(self, dist: Dist) -> None:
+        if dist.rank == 0:
+            folder = _progress_dir(self.path)
+            shutil.rmtree(folder, ignore_errors=True)  # an earlier run's, not to be mixed in
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / _REPLACES_FILE).write_text(f"this run replaces {Path(self.path).name}\n", encoding="utf-8")
+
+    def set_aside_rules(self) -> list:
+        if not self.path.lower().endswith(".npy"):
+            return []
+        return [  # the .paths.txt sidecar: UTF-8, one path per line
             (lambda p: "\n" in p or "\r" in p, "its path contains a line break (use --out FILE.safetensors)"),
             (not_utf8, "its name is not valid UTF-8 (use --out FILE.safetensors)"),
-        ])
-    if show:
-        print(describe_run(engine, args), file=sys.stderr)
-        if already:
-            print(f"resuming: {already} of {len(files)} images already embedded", file=sys.stderr)
+        ]
 
-    chunks = _ChunkWriter(out, dist.rank, mid)
-    start = time.perf_counter()
-    try:
-        tally = stream_images(engine, items, args, run=engine.features, on_batch=chunks.add, desc=progress_label("embed", dist), show=show)
-    except BaseException:
-        try:
-            chunks.flush()  # an error or Ctrl-C keeps what was computed, for --resume
-        except Exception:  # noqa: BLE001 -- the first error is the one to report
-            pass
-        if chunks.written:
-            print(f"densetriton: {chunks.written} images' features are kept in {chunks.folder}/: run the same command "
-                  f"with --resume to go on", file=sys.stderr)
-        raise
-    chunks.flush()
-    tally.skipped = pre_skipped + tally.skipped
-    elapsed = time.perf_counter() - start
+    def resuming(self, already: int, total: int) -> str:
+        return f"resuming: {already} of {total} images already embedded"
 
-    tallies = dist.all_gather((tally.done, tally.skipped))  # also a barrier: every rank's chunks are written
-    done = sum(d for d, _ in tallies)
-    skipped = [s for _, sk in tallies for s in sk]
-    if dist.rank == 0 and (done or recovered):
-        # The old rows as they were, then this run's in input order (chunks from every rank).
-        new_paths = _progress_paths(out, width, mid)
-        new_rows = unseen_in_input_order(new_paths, set(done_keys))
-        paths = old_paths + [new_paths[j] for j in new_rows]
-        try:
-            _write_features(out, width, describe_spec(engine.spec), mid, paths, file_rows=len(file_paths),
-                            resumed=not replacing)
-        except OSError as e:
-            raise _not_written(out, e, len(paths), width) from None
-        shutil.rmtree(_progress_dir(out), ignore_errors=True)
-    elif dist.rank == 0:  # nothing new: FILE stays (a resumed run's leftover rows were in it)
-        shutil.rmtree(_progress_dir(out), ignore_errors=True)
-    dist.barrier()
-    if show:
+    def open(self, dist: Dist, resume: bool) -> Sink:
+        return _ChunkWriter(self.path, dist.rank, self.model_id)
+
+    def merge(self, dist: Dist, files: list[str], done: int, resume: bool) -> None:
+        """FILE: the old rows as they were, then this run's in input order (chunks from every rank);
+        then FILE.partial/ goes. With nothing new FILE stays (a resumed run's leftover rows were in it)."""
+        from .spec import describe_spec
+
+        if done or self.recovered:
+            new_paths = _progress_paths(self.path, self.width, self.model_id)
+            new_rows = self._unseen_in_input_order(new_paths, {path_key(p) for p in self.old_paths})
+            paths = self.old_paths + [new_paths[j] for j in new_rows]
+            try:
+                _write_features(self.path, self.width, describe_spec(self.spec), self.model_id, paths,
+                                file_rows=len(self.file_paths), resumed=not self.replacing)
+            except OSError as e:
+                raise _not_written(self.path, e, len(paths), self.width) from None
+        shutil.rmtree(_progress_dir(self.path), ignore_errors=True)
+
+    def summarise(self, done: int, skipped: list, elapsed: float, already: int) -> None:
+        out = self.path
         written = out + (f", {out}.paths.txt and {out}.json" if out.lower().endswith(".npy") else "")
         print_summary("embedded", done, skipped, elapsed, already=already, out=written if done or already else None)
         if not done and not already:
             print(f"nothing written to {out}: no image could be read", file=sys.stderr)
-    return exit_status(done, already)

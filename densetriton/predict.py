@@ -1,10 +1,11 @@
 """`densetriton predict`: classify images and folders, top-k labels and probabilities to the
 screen, a CSV or a JSON-lines file.
 
-Rows are appended to the output file batch by batch (stream.py feeds them), so `--resume` can
-pick up an interrupted run; each row names the model that wrote it (stream.model_id). Under
-torchrun each rank writes `<out>.part<r>`, and rank 0 merges the parts into --out in input order
-and deletes them.
+The run itself (inputs, lock, resume, torchrun, streaming, summary) is image_run's; this module
+supplies what predict writes, `Predictions`. Rows are appended to the output file batch by batch,
+so `--resume` can pick up an interrupted run; each row names the model that wrote it
+(stream.model_id), and --resume drops a row cut short. Under torchrun each rank writes
+`<out>.part<r>`, and rank 0 merges the parts into --out in input order and deletes them.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from .images import format_prob, topk
 from .spec import NO_CLASSIFIER
-from .outputs import check_target, lock_outputs, part_name, refuse_inputs_as_outputs, remove_stale_temps
+from .image_run import Output, Sink, run_image_command
+from .outputs import part_name
 from .stream import (
-    Dist, add_common_arguments, collect_files, describe_run, exit_status, inputs_help, load_engine, model_id, not_utf8,
-    outcome_help, path_key, positive_int, print_summary, progress_label, set_aside, shown, stream_images,
+    Dist, add_common_arguments, inputs_help, model_id, not_utf8, outcome_help, path_key, positive_int, print_summary,
+    shown,
 )
 
 PREDICT_FORMATS = (".csv", ".jsonl")
@@ -254,7 +255,7 @@ def _open_for_append(path: str, records: _Records, resume: bool):
     return f
 
 
-def _print_table(rows, multi_label: bool, write) -> None:
+def _print_table(rows, write) -> None:
     for _, path, top in rows:
         lines = [shown(path)]
         for rank, (name, p) in enumerate(top, 1):
@@ -274,21 +275,108 @@ def predict_command(args) -> int:
             raise ValueError(f"--out must end in .csv or .jsonl, got {out!r}")
     elif args.resume:
         raise ValueError("--resume needs --out FILE (the results file to resume)")
-    dist = Dist.from_env(args.device)
-    try:
-        if out is None:
-            if dist.active:
-                raise ValueError("under torchrun, give --out FILE.csv or FILE.jsonl: each rank writes a part and rank 0 "
-                                 "merges them")
-            return _predict(args, dist, out, fmt)
-        check_target(out, [_part_path(out, dist.rank)] if dist.active else [], appended=True)
-        with lock_outputs(out, dist):  # one run per output, before any work
-            return _predict(args, dist, out, fmt)
-    finally:
-        dist.close()
+    return run_image_command(args, Predictions(out, fmt))
 
 
-def _resume_from(args, dist: Dist, out: str, records: _Records) -> set[str]:
+class Predictions(Output):
+    """predict's output: top-k rows appended to --out (each rank its part under torchrun, merged by
+    rank 0), or a table on the screen."""
+
+    command = "predict"
+    appended = True
+    screen_under_torchrun = "under torchrun, give --out FILE.csv or FILE.jsonl: each rank writes a part and rank 0 merges them"
+
+    def __init__(self, out: str | None, fmt: str | None):
+        self.path, self.fmt = out, fmt
+        self.records: _Records | None = None
+
+    def written_with(self, dist: Dist) -> list[str]:
+        return [_part_path(self.path, r) for r in range(dist.world)] if dist.active else []
+
+    def start(self, engine, args, files: list[str]) -> None:
+        if not engine.spec.num_classes:
+            raise ValueError(f"{args.weights or args.model}: {NO_CLASSIFIER}")
+        if args.multi_label is None:
+            args.multi_label = engine.multi_label
+        self.engine, self.multi_label, self.k = engine, args.multi_label, min(args.topk, engine.spec.num_classes)
+        if self.fmt:
+            self.records = _Records(self.fmt, self.k, model_id(engine, head=True, multi_label=self.multi_label))
+
+    def model_call(self, engine):
+        return engine
+
+    def labelled(self, rows) -> list:
+        """[(index, path, logits)] -> [(index, path, [(class name, probability)] * k)]."""
+        tops = topk(torch.stack([r[2] for r in rows]), self.k, self.engine.class_names, multi_label=self.multi_label,
+                    operating_points=self.engine.operating_points if self.multi_label else None)
+        return [(i, p, t) for (i, p, _), t in zip(rows, tops)]
+
+    def resume(self, dist: Dist) -> set[str]:
+        return _resume_from(dist, self.path, self.records)
+
+    def fresh(self, dist: Dist) -> None:
+        if dist.active and dist.rank == 0:
+            for stale in _stale_parts(self.path, dist.world):
+                stale.unlink()
+
+    def set_aside_rules(self) -> list:
+        # A UTF-8 text file: a name that is not UTF-8 cannot be written there.
+        return [(not_utf8, "its name is not valid UTF-8 (use --out FILE.jsonl)")] if self.fmt == ".csv" else []
+
+    def resuming(self, already: int, total: int) -> str:
+        return f"resuming: {already} of {total} images already in {self.path}"
+
+    def open(self, dist: Dist, resume: bool) -> Sink:
+        if self.path is None:
+            return _Table(self)
+        target = _part_path(self.path, dist.rank) if dist.active else self.path
+        return _RowFile(self, target, _open_for_append(target, self.records, resume))
+
+    def merge(self, dist: Dist, files: list[str], done: int, resume: bool) -> None:
+        if dist.active:
+            _merge_predictions(self.path, self.records, files, dist.world, keep_old=resume)
+
+    def summarise(self, done: int, skipped: list, elapsed: float, already: int) -> None:
+        print_summary("classified", done, skipped, elapsed, already=already, out=self.path)
+
+
+class _RowFile(Sink):
+    """Rows appended to the results file (or this rank's part) batch by batch, flushed as they come."""
+
+    def __init__(self, predictions: Predictions, target: str, file):
+        self.predictions, self.target, self.file, self.written = predictions, target, file, 0
+
+    def add(self, rows) -> None:
+        line = self.predictions.records.line
+        self.file.write("".join(line(p, t) for _, p, t in self.predictions.labelled(rows)))
+        self.file.flush()
+        self.written += len(rows)
+
+    def finish(self) -> None:
+        os.fsync(self.file.fileno())  # a finished run's rows survive a power cut
+
+    def stopped(self) -> None:
+        if self.written:
+            print(f"densetriton: {self.written} images' results are in {self.target}: run the same command with "
+                  f"--resume to go on", file=sys.stderr)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Table(Sink):
+    """Without --out: a table per image on the screen, above the progress bar."""
+
+    def __init__(self, predictions: Predictions):
+        self.predictions = predictions
+
+    def add(self, rows) -> None:
+        from tqdm.auto import tqdm
+
+        _print_table(self.predictions.labelled(rows), lambda s: tqdm.write(s, file=sys.stdout))
+
+
+def _resume_from(dist: Dist, out: str, records: _Records) -> set[str]:
     """The keys of the images --resume skips: the rows of --out, and under torchrun those of any
     part left behind (a run stopped before rank 0 merged them)."""
     sources = [out]
@@ -302,87 +390,6 @@ def _resume_from(args, dist: Dist, out: str, records: _Records) -> set[str]:
                 _warn_torn(source, torn)
             done_keys.update(path_key(p) for p, _ in kept)
     return done_keys
-
-
-def _predict(args, dist: Dist, out: str | None, fmt: str | None) -> int:
-    from tqdm.auto import tqdm
-
-    files = collect_files(args.paths)
-    if not files:
-        raise ValueError("no image files found in " + ", ".join(args.paths))
-    if out is not None:
-        outputs = [out] + ([_part_path(out, r) for r in range(dist.world)] if dist.active else [])
-        refuse_inputs_as_outputs(outputs, files + ([args.weights] if args.weights else []))
-        if dist.rank == 0:
-            remove_stale_temps([out])
-    engine = load_engine(args, dist)
-    if not engine.spec.num_classes:
-        raise ValueError(f"{args.weights or args.model}: {NO_CLASSIFIER}")
-    if args.multi_label is None:
-        args.multi_label = engine.multi_label
-    k = min(args.topk, engine.spec.num_classes)
-    records = _Records(fmt, k, model_id(engine, head=True, multi_label=args.multi_label)) if fmt else None
-    show = dist.rank == 0
-
-    done_keys = _resume_from(args, dist, out, records) if args.resume else set()
-    if not args.resume and dist.active and dist.rank == 0:
-        for stale in _stale_parts(out, dist.world):
-            stale.unlink()
-    indexed = list(enumerate(files))
-    todo = [(i, p) for i, p in indexed if path_key(p) not in done_keys]
-    already = len(files) - len(todo)
-    mine = [(i, p) for i, p in todo if i % dist.world == dist.rank]
-    pre_skipped = []
-    if fmt == ".csv":  # a UTF-8 text file: a name that is not UTF-8 cannot be written there
-        mine, pre_skipped = set_aside(mine, [(not_utf8, "its name is not valid UTF-8 (use --out FILE.jsonl)")])
-    if show:
-        print(describe_run(engine, args), file=sys.stderr)
-        if already:
-            print(f"resuming: {already} of {len(files)} images already in {out}", file=sys.stderr)
-    dist.barrier()  # every rank has read the old results before any rank writes
-
-    target = _part_path(out, dist.rank) if dist.active else out
-    sink = _open_for_append(target, records, args.resume) if out is not None else None
-    start = time.perf_counter()
-
-    written = 0
-
-    def on_batch(rows):
-        nonlocal written
-        tops = topk(torch.stack([r[2] for r in rows]), k, engine.class_names, multi_label=args.multi_label,
-                    operating_points=engine.operating_points if args.multi_label else None)
-        labelled = [(i, p, t) for (i, p, _), t in zip(rows, tops)]
-        if sink is not None:
-            sink.write("".join(records.line(p, t) for _, p, t in labelled))
-            sink.flush()
-            written += len(labelled)
-        else:
-            _print_table(labelled, args.multi_label, lambda s: tqdm.write(s, file=sys.stdout))
-
-    try:
-        tally = stream_images(engine, mine, args, run=engine, on_batch=on_batch, desc=progress_label("predict", dist), show=show)
-        if sink is not None:
-            os.fsync(sink.fileno())  # a finished run's rows survive a power cut
-    except BaseException:
-        if written:
-            print(f"densetriton: {written} images' results are in {target}: run the same command with --resume to go on",
-                  file=sys.stderr)
-        raise
-    finally:
-        if sink is not None:
-            sink.close()
-    tally.skipped = pre_skipped + tally.skipped
-    elapsed = time.perf_counter() - start
-
-    tallies = dist.all_gather((tally.done, tally.skipped))  # also a barrier: every part is complete
-    done = sum(d for d, _ in tallies)
-    skipped = [s for _, sk in tallies for s in sk]
-    if dist.active and dist.rank == 0:
-        _merge_predictions(out, records, files, dist.world, keep_old=args.resume)
-    dist.barrier()
-    if show:
-        print_summary("classified", done, skipped, elapsed, already=already, out=out)
-    return exit_status(done, already)
 
 
 def _merge_predictions(out: str, records: _Records, files: list[str], world: int, *, keep_old: bool) -> None:

@@ -259,8 +259,8 @@ def test_resume_after_every_row_reached_partial_but_before_file_was_written(weig
     """Stopped after the last chunk reached FILE.partial/ and before FILE was written (a Ctrl-C in
     _write_features): --resume has nothing left to embed, and writes FILE from FILE.partial/ with
     every row once, in input order, then removes FILE.partial/. Fails if the final merge condition
-    in embed.py (`if dist.rank == 0 and (done or recovered)`) loses `or recovered`: a resume with
-    nothing left to embed then deletes FILE.partial/ without writing FILE, exit status 0."""
+    in embed.py (Features.merge: `if done or self.recovered:`) loses `or self.recovered`: a resume
+    with nothing left to embed then deletes FILE.partial/ without writing FILE, exit status 0."""
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = _rng("window")

@@ -19,7 +19,7 @@ from PIL import Image
 
 import densetriton
 import densetriton.embed
-import densetriton.predict
+import densetriton.image_run
 from densetriton.images import load_image, preprocess
 from densetriton.outputs import OutputLock
 
@@ -48,8 +48,7 @@ def _no_work(monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the refusal")
 
-    for module in (densetriton.predict, densetriton.embed):
-        monkeypatch.setattr(module, "load_engine", no_model)
+    monkeypatch.setattr(densetriton.image_run, "load_engine", no_model)
     return read
 
 
