@@ -33,7 +33,9 @@ pytest.importorskip("litserve")
 import densetriton
 from densetriton.images import load_image, preprocess
 
-from image_commands import CIFAR_SPEC, NAMES, PRE, PROB_TOL, SPEC, _tensors, direct, make_images, one_thread, read_jsonl, run_cli  # noqa: F401
+from densetriton.reference import ReferenceDenseNet
+from helpers import randomize_batchnorm
+from image_commands import CIFAR_SPEC, NAMES, PRE, PROB_TOL, SPEC, direct, make_images, one_thread, read_jsonl, run_cli  # noqa: F401
 
 HOST = "127.0.0.1"  # never any other address
 KEY_VAR = "DENSETRITON_TEST_SERVE_KEY"
@@ -44,6 +46,16 @@ START_LIMIT_S = 150  # importing torch in three processes on a busy 2-core runne
 
 
 # -- a server in a subprocess ------------------------------------------------------------------
+
+
+def tiny_tensors(spec, seed: int) -> dict:
+    """Random weights with BatchNorm statistics that fit the network's activations, and a
+    classifier scaled up so that classes are well separated (no near-ties in top-k)."""
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(ReferenceDenseNet(spec), seed=seed, image_size=32, in_channels=spec.in_channels)
+    with torch.no_grad():
+        model.classifier.weight.mul_(8)
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
 def free_port() -> int:
@@ -129,9 +141,9 @@ def b64(blob: bytes) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    multi = densetriton.save_weights(root / "multi.safetensors", _tensors(SPEC, 1), SPEC, class_names=NAMES,
+    multi = densetriton.save_weights(root / "multi.safetensors", tiny_tensors(SPEC, 1), SPEC, class_names=NAMES,
                                      preprocessing=PRE, multi_label=True, operating_points=POINTS)
-    single = densetriton.save_weights(root / "single.safetensors", _tensors(SPEC, 2), SPEC, class_names=NAMES,
+    single = densetriton.save_weights(root / "single.safetensors", tiny_tensors(SPEC, 2), SPEC, class_names=NAMES,
                                       preprocessing=PRE)
     images = make_images(root / "images", "serve")
     bomb = root / "bomb.png"  # 20000 x 20000 declared, 400 KB on disk
@@ -313,7 +325,7 @@ def test_a_signal_answers_the_requests_in_flight(files, number):
 
 
 def test_a_model_without_a_fixed_input_size_is_refused_before_serving(files, capsys, tmp_path):
-    path = densetriton.save_weights(tmp_path / "cifar.safetensors", _tensors(CIFAR_SPEC, 3), CIFAR_SPEC)
+    path = densetriton.save_weights(tmp_path / "cifar.safetensors", tiny_tensors(CIFAR_SPEC, 3), CIFAR_SPEC)
     rc, _, err = run_cli(capsys, "serve", "--weights", path, "--backend", "reference", "--port", str(free_port()))
     assert rc == 1 and "images of one size" in err and err.count("\n") == 1
 
