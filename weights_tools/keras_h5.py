@@ -161,7 +161,7 @@ def check_hdf5(f, path) -> None:
             link = group.get(name, getlink=True)
             if not isinstance(link, h5py.HardLink):
                 target = getattr(link, "filename", None) or getattr(link, "path", "?")
-                raise refused(path, f"HDF5 link {where!a}", f"a {type(link).__name__} to {target!a}",
+                raise refused(path, f"HDF5 link {where!a}", f"a link of kind {type(link).__name__} to {target!a}",
                               "hard links inside the file", KerasRefused)
             obj = group[name]
             if hash(obj.id) in seen:

@@ -214,6 +214,7 @@ def module_state_dict(obj, path=None) -> dict[str, torch.Tensor]:
     state = _module_state(obj)
     if state is None:
         return {}
+    path = "the pickled module" if path is None else path
     count = _count_tensors(state, path)
     if count > _MAX_TENSORS:
         raise ModuleTreeRefused(str(refused(path, "the tensors its module tree lists (the module tree is not a model's: "
