@@ -128,7 +128,7 @@ class ImageAPI(ls.LitAPI):
 
     def predict(self, requests):
         images = torch.from_numpy(np.concatenate([r["images"] for r in requests]))
-        rows = self.run_padded(images)
+        rows = self.per_image(self.run_padded(images), requests)
         answers, start = [], 0
         for r in requests:
             n = len(r["images"])
@@ -154,9 +154,13 @@ class ImageAPI(ls.LitAPI):
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def per_image(self, outputs: torch.Tensor, requests: list) -> list:
+        """The batch's outputs as one answer part per image (worked out for the whole batch at once)."""
+        raise NotImplementedError
+
     def encode_response(self, output) -> dict:
         request, rows = output
-        results = [self.answer(row.unsqueeze(0), request) for row in rows]
+        results = [self.answer(row, request) for row in rows]
         if request["single"]:
             return {"model": self.model_id, **results[0]}
         return {"model": self.model_id, "results": results}
@@ -173,8 +177,11 @@ class PredictAPI(ImageAPI):
     def compute(self, x):
         return self.model(x)
 
-    def answer(self, logits, request) -> dict:
-        return {"topk": topk_rows(logits, request["topk"], self.card)[0]}
+    def per_image(self, logits, requests):
+        return topk_rows(logits, max(r["topk"] for r in requests), self.card)
+
+    def answer(self, ranks, request) -> dict:
+        return {"topk": ranks[:request["topk"]]}  # a prefix of a longer top-k is the shorter one
 
 
 class EmbedAPI(ImageAPI):
@@ -188,8 +195,11 @@ class EmbedAPI(ImageAPI):
     def compute(self, x):
         return self.model.features(x)
 
+    def per_image(self, features, requests):
+        return features.tolist()
+
     def answer(self, features, request) -> dict:
-        return {"features": features[0].tolist()}
+        return {"features": features}
 
 
 # -- the server ------------------------------------------------------------------------------

@@ -244,7 +244,7 @@ def request_cases(files) -> list[tuple]:
     valid = []
     for kind in GOOD:
         blob, top1 = read(images[kind]), direct(engine, images[kind], 1, multi_label=True)[0][0]
-        valid.append(("/predict?topk=1", blob, "image/x-anything", KEY, 200, top1))
+        valid.append(("/predict?topk=2", blob, "image/x-anything", KEY, 200, top1))  # batched with topk=1 ones
         valid.append(("/predict", as_json(image=b64(blob), topk=1), "application/json", KEY, 200, top1))
     oversized = b"\xff\xd8" + np.random.default_rng(0).bytes(int(1.2 * 2**20))
     too_many, form_type = multipart([read(images["gray"])] * 257)
@@ -283,6 +283,7 @@ def test_mixed_load_from_16_clients(server, files):
         assert got_status == status, (path, content_type, key, got_status, answer)
         if status == 200:
             assert answer["topk"][0]["label"] == top1, (path, content_type, answer)
+            assert len(answer["topk"]) == (2 if path.endswith("topk=2") else 1), answer
         else:
             assert set(answer) == {"error"} and answer["error"] and "\n" not in answer["error"], answer
     assert {s for *_, s, _ in load} >= {200, 400, 401, 413, 415}
