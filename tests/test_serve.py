@@ -335,3 +335,44 @@ def test_api_key_env_must_hold_a_key(files, capsys, monkeypatch):
     monkeypatch.delenv("DENSETRITON_TEST_UNSET_KEY", raising=False)
     rc, _, err = run_cli(capsys, "serve", "--weights", files["single"], "--api-key-env", "DENSETRITON_TEST_UNSET_KEY")
     assert rc == 1 and "DENSETRITON_TEST_UNSET_KEY" in err
+
+
+# -- batching, in process ------------------------------------------------------------------------
+
+
+def test_gathered_requests_run_in_warmed_batch_sizes_and_keep_their_answers(files):
+    """A worker's predict on gathered requests of 1+2+3+5+11 images calls the model only at warmed
+    sizes (chunks of the largest, the last padded), and every image gets its own answer."""
+    from argparse import Namespace
+
+    from densetriton.serve_app import PredictAPI, model_card
+    from densetriton.serve_inputs import RequestReader
+
+    args = Namespace(model=None, weights=files["single"], dtype=None, backend="reference", multi_label=None,
+                     devices=0, batch_sizes=[1, 4, 8], batch_timeout_ms=5.0, workers_per_device=1)
+    card = model_card(args)
+    engine = densetriton.load(files["single"], device="cpu", backend="reference")
+    sizes = []
+
+    class Recording:  # the real engine, its batch sizes noted
+        def __call__(self, x):
+            sizes.append(len(x))
+            return engine(x)
+
+    api = PredictAPI(args, card, None)
+    api.model, api.target = Recording(), torch.device("cpu")
+    reader = RequestReader(card["preprocessing"], 1 << 20, card["input_shape"])
+    kinds = list(GOOD) * 4
+    counts, requests, start = [1, 2, 3, 5, 11], [], 0
+    for n in counts:
+        pixels = np.stack([reader.preprocess(read(files["images"][k]), "") for k in kinds[start:start + n]])
+        requests.append({"images": pixels, "single": n == 1, "topk": 2})
+        start += n
+    answers = api.predict(requests)
+    assert sizes == [8, 8, 8]  # 22 images: 8, 8, and 6 padded to 8
+    got = [api.encode_response(a) for a in answers]
+    flat = [got[0]["topk"]] + [r["topk"] for g in got[1:] for r in g["results"]]
+    for kind, ranks in zip(kinds, flat):
+        expected = direct(engine, files["images"][kind], 2)
+        assert [r["label"] for r in ranks] == [n for n, _ in expected], kind
+        assert all(abs(r["prob"] - p) <= PROB_TOL for r, (_, p) in zip(ranks, expected)), kind
