@@ -59,7 +59,7 @@ by an error or Ctrl-C); --resume embeds only the images in neither FILE nor FILE
 writes FILE with the old rows first; if FILE cannot be written (a full disk), its rows stay in
 FILE.partial/ and --resume writes it. Without --resume FILE.partial/ is cleared and FILE replaced;
 --resume after such a run was interrupted goes on replacing FILE (its old rows are not kept).
-Paths are separated by "\n" alone. Under torchrun each rank takes every world_size-th image and
+Paths are separated by "\\n" alone. Under torchrun each rank takes every world_size-th image and
 rank 0 writes FILE.
 
 Examples:

@@ -58,7 +58,8 @@ dropped, with a warning, and its image classified again.
 Several GPUs or nodes: run under torchrun, e.g.
   torchrun --nproc-per-node 4 -m densetriton predict photos/ --model densenet121 --out results.csv
 Each rank classifies every world_size-th file and writes FILE.part<rank>; rank 0 merges the parts
-into FILE in input order and deletes them.
+into FILE in input order and deletes them. --resume, under torchrun or in one process, keeps the
+rows of the parts an interrupted run left; a run without --resume deletes them.
 
 Examples:
   densetriton predict cat.jpg --model densenet121
@@ -87,7 +88,8 @@ def _part_path(out: str, rank: int) -> str:
 
 
 def _stale_parts(out: str, world: int) -> list[Path]:
-    """Part files of an earlier run with more ranks than this one."""
+    """Part files numbered `world` and up: an earlier run's with more ranks than this one (world 0:
+    every part, for a run of one process)."""
     out_path = Path(out)
     parent = out_path.parent
     prefix = out_path.name + ".part"
@@ -299,6 +301,7 @@ class Predictions(Output):
         if args.multi_label is None:
             args.multi_label = engine.multi_label
         self.engine, self.multi_label, self.k = engine, args.multi_label, min(args.topk, engine.spec.num_classes)
+        self.files = files
         if self.fmt:
             self.records = _Records(self.fmt, self.k, model_id(engine, head=True, multi_label=self.multi_label))
 
@@ -312,11 +315,14 @@ class Predictions(Output):
         return [(i, p, t) for (i, p, _), t in zip(rows, tops)]
 
     def resume(self, dist: Dist) -> set[str]:
+        if not dist.active and _stale_parts(self.path, 0):
+            # Parts a torchrun run left unmerged, resumed by one process: merged into --out first.
+            _merge_predictions(self.path, self.records, self.files, 0, keep_old=True)
         return _resume_from(dist, self.path, self.records)
 
     def fresh(self, dist: Dist) -> None:
-        if dist.active and dist.rank == 0:
-            for stale in _stale_parts(self.path, dist.world):
+        if self.path is not None and dist.rank == 0:  # --out is replaced, and with it the parts an earlier run left
+            for stale in _stale_parts(self.path, dist.world if dist.active else 0):
                 stale.unlink()
 
     def set_aside_rules(self) -> list:

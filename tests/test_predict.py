@@ -341,3 +341,32 @@ def test_grayscale_model_sees_every_image_kind_as_luminance(images, tmp_path, ca
     assert densetriton.load(fixed, device="cpu", backend="reference").class_names == NAMES
     rc, out_text, err = run_cli(capsys, "predict", kinds["gray"], *common(str(fixed)))
     assert rc == 0 and direct(eng, kinds["gray"], 3)[0][0] in out_text, err
+
+
+def test_one_process_resumes_the_parts_a_torchrun_run_left_unmerged(weights, engine, tmp_path, capsys):
+    """A torchrun run stopped after its ranks wrote FILE.part0 and FILE.part1 and before rank 0
+    merged them, resumed by a single process: their rows are kept (merged into FILE in input order,
+    not classified again), the parts go. Without Predictions.resume merging them, every image is
+    classified again and the parts stay behind; without Predictions.fresh removing them, a run
+    without --resume leaves them too."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = _rng("parts")
+    for name in ("a.png", "b.png", "c.png", "d.png", "e.png"):
+        Image.fromarray(_noise(rng, 40, 40)).save(folder / name)
+    out = tmp_path / "r.csv"
+    argv = ["predict", folder, *common(weights, "--out", out, "--workers", "0", "--topk", "2")]
+    assert run_cli(capsys, *argv)[0] == 0
+    header, *rows = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.unlink()  # as the ranks left them: every 2nd image each, no FILE yet
+    Path(f"{out}.part0").write_text(header + "".join(rows[0::2]), encoding="utf-8")
+    Path(f"{out}.part1").write_text(header + "".join(rows[1::2]), encoding="utf-8")
+    Image.fromarray(_noise(rng, 40, 40)).save(folder / "f.png")
+    rc, _, err = run_cli(capsys, *argv, "--resume")
+    assert rc == 0 and "resuming: 5 of 6 images already in" in err and "classified 1 image " in err, err
+    assert out.read_text(encoding="utf-8").splitlines(keepends=True)[:6] == [header, *rows]
+    assert [Path(p).name for p, _ in read_csv(out)] == ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]
+    assert_matches_engine(read_csv(out), engine, 2)
+    assert not list(tmp_path.glob("r.csv.part*"))
+    Path(f"{out}.part1").write_text(header + rows[0], encoding="utf-8")
+    assert run_cli(capsys, *argv)[0] == 0 and not list(tmp_path.glob("r.csv.part*"))

@@ -101,7 +101,8 @@ def test_one_exit_status_rule_first_run_or_resumed(weights, images, tmp_path, ca
 def test_help_reads_well(capsys):
     for command, words in {
         "predict": ["--topk", "--multi-label", "--resume", "--out", "torchrun", "EXIF", "composited onto white", "label_1, prob_1"],
-        "embed": [".npy.paths.txt", "safetensors", "engine.features", "torchrun", "--resume", "FILE.partial/"],
+        "embed": [".npy.paths.txt", "safetensors", "engine.features", "torchrun", "--resume", "FILE.partial/",
+                  'separated by "\\n" alone'],
     }.items():
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
