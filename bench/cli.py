@@ -1,9 +1,9 @@
-"""`densetriton bench`: the subcommand. Kept light: torch is imported only when it runs."""
+"""`densetriton bench` and `densetriton tune`: the subcommands. Kept light: torch is imported only when one runs."""
 
 from __future__ import annotations
 
 PEER_IDS = ("densetriton", "torchvision-eager-fp32", "torchvision-eager-fp16-cl", "torch-compile-default",
-            "torch-compile-max-autotune")
+            "torch-compile-reduce-overhead", "torch-compile-max-autotune", "onnxruntime")
 BENCH_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")  # ImageNet stems
 
 
@@ -12,7 +12,8 @@ def register(sub) -> None:
         "bench",
         help="benchmark densetriton against torchvision and torch.compile; results go to bench/results/",
         description="Time densetriton and its peers (torchvision eager float32, torchvision eager 16-bit channels_last, "
-        "torch.compile default and max-autotune) on the same weights and inputs, in one process. Prints a table and "
+        "torch.compile default, reduce-overhead and max-autotune, onnxruntime float16 where it has a GPU execution "
+        "provider) on the same weights and inputs, in one process. Prints a table and "
         "writes <date>-<device>.json, .md and .png under --out. Defaults: densenet121 and densenet201, batches 1 8 64 "
         "256, float16 (bfloat16 on CPU), 224x224, every peer (the compile peers run on CPU only when named). "
         "--quick: few repeats; on CPU also densenet121 only, batches 1 2.",
@@ -34,8 +35,42 @@ def register(sub) -> None:
                    help="start no new record after S seconds; the rest are listed as skipped")
     p.add_argument("--warm-caches", action="store_true",
                    help="keep Triton's and Inductor's on-disk caches (default: empty ones, so cold start is cold)")
+    p.add_argument("--kinds-method", choices=("graph", "kind-graphs", "launches"), default="graph",
+                   help="how densetriton's per-layer-kind times are taken on a GPU: graph (one CUDA graph, timing "
+                   "events between kinds; default), kind-graphs (a graph per run of one kind), launches (an event "
+                   "pair around each launch, no graph: adds the launch gaps a graph hides)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    register_tune(sub)
+
+
+def register_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="sweep kernel tiles per layer shape on a GPU and write a tuned table",
+        description="For every GEMM layer shape of the models' plans, heaviest first: candidate tiles around the "
+        "current choice, each checked against the v1 kernel on random inputs (outputs poisoned first) before it is "
+        "timed; the fastest that beats the current tiles by 3% goes into the table that engines on this GPU and "
+        "triton read (<densetriton cache>/tuned/<gpu>-triton<major.minor>.json, merged; or --out). Nothing is tuned "
+        "at load time.",
+    )
+    p.add_argument("--model", nargs="+", action="extend", choices=BENCH_MODELS, metavar="NAME",
+                   help="models whose layer shapes are tuned (default densenet121; one of: " + ", ".join(BENCH_MODELS) + ")")
+    p.add_argument("--batch-size", nargs="+", action="extend", type=int, metavar="N", help="batch sizes (default 1)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"), help="default float16")
+    p.add_argument("--image-size", type=int, default=224, metavar="S", help="square input size (default 224)")
+    p.add_argument("--budget-s", type=float, metavar="S", help="start no candidate after S seconds (default: no limit); "
+                   "what was measured is written")
+    p.add_argument("--repeats", type=int, default=20, metavar="N", help="timed launches per candidate (default 20)")
+    p.add_argument("--out", metavar="FILE|DIR", help="where the table goes: a file, or a folder (e.g. the package's "
+                   "kernels/tuned/) for the standard name (default: the densetriton cache's tuned/ folder)")
+    p.set_defaults(func=run_tune)
+
+
+def run_tune(args) -> int:
+    from .tune import run as tune
+
+    return tune(args)
 
 
 def run(args) -> int:

@@ -1,13 +1,24 @@
-"""Where densetriton's time goes: every kernel launch of a plan timed alone, summed per layer kind.
+"""Where densetriton's time goes: a plan's launches timed per layer kind.
 
     python -m densetriton.bench.layer_times [--model densenet201] [--batch-size 256] [--dtype float16]
+                                            [--method graph|kind-graphs|launches]
 
 The bench times whole forwards (one CUDA graph replay each). To see which layer kind is far from
-its roofline floor, this runs a plan launch by launch with a CUDA event pair around each launch
-(on the CPU, under Triton's interpreter: the wall clock) and sums the times per kind of
-bench.roofline.KINDS: stem (conv0 and its max-pool), dense_1x1, dense_3x3, transition, head
-(norm5-ReLU-pool and the classifier). Launching one by one adds the gaps a graph hides, so the
-kinds' sum can exceed the bench's median; the table prints both.
+its roofline floor, this times each kind of bench.roofline.KINDS -- stem (conv0 and its
+max-pool), dense_1x1, dense_3x3, transition, head (norm5-ReLU-pool and the classifier) -- in one
+of three ways (the record says which):
+
+- graph (default): the whole forward captured as one CUDA graph with a timing event between
+  consecutive launches of different kinds; each stretch between two events is summed into its
+  kind. Nothing runs outside the graph, so the kinds add up to the forward as the bench times it.
+- kind-graphs: each run of consecutive same-kind launches captured as its own graph, an event
+  on each side of every replay (for a torch or driver without timing events inside graphs; each
+  replay's launch gap is added to its kind).
+- launches: no graph, an event pair around each launch; adds the launch gaps a graph hides, so
+  the kinds' sum can exceed the forward's median.
+
+On the CPU (Triton's interpreter) events are wall-clock stamps and a "graph" is its list of
+launches replayed in order: the same code path, timed by the host clock.
 """
 
 from __future__ import annotations
@@ -16,12 +27,15 @@ import argparse
 import contextlib
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .roofline import KINDS
 from .timing import Timer, summarize
+
+METHODS = ("graph", "kind-graphs", "launches")
 
 
 def stage_kind(stage) -> str:
@@ -35,39 +49,196 @@ def stage_kind(stage) -> str:
     return "dense_3x3" if stage.kernel_size == 3 else "dense_1x1"
 
 
-def layer_times(engine, x: torch.Tensor, *, repeats: int = 5) -> dict[str, dict]:
-    """Per kind: launches per forward and the median over repeats of its launches' summed ms."""
+def kind_segments(launches) -> list[tuple[str, list]]:
+    """A plan's (stage, launch) pairs as runs of consecutive launches of one kind, in order."""
+    segments = []
+    for stage, launch in launches:
+        kind = stage_kind(stage)
+        if segments and segments[-1][0] == kind:
+            segments[-1][1].append(launch)
+        else:
+            segments.append((kind, [launch]))
+    return segments
+
+
+# -- clocks: CUDA events and graphs, or their host stand-ins ---------------------------------
+
+
+class HostEvent:
+    """A wall-clock stamp with torch.cuda.Event's record/elapsed_time."""
+
+    def __init__(self):
+        self.t = None
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        return (end.t - self.t) * 1e3
+
+
+class HostGraph:
+    """What capture recorded, run in order on replay (nothing runs while capturing, as on CUDA)."""
+
+    def __init__(self, ops):
+        self.ops = list(ops)
+
+    def replay(self) -> None:
+        for op in self.ops:
+            op()
+
+
+class HostClock:
+    """On the CPU: host events and graphs (the interpreter's launches run as they are called)."""
+
+    def event(self, in_graph: bool = False) -> HostEvent:
+        return HostEvent()
+
+    def capture(self, ops) -> HostGraph:
+        return HostGraph(ops)
+
+    def sync(self) -> None:
+        pass
+
+
+class CudaClock:
+    """CUDA events and graphs on one device; captures on a stream of its own."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def event(self, in_graph: bool = False):
+        # external: recorded inside a capture, the event becomes an event-record node of the
+        # graph (otherwise it only orders streams and is never stamped).
+        return torch.cuda.Event(enable_timing=True, external=True) if in_graph else torch.cuda.Event(enable_timing=True)
+
+    def capture(self, ops):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            for op in ops:
+                op()
+        return graph
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+def clock_for(device: torch.device):
+    return CudaClock(device) if device.type == "cuda" else HostClock()
+
+
+# -- one timed forward per method --------------------------------------------------------------
+
+
+def _calls(launches, x, logits) -> list:
+    return [lambda launch=launch: launch(x, logits) for launch in launches]
+
+
+def graph_forward(clock, segments, x, logits):
+    """One graph of every launch, an event before the first and after each segment."""
+    events = [clock.event(in_graph=True) for _ in range(len(segments) + 1)]
+    ops = [events[0].record]
+    for (_, launches), end in zip(segments, events[1:]):
+        ops += _calls(launches, x, logits) + [end.record]
+    return clock.capture(ops).replay, events
+
+
+def kind_graphs_forward(clock, segments, x, logits):
+    """A graph per segment, replayed between events recorded outside the graphs."""
+    graphs = [clock.capture(_calls(launches, x, logits)) for _, launches in segments]
+    events = [clock.event() for _ in range(len(segments) + 1)]
+
+    def forward():
+        events[0].record()
+        for graph, end in zip(graphs, events[1:]):
+            graph.replay()
+            end.record()
+
+    return forward, events
+
+
+def launches_forward(clock, segments, x, logits):
+    """No graph: an event pair around each launch (the gaps between launches are not counted)."""
+    calls = [(kind, call) for kind, launches in segments for call in _calls(launches, x, logits)]
+    pairs = [(clock.event(), clock.event()) for _ in calls]
+
+    def forward():
+        for (_, call), (start, end) in zip(calls, pairs):
+            start.record()
+            call()
+            end.record()
+
+    return forward, pairs, [kind for kind, _ in calls]
+
+
+def kind_ms_per_forward(plan, x, logits, clock, method: str, repeats: int) -> list[dict[str, float]]:
+    """Per forward (repeats of them), the ms each kind took; the plan's kernels must be compiled."""
+    if method not in METHODS:
+        raise ValueError(f"unknown per-kind timing method {method!r}; one of {', '.join(METHODS)}")
+    segments = kind_segments(plan.launches)
+    if method == "launches":
+        forward, intervals, kinds = launches_forward(clock, segments, x, logits)
+    else:
+        build = graph_forward if method == "graph" else kind_graphs_forward
+        forward, events = build(clock, segments, x, logits)
+        intervals, kinds = list(zip(events, events[1:])), [kind for kind, _ in segments]
+    per_forward = []
+    for _ in range(repeats):
+        clock.sync()
+        forward()
+        clock.sync()
+        ms = {kind: 0.0 for kind in KINDS}
+        for kind, (start, end) in zip(kinds, intervals):
+            ms[kind] += start.elapsed_time(end)
+        per_forward.append(ms)
+    return per_forward
+
+
+@dataclass
+class KindTimes:
+    """Per kind: launches per forward and the median ms over the timed forwards; how they were timed."""
+
+    method: str
+    kinds: dict  # kind -> {"launches": int, "ms": float}
+    forward_ms: float  # median over the forwards of the kinds' sum
+
+    def ms(self) -> dict[str, float]:
+        return {kind: d["ms"] for kind, d in self.kinds.items()}
+
+
+def _time_with_fallback(plan, x, logits, clock, method, repeats) -> tuple[str, list]:
+    """The method asked for, else the next one down METHODS where this torch or driver refuses it."""
+    for candidate in METHODS[METHODS.index(method):]:
+        try:
+            return candidate, kind_ms_per_forward(plan, x, logits, clock, candidate, repeats)
+        except (RuntimeError, TypeError) as e:
+            if candidate == METHODS[-1]:
+                raise
+            warnings.warn(f"per-kind times: {candidate} failed ({type(e).__name__}: {e}); trying the next method",
+                          stacklevel=3)
+    raise AssertionError("unreachable")
+
+
+def layer_times(engine, x: torch.Tensor, *, repeats: int = 5, method: str = "graph", clock=None) -> KindTimes:
+    """Per kind: launches per forward and the median over repeats of its ms (see the module doc)."""
     if engine.backend != "triton":
         raise ValueError(f"layer times need backend='triton', not {engine.backend!r}")
-    executor, timer = engine._model, Timer(engine.device)
-    cuda = timer.cuda
+    if method not in METHODS:
+        raise ValueError(f"unknown per-kind timing method {method!r}; one of {', '.join(METHODS)}")
+    executor = engine._model
+    clock = clock or clock_for(engine.device)
     n, _, height, width = x.shape
     logits = torch.empty(n, engine.spec.num_classes, dtype=torch.float32, device=engine.device)
-    totals = {kind: [] for kind in KINDS}
+    cuda = engine.device.type == "cuda"
     with engine._lock, torch.inference_mode(), (torch.cuda.device(engine.device) if cuda else contextlib.nullcontext()):
         plan = executor.plan(n, height, width)
-        plan.run(x, logits)  # every kernel compiled before the clock starts
-        kinds = [stage_kind(stage) for stage, _ in plan.launches]
-        for _ in range(repeats):
-            if cuda:
-                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                          for _ in plan.launches]
-                timer.sync()
-                for (_, launch), (start, end) in zip(plan.launches, events):
-                    start.record()
-                    launch(x, logits)
-                    end.record()
-                timer.sync()
-                ms = [start.elapsed_time(end) for start, end in events]
-            else:
-                ms = []
-                for _, launch in plan.launches:
-                    t = time.perf_counter()
-                    launch(x, logits)
-                    ms.append((time.perf_counter() - t) * 1e3)
-            for kind in KINDS:
-                totals[kind].append(sum(m for m, k in zip(ms, kinds) if k == kind))
-    return {kind: {"launches": kinds.count(kind), "ms": float(np.median(totals[kind]))} for kind in KINDS}
+        plan.run(x, logits)  # every kernel compiled before capture and the clock
+        used, per_forward = _time_with_fallback(plan, x, logits, clock, method, repeats)
+    counts = [stage_kind(stage) for stage, _ in plan.launches]
+    kinds = {kind: {"launches": counts.count(kind), "ms": float(np.median([f[kind] for f in per_forward]))}
+             for kind in KINDS}
+    return KindTimes(used, kinds, float(np.median([sum(f.values()) for f in per_forward])))
 
 
 def table(times: dict[str, dict], floors: dict[str, dict] | None = None) -> str:
@@ -113,20 +284,24 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default=None, help="default: the engine's (float16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--method", choices=METHODS, default="graph",
+                        help="graph: one CUDA graph, events between kinds (default); kind-graphs: a graph per run of "
+                        "one kind; launches: an event pair around each launch, no graph")
     args = parser.parse_args(argv)
     engine = timing_engine(parser, args)
     g = torch.Generator(device=engine.device).manual_seed(0)
     x = torch.randn(args.batch_size, engine.spec.in_channels, args.image_size, args.image_size, generator=g,
                     device=engine.device, dtype=engine.dtype)
-    times = layer_times(engine, x, repeats=args.repeats)
+    times = layer_times(engine, x, repeats=args.repeats, method=args.method)
     entry = roofline.roofline_entry(engine.spec, args.model, args.batch_size, args.image_size,
                                     dtype_name(engine.dtype), engine.dtype.itemsize,
                                     roofline.matmul_rate(engine.dtype, engine.device),
                                     roofline.copy_bandwidth(engine.device))
     whole = summarize(Timer(engine.device).time(engine, [x], repeats=args.repeats, warmup=2))["median_ms"]
-    print(f"{engine!r}, input {tuple(x.shape)}, median of {args.repeats}")
-    print(table(times, entry["kinds"]))
-    print(f"whole forward (as the bench times it): {whole:.4g} ms; network floor {entry['floor_ms']:.4g} ms")
+    print(f"{engine!r}, input {tuple(x.shape)}, median of {args.repeats}, timed per kind by: {times.method}")
+    print(table(times.kinds, entry["kinds"]))
+    print(f"whole forward (as the bench times it): {whole:.4g} ms; the kinds' sum is "
+          f"{100 * sum(times.ms().values()) / whole:.0f}% of it; network floor {entry['floor_ms']:.4g} ms")
     return 0
 
 

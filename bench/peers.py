@@ -19,10 +19,18 @@ PEERS = (
     "torchvision-eager-fp32",
     "torchvision-eager-fp16-cl",
     "torch-compile-default",
+    "torch-compile-reduce-overhead",
     "torch-compile-max-autotune",
+    "onnxruntime",
 )
-COMPILE_MODES = {"torch-compile-default": "default", "torch-compile-max-autotune": "max-autotune"}
+COMPILE_MODES = {"torch-compile-default": "default", "torch-compile-reduce-overhead": "reduce-overhead",
+                 "torch-compile-max-autotune": "max-autotune"}
+# Inductor's modes that replay CUDA graphs (cudagraph trees): each call must mark a new step.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 CPU_PEERS = PEERS[:3]  # the compile peers run on CPU only when named with --peers
+# The onnxruntime execution providers the onnxruntime peer runs on, in order of preference:
+# CUDA (cuDNN/cuBLAS kernels, ready in seconds) before TensorRT (minutes of engine building).
+ORT_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -39,6 +47,8 @@ def peer_dtype(peer: str, dtype: torch.dtype, device: torch.device) -> torch.dty
     """
     if peer == "densetriton":
         return dtype
+    if peer == "onnxruntime":  # torchvision's model exported to ONNX in float16, as the issue asks
+        return torch.float16
     if peer == "torchvision-eager-fp32":
         return torch.float32
     if device.type == "cpu":
@@ -62,6 +72,41 @@ def skip_reason(peer: str, device: torch.device, named: bool) -> str | None:
             return "torch.compile's GPU code generation needs triton, which is not installed"
     if peer == "densetriton" and device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "the triton backend needs triton, which is not installed"
+    if peer == "onnxruntime":
+        return onnxruntime_skip_reason(device)
+    return None
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def onnxruntime_providers() -> tuple[str | None, list[str]]:
+    """(onnxruntime's version, its available execution providers); (None, []) when not installed."""
+    if not installed("onnxruntime"):
+        return None, []
+    import onnxruntime
+
+    return onnxruntime.__version__, list(onnxruntime.get_available_providers())
+
+
+def onnxruntime_provider() -> str | None:
+    """The GPU execution provider the onnxruntime peer runs on; None when there is none."""
+    _, available = onnxruntime_providers()
+    return next((p for p in ORT_GPU_PROVIDERS if p in available), None)
+
+
+def onnxruntime_skip_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "the onnxruntime peer runs on a GPU only (CUDA or TensorRT execution provider)"
+    version, available = onnxruntime_providers()
+    if version is None:
+        return "onnxruntime is not installed"
+    if onnxruntime_provider() is None:
+        return (f"onnxruntime {version} has no CUDA or TensorRT execution provider (available: "
+                f"{', '.join(available) or 'none'}): the GPU build, onnxruntime-gpu, is not installed")
+    if not installed("onnxscript"):
+        return "exporting torchvision's model to ONNX needs onnxscript (torch.onnx.export's exporter), not installed"
     return None
 
 
@@ -170,14 +215,32 @@ def prepare_weights(model: str, workdir: Path, *, seed: int, image_size: int = 2
 class Built:
     fn: object  # callable: the peer's input (prepare_input) -> logits
     engine: object = None  # the densetriton Engine (for planned_memory_bytes)
+    detail: str | None = None  # what else a record should say about how the peer ran
 
 
 def prepare_input(peer: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The peer's input made from float32 NCHW images, before any clock starts: the peer's dtype,
-    channels_last for the 16-bit torchvision and compile peers."""
-    if peer in ("densetriton", "torchvision-eager-fp32"):
+    channels_last for the 16-bit torchvision and compile peers (onnxruntime's graph takes NCHW)."""
+    if peer in ("densetriton", "torchvision-eager-fp32", "onnxruntime"):
         return x.to(dtype).contiguous()
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def compiled_peer(net: torch.nn.Module, mode: str):
+    """torch.compile with static shapes (each record compiles for its own batch size and reports
+    the time it took). Modes that replay CUDA graphs get a new cudagraph step per call, as
+    torch.compiler's documentation asks of an inference loop: a call may then overwrite the last
+    call's output, which the bench copies before the next."""
+    torch._dynamo.reset()
+    compiled = torch.compile(net, mode=mode, dynamic=False)
+    if mode not in CUDA_GRAPH_MODES:
+        return compiled
+
+    def fn(x):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x)
+
+    return fn
 
 
 def build(peer: str, weights: BenchWeights, device: torch.device, dtype: torch.dtype) -> Built:
@@ -193,12 +256,47 @@ def build(peer: str, weights: BenchWeights, device: torch.device, dtype: torch.d
     net.eval()
     if peer == "torchvision-eager-fp32":
         return Built(net.to(device=device, dtype=torch.float32))
+    if peer == "onnxruntime":
+        from .ort_peer import build_onnxruntime
+
+        return build_onnxruntime(net, device, dtype)
     net = net.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     if peer == "torchvision-eager-fp16-cl":
         return Built(net)
-    # Static shapes: each record compiles for its own batch size (and reports the time it took).
-    torch._dynamo.reset()
-    return Built(torch.compile(net, mode=COMPILE_MODES[peer], dynamic=False))
+    return Built(compiled_peer(net, COMPILE_MODES[peer]))
+
+
+def probe() -> str:
+    """What the GPU-only peers need, as found here: the onnxruntime peer's providers, torch.compile's."""
+    version, available = onnxruntime_providers()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "not available"
+
+    def found(package):
+        return "installed" if installed(package) else "not installed"
+
+    lines = [f"torch {torch.__version__}, CUDA {gpu}; triton: {found('triton')}",
+             f"onnxruntime: {version or 'not installed'}; execution providers: {', '.join(available) or 'none'}",
+             f"onnx: {found('onnx')}; onnxscript: {found('onnxscript')}"]
+    for peer in ("onnxruntime", *COMPILE_MODES):
+        reason = skip_reason(peer, device, named=True)
+        where = f" on {onnxruntime_provider()}" if peer == "onnxruntime" else ""
+        lines.append(f"{peer} on {device.type}: " + (f"runs{where}" if reason is None else f"skipped: {reason}"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m densetriton.bench.peers", description="The bench's peers.")
+    parser.add_argument("--probe", action="store_true",
+                        help="print whether onnxruntime (and which execution providers) and torch.compile's GPU "
+                        "code generation are available here, and which peers would run")
+    args = parser.parse_args(argv)
+    if not args.probe:
+        parser.error("nothing to do: pass --probe")
+    print(probe(), end="")
+    return 0
 
 
 def fresh_compile_caches(root: Path) -> dict:
@@ -215,3 +313,7 @@ def restore_env(saved: dict) -> None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -54,9 +54,28 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 # -- one record -------------------------------------------------------------------------------
 
 
+class RecordInterrupted(KeyboardInterrupt):
+    """The bench was interrupted (SIGINT, e.g. at gpu_run.sh's time limit) inside a record: the
+    record's skipped entry keeps how long it had run and in which step (a compile that never
+    finished says how long it had compiled)."""
+
+    def __init__(self, peer: str, elapsed_s: float, step: str):
+        super().__init__(f"interrupted after {elapsed_s:.1f} s of this record, {step}")
+        self.peer, self.elapsed_s, self.step = peer, elapsed_s, step
+
+
 def measure_peer(peer: str, w, s, dtype: torch.dtype, batch: int, pool, refs) -> dict:
-    """Build peer, run it, and return its record (without model/batch/dtype/floor fields)."""
-    started = time.perf_counter()
+    """Build peer, run it, and return its record (without model/batch/dtype/floor fields);
+    RecordInterrupted when interrupted."""
+    progress = {"started": time.perf_counter(), "step": "before its first result (building, compiling)"}
+    try:
+        return _measure(peer, w, s, dtype, batch, pool, refs, progress)
+    except KeyboardInterrupt:
+        raise RecordInterrupted(peer, time.perf_counter() - progress["started"], progress["step"]) from None
+
+
+def _measure(peer: str, w, s, dtype: torch.dtype, batch: int, pool, refs, progress: dict) -> dict:
+    started = progress["started"]
     device, timer, policy = s.device, Timer(s.device), s.policy
     cuda = device.type == "cuda"
     pdtype = P.peer_dtype(peer, dtype, device)
@@ -74,6 +93,7 @@ def measure_peer(peer: str, w, s, dtype: torch.dtype, batch: int, pool, refs) ->
         first = built.fn(inputs[0])
         timer.sync()
         cold_start_s = time.perf_counter() - t0
+        progress["step"] = f"after its first result ({cold_start_s:.1f} s: build, compile, first call)"
         outs = [to_host(first)]
         del first
         for x in inputs[1:]:  # the accuracy sweep, untimed; it warms up too
@@ -102,13 +122,15 @@ def measure_peer(peer: str, w, s, dtype: torch.dtype, batch: int, pool, refs) ->
     plan_fn = getattr(built.engine, "planned_memory_bytes", None)
     if callable(plan_fn):
         planned = plan_fn(batch, s.image_size, s.image_size)
-    kinds_ms = None
+    kinds_ms = kinds_method = None
     if getattr(built.engine, "backend", None) == "triton":  # where the time goes, per layer kind
         try:  # an extra: its failure must not cost the record
-            kinds_ms = {k: d["ms"] for k, d in layer_times(built.engine, inputs[0], repeats=min(repeats, 10)).items()}
+            kinds = layer_times(built.engine, inputs[0], repeats=min(repeats, 10), method=s.kinds_method)
+            kinds_ms, kinds_method = kinds.ms(), kinds.method
         except Exception as e:
             print(f"bench: {peer} batch {batch}: per-kind times failed ({type(e).__name__}: {e})", file=sys.stderr)
     stats = summarize(times)
+    detail = built.detail
     del built, inputs
     return {
         "peer": peer,
@@ -120,6 +142,8 @@ def measure_peer(peer: str, w, s, dtype: torch.dtype, batch: int, pool, refs) ->
         "peak_mem_kind": "cuda_max_allocated" if cuda else host.kind,
         "planned_mem_bytes": None if planned is None else int(planned),
         "kinds_ms": kinds_ms,
+        "kinds_method": kinds_method,
+        "peer_detail": detail,
         "cold_start_s": cold_start_s,
         "max_rel_err": max_rel_err,
         "top1_agree": top1,

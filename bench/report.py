@@ -51,6 +51,14 @@ def _mib(b) -> str:
     return "-" if b is None else f"{b / 2**20:.0f}"
 
 
+# How a record's per-kind times were taken (its "kinds_method"; records without one: launch by launch).
+KINDS_METHOD_TEXT = {
+    "graph": "the kind's share of one forward captured as a CUDA graph, timed by events between kinds; "
+             "the kinds add up to the forward",
+    "kind-graphs": "each run of this kind's consecutive launches replayed as its own CUDA graph between events, summed",
+    "launches": "its launches, each timed alone between CUDA events, summed (no graph: includes the launch gaps)",
+}
+
 COLUMNS = ("peer", "batch", "dtype", "median ms", "p90 ms", "images/s", "peak MiB", "plan MiB", "cold s",
            "max rel err", "top-1", "floor ms", "% floor")
 
@@ -95,6 +103,8 @@ def _footnotes(doc: dict) -> list[str]:
     if "cuda_max_allocated" in kinds:
         lines.append("peak MiB: torch.cuda.max_memory_allocated during one forward (after a reset) less what was "
                      "allocated before the peer was built (the bench's inputs): weights, buffers, workspace, output")
+    details = {(r["peer"], r["peer_detail"]) for r in doc.get("results", []) if r.get("peer_detail")}
+    lines += [f"{peer}: ran on {detail}" for peer, detail in sorted(details)]
     lines.append("dtype: what the peer computed in; max rel err: max over images of ||logits - ref|| / ||ref||, ref = torchvision float32 on the same "
                  "inputs and weights; top-1: share of images whose top class matches ref; % floor = floor / median")
     return lines
@@ -179,31 +189,42 @@ def markdown(doc: dict, chart_name: str | None) -> str:
         for e in roof:
             if e["batch"] >= largest.get((e["model"], e["dtype"]), {"batch": 0})["batch"]:
                 largest[(e["model"], e["dtype"])] = e
-        for (model, dtype), e in largest.items():
-            # densetriton's own launches, timed one by one (GPU runs), against each kind's floor
-            measured = next((r.get("kinds_ms") for r in doc.get("results", []) if r["peer"] == "densetriton"
-                             and (r["model"], r["batch"], r["dtype"]) == (model, e["batch"], dtype) and r.get("kinds_ms")), None)
-            head = "| kind | GMACs | MB (min) | MB (layer-wise) | compute ms | memory ms (min) | memory ms (layer-wise) |"
-            rule = "|---|---:|---:|---:|---:|---:|---:|"
-            if measured:
-                head += " densetriton ms | % of floor |"
-                rule += "---:|---:|"
-            lines += ["", f"Per layer kind, {model} batch {e['batch']} {dtype}:", "", head, rule]
-            for kind, d in e["kinds"].items():
-                row = (f"| {kind} | {d['macs'] / 1e9:.3g} | {d['bytes'] / 1e6:.4g} | {d['bytes_layerwise'] / 1e6:.4g} | "
-                       f"{_num(d['compute_ms'])} | {_num(d['memory_ms'])} | {_num(d['memory_layerwise_ms'])} |")
-                if measured:
-                    ms = measured.get(kind)
-                    share = f"{100 * d['floor_ms'] / ms:.1f}%" if ms else "-"
-                    row += f" {_num(ms) if ms else '-'} | {share} |"
-                lines.append(row)
-            if measured:
-                lines.append(f"\ndensetriton ms: its launches for this kind, each timed alone between CUDA events "
-                             f"(python -m densetriton.bench.layer_times); % of floor = the kind's floor / that time.")
+        for e in largest.values():
+            lines += kinds_table(doc, e)
     notes = _skipped_lines(doc) + doc.get("notes", []) + _footnotes(doc)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def kinds_table(doc: dict, e: dict) -> list[str]:
+    """One roofline entry's layer kinds against their floors, with densetriton's measured ms per
+    kind when its record for that model, batch and dtype has them (GPU runs), and their sum
+    against the record's median."""
+    record = next((r for r in doc.get("results", []) if r["peer"] == "densetriton" and r.get("kinds_ms")
+                   and (r["model"], r["batch"], r["dtype"]) == (e["model"], e["batch"], e["dtype"])), None)
+    measured = record and record["kinds_ms"]
+    head = "| kind | GMACs | MB (min) | MB (layer-wise) | compute ms | memory ms (min) | memory ms (layer-wise) |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if measured:
+        head += " densetriton ms | % of floor |"
+        rule += "---:|---:|"
+    lines = ["", f"Per layer kind, {e['model']} batch {e['batch']} {e['dtype']}:", "", head, rule]
+    for kind, d in e["kinds"].items():
+        row = (f"| {kind} | {d['macs'] / 1e9:.3g} | {d['bytes'] / 1e6:.4g} | {d['bytes_layerwise'] / 1e6:.4g} | "
+               f"{_num(d['compute_ms'])} | {_num(d['memory_ms'])} | {_num(d['memory_layerwise_ms'])} |")
+        if measured:
+            ms = measured.get(kind)
+            share = f"{100 * d['floor_ms'] / ms:.1f}%" if ms else "-"
+            row += f" {_num(ms) if ms else '-'} | {share} |"
+        lines.append(row)
+    if measured:
+        total = sum(measured.values())
+        lines += [f"| sum | | | | | | | {_num(total)} | {100 * total / record['median_ms']:.0f}% of the median |",
+                  f"\ndensetriton ms: {KINDS_METHOD_TEXT[record.get('kinds_method') or 'launches']} "
+                  "(python -m densetriton.bench.layer_times); % of floor = the kind's floor / that time; the sum "
+                  f"against the record's median forward ({_num(record['median_ms'])} ms)."]
+    return lines
 
 
 def _skipped_lines(doc: dict) -> list[str]:

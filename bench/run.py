@@ -29,7 +29,7 @@ from densetriton.engine import DTYPE_NAMES
 from . import peers as P
 from . import report
 from . import roofline as R
-from .record import measure_peer, no_tf32, to_host
+from .record import RecordInterrupted, measure_peer, no_tf32, to_host
 
 DEFAULT_MODELS = ["densenet121", "densenet201"]
 DEFAULT_BATCHES = [1, 8, 64, 256]
@@ -89,6 +89,7 @@ class Settings:
     repeats: int | None = None  # fixed repeat count instead of the policy's
     budget_s: float | None = None
     warm_caches: bool = False
+    kinds_method: str = "graph"  # how densetriton's per-kind times are taken (layer_times.METHODS)
     chart: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -151,6 +152,7 @@ def resolve(args) -> Settings:
         device=device, models=models, batches=batches, dtypes=dtypes, image_size=image_size, peers=peers,
         peers_named=bool(args.peers), quick=quick, out=Path(args.out) if args.out else RESULTS_DIR, seed=args.seed,
         repeats=args.repeats, budget_s=args.budget_s, warm_caches=args.warm_caches, notes=notes,
+        kinds_method=getattr(args, "kinds_method", None) or "graph",
     )
 
 
@@ -277,9 +279,9 @@ class BenchRun:
     def budget_reason(self) -> str:
         return f"not run: --budget-s {self.s.budget_s:g} spent"
 
-    def skip(self, model, batch, d, peer, reason, update=True) -> None:
+    def skip(self, model, batch, d, peer, reason, update=True, **extra) -> None:
         self.doc["skipped"].append({"peer": peer, "model": model, "batch": batch, "dtype": d,
-                                    "image_size": self.s.image_size, "reason": reason})
+                                    "image_size": self.s.image_size, "reason": reason, **extra})
         self.done.add((model, batch, d, peer))
         if update:
             self.bar.update()
@@ -334,6 +336,9 @@ class BenchRun:
         s = self.s
         try:
             rec = measure_peer(peer, w, s, DTYPES[d], batch, pool, refs)
+        except RecordInterrupted as e:  # its time so far, in its own skipped entry; then the run stops
+            self.skip(model, batch, d, peer, str(e), update=False, elapsed_s=round(e.elapsed_s, 3))
+            raise
         except Exception as e:
             msg = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             self.skip(model, batch, d, peer, msg[:500], update=False)

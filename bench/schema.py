@@ -10,7 +10,7 @@ _pos = {"type": "number", "exclusiveMinimum": 0}
 _opt_str = {"type": ["string", "null"]}
 DTYPE = {"enum": ["float16", "bfloat16", "float32"]}
 PEER = {"enum": ["densetriton", "torchvision-eager-fp32", "torchvision-eager-fp16-cl", "torch-compile-default",
-                 "torch-compile-max-autotune"]}
+                 "torch-compile-reduce-overhead", "torch-compile-max-autotune", "onnxruntime"]}
 
 RECORD = {
     "type": "object",
@@ -37,8 +37,12 @@ RECORD = {
         "peer_dtype": DTYPE,  # what the peer computed in
         "peak_mem_kind": {"enum": ["cuda_max_allocated", "cpu_rss_peak", "cpu_maxrss_growth"]},
         "planned_mem_bytes": {"type": ["integer", "null"]},
-        # densetriton on the Triton backend: its launches timed one by one, summed per layer kind
+        # densetriton on the Triton backend: ms per layer kind of one forward, and how they were
+        # taken (bench/layer_times.py): "graph" (one CUDA graph, timing events between kinds),
+        # "kind-graphs" (a graph per run of one kind), "launches" (an event pair per launch, no graph)
         "kinds_ms": {"type": ["object", "null"], "additionalProperties": {"type": "number", "minimum": 0}},
+        "kinds_method": {"enum": ["graph", "kind-graphs", "launches", None]},
+        "peer_detail": _opt_str,  # e.g. the onnxruntime peer's execution provider
         "accuracy_images": {"type": "integer", "minimum": 1},
         "repeats": {"type": "integer", "minimum": 1},
         "wall_s": _num,
@@ -49,7 +53,9 @@ SKIPPED = {
     "type": "object",
     "required": ["peer", "reason"],
     "properties": {"peer": PEER, "reason": {"type": "string", "minLength": 1}, "model": {"type": "string"},
-                   "batch": {"type": "integer"}, "dtype": DTYPE, "image_size": {"type": "integer"}},
+                   "batch": {"type": "integer"}, "dtype": DTYPE, "image_size": {"type": "integer"},
+                   # a record interrupted while it ran: the seconds it had used (a compile that never finished)
+                   "elapsed_s": {"type": "number", "minimum": 0}},
 }
 
 KIND = {"type": "object", "required": ["macs", "bytes", "bytes_layerwise", "floor_ms"],

@@ -95,7 +95,8 @@ def test_quick_run_records(quick_run):
     assert 1e-4 < dt["max_rel_err"] < 0.3
     assert recs[("torchvision-eager-fp16-cl", 1)]["peer_dtype"] == "bfloat16"
     skipped = {s["peer"]: s["reason"] for s in doc["skipped"]}
-    assert set(skipped) == set(P.COMPILE_MODES) and all("--peers" in r for r in skipped.values())
+    assert set(skipped) == {*P.COMPILE_MODES, "onnxruntime"}
+    assert all("--peers" in skipped[peer] for peer in P.COMPILE_MODES) and "GPU only" in skipped["onnxruntime"]
     assert any("reference backend" in n for n in doc["notes"])
 
 
@@ -166,6 +167,38 @@ def test_an_interrupted_run_keeps_its_records_and_lists_what_it_did_not_run(tmp_
     assert len(not_run) == 5 and (doc["results"][0]["batch"], doc["results"][0]["peer"]) not in not_run
 
 
+def test_a_record_interrupted_while_compiling_keeps_the_time_it_had_used(monkeypatch):
+    """SIGINT (gpu_run.sh's time limit) in the middle of a peer's build, e.g. a max-autotune compile
+    that cannot finish: that record's skipped entry says how long it had run and that it had no
+    first result yet (elapsed_s, schema-valid), and the interrupt goes on to end the run (whose
+    handler lists the records not reached, see the test above)."""
+    import time
+
+    from densetriton.bench import run as R
+    from densetriton.bench.record import RecordInterrupted
+    from densetriton.bench.schema import SKIPPED
+
+    def compiling(peer, *a, **k):
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "build", compiling)
+    s = resolve(build_parser().parse_args(["bench", "--quick", "--device", "cpu", "--image-size", "64"]))
+    doc = {"skipped": [], "results": []}
+    bar = type("Bar", (), {"update": lambda self: None, "write": lambda self, *a, **k: None})()
+    bench = R.BenchRun(s, doc, lambda: None, bar, ["torch-compile-max-autotune"])
+    pool = [torch.randn(1, 3, 64, 64)]
+    with pytest.raises(RecordInterrupted) as info:
+        bench.record("densenet121", 1, "bfloat16", "torch-compile-max-autotune", None, pool, pool, {"floor_ms": 1.0})
+    assert isinstance(info.value, KeyboardInterrupt)  # the run's own handler still sees an interrupt
+    (cut,) = doc["skipped"]
+    pytest.importorskip("jsonschema").validate(cut, SKIPPED)
+    assert cut["peer"] == "torch-compile-max-autotune" and cut["batch"] == 1 and 0.3 <= cut["elapsed_s"] < 30
+    assert re.fullmatch(r"interrupted after \d+\.\d s of this record, before its first result \(building, compiling\)",
+                        cut["reason"]), cut["reason"]
+    assert ("densenet121", 1, "bfloat16", "torch-compile-max-autotune") in bench.done and doc["results"] == []
+
+
 def test_default_settings_are_the_issues(monkeypatch):
     """What a bare command measures: on a GPU densenet121 and 201, batches 1/8/64/256, float16,
     224, every peer; `--quick` on a CPU (the README's main job) densenet121, batches 1 and 2,
@@ -186,14 +219,15 @@ def test_default_settings_are_the_issues(monkeypatch):
     assert (gpu.models, gpu.batches, gpu.image_size, gpu.dtypes) == (
         ["densenet121", "densenet201"], [1, 8, 64, 256], 224, ["float16"])
     assert gpu.peers == ["densetriton", "torchvision-eager-fp32", "torchvision-eager-fp16-cl", "torch-compile-default",
-                         "torch-compile-max-autotune"]
+                         "torch-compile-reduce-overhead", "torch-compile-max-autotune", "onnxruntime"]
+    assert gpu.kinds_method == "graph" and settings("--kinds-method", "launches").kinds_method == "launches"
 
 
 def test_parser_and_errors(capsys, tmp_path):
     args = build_parser().parse_args(["bench", "--model", "densenet121", "--model", "densenet201", "--batch-size", "1", "8"])
     assert args.model == ["densenet121", "densenet201"] and args.batch_size == [1, 8] and args.func.__module__.endswith("bench.cli")
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench", "--peers", "onnxruntime"])
+        build_parser().parse_args(["bench", "--peers", "tensorrt"])
     capsys.readouterr()
     assert main(["bench", "--batch-size", "0", "--out", str(tmp_path), "--device", "cpu"]) == 1
     err = capsys.readouterr().err

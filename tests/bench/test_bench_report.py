@@ -43,6 +43,10 @@ def test_write_produces_strict_json_markdown_and_a_png(tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     doc = synthetic_doc()
     doc["results"][0]["max_rel_err"] = float("nan")  # must not reach the file as NaN
+    doc["results"].append(record("onnxruntime", 8, 3.0, peer_detail="onnxruntime CUDAExecutionProvider"))
+    doc["results"].append(record("torch-compile-reduce-overhead", 8, 3.5))
+    doc["skipped"].append({"peer": "torch-compile-max-autotune", "model": "densenet121", "batch": 64, "dtype": "float16",
+                           "reason": "interrupted after 212.5 s of this record, before its first result", "elapsed_s": 212.5})
     paths = report.write(doc, tmp_path, "2025-01-02-nvidia-test-gpu")
     text = paths["json"].read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
@@ -53,6 +57,8 @@ def test_write_produces_strict_json_markdown_and_a_png(tmp_path):
     md = paths["md"].read_text()
     assert "![images/s by batch size](2025-01-02-nvidia-test-gpu.png)" in md
     assert md.count("| densetriton |") == 3 and "skipped torch-compile-default: because" in md
+    assert "onnxruntime: ran on onnxruntime CUDAExecutionProvider" in md and "| torch-compile-reduce-overhead |" in md
+    assert "skipped torch-compile-max-autotune (densenet121 64 float16): interrupted after 212.5 s" in md
 
 
 def test_chart_is_readable_by_matplotlib(tmp_path):

@@ -1,4 +1,5 @@
-"""bench/layer_times.py: a plan's launches timed one by one and summed per roofline layer kind."""
+"""bench/layer_times.py: a plan's launches timed per roofline layer kind, inside one graph, a graph per
+kind, or launch by launch (on the CPU: host events and a host stand-in for CUDA graphs)."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 import densetriton
 from densetriton import DenseNetSpec, get_spec
 from densetriton.bench import report
+from densetriton.bench import layer_times as LT
 from densetriton.bench.layer_times import layer_times, stage_kind, table
 from densetriton.bench.roofline import KINDS, layer_kinds, roofline_entry
 from densetriton.plan import build_stages
@@ -36,16 +38,124 @@ def test_layer_times_cover_every_launch_and_leave_the_engine_correct():
     x = torch.randn(2, 3, 40, 40, device=device)
     expected = engine(x)
     times = layer_times(engine, x, repeats=2)
-    assert list(times) == list(KINDS)
+    assert times.method == "graph" and list(times.kinds) == list(KINDS)
     plan = engine._model.plan(2, 40, 40)
-    assert sum(d["launches"] for d in times.values()) == len(plan.launches)
-    assert all((d["ms"] > 0) == (d["launches"] > 0) for d in times.values())
+    assert sum(d["launches"] for d in times.kinds.values()) == len(plan.launches)
+    assert all((d["ms"] > 0) == (d["launches"] > 0) for d in times.kinds.values())
+    assert sum(times.ms().values()) == pytest.approx(times.forward_ms, rel=0.2)
     assert torch.equal(engine(x), expected)
     entry = roofline_entry(TINY, "tiny", 2, 40, "float32", 4, 1e12, 1e11)
-    text = table(times, entry["kinds"])
+    text = table(times.kinds, entry["kinds"])
     assert text.splitlines()[0].split()[:3] == ["kind", "launches", "ms"] and "% floor" in text
     with pytest.raises(ValueError, match="backend='triton'"):
         layer_times(densetriton.load(TINY, weights=None, device="cpu", backend="reference"), x.cpu())
+    with pytest.raises(ValueError, match="unknown per-kind timing method 'events'"):
+        layer_times(engine, x, method="events")
+
+
+class FakeTime:
+    """A clock that only launches move: each launch of kind K adds COST[K] ms."""
+
+    COST = {"stem": 3.0, "dense_1x1": 5.0, "dense_3x3": 7.0, "transition": 11.0, "head": 13.0}
+
+    def __init__(self):
+        self.now = 0.0
+
+
+class FakeEvent:
+    def __init__(self, time):
+        self.time, self.t = time, None
+
+    def record(self):
+        self.t = self.time.now
+
+    def elapsed_time(self, end):
+        return end.t - self.t
+
+
+class CountingClock(LT.HostClock):
+    """The host clock on fake time, counting what each capture holds (and checking it runs nothing)."""
+
+    def __init__(self, time, counts):
+        self.time, self.counts, self.captured = time, counts, []
+
+    def event(self, in_graph=False):
+        return FakeEvent(self.time)
+
+    def capture(self, ops):
+        before = list(self.counts)
+        graph = super().capture(ops)
+        assert self.counts == before, "capturing must not run a launch"
+        self.captured.append(len(graph.ops))
+        return graph
+
+
+def _counted_plan(engine, x):
+    """The plan for x with every launch wrapped: counts per launch, the kinds in call order, fake time."""
+    plan = engine._model.plan(*x.shape[:1], *x.shape[2:])
+    counts, order, time = [0] * len(plan.launches), [], FakeTime()
+
+    def counted(i, stage, launch):
+        def run(x_, logits):
+            counts[i] += 1
+            order.append(stage_kind(stage))
+            time.now += FakeTime.COST[stage_kind(stage)]
+            launch(x_, logits)
+        return run
+
+    plan.launches = [(stage, counted(i, stage, launch)) for i, (stage, launch) in enumerate(plan.launches)]
+    return plan, counts, order, time
+
+
+@pytest.mark.parametrize("method", LT.METHODS)
+def test_every_method_runs_each_launch_once_per_forward_in_order_and_computes_the_forward(method):
+    """Each timed forward runs every launch exactly once, in the plan's order, and leaves the same
+    logits and features as a plain forward (buffers and logits poisoned with NaN first); each kind
+    gets exactly its own launches' time (a fake clock that only launches move), and the graph
+    methods capture what they should: one graph of every launch and an event per kind boundary,
+    or one graph per run of one kind. Fails if a launch is dropped, repeated, replayed out of
+    order, run while capturing, or its time given to another kind."""
+    torch.manual_seed(3)
+    engine = densetriton.load(TINY, weights=None, device="cpu", backend="triton")
+    x = torch.randn(2, 3, 40, 40)
+    expected_logits, expected_features = engine(x), engine.features(x)
+    plan, counts, order, time = _counted_plan(engine, x)
+    clock = CountingClock(time, counts)
+    with torch.inference_mode():  # the plan's buffers are inference tensors
+        logits = torch.full((2, TINY.num_classes), float("nan"))
+        for t in [*plan.arenas, plan.features] + ([plan.scratch] if plan.scratch is not None else []):
+            t.fill_(float("nan"))
+        per_forward = LT.kind_ms_per_forward(plan, x, logits, clock, method, repeats=2)
+    kinds = [stage_kind(stage) for stage, _ in plan.launches]
+    assert counts == [2] * len(kinds)
+    assert order == kinds * 2
+    assert torch.equal(logits, expected_logits) and torch.equal(plan.features, expected_features)
+    own = {k: FakeTime.COST[k] * kinds.count(k) for k in KINDS}
+    assert per_forward == [own, own]
+    segments = LT.kind_segments(plan.launches)
+    assert [k for k, _ in segments] == ["stem", "dense_1x1", "dense_3x3"] * 1 + ["dense_1x1", "dense_3x3"] + \
+        ["transition"] + ["dense_1x1", "dense_3x3"] * 3 + ["head"]
+    expected_captures = {"graph": [len(kinds) + len(segments) + 1],  # launches and events, one graph
+                         "kind-graphs": [len(launches) for _, launches in segments], "launches": []}
+    assert clock.captured == expected_captures[method]
+
+
+def test_a_torch_without_timing_events_inside_graphs_falls_back_to_a_graph_per_kind():
+    """torch.cuda.Event(external=...) is missing on older torch (TypeError): the kinds are then
+    timed with a graph per run of one kind, the record says so, and a warning says why."""
+
+    class NoEventsInGraphs(LT.HostClock):
+        def event(self, in_graph=False):
+            if in_graph:
+                raise TypeError("__new__() got an unexpected keyword argument 'external'")
+            return super().event()
+
+    torch.manual_seed(4)
+    engine = densetriton.load(TINY, weights=None, device="cpu", backend="triton")
+    x = torch.randn(1, 3, 40, 40)
+    with pytest.warns(UserWarning, match="graph failed .*external.*trying the next method"):
+        times = layer_times(engine, x, repeats=1, clock=NoEventsInGraphs())
+    assert times.method == "kind-graphs" and all(d["ms"] > 0 for d in times.kinds.values())
 
 
 def test_the_command_takes_a_grayscale_weights_file(tmp_path, capsys):
@@ -57,19 +167,35 @@ def test_the_command_takes_a_grayscale_weights_file(tmp_path, capsys):
     densetriton.save_weights(path, densetriton.engine.random_weights(spec).tensors, spec)
     assert main(["--model", str(path), "--batch-size", "1", "--image-size", "40", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "input (1, 1, 40, 40)" in out and "whole forward" in out
+    assert "input (1, 1, 40, 40)" in out and "timed per kind by: graph" in out and "whole forward" in out
 
 
-def test_the_report_sets_each_kind_against_its_floor():
+@pytest.mark.parametrize("method", [None, *LT.METHODS])
+def test_the_report_sets_each_kind_against_its_floor_and_says_how_they_were_timed(method):
+    """The per-kind table: each kind's floor against densetriton's time, the kinds' sum against the
+    record's median, and how the times were taken (a record without kinds_method predates it: launch
+    by launch); the schema accepts each method and nothing else."""
+    jsonschema = pytest.importorskip("jsonschema")
     from test_bench_report import record, synthetic_doc
+
+    from densetriton.bench.schema import RECORD
 
     doc = synthetic_doc()
     doc["roofline"] = [roofline_entry(get_spec("densenet121"), "densenet121", 64, 224, "float16", 2, 7e14, 3e12)]
     kinds_ms = {k: 2 * d["floor_ms"] for k, d in doc["roofline"][0]["kinds"].items()}  # every kind at 50% of its floor
-    doc["results"].append(record("densetriton", 64, 25.0, kinds_ms=kinds_ms))
+    median = sum(kinds_ms.values()) / 0.95
+    extra = {} if method is None else {"kinds_method": method}
+    doc["results"].append(record("densetriton", 64, median, kinds_ms=kinds_ms, **extra))
     doc["results"] = [r for r in doc["results"] if not (r["peer"] == "densetriton" and r["batch"] == 64 and "kinds_ms" not in r)]
+    jsonschema.validate(doc["results"][-1], RECORD)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**doc["results"][-1], "kinds_method": "events"}, RECORD)
     md = report.markdown(doc, None)
     assert "| kind | GMACs |" in md and "densetriton ms | % of floor |" in md
     for kind in KINDS:
         row = next(line for line in md.splitlines() if line.startswith(f"| {kind} |"))
         assert row.rstrip().endswith("| 50.0% |"), row
+    sum_row = next(line for line in md.splitlines() if line.startswith("| sum |"))
+    assert sum_row.count("|") == md.splitlines()[md.splitlines().index(sum_row) - 1].count("|")
+    assert sum_row.rstrip().endswith("| 95% of the median |"), sum_row
+    assert report.KINDS_METHOD_TEXT[method or "launches"] in md
