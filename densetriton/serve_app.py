@@ -207,6 +207,8 @@ class EmbedAPI(ImageAPI):
 
 async def error_as_json(request, exc) -> JSONResponse:
     """Every error is one line of JSON, {"error": "..."}, whoever raised it (LitServe, FastAPI, us)."""
+    if not isinstance(exc, (StarletteHTTPException, RequestValidationError)):  # a fault of ours, logged by uvicorn
+        return JSONResponse({"error": "internal server error"}, status_code=500)
     if isinstance(exc, RequestValidationError):
         return JSONResponse({"error": "invalid request: " + "; ".join(str(e.get("msg")) for e in exc.errors())},
                             status_code=400)
@@ -234,6 +236,7 @@ def build_server(args, api_key: Optional[str] = None, runner=None) -> ls.LitServ
                                                         card["input_shape"])
     server.app.add_exception_handler(StarletteHTTPException, error_as_json)
     server.app.add_exception_handler(RequestValidationError, error_as_json)
+    server.app.add_exception_handler(Exception, error_as_json)
     return server
 
 

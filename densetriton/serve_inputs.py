@@ -114,7 +114,7 @@ class RequestReader:
                 raise refused(413, where + str(e).replace(f.name, "the image")) from None
             except ImageError as e:
                 raise refused(413 if declares_too_many_pixels(e.reason) else 400, where + e.reason) from None
-        pixels = np.asarray(self._image_steps(image), dtype=np.uint8)
+        pixels = np.array(self._image_steps(image), dtype=np.uint8)
         pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels  # grayscale: one channel
         channels, height, width = self.input_shape
         if pixels.shape != (height, width, channels):  # the preprocessing fixes it; a guard, not a path

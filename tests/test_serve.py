@@ -376,3 +376,21 @@ def test_gathered_requests_run_in_warmed_batch_sizes_and_keep_their_answers(file
         expected = direct(engine, files["images"][kind], 2)
         assert [r["label"] for r in ranks] == [n for n, _ in expected], kind
         assert all(abs(r["prob"] - p) <= PROB_TOL for r, (_, p) in zip(ranks, expected)), kind
+
+
+@pytest.mark.parametrize("pre", [PRE, {"resize_size": 40, "crop_size": 32, "mean": [0.45], "std": [0.22]}],
+                         ids=["rgb", "grayscale"])
+def test_pixels_sent_to_the_worker_become_predicts_exact_input(files, pre):
+    """The HTTP process's resize and crop (uint8) and the worker's to_model_input give, bit for bit,
+    the tensor build_transform gives `densetriton predict`."""
+    from densetriton.images import build_transform
+    from densetriton.serve_inputs import RequestReader, to_model_input
+
+    channels = len(pre["mean"])
+    reader = RequestReader(pre, 1 << 20, (channels, 32, 32))
+    transform = build_transform(pre)
+    for kind in GOOD:
+        path = files["images"][kind]
+        pixels = torch.from_numpy(reader.preprocess(read(path), "")[None])
+        got = to_model_input(pixels, pre["mean"], pre["std"])[0]
+        assert torch.equal(got, transform(load_image(path))), kind
