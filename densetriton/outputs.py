@@ -151,9 +151,8 @@ def check_target(out: str, sidecars: list[str] = (), *, appended: bool = False, 
     for path in [out, *sidecars]:
         if os.path.isdir(path):
             raise ValueError(f"{what} {out}: {path} is a folder; give a file name")
-        if os.path.lexists(path) and not os.path.isfile(path):
-            kind = "a broken link" if os.path.islink(path) else "not a regular file"
-            raise ValueError(f"{what} {out}: {path} is {kind}; give a file name")
+        if os.path.exists(path) and not os.path.isfile(path):  # a link to a file yet to be written is fine
+            raise ValueError(f"{what} {out}: {path} is not a regular file; give a file name")
     real = _real(out)
     folder = next((p for p in [real.parent, *real.parent.parents] if p.exists()), None)
     if folder is not None and not folder.is_dir():
