@@ -20,6 +20,7 @@ v1 gathers every A element from the caller's NCHW planes (2-byte loads, no cp.as
 Both ReLU and NaN behave as torch's: a NaN pixel gives NaN in every output whose window holds it.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -237,3 +238,19 @@ def stem_conv_v2(
         **launch_opts,
     )
     return out
+
+
+def bind_stem_conv_v2(weight, out, *, in_channels, height, width, kernel_size, stride=1, padding=0, bias=None,
+                      relu_out=False, workspace=None, **tiles):
+    """stem_conv_v2 bound once for one input shape, from bn_relu_conv's weight (a pack_conv_weight
+    operand, repacked here): returns launch(x) for [N, height, width, in_channels] views x.
+
+    workspace: the first stem_workspace_numel(...) elements of the given tensor (the caller keeps
+    nothing else there while the stem runs), or a new tensor when None.
+    """
+    numel = stem_workspace_numel(out.shape[0], in_channels, kernel_size, padding, height, width)
+    if workspace is None:
+        workspace = torch.empty(numel, dtype=weight.dtype, device=weight.device)
+    return functools.partial(stem_conv_v2, weight=pack_stem_weight(weight, in_channels, kernel_size), out=out,
+                             workspace=workspace[:numel], kernel_size=kernel_size, stride=stride, padding=padding,
+                             bias=bias, relu_out=relu_out, **tiles)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from densetriton.kernels import pack_conv_weight
-from densetriton.kernels.stem_v2 import pack_stem_weight, stem_conv_v2, stem_layout, stem_workspace_numel
+from densetriton.kernels.stem_v2 import (bind_stem_conv_v2, pack_stem_weight, stem_conv_v2, stem_layout,
+                                        stem_workspace_numel)
 
 from helpers import (DOT_DTYPES, NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like, nan_surrounded,
                      plant_nonfinite, randn)
@@ -95,6 +96,25 @@ def test_nan_and_inf_reach_the_output_where_torchs_do(device, gen, dtype):
     ref = reference(x, w_oikk.to(dtype), bias, stride=2, padding=3, relu_out=True)
     assert ref[1, :, 1].isfinite().all() and ref[1, :, 2].isnan().any()
     assert_nonfinite_like(band.view, ref, dtype)
+
+
+def test_a_bound_stem_packs_the_weight_once_and_uses_the_given_workspace(device, gen):
+    """What the plan binds: bn_relu_conv's weight in, the workspace a prefix of a larger buffer
+    (the plan lends block 1's arena), nothing past it written."""
+    n, c_in, h, w, c_out = 2, 1, 9, 8, 16
+    x = randn(gen, n, c_in, h, w, device=device)
+    w_oikk, bias = randn(gen, c_out, c_in, 7, 7) / 7, randn(gen, c_out, device=device)
+    numel = stem_workspace_numel(n, c_in, 7, 3, h, w)
+    arena = torch.full((numel + 5,), float("nan"), device=device)
+    band = GuardBand((n, 5, 4, c_out), device=device)
+    launch = bind_stem_conv_v2(pack_conv_weight(w_oikk, torch.float32, device), band.view, in_channels=c_in, height=h,
+                               width=w, kernel_size=7, stride=2, padding=3, bias=bias, relu_out=True,
+                               workspace=arena, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+    assert torch.isnan(band.view).all(), "binding launched a kernel"
+    launch(x.permute(0, 2, 3, 1))
+    band.assert_untouched()
+    assert_close(band.view, reference(x, w_oikk, bias, stride=2, padding=3, relu_out=True), torch.float32)
+    assert not torch.isnan(arena[:numel]).any() and torch.isnan(arena[numel:]).all()
 
 
 def test_bad_arguments_are_one_clear_error(device, gen):
