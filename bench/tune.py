@@ -21,8 +21,8 @@ written, and the summary says how many candidates were not run.
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,15 +232,19 @@ def write_table(path: Path, gpu_name: str, triton_version: str, winners: dict) -
     return path
 
 
+def describe(t: Trial) -> str:
+    """One line for a trial: the layer, the tiles, and its time or why it has none."""
+    k = t.key
+    what = f"{t.ms:.4g} ms (error {t.error:.1e})" if t.status == "timed" else f"{t.status}: {t.reason}"
+    return f"{k.op} {k.variant} {k.c_in}->{k.c_out} at {k.height}x{k.width} batch {k.batch} {t.tiles}: {what}"
+
+
 def summary(result: Sweep) -> str:
     lines = [f"{len({t.key for t in result.trials})} layer shapes, {len(result.trials)} candidates: "
              f"{result.count('timed')} timed, {result.count('rejected')} rejected by the output check, "
              f"{result.count('failed')} failed to build, {result.count('not run')} not run (budget); "
              f"{len(result.winners)} shapes beat their current tiles by more than {MARGIN:.0%}"]
-    for t in result.trials:
-        if t.status in ("rejected", "failed"):
-            lines.append(f"  {t.status}: {t.key.op} {t.key.c_in}->{t.key.c_out} at {t.key.height}x{t.key.width} "
-                         f"batch {t.key.batch} {t.tiles}: {t.reason}")
+    lines += [f"  {describe(t)}" for t in result.trials if t.status in ("rejected", "failed")]
     return "\n".join(lines) + "\n"
 
 
@@ -261,7 +265,8 @@ def run(args) -> int:
     device, choice = torch.device("cuda", torch.cuda.current_device()), kernel_choice_from_env()
     keys = [key for model in (args.model or ["densenet121"]) for batch in (args.batch_size or [1])
             for key in layer_keys(get_spec(model), batch, args.image_size, args.image_size, args.dtype, choice)]
-    result = sweep(keys, device=device, budget_s=args.budget_s, repeats=args.repeats)
+    result = sweep(keys, device=device, budget_s=args.budget_s, repeats=args.repeats,
+                   progress=lambda t: print(f"tune: {describe(t)}", file=sys.stderr, flush=True))
     gpu, version = torch.cuda.get_device_name(device), triton.__version__
     path = write_table(Path(args.out) if args.out else default_table_path(gpu, version), gpu, version, result.winners)
     print(summary(result), end="")

@@ -14,7 +14,7 @@ from densetriton import DenseNetSpec
 from densetriton.bench import tune as T
 from densetriton.cli import main
 from densetriton.tiles import GEMM_OPS, LayerKey, choose_tiles, find_tuned_table, load_tuned_table
-from densetriton.variants import KernelChoice, parse_kernel_choice
+from densetriton.variants import parse_kernel_choice
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # A 3x3 layer small enough for the interpreter: 1 image, 4x4 pixels, 16 -> 16 channels.
