@@ -16,7 +16,8 @@ The table goes to `<densetriton cache>/tuned/<gpu>-triton<major.minor>.json` (wh
 reads first), merged with the entries already there, or to --out (a file, or a folder such as
 the package's kernels/tuned/ to get the standard name). Engines only read tables: nothing is
 tuned at load time. --budget-s: no candidate is started after S seconds; what was measured is
-written, and the summary says how many candidates were not run.
+written, and the summary says how many candidates were not run. An interrupt (Ctrl-C, SIGINT)
+stops the sweep the same way: the table is written, and the exit status is 130.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class Trial:
 class Sweep:
     trials: list = field(default_factory=list)
     winners: dict = field(default_factory=dict)  # LayerKey -> tiles that beat the current ones
+    interrupted: bool = False
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
@@ -168,19 +170,36 @@ def winner(trials: list[Trial]) -> dict | None:
     return best.tiles
 
 
-def sweep_key(key: LayerKey, tiles_list: list, *, device, spent, build, repeats: int, timer,
+class Stop:
+    """Why no further candidate starts: the budget spent, or an interrupt (SIGINT) received."""
+
+    def __init__(self, budget_s: float | None, clock):
+        self.budget_s, self.clock, self.started, self.interrupted = budget_s, clock, clock(), False
+
+    def reason(self) -> str | None:
+        if self.interrupted:
+            return "interrupted"
+        if self.budget_s is not None and self.clock() - self.started >= self.budget_s:
+            return f"--budget-s {self.budget_s:g} spent"
+        return None
+
+
+def sweep_key(key: LayerKey, tiles_list: list, *, device, stop: Stop, build, repeats: int, timer,
               progress=None) -> list[Trial]:
-    """One layer shape's candidates: the reference once, then each candidate until the budget is spent."""
+    """One layer shape's candidates: the reference once, then each candidate until stopped."""
     ref = None
     trials = []
     for tiles in tiles_list:
-        if spent():
-            trials.append(Trial(key, tiles, "not run", reason="--budget-s spent"))
-            continue
-        if ref is None:
-            ref = reference_output(key, device, build)
-        trials.append(try_candidate(key, tiles, ref, device, build, repeats, timer))
-        if progress:
+        why = stop.reason()
+        if why is None:
+            try:
+                ref = reference_output(key, device, build) if ref is None else ref
+                trials.append(try_candidate(key, tiles, ref, device, build, repeats, timer))
+            except KeyboardInterrupt:  # keep what was measured: the table is still written
+                stop.interrupted, why = True, "interrupted"
+        if why is not None:
+            trials.append(Trial(key, tiles, "not run", reason=why))
+        elif progress:
             progress(trials[-1])
     return trials
 
@@ -188,22 +207,19 @@ def sweep_key(key: LayerKey, tiles_list: list, *, device, spent, build, repeats:
 def sweep(keys, *, device, budget_s: float | None = None, repeats: int = 20, candidates=candidate_tiles,
           build=None, timer=launch_times, clock=time.perf_counter, progress=None) -> Sweep:
     """Every distinct key, heaviest first: its candidates checked, then timed, until the budget is
-    spent. build(key, tiles, device=) -> a launch returning its output (densetriton.tuning's);
-    timer(launch, repeats, device) -> ms per launch."""
+    spent or an interrupt comes. build(key, tiles, device=) -> a launch returning its output
+    (densetriton.tuning's); timer(launch, repeats, device) -> ms per launch."""
     from densetriton.tuning import build_candidate
 
-    device, started, result = torch.device(device), clock(), Sweep()
-
-    def spent() -> bool:
-        return budget_s is not None and clock() - started >= budget_s
-
+    device, stop, result = torch.device(device), Stop(budget_s, clock), Sweep()
     for key in sorted(dict.fromkeys(keys), key=layer_macs, reverse=True):
-        trials = sweep_key(key, candidates(key), device=device, spent=spent, build=build or build_candidate,
+        trials = sweep_key(key, candidates(key), device=device, stop=stop, build=build or build_candidate,
                            repeats=repeats, timer=timer, progress=progress)
         result.trials += trials
         best = winner(trials)
         if best is not None:
             result.winners[key] = best
+    result.interrupted = stop.interrupted
     return result
 
 
@@ -242,7 +258,7 @@ def describe(t: Trial) -> str:
 def summary(result: Sweep) -> str:
     lines = [f"{len({t.key for t in result.trials})} layer shapes, {len(result.trials)} candidates: "
              f"{result.count('timed')} timed, {result.count('rejected')} rejected by the output check, "
-             f"{result.count('failed')} failed to build, {result.count('not run')} not run (budget); "
+             f"{result.count('failed')} failed to build, {result.count('not run')} not run (budget or interrupt); "
              f"{len(result.winners)} shapes beat their current tiles by more than {MARGIN:.0%}"]
     lines += [f"  {describe(t)}" for t in result.trials if t.status in ("rejected", "failed")]
     return "\n".join(lines) + "\n"
@@ -271,4 +287,4 @@ def run(args) -> int:
     path = write_table(Path(args.out) if args.out else default_table_path(gpu, version), gpu, version, result.winners)
     print(summary(result), end="")
     print(f"wrote {path} ({gpu}, triton {version}, kernels {choice.describe()})")
-    return 0
+    return 130 if result.interrupted else 0  # as a shell reports SIGINT, after the table is written

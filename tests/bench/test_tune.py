@@ -152,7 +152,28 @@ def test_the_budget_is_honoured_and_what_was_measured_is_kept():
     nothing = T.sweep([KEY], device="cpu", budget_s=0, candidates=candidates, build=build, timer=timer,
                       clock=lambda: now[0])
     assert {t.status for t in nothing.trials} == {"not run"} and built == [] and nothing.winners == {}
-    assert "3 not run (budget)" in T.summary(nothing)
+    assert "3 not run (budget or interrupt)" in T.summary(nothing) and not nothing.interrupted
+
+
+def test_an_interrupt_stops_the_sweep_and_keeps_what_was_measured():
+    """Ctrl-C (or gpu_run.sh's SIGINT at its limit) during a candidate: the sweep stops starting
+    candidates, lists the rest as interrupted, and returns what it measured (the command then
+    writes the table and exits 130)."""
+    calls = []
+
+    def timer(run, repeats, device):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return [2.0 if len(calls) == 1 else 1.0] * repeats
+
+    other = LayerKey("conv1x1", "v1", "float32", 1, 4, 4, 16, 16, 1)
+    result = T.sweep([KEY, other], device="cpu", candidates=lambda key: [{"BLOCK_M": 16}, {"BLOCK_M": 32}, GOOD],
+                     build=lambda key, tiles, device: (lambda: torch.ones(1)), timer=timer)
+    assert [(t.status, t.reason) for t in result.trials] == [
+        ("timed", None), ("timed", None), ("not run", "interrupted"),
+        ("not run", "interrupted"), ("not run", "interrupted"), ("not run", "interrupted")]
+    assert result.interrupted and result.winners == {KEY: {"BLOCK_M": 32}}
 
 
 def test_writing_merges_with_the_table_there_and_refuses_a_malformed_one(tmp_path):
