@@ -265,6 +265,8 @@ class Plan:
         if stage.op == "conv" and stage.reads.buffer == "input":
             out = self._view(stage.writes, n, shapes, None)
             variant, tiles = self._tiles(stage, n, out.shape[1:3], c_in, c_out)
+            if variant == "v2":
+                return self._bind_stem_v2(stage, w, out, c_in, tiles, kernels)
             conv = functools.partial(conv_launcher(variant), weight=w["weight"], out=out, bias=w.get("bias"),
                                      kernel_size=stage.kernel_size, stride=stage.stride, padding=stage.padding,
                                      relu_out=stage.relu_out, **tiles)
@@ -273,6 +275,9 @@ class Plan:
         if stage.op == "classifier":
             feats = self.features.view(n, 1, 1, c_in)
             variant, tiles = self._tiles(stage, n, (1, 1), c_in, c_out)
+            if variant == "v2":  # features [N, C] -> logits [N, classes], split TF32 products
+                classify = functools.partial(kernels.classifier_v2, self.features, w["weight"], bias=w["bias"], **tiles)
+                return lambda x, logits: classify(out=logits)
             conv = functools.partial(conv_launcher(variant), feats, w["weight"], kernel_size=1, bias=w["bias"], **tiles)
             return lambda x, logits: conv(logits.view(n, 1, 1, c_out))
         x = self._view(stage.reads, n, shapes, block_hw)
@@ -293,6 +298,20 @@ class Plan:
         else:
             raise AssertionError(f"unknown stage op {stage.op!r}")
         return lambda x_, logits: launch()
+
+    def _bind_stem_v2(self, stage, w, out, c_in, tiles, kernels):
+        """The stem through a packed copy of the input (kernels.stem_v2). The copy lives in block
+        1's arena where it fits and the stem writes elsewhere: nothing there is live until
+        max-pool writes block 1, after the stem has read the copy."""
+        (n, height, width), dtype = self.key, self.dtype
+        numel = kernels.stem_workspace_numel(n, c_in, stage.kernel_size, stage.padding, height, width)
+        lend = stage.writes.buffer == "stem" and self.arenas[0].numel() >= numel
+        workspace = self.arenas[0] if lend else torch.empty(numel, dtype=dtype, device=self.arenas[0].device)
+        self.nbytes += 0 if lend else numel * workspace.element_size()
+        conv = kernels.bind_stem_conv_v2(w["weight"], out, in_channels=c_in, height=height, width=width,
+                                         kernel_size=stage.kernel_size, stride=stage.stride, padding=stage.padding,
+                                         bias=w.get("bias"), relu_out=stage.relu_out, workspace=workspace, **tiles)
+        return lambda x, logits: conv(x.permute(0, 2, 3, 1))
 
     def run(self, x: torch.Tensor, logits: torch.Tensor | None) -> None:
         """Launch every stage; stop after the features when no logits tensor is given."""

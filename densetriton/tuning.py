@@ -56,12 +56,26 @@ def _launcher(key: LayerKey):
     return kernels.bn_relu_avgpool_conv if key.op == "transition" else conv_launcher(key.variant)
 
 
+def _stem_or_classifier_v2(key: LayerKey, x, weight, out, args: dict, tiles: dict):
+    """A zero-argument launch of the stem's or the classifier's v2 kernel, bound as the plan binds it."""
+    from . import kernels
+
+    if key.op == "classifier":  # x, out: [N, 1, 1, C] views of [N, C] features and logits
+        return functools.partial(kernels.classifier_v2, x.view(key.batch, key.c_in), weight,
+                                 out.view(key.batch, key.c_out), bias=args["bias"], **tiles)
+    n, h, w, c_in = x.shape
+    stem = kernels.bind_stem_conv_v2(weight, out, in_channels=c_in, height=h, width=w, **args, **tiles)
+    return functools.partial(stem, x)
+
+
 def build_candidate(key: LayerKey, tiles: dict, *, device, seed: int = 0):
     """A zero-argument callable that launches `key`'s kernel variant with `tiles` on fixed random
     inputs and returns its output tensor (the same tensor every call). Bad tiles: ValueError."""
     args = _inputs(key, device, seed)
     x, weight, out = args.pop("x"), args.pop("weight"), args.pop("out")
     launch = functools.partial(_launcher(key), x, weight, out, **args, **tiles)
+    if key.variant == "v2" and key.op in ("stem", "classifier"):  # their own arguments (densetriton.plan)
+        launch = _stem_or_classifier_v2(key, x, weight, out, args, tiles)
 
     def run() -> torch.Tensor:
         launch()

@@ -20,13 +20,13 @@ ENV_VAR = "DENSETRITON_KERNELS"
 DEFAULT_VARIANT = "v1"
 # The variants each op has; the first is its default.
 OP_VARIANTS = {
-    "stem": ("v1",),
+    "stem": ("v1", "v2"),
     "conv1x1": ("v1", "v2"),
     "conv3x3": ("v1", "v2"),
     "transition": ("v1",),
     "max_pool": ("v1",),
     "head": ("v1",),
-    "classifier": ("v1",),
+    "classifier": ("v1", "v2"),
 }
 
 

@@ -7,7 +7,9 @@ from .bn_relu_avgpool_conv import bn_relu_avgpool_conv
 from .bn_relu_conv import bn_relu_conv, pack_conv_weight
 from .bn_relu_conv_v2 import bn_relu_conv_v2
 from .bn_relu_global_avgpool import bn_relu_global_avgpool
+from .classifier_v2 import classifier_v2
 from .maxpool import max_pool_3x3_s2
+from .stem_v2 import bind_stem_conv_v2, stem_conv_v2, stem_workspace_numel
 
 __all__ = [
     "bn_relu_conv",
@@ -16,4 +18,8 @@ __all__ = [
     "bn_relu_avgpool_conv",
     "max_pool_3x3_s2",
     "bn_relu_global_avgpool",
+    "stem_conv_v2",
+    "bind_stem_conv_v2",
+    "stem_workspace_numel",
+    "classifier_v2",
 ]
