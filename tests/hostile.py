@@ -36,11 +36,30 @@ def _drain(stream, chunks: list) -> None:
     chunks.append(stream.read())
 
 
+# The command is started by this few-MB launcher, which reports the command's peak memory on a
+# pipe: a process started from this one (pytest, often over 1 GB) would report this process's
+# resident memory as part of its own peak (Linux folds the parent's in at exec).
+_LAUNCHER = """
+import os, signal, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+os.write(int(sys.argv[1]), str(usage.ru_maxrss).encode())
+code = os.waitstatus_to_exitcode(status)
+if code < 0:  # die of the same signal
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def run_python(code_or_args: list[str], *, timeout: float = 60.0, env: dict | None = None) -> ChildRun:
     """`python ARGS` in a child, killed past `timeout`; its exit status, output, time and peak memory."""
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, *code_or_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})}, text=True, errors="replace")
+    peak_read, peak_write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(peak_write), sys.executable, *code_or_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+                            text=True, errors="replace", pass_fds=(peak_write,), start_new_session=True)
+    os.close(peak_write)
     out, err = [], []
     readers = [threading.Thread(target=_drain, args=(proc.stdout, out)),
                threading.Thread(target=_drain, args=(proc.stderr, err))]
@@ -52,14 +71,16 @@ def run_python(code_or_args: list[str], *, timeout: float = 60.0, env: dict | No
         if pid:
             break
         if time.monotonic() > deadline and not killed:
-            os.kill(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the command
             killed = True
         time.sleep(0.02)
     for r in readers:
         r.join()
     proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
     stderr = "".join(err) + (f"\n[killed after {timeout} s]" if killed else "")
-    return ChildRun(proc.returncode, "".join(out), stderr, time.monotonic() - start, usage.ru_maxrss / 1024)
+    with os.fdopen(peak_read, "rb") as reported:
+        peak_kb = int(reported.read() or usage.ru_maxrss)  # killed: the launcher's own, an upper bound
+    return ChildRun(proc.returncode, "".join(out), stderr, time.monotonic() - start, peak_kb / 1024)
 
 
 def run_cli(*args: str, timeout: float = 60.0, env: dict | None = None) -> ChildRun:
