@@ -25,9 +25,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     (None, {}),
     ("", {}),
     ("v1", {}),
-    ("v2", {"conv1x1": "v2", "conv3x3": "v2"}),
+    ("v2", {"conv1x1": "v2", "conv3x3": "v2", "stem": "v2", "classifier": "v2"}),
     (" conv1x1 = v2 ", {"conv1x1": "v2"}),
-    ("v2,conv3x3=v1", {"conv1x1": "v2"}),
+    ("v2,conv3x3=v1", {"conv1x1": "v2", "stem": "v2", "classifier": "v2"}),
     ("conv3x3=v2,stem=v1", {"conv3x3": "v2"}),
 ])
 def test_kernel_choice_syntax(text, expected):
@@ -38,7 +38,7 @@ def test_kernel_choice_syntax(text, expected):
 @pytest.mark.parametrize("text,match", [
     ("v3", "no op has a variant 'v3'"),
     ("v1,v2", "more than one variant for all ops"),
-    ("stem=v2", "stem has no variant 'v2'"),
+    ("transition=v2", "transition has no variant 'v2'"),
     ("conv5x5=v1", "unknown op"),
     ("conv1x1=v2,conv1x1=v1", "named twice"),
     ("conv1x1", "no op has a variant 'conv1x1'"),
