@@ -54,7 +54,9 @@ class RequestReader:
         self.preprocessing = preprocessing
         self.max_body_bytes = max_body_bytes
         self.input_shape = tuple(input_shape)  # [C, H, W] every image must come out as
-        self._image_steps = None  # build_transform's steps before ToTensor, built on first use in each process
+        # Built here, in the main process, so that the HTTP processes forked from it start with
+        # torchvision imported rather than importing it on their first request.
+        self.image_steps = image_steps(preprocessing)
 
     async def read(self, request: Request, *, with_topk: bool) -> dict:
         """{"images": uint8 [N, H, W, C], "single": one image sent, "topk": K or None}."""
@@ -103,8 +105,6 @@ class RequestReader:
     def preprocess(self, blob: bytes, where: str) -> np.ndarray:
         """One image's bytes -> its uint8 [H, W, C] pixels after resize and crop, as `densetriton
         predict` makes them before ToTensor."""
-        if self._image_steps is None:
-            self._image_steps = image_steps(self.preprocessing)
         with tempfile.NamedTemporaryFile(dir=SCRATCH, prefix="densetriton-serve-") as f:
             f.write(blob)
             f.flush()
@@ -114,7 +114,7 @@ class RequestReader:
                 raise refused(413, where + str(e).replace(f.name, "the image")) from None
             except ImageError as e:
                 raise refused(413 if declares_too_many_pixels(e.reason) else 400, where + e.reason) from None
-        pixels = np.array(self._image_steps(image), dtype=np.uint8)
+        pixels = np.array(self.image_steps(image), dtype=np.uint8)
         pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels  # grayscale: one channel
         channels, height, width = self.input_shape
         if pixels.shape != (height, width, channels):  # the preprocessing fixes it; a guard, not a path

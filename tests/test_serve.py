@@ -297,19 +297,19 @@ def test_mixed_load_from_16_clients(server, files):
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_answers_the_requests_in_flight(files, number):
-    """Requests wait in a batch (a 4 s timeout, the largest size never filled) when the signal
+    """Requests wait in a batch (a 3 s timeout, the largest size never filled) when the signal
     comes to every process of the server's group, as Ctrl-C and `systemctl stop` send it; each is
     answered, right, and the server exits 0."""
     engine = densetriton.load(files["single"], device="cpu", backend="reference")
     kinds = ["gray", "cmyk", "rgba"]
     srv = Server(files["single"], files["root"] / f"stop-{number}.log", "--batch-sizes", "1", "8",
-                 "--batch-timeout-ms", "4000")
+                 "--batch-timeout-ms", "3000")
     try:
         srv.wait_healthy()
         with ThreadPoolExecutor(len(kinds)) as pool:
             pending = [pool.submit(srv.post, "/predict?topk=1", read(files["images"][k]), "image/png", None)
                        for k in kinds]
-            time.sleep(1.5)  # sent and waiting in the worker's batch
+            time.sleep(1.2)  # sent and waiting in the worker's batch
             assert not any(f.done() for f in pending)
             os.killpg(srv.process.pid, number)
             answers = [f.result(timeout=60) for f in pending]
@@ -394,3 +394,11 @@ def test_pixels_sent_to_the_worker_become_predicts_exact_input(files, pre):
         pixels = torch.from_numpy(reader.preprocess(read(path), "")[None])
         got = to_model_input(pixels, pre["mean"], pre["std"])[0]
         assert torch.equal(got, transform(load_image(path))), kind
+
+
+def test_without_litserve_serve_says_what_to_install(files, capsys, monkeypatch):
+    """The command line works without the serve extra; `serve` then names the extra in one line."""
+    monkeypatch.setitem(sys.modules, "litserve", None)  # import litserve -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "densetriton.serve_app", raising=False)
+    rc, _, err = run_cli(capsys, "serve", "--weights", files["single"])
+    assert rc == 1 and 'pip install "densetriton[serve]"' in err and err.count("\n") == 1
