@@ -174,7 +174,8 @@ class _NpyRows:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             try:
-                os.posix_fallocate(self.fd, 0, self.start + n * self.row_bytes)
+                if hasattr(os, "posix_fallocate"):  # not on macOS: the writes then find a full disk
+                    os.posix_fallocate(self.fd, 0, self.start + n * self.row_bytes)
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                     raise  # no space: say so before any row is copied
