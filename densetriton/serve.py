@@ -74,10 +74,16 @@ class Drain:
 
 
 def stop_children() -> None:
-    """Workers LitServe started and did not stop (a signal during warm-up, before its shutdown path)."""
-    for process in multiprocessing.active_children():
+    """Processes LitServe started and did not stop (a signal during warm-up, before its shutdown
+    path): the workers ignore SIGTERM, so what a short wait does not see end is killed."""
+    children = multiprocessing.active_children()
+    for process in children:
         process.terminate()
-        process.join(5)
+    for process in children:
+        process.join(2)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -196,7 +202,8 @@ def serve(args, runner=None) -> int:
     server = build_server(args, api_key, runner)
     api_servers = args.api_servers or max(1, min(8, os.cpu_count() or 1))
     where = f"http://{'[::]' if args.host == '::' else args.host}:{args.port}"
-    print(f"densetriton serve: {server.model_metadata['model']} on {where} (/predict, /embed, /health, /info); "
+    endpoints = ", ".join(server.model_metadata["endpoints"] + ["/health", "/info"])
+    print(f"densetriton serve: {server.model_metadata['model']} on {where} ({endpoints}); "
           f"warming batch sizes {' '.join(map(str, args.batch_sizes))} before /health answers 200", file=sys.stderr)
     Drain().install()
     try:
