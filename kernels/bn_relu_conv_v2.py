@@ -109,6 +109,15 @@ def _conv_taps_v2_kernel(
     # Each row's tap (0, 0) pixel; a tap adds one scalar offset (it may point before the row's
     # image where the tap is padding, but those loads are masked).
     x_pix_ptr = x_ptr + n * stride_xn + ih_base * stride_xh + iw_base * stride_xw
+    # Bit kh of h_ok (kw of w_ok): the row's tap row (column) lies inside the image; rows past the
+    # last pixel have none (they would read past the batch). Two shifts and an AND per row and
+    # step then give the tap's mask (int32 bits: kernels up to 31 wide, checked by the launcher).
+    h_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    w_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for t in tl.static_range(KH):
+        h_ok = h_ok | ((pix_mask & (ih_base + t >= 0) & (ih_base + t < H)).to(tl.int32) << t)
+    for t in tl.static_range(KW):
+        w_ok = w_ok | (((iw_base + t >= 0) & (iw_base + t < W)).to(tl.int32) << t)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One loop over (tap, channel block), tap-major as the packed weight rows are laid out. The
@@ -120,10 +129,8 @@ def _conv_taps_v2_kernel(
         offs_ci = k0 + tl.arange(0, BLOCK_K)
         ci_mask = offs_ci < C_in
         tap = kh * KW + kw
-        ih = ih_base + kh
-        iw = iw_base + kw
         # False for padded taps and for rows past the last output pixel.
-        tap_mask = pix_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        tap_mask = ((h_ok >> kh) & (w_ok >> kw) & 1) != 0
         w = tl.load(
             w_ptr + (tap * C_in + offs_ci)[:, None] * stride_wk + offs_co[None, :],
             mask=ci_mask[:, None] & co_mask[None, :],
@@ -149,6 +156,9 @@ def _conv_taps_v2_kernel(
               stride_on, stride_oh, stride_ow, stride_oc, stride_bias, HAS_BIAS, RELU_OUT)
 
 
+MAX_KERNEL = 31  # the tap loop keeps a row's in-image taps as bits of an int32
+
+
 def bn_relu_conv_v2(
     x, weight, out, *, kernel_size, stride=1, padding=0,
     in_scale=None, in_shift=None, bias=None, relu_out=False,
@@ -160,6 +170,8 @@ def bn_relu_conv_v2(
     if out.numel() == 0:
         return out
     n, h, w, c_in, oh, ow, c_out, kh, kw = g
+    if max(kh, kw) > MAX_KERNEL:
+        raise ValueError(f"bn_relu_conv_v2 takes kernels up to {MAX_KERNEL}x{MAX_KERNEL}, got {kh}x{kw}")
     has_prologue = in_scale is not None
     # Unused pointer arguments get a valid tensor; the constexpr flags compile their loads away.
     scale = in_scale if has_prologue else weight

@@ -96,11 +96,12 @@ def test_v2_engine_matches_v1_and_the_reference(spec, size, dtype, tol, monkeypa
     with torch.no_grad():
         expected = model(x)
     v2 = engines["v2"](x.to(DEVICE))
-    kernels_run = set(calls)
-    assert kernels_run == ({1, 3} if spec.bn_size else {3}), "the v2 engine did not run the v2 kernels"
+    assert set(calls) == ({1, 3} if spec.bn_size else {3}), "the v2 engine did not run the v2 kernels"
+    # Every dense conv at least once (on CUDA the graph capture launches them a second time).
+    v2_calls = len(calls)
+    assert v2_calls >= sum(1 for s in build_stages(spec) if stage_op(s) in ("conv1x1", "conv3x3"))
     v1 = engines["v1"](x.to(DEVICE))
-    assert len(calls) == sum(1 for s in build_stages(spec) if stage_op(s) in ("conv1x1", "conv3x3")), \
-        "the v1 engine ran v2 kernels"
+    assert len(calls) == v2_calls, "the v1 engine ran v2 kernels"
     assert rel_err(v2, expected) < tol and rel_err(v2, v1) < tol
     assert torch.equal(engines["v2"](x.to(DEVICE)), v2), "two v2 calls differ"
 

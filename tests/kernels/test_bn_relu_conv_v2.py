@@ -130,5 +130,8 @@ def test_same_arguments_and_errors_as_v1(device, gen):
         bn_relu_conv_v2(x, weight, out, kernel_size=1)
     with pytest.raises(ValueError, match="BLOCK_K must be a power of two >= 16"):
         bn_relu_conv_v2(x, weight, out, kernel_size=3, padding=1, BLOCK_K=24)
+    with pytest.raises(ValueError, match="kernels up to 31x31, got 33x1"):
+        bn_relu_conv_v2(randn(gen, 1, 40, 4, 1, device=device), pack_conv_weight(randn(gen, 4, 1, 33, 1), torch.float32,
+                        device), torch.empty(1, 8, 4, 4, device=device), kernel_size=(33, 1))
     with pytest.raises(ValueError, match="in_scale and in_shift must be given together"):
         bn_relu_conv_v2(x, weight, out, kernel_size=3, padding=1, in_scale=randn(gen, 8, device=device))
