@@ -21,7 +21,6 @@ Every refusal is an HTTPException whose detail is one line:
 import base64
 import binascii
 import json
-import os
 import tempfile
 
 import numpy as np
@@ -38,8 +37,6 @@ MAX_IMAGES_PER_REQUEST = 256  # the worker splits a request's images into warmed
 DEFAULT_TOPK = 5
 ACCEPTED = ("send one image as the body (Content-Type image/* or application/octet-stream), multipart/form-data "
             "with a field named file, or JSON {\"image\": \"<base64>\"} or {\"images\": [...]}")
-# Images are written here for load_image, which reads files: memory-backed where Linux has it.
-SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def refused(status: int, reason: str) -> HTTPException:
@@ -105,9 +102,13 @@ class RequestReader:
     def preprocess(self, blob: bytes, where: str) -> np.ndarray:
         """One image's bytes -> its uint8 [H, W, C] pixels after resize and crop, as `densetriton
         predict` makes them before ToTensor."""
-        with tempfile.NamedTemporaryFile(dir=SCRATCH, prefix="densetriton-serve-") as f:
-            f.write(blob)
-            f.flush()
+        # load_image reads files: the image is staged in the temporary folder (TMPDIR) while it is read.
+        with tempfile.NamedTemporaryFile(prefix="densetriton-serve-") as f:
+            try:
+                f.write(blob)
+                f.flush()
+            except OSError as e:  # the temporary folder is full: the server's trouble, not the request's
+                raise refused(503, f"the server cannot stage the image ({e.strerror or e}); try again later") from None
             try:
                 image = load_image(f.name)
             except FileRefused as e:  # declared more than a bound, before decoding
