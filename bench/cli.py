@@ -35,10 +35,11 @@ def register(sub) -> None:
                    help="start no new record after S seconds; the rest are listed as skipped")
     p.add_argument("--warm-caches", action="store_true",
                    help="keep Triton's and Inductor's on-disk caches (default: empty ones, so cold start is cold)")
-    p.add_argument("--kinds-method", choices=("graph", "kind-graphs", "launches"), default="graph",
+    p.add_argument("--kinds-method", choices=("graph", "ablation", "kind-graphs", "launches"), default="graph",
                    help="how densetriton's per-layer-kind times are taken on a GPU: graph (one CUDA graph, timing "
-                   "events between kinds; default), kind-graphs (a graph per run of one kind), launches (an event "
-                   "pair around each launch, no graph: adds the launch gaps a graph hides)")
+                   "events between kinds; default), ablation (the whole graph's time less that of a graph without "
+                   "the kind), kind-graphs (a graph per run of one kind), launches (an event pair around each "
+                   "launch, no graph: adds the launch gaps a graph hides)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     register_tune(sub)

@@ -1,7 +1,7 @@
 """Where densetriton's time goes: a plan's launches timed per layer kind.
 
     python -m densetriton.bench.layer_times [--model densenet201] [--batch-size 256] [--dtype float16]
-                                            [--method graph|kind-graphs|launches]
+                                            [--method graph|ablation|kind-graphs|launches]
 
 The bench times whole forwards (one CUDA graph replay each). To see which layer kind is far from
 its roofline floor, this times each kind of bench.roofline.KINDS -- stem (conv0 and its
@@ -11,9 +11,11 @@ of three ways (the record says which):
 - graph (default): the whole forward captured as one CUDA graph with a timing event between
   consecutive launches of different kinds; each stretch between two events is summed into its
   kind. Nothing runs outside the graph, so the kinds add up to the forward as the bench times it.
+- ablation: the whole forward as one graph, and per kind a graph of every launch but that
+  kind's; a kind's time is the whole graph's less the graph without it (no event inside a graph,
+  so nothing is added between launches; for a torch or driver without timing events in graphs).
 - kind-graphs: each run of consecutive same-kind launches captured as its own graph, an event
-  on each side of every replay (for a torch or driver without timing events inside graphs; each
-  replay's launch gap is added to its kind).
+  on each side of every replay (each replay's launch gap is added to its kind).
 - launches: no graph, an event pair around each launch; adds the launch gaps a graph hides, so
   the kinds' sum can exceed the forward's median.
 
@@ -35,7 +37,7 @@ import torch
 from .roofline import KINDS
 from .timing import Timer, summarize
 
-METHODS = ("graph", "kind-graphs", "launches")
+METHODS = ("graph", "ablation", "kind-graphs", "launches")  # also the order of falling back
 
 
 def stage_kind(stage) -> str:
@@ -135,13 +137,53 @@ def _calls(launches, x, logits) -> list:
     return [lambda launch=launch: launch(x, logits) for launch in launches]
 
 
+def summed(kinds, intervals):
+    """A measure: each (start, end) event interval's ms added to its kind."""
+    def measure() -> dict[str, float]:
+        ms = {kind: 0.0 for kind in KINDS}
+        for kind, (start, end) in zip(kinds, intervals):
+            ms[kind] += start.elapsed_time(end)
+        return ms
+
+    return measure
+
+
 def graph_forward(clock, segments, x, logits):
     """One graph of every launch, an event before the first and after each segment."""
     events = [clock.event(in_graph=True) for _ in range(len(segments) + 1)]
     ops = [events[0].record]
     for (_, launches), end in zip(segments, events[1:]):
         ops += _calls(launches, x, logits) + [end.record]
-    return clock.capture(ops).replay, events
+    return clock.capture(ops).replay, summed([kind for kind, _ in segments], list(zip(events, events[1:])))
+
+
+def ablation_forward(clock, segments, x, logits):
+    """Per kind a graph of every launch but that kind's, and a graph of every launch, each timed by
+    one event pair around its replay: a kind's ms is the whole graph's less the graph without it.
+    No event inside a graph; each kind's launches run in the whole graph's company."""
+    kinds = list(dict.fromkeys(kind for kind, _ in segments))
+
+    def graph_without(left_out):
+        return clock.capture([call for kind, launches in segments if kind != left_out
+                              for call in _calls(launches, x, logits)])
+
+    # The whole graph last: a graph without a kind leaves wrong values in the shared buffers (its
+    # time does not depend on them); the whole forward after it leaves the right ones.
+    graphs = {**{kind: graph_without(kind) for kind in kinds}, None: graph_without(None)}
+    pairs = {name: (clock.event(), clock.event()) for name in graphs}
+
+    def forward():
+        for name, graph in graphs.items():
+            start, end = pairs[name]
+            start.record()
+            graph.replay()
+            end.record()
+
+    def measure() -> dict[str, float]:
+        ms = {name: start.elapsed_time(end) for name, (start, end) in pairs.items()}
+        return {kind: max(0.0, ms[None] - ms[kind]) if kind in kinds else 0.0 for kind in KINDS}
+
+    return forward, measure
 
 
 def kind_graphs_forward(clock, segments, x, logits):
@@ -155,7 +197,7 @@ def kind_graphs_forward(clock, segments, x, logits):
             graph.replay()
             end.record()
 
-    return forward, events
+    return forward, summed([kind for kind, _ in segments], list(zip(events, events[1:])))
 
 
 def launches_forward(clock, segments, x, logits):
@@ -169,29 +211,24 @@ def launches_forward(clock, segments, x, logits):
             call()
             end.record()
 
-    return forward, pairs, [kind for kind, _ in calls]
+    return forward, summed([kind for kind, _ in calls], pairs)
+
+
+FORWARDS = {"graph": graph_forward, "ablation": ablation_forward, "kind-graphs": kind_graphs_forward,
+            "launches": launches_forward}
 
 
 def kind_ms_per_forward(plan, x, logits, clock, method: str, repeats: int) -> list[dict[str, float]]:
-    """Per forward (repeats of them), the ms each kind took; the plan's kernels must be compiled."""
+    """Per timed forward (repeats of them), the ms each kind took; the plan's kernels must be compiled."""
     if method not in METHODS:
         raise ValueError(f"unknown per-kind timing method {method!r}; one of {', '.join(METHODS)}")
-    segments = kind_segments(plan.launches)
-    if method == "launches":
-        forward, intervals, kinds = launches_forward(clock, segments, x, logits)
-    else:
-        build = graph_forward if method == "graph" else kind_graphs_forward
-        forward, events = build(clock, segments, x, logits)
-        intervals, kinds = list(zip(events, events[1:])), [kind for kind, _ in segments]
+    forward, measure = FORWARDS[method](clock, kind_segments(plan.launches), x, logits)
     per_forward = []
     for _ in range(repeats):
         clock.sync()
         forward()
         clock.sync()
-        ms = {kind: 0.0 for kind in KINDS}
-        for kind, (start, end) in zip(kinds, intervals):
-            ms[kind] += start.elapsed_time(end)
-        per_forward.append(ms)
+        per_forward.append(measure())
     return per_forward
 
 
@@ -285,8 +322,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="default: the engine's (float16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--method", choices=METHODS, default="graph",
-                        help="graph: one CUDA graph, events between kinds (default); kind-graphs: a graph per run of "
-                        "one kind; launches: an event pair around each launch, no graph")
+                        help="graph: one CUDA graph, events between kinds (default); ablation: the whole graph's "
+                        "time less that of a graph without the kind; kind-graphs: a graph per run of one kind; "
+                        "launches: an event pair around each launch, no graph")
     args = parser.parse_args(argv)
     engine = timing_engine(parser, args)
     g = torch.Generator(device=engine.device).manual_seed(0)

@@ -55,6 +55,7 @@ def _mib(b) -> str:
 KINDS_METHOD_TEXT = {
     "graph": "the kind's share of one forward captured as a CUDA graph, timed by events between kinds; "
              "the kinds add up to the forward",
+    "ablation": "the forward captured as a CUDA graph less the same graph without this kind's launches",
     "kind-graphs": "each run of this kind's consecutive launches replayed as its own CUDA graph between events, summed",
     "launches": "its launches, each timed alone between CUDA events, summed (no graph: includes the launch gaps)",
 }

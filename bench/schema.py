@@ -39,9 +39,10 @@ RECORD = {
         "planned_mem_bytes": {"type": ["integer", "null"]},
         # densetriton on the Triton backend: ms per layer kind of one forward, and how they were
         # taken (bench/layer_times.py): "graph" (one CUDA graph, timing events between kinds),
-        # "kind-graphs" (a graph per run of one kind), "launches" (an event pair per launch, no graph)
+        # "ablation" (the whole graph less a graph without the kind), "kind-graphs" (a graph per run
+        # of one kind), "launches" (an event pair per launch, no graph)
         "kinds_ms": {"type": ["object", "null"], "additionalProperties": {"type": "number", "minimum": 0}},
-        "kinds_method": {"enum": ["graph", "kind-graphs", "launches", None]},
+        "kinds_method": {"enum": ["graph", "ablation", "kind-graphs", "launches", None]},
         "peer_detail": _opt_str,  # e.g. the onnxruntime peer's execution provider
         "accuracy_images": {"type": "integer", "minimum": 1},
         "repeats": {"type": "integer", "minimum": 1},
