@@ -61,10 +61,13 @@ def _classifier_v2_kernel(
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         a_hi, a_hi_cross, a_lo = _split_tf32(a)
         w_hi, w_hi_cross, w_lo = _split_tf32(w)
-        # Small terms first, so they are not lost against the large one.
-        acc = tl.dot(a_lo, w_hi_cross, acc, input_precision="tf32")
-        acc = tl.dot(a_hi_cross, w_lo, acc, input_precision="tf32")
-        acc = tl.dot(a_hi, w_hi, acc, input_precision="tf32")
+        # Small terms first, so they are not lost against the large one. The tensor cores add
+        # with truncation, which biases a long sum: each K step's products are summed there,
+        # then added to the float32 total by an IEEE (round-to-nearest) add.
+        part = tl.dot(a_lo, w_hi_cross, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), input_precision="tf32")
+        part = tl.dot(a_hi_cross, w_lo, part, input_precision="tf32")
+        part = tl.dot(a_hi, w_hi, part, input_precision="tf32")
+        acc += part
     bias = tl.load(b_ptr + offs_n * stride_b, mask=n_mask, other=0.0)
     acc = acc + bias[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
