@@ -10,9 +10,9 @@ is awaited (every batch size warmed), every distinct JPEG is classified once (to
 between the peers is reported), then at each concurrency C, C clients (threads in a few client
 processes, one keep-alive connection each) send requests back to back: a warm-up period, then a
 measured one. Reported per peer and C: images/s (requests answered within the measured period /
-its length; one image per request), latency p50 and p99, errors. Both peers run the same weights
-(the cached pretrained file, else calibrated random weights: bench/peers.py) behind the same
-server code, so the difference is the model.
+its length; one image per request), latency p50 and p99 of the requests sent and answered within
+it, errors. Both peers run the same weights (the cached pretrained file, else calibrated random
+weights: bench/peers.py) behind the same server code, so the difference is the model.
 """
 
 import argparse
@@ -116,45 +116,43 @@ def post(connection: http.client.HTTPConnection, blob: bytes) -> tuple[int, byte
     return response.status, response.read()
 
 
-def client_thread(port: int, blobs: list[bytes], offset: int, start: float, stop: float) -> tuple[list, int]:
-    """Requests back to back until `stop`; latencies of those sent at or after `start` and answered by `stop`."""
+def client_thread(port: int, blobs: list[bytes], offset: int, stop: float) -> list[tuple[float, float, int]]:
+    """Requests back to back until `stop`: (sent, answered, status) of each."""
     connection = http.client.HTTPConnection(HOST, port, timeout=120)
-    latencies, errors, i = [], 0, offset
+    timings, i = [], offset
     try:
         while time.time() < stop:
             sent = time.time()
             status, _ = post(connection, blobs[i % len(blobs)])
-            done = time.time()
+            timings.append((sent, time.time(), status))
             i += 1
-            if status != 200:
-                errors += 1
-            elif sent >= start and done <= stop:
-                latencies.append(done - sent)
     finally:
         connection.close()
-    return latencies, errors
+    return timings
 
 
-def client_process(port, blobs, threads, first, start, stop):
+def client_process(port, blobs, threads, first, stop):
     with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(client_thread, port, blobs, first + t, start, stop) for t in range(threads)]
-        results = [f.result() for f in futures]
-    return [x for lat, _ in results for x in lat], sum(e for _, e in results)
+        futures = [pool.submit(client_thread, port, blobs, first + t, stop) for t in range(threads)]
+        return [timing for f in futures for timing in f.result()]
 
 
 def measure(port: int, blobs: list[bytes], clients: int, warmup_s: float, measure_s: float, processes: int) -> dict:
-    """Throughput and latency at `clients` concurrent clients (spread over up to `processes` processes)."""
+    """At `clients` concurrent clients (spread over up to `processes` processes): images/s, the
+    answers that came within the measured period over its length; latency percentiles of the
+    requests sent and answered within it; errors, the non-200 answers of the whole run."""
     procs = min(processes, clients)
     shares = [clients // procs + (1 if p < clients % procs else 0) for p in range(procs)]
     start = time.time() + warmup_s + 0.5  # 0.5 s for the client processes to start
     stop = start + measure_s
     firsts = np.cumsum([0] + shares[:-1]).tolist()
     with multiprocessing.get_context("fork").Pool(procs) as pool:
-        results = pool.starmap(client_process, [(port, blobs, n, f, start, stop) for n, f in zip(shares, firsts)])
-    latencies = np.array([x for lat, _ in results for x in lat])
-    errors = sum(e for _, e in results)
-    record = {"clients": clients, "requests": int(latencies.size), "errors": errors,
-              "images_per_s": latencies.size / measure_s}
+        runs = pool.starmap(client_process, [(port, blobs, n, f, stop) for n, f in zip(shares, firsts)])
+    timings = [t for run in runs for t in run]
+    answered = [(sent, done) for sent, done, status in timings if status == 200 and start <= done <= stop]
+    latencies = np.array([done - sent for sent, done in answered if sent >= start])
+    record = {"clients": clients, "requests": len(answered), "errors": sum(status != 200 for *_, status in timings),
+              "images_per_s": len(answered) / measure_s, "latency_samples": int(latencies.size)}
     if latencies.size:
         record.update(p50_ms=float(np.percentile(latencies, 50) * 1000), p99_ms=float(np.percentile(latencies, 99) * 1000))
     return record
@@ -231,7 +229,7 @@ def bench_peer(peer: str, opts, weights: Path, blobs: list[bytes], workdir: Path
 
 
 def format_record(r: dict) -> str:
-    latency = f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms" if r["requests"] else "no answers"
+    latency = f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms" if r["latency_samples"] else "no latency sample"
     return f"{r['clients']:3d} clients: {r['images_per_s']:9.1f} images/s, {latency}, {r['errors']} errors"
 
 
