@@ -10,8 +10,12 @@ from .convert import (
     load_checkpoint,
     normalize_state_dict,
 )
+from .errors import CheckpointRefused
+from .readers import Checkpoint, read_checkpoint
 
 __all__ = [
+    "Checkpoint",
+    "CheckpointRefused",
     "ConversionError",
     "convert_checkpoint",
     "convert_module",
@@ -20,4 +24,5 @@ __all__ = [
     "infer_spec",
     "load_checkpoint",
     "normalize_state_dict",
+    "read_checkpoint",
 ]

@@ -14,11 +14,14 @@ Only the tensors are read, so what they cannot show is assumed to be torchvision
 activations, BatchNorm with eps 1e-5. A MONAI DenseNet built with another `act` (its
 default is ReLU) converts but computes another function.
 
-Pickle checkpoints are read without executing any code: a restricted unpickler resolves the
-few names a checkpoint needs and makes every other class it names an inert placeholder, so a
-whole pickled model (torch.save(model), as torchxrayvision publishes) gives its tensors too (see
-pickled_module). Before anything is read, what a file declares is bounded (bounds.py, limits.py):
-a file over a bound is refused with a CheckpointRefused (exit status 2 from the CLI).
+Files are read by readers.py, one reader per format, without executing any code: a restricted
+unpickler resolves the few names a checkpoint needs and makes every other class it names an
+inert placeholder, so a whole pickled model (torch.save(model), as torchxrayvision publishes)
+gives its tensors too (see pickled_module). Before anything is read, what a file declares is
+bounded (bounds.py, limits.py): a file over a bound is refused with a CheckpointRefused (exit
+status 2 from the CLI). A conversion is then four steps: normalise the keys
+(normalize_state_dict, renames in _KEY_RENAMES), infer or check the spec (_resolve_spec,
+_validate), decide what the classifier's outputs mean (_head_policy), and save (_save).
 """
 
 from __future__ import annotations
@@ -27,17 +30,15 @@ import hashlib
 import math
 import os
 import re
-import tarfile
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..limits import MAX_CLASSES, MAX_TENSOR_BYTES, MAX_TOTAL_TENSOR_BYTES, FileRefused
+from ..limits import MAX_CLASSES
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, describe_spec, get_spec
 from ..weights import (
-    FORMAT,
     WeightsError,
     check_crop_fits,
     check_operating_points,
@@ -46,11 +47,10 @@ from ..weights import (
     listing,
     save_weights,
 )
-from .bounds import check_tensor, load_json
+from .bounds import check_tensor
 from .bounds import check_tensors as check_tensors_fit
-from .errors import CheckpointRefused, ConversionError, one_line, refused
-from .keras_h5 import KERAS_SUFFIXES, read_keras
-from .pickled_module import HostileCheckpoint, load_pickled, replace_modules
+from .errors import ConversionError, refused
+from .readers import read_checkpoint
 
 # Containers under which training scripts commonly nest the weights.
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
@@ -59,75 +59,27 @@ _DENSENET_ROOTS = ("features", "classifier", "class_layers")
 # Module names training code gives its loss (criterion, loss_fn, train_loss, bce_loss, ...).
 _LOSS_MODULE = re.compile(r"^(criterion|criterions|loss|losses|(\w+_)?loss(_fn|_func|_function)?|\w+_criterion)$", re.IGNORECASE)
 
-# Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
-_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+# Renames to torchvision's current names, applied in this order to every key once its wrapper's
+# prefix is dropped: (pattern, replacement, whose names they are).
+_KEY_RENAMES = tuple((re.compile(pattern), replacement) for pattern, replacement, _whose in (
+    # Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
+    (r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$", r"\1\2",
+     "torchvision < 0.2"),
+    # MONAI's DenseNet: a dense layer's modules sit in a Sequential named "layers", and the head is
+    # class_layers = Sequential(relu, pool, flatten, out) -- the same function as torchvision's.
+    (r"^(.*denselayer\d+)\.layers\.(.*)$", r"\1.\2", "MONAI"),
+    (r"^class_layers\.out\.(weight|bias)$", r"classifier.\1", "MONAI"),
+))
+# classifier = Sequential(Linear, Sigmoid): renamed only when it holds one Linear (see _unwrap_sequential_classifier).
 _SEQUENTIAL_CLASSIFIER = re.compile(r"^classifier\.(\d+)\.(weight|bias)$")
-# MONAI's DenseNet: a dense layer's modules sit in a Sequential named "layers", and the head is
-# class_layers = Sequential(relu, pool, flatten, out) -- the same function as torchvision's.
-_MONAI_LAYER_KEY = re.compile(r"^(.*denselayer\d+)\.layers\.(.*)$")
-_MONAI_CLASSIFIER_KEY = re.compile(r"^class_layers\.out\.(weight|bias)$")
 
 
 # -- reading ----------------------------------------------------------------------------
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a .safetensors, .pth, .pt or .pth.tar file without executing any code: every tensor
-    in it fits its storage, within limits.py's bounds (else CheckpointRefused)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head:
-        raise ConversionError(f"{path} is empty (0 bytes): not a checkpoint")
-    if head.startswith(b"\x93NUMPY"):
-        raise ConversionError(f"{path} is a NumPy array file, not a PyTorch checkpoint")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    if tarfile.is_tarfile(str(path)):
-        raise ConversionError(f"{path} is a tar checkpoint (torch < 0.4), which is not read: load it in an old torch "
-                              f"you trust and save its state_dict()")
-    try:
-        return replace_modules(load_pickled(path), path=path)
-    except FileRefused:
-        raise
-    except HostileCheckpoint as e:
-        raise CheckpointRefused(
-            f"refusing to load {path}: it asks to call {e}, which a checkpoint has no reason to do "
-            f"(nothing from the file was run)"
-        ) from None
-    except Exception as e:  # noqa: BLE001 -- whatever a malformed pickle makes the unpickler raise
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({one_line(e)})") from None
-
-
-def _load_safetensors(path: Path) -> dict:
-    """A safetensors file's tensors, after bounding the sizes its header declares (the library
-    checks that the file holds them)."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    try:
-        total = 0
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 -- safe_open is not a mapping
-                piece = f.get_slice(name)
-                nbytes = math.prod(piece.get_shape()) * _DTYPE_BYTES.get(piece.get_dtype(), 8)
-                if nbytes > MAX_TENSOR_BYTES:
-                    raise refused(path, f"tensor {name!a}'s size", f"{nbytes} bytes", f"{MAX_TENSOR_BYTES} bytes")
-                total += nbytes
-        if total > MAX_TOTAL_TENSOR_BYTES:
-            raise refused(path, "the tensors' total size", f"{total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes")
-        return load_file(str(path))
-    except FileRefused:
-        raise
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, MemoryError) as e:
-        raise ConversionError(f"{path} is not a readable safetensors file ({one_line(e)})") from None
-
-
-# Bytes per element of safetensors' dtype names (an unknown one counts as 8, the largest).
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    """The tensors of a checkpoint file of any format (see readers), as the file nests them."""
+    return read_checkpoint(path).state
 
 
 def _unnest(obj) -> dict[str, torch.Tensor]:
@@ -263,13 +215,23 @@ def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[st
     wrappers = {_wrapper_prefix(k) for k in tensors} - {None}
     if len(wrappers) == 1:
         tensors = _adopt_separate_head(tensors, next(iter(wrappers)))
+    out = _unwrap_sequential_classifier(_renamed(tensors, wrappers))
+    weight = out.get("classifier.weight")
+    bias = out.get("classifier.bias")
+    if weight is not None and weight.dim() == 2 and weight.shape[0] == 0 and (bias is None or bias.numel() == 0):
+        # torchvision's DenseNet(num_classes=0): a Linear with no outputs is no classifier.
+        out = {k: v for k, v in out.items() if k not in ("classifier.weight", "classifier.bias")}
+    return out
+
+
+def _renamed(tensors: dict[str, torch.Tensor], wrappers: set) -> dict[str, torch.Tensor]:
+    """Every key without its wrapper's prefix ("module.", "model.", "densenet121.", "backbone.",
+    ...) and through _KEY_RENAMES; two keys ending at one name are an error."""
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        # Drop any wrapper prefix ("module.", "model.", "densenet121.", "backbone.", ...).
         name = key[len(_wrapper_prefix(key) or ""):]
-        name = _LEGACY_KEY.sub(r"\1\2", name)
-        name = _MONAI_LAYER_KEY.sub(r"\1.\2", name)
-        name = _MONAI_CLASSIFIER_KEY.sub(r"classifier.\1", name)
+        for pattern, replacement in _KEY_RENAMES:
+            name = pattern.sub(replacement, name)
         if name in out:
             several = ""
             if "" not in wrappers and len(wrappers) > 1:
@@ -277,12 +239,6 @@ def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[st
                           f"choose one with --prefix (prefix=...)"
             raise ConversionError(f"two checkpoint tensors map to {name!r} (one is {key!r}){several}")
         out[name] = value
-    out = _unwrap_sequential_classifier(out)
-    weight = out.get("classifier.weight")
-    bias = out.get("classifier.bias")
-    if weight is not None and weight.dim() == 2 and weight.shape[0] == 0 and (bias is None or bias.numel() == 0):
-        # torchvision's DenseNet(num_classes=0): a Linear with no outputs is no classifier.
-        out = {k: v for k, v in out.items() if k not in ("classifier.weight", "classifier.bias")}
     return out
 
 
@@ -406,6 +362,18 @@ def convert_state_dict(
     tensors = normalize_state_dict(state_dict)
     _check_sizes(tensors, source)
     _refuse_3d(tensors)
+    spec = _resolve_spec(tensors, arch, bn_eps)
+    _validate(tensors, spec, state_dict)
+    class_names, multi_label, operating_points = _head_policy(
+        spec, state_dict, source, class_names=class_names, multi_label=multi_label,
+        operating_points=operating_points, carried=_carried)
+    return _save(out, tensors, spec, progress=progress, class_names=class_names, preprocessing=preprocessing,
+                 source=source, multi_label=multi_label, operating_points=operating_points)
+
+
+def _resolve_spec(tensors: dict[str, torch.Tensor], arch: str | DenseNetSpec | None, bn_eps: float | None) -> DenseNetSpec:
+    """The spec to convert to: inferred from the shapes, or the given one (a registry name's
+    taking the checkpoint's head size and input channels, and checked against the shapes)."""
     if arch is None:
         spec = infer_spec(tensors)
     elif isinstance(arch, DenseNetSpec):
@@ -422,7 +390,7 @@ def convert_state_dict(
         try:
             found = infer_spec(tensors)
         except ConversionError:
-            found = None  # not even inferable: the listing below says what is wrong
+            found = None  # not even inferable: the listing in _validate says what is wrong
         if found is not None and found != spec:
             raise ConversionError(f"the checkpoint holds {describe_spec(found)}, not {describe_spec(spec)} (--arch {arch})")
     if bn_eps is not None:
@@ -430,6 +398,12 @@ def convert_state_dict(
             spec = spec.replace(bn_eps=bn_eps)
         except ValueError as e:
             raise ConversionError(str(e)) from None
+    return spec
+
+
+def _validate(tensors: dict[str, torch.Tensor], spec: DenseNetSpec, state_dict: dict) -> None:
+    """Every tensor the spec needs, in its shape, and no other: else an error listing them, with
+    a hint when the others sit outside the DenseNet's wrapper."""
     try:
         check_tensors(tensors, spec)
     except WeightsError as e:
@@ -442,35 +416,48 @@ def convert_state_dict(
                 f"not one Linear layer to take as it: a multi-layer or normalised head is not supported"
                 f"{hint.replace('converts the DenseNet alone', 'converts the DenseNet alone, for its features')}") from None
         raise ConversionError(f"{e}{hint}") from None
+
+
+def _head_policy(spec: DenseNetSpec, state_dict: dict, source: str | None, *, class_names, multi_label,
+                 operating_points, carried: frozenset) -> tuple:
+    """What the classifier's outputs mean: (class_names, multi_label, operating_points). A backbone
+    takes none (those the converted file carried are left out with a warning); operating points
+    come from a torchxrayvision checkpoint's op_threshs when none are given, and imply multi_label."""
     if not spec.num_classes:
         head = {"class_names": class_names is not None, "multi_label": bool(multi_label),
                 "operating_points": operating_points is not None}
-        if any(present and name not in _carried for name, present in head.items()):
+        if any(present and name not in carried for name, present in head.items()):
             raise ConversionError("the checkpoint has no classifier (a backbone: features only), so it takes no class "
                                   "names, --multi-label or operating points")
         if any(head.values()):  # the file converted recorded them for the classifier left out (--prefix)
             warnings.warn(f"left out the file's {', '.join(n.replace('_', ' ') for n, p in head.items() if p)}: "
-                          f"they belong to a classifier this conversion does not keep", stacklevel=2)
+                          f"they belong to a classifier this conversion does not keep", stacklevel=3)
             class_names, multi_label, operating_points = None, None, None
         warnings.warn(f"the checkpoint has no classifier: converted as {describe_spec(spec)}, a backbone that gives "
-                      f"features only (engine.features, densetriton embed), not predictions", stacklevel=2)
+                      f"features only (engine.features, densetriton embed), not predictions", stacklevel=3)
     if spec.num_classes == 1000 and class_names is None:
         warnings.warn("no class names recorded for its 1000 classes, so predict shows class indices; for ImageNet-1k's "
                       "(torchvision's or timm's weights, or a model fine-tuned from them that kept their classifier) "
-                      "convert with --class-names imagenet", stacklevel=2)
+                      "convert with --class-names imagenet", stacklevel=3)
     if operating_points is None and multi_label is not False and spec.num_classes:
         operating_points = _operating_points_in(state_dict, spec, source)
     if operating_points is not None and multi_label is None:
         multi_label = True
-    # Copy to CPU with progress: the slow part for large checkpoints on slow disks.
+    return class_names, multi_label, operating_points
+
+
+def _save(out, tensors: dict[str, torch.Tensor], spec: DenseNetSpec, *, progress: bool | None, preprocessing,
+          **metadata) -> Path:
+    """The spec's tensors copied to contiguous CPU memory (with progress: the slow part for large
+    checkpoints on slow disks), written atomically with the metadata."""
     cpu = {}
     shown = None if progress is None else not progress  # None: show on a terminal only
-    for name in tqdm(spec.state_dict_shapes(), desc=f"converting {describe_spec(spec)}", unit="tensor", disable=shown, leave=False):
+    for name in tqdm(spec.state_dict_shapes(), desc=f"converting {describe_spec(spec)}", unit="tensor", disable=shown,
+                     leave=False):
         cpu[name] = tensors[name].detach().to("cpu").contiguous()
     if preprocessing is None:
         preprocessing = default_preprocessing(spec)
-    return save_weights(out, cpu, spec, class_names=class_names, preprocessing=preprocessing, source=source,
-                        multi_label=multi_label, operating_points=operating_points)
+    return save_weights(out, cpu, spec, preprocessing=preprocessing, **metadata)
 
 
 def _check_sizes(tensors: dict[str, torch.Tensor], source: str | None) -> None:
@@ -499,7 +486,7 @@ def _operating_points_in(state_dict: dict, spec: DenseNetSpec, source: str | Non
         return check_operating_points(t.double().tolist(), spec, multi_label=True)
     except WeightsError as e:
         warnings.warn(f"the checkpoint's op_threshs {tuple(t.shape)} do not fit its {spec.num_classes}-class "
-                      f"classifier as operating points ({e}): left out", stacklevel=4)
+                      f"classifier as operating points ({e}): left out", stacklevel=5)
         return None
 
 
@@ -531,14 +518,8 @@ def convert_checkpoint(
     an EMA copy of the model (see normalize_state_dict).
     """
     path = Path(path)
-    if path.suffix.lower() in KERAS_SUFFIXES:
-        if not path.is_file():
-            raise ConversionError(f"checkpoint not found: {path}")
-        keras = read_keras(path)  # its errors are ConversionErrors (KerasError), its refusals CheckpointRefused
-        state_dict, carried = keras.tensors, {"bn_eps": keras.bn_eps, "multi_label": keras.multi_label}
-    else:
-        state_dict = load_checkpoint(path)
-        carried = _carried_metadata(path)
+    checkpoint = read_checkpoint(path)
+    state_dict, carried = checkpoint.state, checkpoint.carried
     # What comes from the file itself, not from the caller: left out, not refused, if the result has no classifier.
     from_file = frozenset(k for k, v in (("class_names", class_names), ("multi_label", multi_label),
                                           ("operating_points", operating_points)) if v is None and carried.get(k) is not None)
@@ -561,36 +542,6 @@ def convert_checkpoint(
         source=f"checkpoint:{path.name}", progress=progress, bn_eps=bn_eps, multi_label=multi_label,
         operating_points=operating_points, prefix=prefix, _carried=from_file,
     )
-
-
-def _carried_metadata(path: Path) -> dict:
-    """A densetriton file's class names, preprocessing, multi_label, operating points and BatchNorm epsilon (each
-    one that parses), so converting the file again -- to record a preprocessing, say -- keeps
-    what it had."""
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError):
-        return {}
-    if metadata.get("format") != FORMAT:
-        return {}
-    carried = {}
-    for key in ("class_names", "preprocessing", "multi_label", "operating_points"):
-        try:
-            carried[key] = load_json(metadata[key], path, f"the metadata's {key}")
-        except FileRefused:
-            raise
-        except (KeyError, ValueError):
-            pass  # absent or unreadable: the caller's (or no) value, as for any checkpoint
-    try:
-        carried["bn_eps"] = DenseNetSpec.from_json(metadata["spec"]).bn_eps
-    except (KeyError, ValueError, TypeError, RecursionError):
-        pass
-    return carried
 
 
 def convert_module(

@@ -235,7 +235,7 @@ def _array(dataset) -> torch.Tensor:
 def _read_legacy(f) -> dict[str, torch.Tensor]:
     """Keras 2 / tf.keras HDF5: layer groups listed in `layer_names`, each naming its weights in
     `weight_names` ("conv1/conv/kernel:0"); a nested model's group holds its inner layers' weights."""
-    root = f["model_weights"] if "model_weights" in f else f
+    root = f.get("model_weights", f)
     layer_names = _attr(root, "layer_names")
     if not layer_names:
         raise KerasError(

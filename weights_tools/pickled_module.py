@@ -30,6 +30,7 @@ import pickle
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch._weights_only_unpickler import _get_allowed_globals
@@ -126,7 +127,7 @@ class _InertPickle:
         settable = (torch.Tensor, torch.nn.Parameter, OrderedDict)  # and placeholders
 
         class Unpickler(pickle._Unpickler):  # the pure-Python one: its BUILD can be checked
-            dispatch = dict(pickle._Unpickler.dispatch)
+            dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
 
             def find_class(self, module, name):
                 # Python 2 names, which protocol 2 writes ("__builtin__.set"), as pickle maps them.
