@@ -414,3 +414,17 @@ def test_json_is_bounded_as_a_refusal_of_the_file(tmp_path):
         "config.json", json.dumps({"x": " " * (70 << 20)}), compress_type=zipfile.ZIP_STORED))
     with pytest.raises(KerasRefused, match="config.json's size"):
         read_keras(path)
+
+
+def test_legacy_file_saved_on_a_gpu_reads_on_the_cpu(tmp_path):
+    """torch < 1.6 on a GPU wrote torch.cuda.FloatStorage and "cuda:0" into its persistent ids;
+    the reader takes the dtype and ignores the location. Two tensors share the storage, one from
+    an offset. (Fails if torch_files maps only torch.* storage names.)"""
+    values = torch.randn(6)
+    storage = _StorageRef("140", 6, torch.cuda.FloatStorage)
+    obj = _torch_pickle({"w": _TensorRef(storage, (2, 3), (3, 1)), "v": _TensorRef(storage, (2,), (1,), offset=4)},
+                        legacy=True)
+    path = _legacy_file(tmp_path / "cuda.pt", obj, ["140"], struct.pack("<q", 6) + values.numpy().tobytes())
+    got = load_pickled(path)
+    assert got["w"].device.type == "cpu" and torch.equal(got["w"], values.view(2, 3)) and torch.equal(got["v"], values[4:])
+    assert got["w"].untyped_storage().data_ptr() == got["v"].untyped_storage().data_ptr()
