@@ -22,6 +22,7 @@ import argparse
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 from typing import Optional
 
@@ -171,11 +172,22 @@ def check_args(args) -> None:
         raise ValueError("give --model NAME (torchvision's pretrained weights) or --weights FILE (a converted weights file)")
     if not 1024 <= args.port <= 65535:
         raise ValueError(f"--port must be from 1024 to 65535, got {args.port}")
+    check_port_free(args.host, args.port)
     if args.batch_timeout_ms < 0:
         raise ValueError(f"--batch-timeout-ms must be >= 0, got {args.batch_timeout_ms:g}")
     if args.batch_timeout_ms / 1000 >= args.request_timeout_s:
         raise ValueError("--batch-timeout-ms must be shorter than --request-timeout-s")
     args.batch_sizes = sorted(set(args.batch_sizes))
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One clear error before the model is loaded, rather than uvicorn's after it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host} port {port}: {e.strerror or e} (another server? --port)") from None
 
 
 def read_api_key(variable: Optional[str]) -> Optional[str]:

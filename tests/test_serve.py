@@ -333,7 +333,8 @@ def test_a_model_without_a_fixed_input_size_is_refused_before_serving(files, cap
 
 def test_api_key_env_must_hold_a_key(files, capsys, monkeypatch):
     monkeypatch.delenv("DENSETRITON_TEST_UNSET_KEY", raising=False)
-    rc, _, err = run_cli(capsys, "serve", "--weights", files["single"], "--api-key-env", "DENSETRITON_TEST_UNSET_KEY")
+    rc, _, err = run_cli(capsys, "serve", "--weights", files["single"], "--api-key-env", "DENSETRITON_TEST_UNSET_KEY",
+                         "--port", str(free_port()))
     assert rc == 1 and "DENSETRITON_TEST_UNSET_KEY" in err
 
 
@@ -400,5 +401,14 @@ def test_without_litserve_serve_says_what_to_install(files, capsys, monkeypatch)
     """The command line works without the serve extra; `serve` then names the extra in one line."""
     monkeypatch.setitem(sys.modules, "litserve", None)  # import litserve -> ModuleNotFoundError
     monkeypatch.delitem(sys.modules, "densetriton.serve_app", raising=False)
-    rc, _, err = run_cli(capsys, "serve", "--weights", files["single"])
+    rc, _, err = run_cli(capsys, "serve", "--weights", files["single"], "--port", str(free_port()))
     assert rc == 1 and 'pip install "densetriton[serve]"' in err and err.count("\n") == 1
+
+
+def test_a_port_in_use_is_one_error_before_the_model_loads(files, capsys):
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, _, err = run_cli(capsys, "serve", "--weights", files["single"], "--port", str(port))
+    assert rc == 1 and f"port {port}" in err and err.count("\n") == 1
