@@ -80,9 +80,9 @@ class TorchFile:
 
     def load(self, make_unpickler):
         """The file's object, unpickled by make_unpickler(file) (a pickle.Unpickler subclass)."""
-        if zipfile.is_zipfile(self.path):
-            return self._load_zip(make_unpickler)
-        return self._load_legacy(make_unpickler)
+        with open(self.path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # as torch.load tells: a legacy file's storages may hold any bytes
+        return self._load_zip(make_unpickler) if zipped else self._load_legacy(make_unpickler)
 
     # -- tensors ---------------------------------------------------------------------------
 

@@ -428,3 +428,14 @@ def test_legacy_file_saved_on_a_gpu_reads_on_the_cpu(tmp_path):
     got = load_pickled(path)
     assert got["w"].device.type == "cpu" and torch.equal(got["w"], values.view(2, 3)) and torch.equal(got["v"], values[4:])
     assert got["w"].untyped_storage().data_ptr() == got["v"].untyped_storage().data_ptr()
+
+
+def test_legacy_file_whose_weights_end_like_a_zip_directory_reads_as_legacy(tmp_path):
+    """A legacy file is told from a zip by its first bytes, as torch.load tells them: weights whose
+    last bytes happen to form a zip end-of-directory record (zipfile.is_zipfile says yes) still
+    read. (Fails if the format is chosen by zipfile.is_zipfile.)"""
+    record = np.frombuffer(b"PK\x05\x06" + bytes(20), dtype=np.float32)  # 24 bytes: an empty zip's directory, and 2 more
+    obj = _torch_pickle({"w": _TensorRef(_StorageRef("0", 6), (6,), (1,))}, legacy=True)
+    path = _legacy_file(tmp_path / "looks-zipped.pt", obj, ["0"], struct.pack("<q", 6) + record.tobytes())
+    assert zipfile.is_zipfile(path)
+    assert torch.equal(load_pickled(path)["w"], torch.from_numpy(record.copy()))
