@@ -67,10 +67,10 @@ def scan_pickle(source, path, what: str = "the pickle") -> None:
         for count, (op, arg, pos) in enumerate(pickletools.genops(_Bounded(source, path, what)), 1):
             start = pos if start is None else start
             if count > MAX_PICKLE_OPS:
-                raise refused(path, f"{what}'s opcode count", f"over {MAX_PICKLE_OPS}", MAX_PICKLE_OPS)
+                raise refused(path, f"{what}'s opcode count", f"{count} or more", MAX_PICKLE_OPS)
             depth = _step(op, arg, stack, marks, memo)
             if depth > MAX_PICKLE_DEPTH:
-                raise refused(path, f"{what}'s nesting depth", f"over {MAX_PICKLE_DEPTH}", MAX_PICKLE_DEPTH)
+                raise refused(path, f"{what}'s nesting depth", f"{depth} or more", MAX_PICKLE_DEPTH)
     except (IndexError, KeyError) as e:
         raise ValueError(f"{what} is malformed ({type(e).__name__} at an opcode)") from None
 
