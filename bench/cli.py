@@ -41,6 +41,14 @@ def register(sub) -> None:
                    "the kind), kind-graphs (a graph per run of one kind), launches (an event pair around each "
                    "launch, no graph: adds the launch gaps a graph hides)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # -- end to end (bench/end_to_end.py) --
+    p.add_argument("--end-to-end", nargs="?", const="", metavar="DIR",
+                   help="instead of the model bench: files -> predictions in images/s (engine only, predict --decode "
+                   "gpu and cpu, torchvision's DataLoader pipeline) over the JPEGs in DIR, or generated photos without "
+                   "DIR; the first --model, --batch-size and --dtype (defaults densenet121, 256 on CUDA, float16)")
+    p.add_argument("--workers", type=int, metavar="W", help="--end-to-end: DataLoader workers of every peer "
+                   "(default: the CPUs less one on CUDA)")
+    # -- end of end to end --
     p.set_defaults(func=run)
     register_tune(sub)
 
@@ -75,6 +83,10 @@ def run_tune(args) -> int:
 
 
 def run(args) -> int:
+    if getattr(args, "end_to_end", None) is not None:  # bench/end_to_end.py
+        from .end_to_end import main_from_cli
+
+        return main_from_cli(args)
     from . import report
     from .run import resolve
     from .run import run as run_bench

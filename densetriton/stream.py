@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import textwrap
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -134,6 +135,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch (default 32)")
     g.add_argument("--workers", type=nonnegative_int, default=default_workers(), metavar="W",
                    help="DataLoader worker processes decoding images (default %(default)s; 0 decodes in the main process)")
+    g.add_argument("--decode", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="gpu: workers read JPEG bytes and the model's device decodes and preprocesses them in batches "
+                   "(nvJPEG on CUDA; other files, and JPEGs it refuses, go through Pillow); cpu: Pillow decodes "
+                   "and preprocesses every image in the workers; auto (default): gpu on CUDA, cpu otherwise")
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -309,42 +314,105 @@ class Tally:
     skipped: list = field(default_factory=list)  # (index, path, reason)
 
 
+class _Batches:
+    """The DataLoader over items and how one of its batches becomes [(indices, paths, x on the
+    device)] + failures: Pillow in the workers (--decode cpu), or JPEG bytes from the workers decoded
+    and preprocessed on the device (--decode gpu: densetriton.decode, on a second CUDA stream)."""
+
+    def __init__(self, engine, items, args):
+        from .decode import EncodedImages, TensorPreprocess, collate_encoded, use_tensor_decoding
+
+        self.device = engine.device
+        self.pin = engine.device.type == "cuda"
+        self.transform = build_transform(engine)
+        self.tensor = use_tensor_decoding(getattr(args, "decode", "auto"), engine.device)
+        if self.tensor:
+            self.pre = TensorPreprocess(engine, engine.device)
+            dataset, collate = EncodedImages(items, self.transform, resolve_preprocessing(engine)), collate_encoded
+        else:
+            dataset, collate = _ImageDataset(items, self.transform), _collate
+        self.side = torch.cuda.Stream(engine.device) if self.tensor and self.pin else None
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, shuffle=False, num_workers=min(args.workers, len(items)),
+            collate_fn=collate, pin_memory=self.pin,
+        )
+
+    def prepare(self, batch) -> tuple[list, list]:
+        """A loader batch -> ([(indices, paths, x on the device)], failed [(index, path, reason)])."""
+        if not self.tensor:
+            groups, failed = batch
+            return [(i, p, x.to(self.device, non_blocking=self.pin)) for i, p, x in groups], failed
+        from .decode import decode_batch, group_by_shape
+
+        jpegs, pillow, failed = batch
+        with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
+            prepared, fallen, refused = decode_batch(jpegs, self.pre, lambda path: self.transform(load_image(path)))
+            groups = group_by_shape(prepared, self.pre, pillow + fallen, self.device, non_blocking=self.pin)
+        if self.side is not None:  # the engine's stream waits for the decode, and owns its tensors from here
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.side)
+            for _, _, x in groups:
+                x.record_stream(main)
+        return groups, failed + refused
+
+
+def _launch(engine, run, groups, tally: Tally) -> list:
+    """Run the model on each group (asynchronously on CUDA); [(indices, paths, output on the device)]."""
+    launched = []
+    for indices, paths, x in groups:
+        try:
+            engine.spec.feature_sizes(x.shape[2], x.shape[3])
+        except ValueError as e:
+            tally.skipped.extend((i, p, f"too small for the model ({e})") for i, p in zip(indices, paths))
+            continue
+        launched.append((indices, paths, run(x)))
+    return launched
+
+
+def _finish(launched, count: int, tally: Tally, on_batch, bar) -> None:
+    """Wait for a batch's outputs, hand its rows over in input order, and count it."""
+    results = []
+    for indices, paths, out in launched:
+        results.extend(zip(indices, paths, out.float().cpu()))
+    results.sort(key=lambda r: r[0])
+    if results:
+        on_batch(results)
+    tally.done += len(results)
+    bar.update(count)
+    if tally.skipped:
+        bar.set_postfix(skipped=len(tally.skipped), refresh=False)
+
+
 def stream_images(engine, items, args, *, run, on_batch, desc: str, show: bool) -> Tally:
-    """Decode, preprocess and run `run(x)` over items; on_batch([(index, path, row)]) in input order."""
+    """Decode, preprocess and run `run(x)` over items; on_batch([(index, path, row)]) in input order.
+
+    Batch k+1 is prepared (decoded on the device, or copied from pinned memory) before batch k's
+    outputs are waited for, so that preparing it overlaps the engine's work on batch k; the model
+    is called again only after its previous outputs were read. The bar shows images/s."""
     from tqdm.auto import tqdm
 
     tally = Tally()
     if not items:
         return tally
-    pin = engine.device.type == "cuda"
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset(items, build_transform(engine)),
-        batch_size=args.batch_size,
-        shuffle=False,
-        num_workers=min(args.workers, len(items)),
-        collate_fn=_collate,
-        pin_memory=pin,
-    )
+    batches = _Batches(engine, items, args)
     bar = tqdm(total=len(items), unit="img", desc=desc, disable=None if show else True, dynamic_ncols=True, smoothing=0.1)
+    pending = None
     try:
-        for groups, failed in loader:
+        for batch in batches.loader:
+            groups, failed = batches.prepare(batch)
+            finished, pending = pending, None  # cleared first: rows are never handed over twice
+            if finished is not None:
+                _finish(*finished, tally, on_batch, bar)
             tally.skipped.extend(failed)
-            results = []
-            for indices, paths, x in groups:
-                try:
-                    engine.spec.feature_sizes(x.shape[2], x.shape[3])
-                except ValueError as e:
-                    tally.skipped.extend((i, p, f"too small for the model ({e})") for i, p in zip(indices, paths))
-                    continue
-                out = run(x.to(engine.device, non_blocking=pin)).float().cpu()
-                results.extend(zip(indices, paths, out))
-            results.sort(key=lambda r: r[0])
-            if results:
-                on_batch(results)
-            tally.done += len(results)
-            bar.update(sum(len(g[0]) for g in groups) + len(failed))
-            if tally.skipped:
-                bar.set_postfix(skipped=len(tally.skipped), refresh=False)
+            pending = (_launch(engine, run, groups, tally), sum(len(g[0]) for g in groups) + len(failed))
+    except BaseException:  # Ctrl-C while the next batch is prepared: the last computed rows still go out
+        finished, pending = pending, None
+        if finished is not None:
+            _finish(*finished, tally, on_batch, bar)
+        raise
+    else:
+        if pending is not None:
+            _finish(*pending, tally, on_batch, bar)
     finally:
         bar.close()
     return tally
