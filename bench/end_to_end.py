@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 PHOTO_SIZES = ((500, 375), (1024, 768), (375, 500), (768, 1024))
-DEFAULT_IMAGES = {"cuda": 2048, "cpu": 16}
+DEFAULT_IMAGES = {"cuda": 8192, "cpu": 16}  # on CUDA enough that the workers' start is a small part
 
 
 @dataclass
@@ -50,7 +50,7 @@ class E2ESettings:
     workers: int
     out: Path
     folder: Path | None = None  # None: generate `images` JPEGs of `sizes`
-    images: int = 2048
+    images: int = 8192
     sizes: tuple = PHOTO_SIZES
     seed: int = 0
     backend: str = "auto"
@@ -70,15 +70,21 @@ class E2ESettings:
 # -- inputs -----------------------------------------------------------------------------------
 
 
-def generate_jpegs(folder: Path, count: int, sizes=PHOTO_SIZES, seed: int = 0) -> list[Path]:
+def generate_jpegs(folder: Path, count: int, sizes=PHOTO_SIZES, seed: int = 0, unique: int = 256) -> list[Path]:
     """count photo-like JPEGs (smooth colour fields plus grain; quality 90) cycling through sizes;
-    every eighth carries an EXIF orientation (6, 3, 8 in turn)."""
+    every eighth carries an EXIF orientation (6, 3, 8 in turn). The first `unique` are drawn, the
+    rest are copies of their bytes under new names (decoding costs the same; drawing takes time)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    paths = []
+    paths, encoded = [], []
     for i in range(count):
+        path = folder / f"photo_{i:05d}.jpg"
+        if i >= unique:
+            path.write_bytes(encoded[i % unique])
+            paths.append(path)
+            continue
         w, h = sizes[i % len(sizes)]
         coarse = rng.integers(0, 256, (max(2, h // 32), max(2, w // 32), 3), dtype=np.uint8)
         smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
@@ -86,8 +92,8 @@ def generate_jpegs(folder: Path, count: int, sizes=PHOTO_SIZES, seed: int = 0) -
         exif = Image.Exif()
         if i % 8 == 7:
             exif[0x0112] = (6, 3, 8)[(i // 8) % 3]
-        path = folder / f"photo_{i:05d}.jpg"
         Image.fromarray(pixels).save(path, "JPEG", quality=90, exif=exif.tobytes())
+        encoded.append(path.read_bytes())
         paths.append(path)
     return paths
 
@@ -285,7 +291,7 @@ def measure(s: E2ESettings, workdir: Path) -> dict:
         folder = workdir / "photos"
         generate_jpegs(folder, s.images, s.sizes, s.seed)
         s.notes.append(f"{s.images} generated JPEGs ({', '.join(f'{w}x{h}' for w, h in s.sizes)}, quality 90, "
-                       f"every eighth with an EXIF rotation)")
+                       f"every eighth with an EXIF rotation; the first 256 drawn, the rest copies of their bytes)")
     from densetriton.stream import collect_files
 
     files = collect_files([str(folder)])
@@ -378,8 +384,8 @@ def settings_from_args(args) -> E2ESettings:
         dtype=(args.dtype or ["float16" if cuda else "float32"])[0],
         workers=workers if workers is not None else (max(1, cpus - 1) if cuda else default_workers()),
         out=Path(args.out) if args.out else RESULTS_DIR, folder=Path(args.end_to_end) if args.end_to_end else None,
-        images=DEFAULT_IMAGES["cuda" if cuda else "cpu"] if not args.quick else (512 if cuda else 8),
-        seed=args.seed, sample=64 if cuda else 8,
+        images=DEFAULT_IMAGES["cuda" if cuda else "cpu"] if not args.quick else (2048 if cuda else 8),
+        seed=args.seed, sample=(args.batch_size or [256])[0] if cuda else 8,  # one whole batch on CUDA
     )
 
 

@@ -518,9 +518,13 @@ def describe_run(engine, args) -> str:
     outputs = "; a sigmoid per class (multi-label)" if getattr(args, "multi_label", False) else ""
     if outputs and engine.operating_points is not None:
         outputs += ", each class's operating point at 0.5"
+    from .decode import use_tensor_decoding
+
+    decoding = (f"JPEGs decoded in batches on {engine.device}, other files by Pillow"
+                if use_tensor_decoding(getattr(args, "decode", "auto"), engine.device) else "Pillow in the workers")
     return (
         f"{describe_spec(engine.spec)} ({source}) on {engine.device}, {dtype}, {engine.backend} backend; "
-        f"preprocessing: {describe_preprocessing(engine)}{outputs}"
+        f"preprocessing: {describe_preprocessing(engine)}{outputs}; decoding: {decoding}"
     )
 
 

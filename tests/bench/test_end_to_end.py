@@ -34,6 +34,9 @@ def test_generated_photos(tmp_path):
             assert img.format == "JPEG" and img.size == ((50, 30), (30, 50))[i % 2]
             orientations.append(img.getexif().get(0x0112))
     assert orientations == [None] * 7 + [6] + [None] * 7 + [3]
+    copies = E.generate_jpegs(tmp_path / "copies", 6, sizes=((50, 30),), unique=4)
+    assert copies[4].read_bytes() == copies[0].read_bytes() and copies[5].read_bytes() == copies[1].read_bytes()
+    assert copies[1].read_bytes() != copies[0].read_bytes()
 
 
 def test_tiny_end_to_end_run(tmp_path):
