@@ -238,7 +238,7 @@ class _Stages:
 
 def _stage_batch(st: _Stages, engine, paths, decode: str, transform, tensor_pre):
     """One batch through the stages; returns the engine's output."""
-    from densetriton.decode import decode_jpegs, jpeg_header, orient
+    from densetriton.decode import decode_jpegs, jpeg_header, orient, preprocess_decoded
     from densetriton.images import load_image
 
     with st.stage("read"):
@@ -248,7 +248,7 @@ def _stage_batch(st: _Stages, engine, paths, decode: str, transform, tensor_pre)
         with st.stage("decode"):
             imgs = decode_jpegs([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], engine.device)
         with st.stage("preprocess"):
-            x = tensor_pre.batch([tensor_pre.image(orient(img, h[2])) for img, h in zip(imgs, headers)])
+            x = tensor_pre.batch(preprocess_decoded([orient(img, h[2]) for img, h in zip(imgs, headers)], tensor_pre))
     else:
         with st.stage("decode"):
             imgs = [load_image(p) for p in paths]  # Pillow reads the file again, from the page cache

@@ -213,7 +213,7 @@ class TensorPreprocess:
         self.device = torch.device(device)
 
     def image(self, img: torch.Tensor) -> torch.Tensor:
-        """uint8 [3, H, W] upright -> uint8 [C, h, w] resized, cropped (and gray)."""
+        """uint8 [..., 3, H, W] upright -> uint8 [..., C, h, w] resized, cropped (and gray)."""
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
@@ -234,14 +234,28 @@ class TensorPreprocess:
         return F.normalize(x, self.mean, self.std, inplace=True)
 
 
+def preprocess_decoded(images: list[torch.Tensor], pre: "TensorPreprocess") -> list[torch.Tensor]:
+    """Upright uint8 [3, H, W] images -> pre.image of each, images of one size resized together
+    (one set of kernel launches per size, not per image: photos from one camera share a size)."""
+    by_size: dict[tuple, list[int]] = {}
+    for k, img in enumerate(images):
+        by_size.setdefault(tuple(img.shape), []).append(k)
+    out: list = [None] * len(images)
+    for ks in by_size.values():
+        stacked = torch.stack([images[k] for k in ks]) if len(ks) > 1 else images[ks[0]].unsqueeze(0)
+        for k, img in zip(ks, pre.image(stacked)):
+            out[k] = img
+    return out
+
+
 def decode_batch(jpegs, pre: TensorPreprocess, fallback) -> tuple[list, list, list]:
     """A batch's JPEGs -> (prepared [(index, path, uint8 [C, h, w] on device)], fallen back [(index,
     path, float tensor)] via fallback(path), failed [(index, path, reason)])."""
     decoded = decode_jpegs([data for _, _, data, _ in jpegs], pre.device)
-    prepared, fallen, failed = [], [], []
+    upright, fallen, failed = [], [], []
     for (index, path, _, orientation), img in zip(jpegs, decoded):
         if img is not None:
-            prepared.append((index, path, pre.image(orient(img, orientation))))
+            upright.append((index, path, orient(img, orientation)))
             continue
         try:
             fallen.append((index, path, fallback(path)))
@@ -249,7 +263,8 @@ def decode_batch(jpegs, pre: TensorPreprocess, fallback) -> tuple[list, list, li
             failed.append((index, path, e.reason))
         except Exception as e:
             failed.append((index, path, f"cannot preprocess ({type(e).__name__}: {e})"))
-    return prepared, fallen, failed
+    images = preprocess_decoded([img for _, _, img in upright], pre)
+    return [(index, path, img) for (index, path, _), img in zip(upright, images)], fallen, failed
 
 
 def group_by_shape(prepared, pre: TensorPreprocess, floats, device, non_blocking: bool) -> list:
@@ -273,5 +288,5 @@ def group_by_shape(prepared, pre: TensorPreprocess, floats, device, non_blocking
 
 __all__ = [
     "DECODE_CHOICES", "EncodedImages", "TensorPreprocess", "collate_encoded", "decode_batch", "decode_jpegs",
-    "group_by_shape", "jpeg_header", "luminance", "orient", "use_tensor_decoding",
+    "group_by_shape", "jpeg_header", "luminance", "orient", "preprocess_decoded", "use_tensor_decoding",
 ]

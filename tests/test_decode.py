@@ -262,3 +262,21 @@ def test_embed_gpu_decode_in_a_worker(tmp_path, weights, capsys):  # noqa: F811
     assert feats["gpu"][1] == feats["cpu"][1]
     ours, theirs = feats["gpu"][0], feats["cpu"][0]
     assert np.linalg.norm(ours - theirs, axis=1).max() <= 0.02 * np.linalg.norm(theirs, axis=1).min()
+
+
+def test_images_of_one_size_are_resized_together(tmp_path, monkeypatch):
+    """Six JPEGs of two stored sizes, turned by EXIF into two upright sizes: two resize calls, not
+    six, and each image exactly as it comes out alone (fails without preprocess_decoded's grouping)."""
+    rng = _rng("together")
+    paths = [_save_jpeg(tmp_path / f"{i}.jpg", _photo(rng, *((48, 64), (64, 48))[i % 2]), orientation=(1, 1, 6, 1, 1, 8)[i])
+             for i in range(6)]
+    dataset = EncodedImages(list(enumerate(paths)), build_transform(PRE), PRE)
+    jpegs, _, _ = collate_encoded([dataset[i] for i in range(6)])
+    pre = TensorPreprocess(PRE, "cpu")
+    calls, real_image = [], pre.image
+    monkeypatch.setattr(pre, "image", lambda img: calls.append(tuple(img.shape)) or real_image(img))
+    prepared, _, _ = decode_batch(jpegs, pre, fallback=None)
+    assert sorted(calls) == [(3, 3, 48, 64), (3, 3, 64, 48)]
+    for (_, _, data, orientation), (_, _, img) in zip(jpegs, prepared):
+        alone = real_image(orient(decode_jpegs([data], torch.device("cpu"))[0], orientation))
+        assert torch.equal(img, alone)
