@@ -280,3 +280,8 @@ def test_images_of_one_size_are_resized_together(tmp_path, monkeypatch):
     for (_, _, data, orientation), (_, _, img) in zip(jpegs, prepared):
         alone = real_image(orient(decode_jpegs([data], torch.device("cpu"))[0], orientation))
         assert torch.equal(img, alone)
+    monkeypatch.setattr(decode, "RESIZE_CHUNK", 2)  # at most two a call: 2 + 1 of each size
+    calls.clear()
+    again, _, _ = decode_batch(jpegs, pre, fallback=None)
+    assert sorted(c[0] for c in calls) == [1, 1, 2, 2]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(again, prepared))
