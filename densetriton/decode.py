@@ -237,7 +237,7 @@ class TensorPreprocess:
         return F.normalize(x, self.mean, self.std, inplace=True)
 
 
-def preprocess_decoded(images: list[torch.Tensor], pre: "TensorPreprocess") -> list[torch.Tensor]:
+def preprocess_decoded(images: list[torch.Tensor], pre: TensorPreprocess) -> list[torch.Tensor]:
     """Upright uint8 [3, H, W] images -> pre.image of each, images of one size resized together
     (one set of kernel launches per size, not per image: photos from one camera share a size)."""
     by_size: dict[tuple, list[int]] = {}

@@ -4,22 +4,26 @@ On the CPU the tensor path runs with device="cpu" (torchvision's libjpeg-turbo a
 on CPU tensors); the `gpu`-marked tests run the same checks with nvJPEG on CUDA.
 """
 
-import io
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from image_commands import PRE, common, engine, make_images, read_csv, run_cli, weights  # noqa: F401
 from PIL import Image
 
 import densetriton
 import densetriton.decode as decode
 from densetriton.decode import (
-    EncodedImages, TensorPreprocess, collate_encoded, decode_batch, decode_jpegs, orient, use_tensor_decoding,
+    EncodedImages,
+    TensorPreprocess,
+    collate_encoded,
+    decode_batch,
+    decode_jpegs,
+    orient,
+    use_tensor_decoding,
 )
 from densetriton.images import build_transform, load_image
-
-from image_commands import PRE, common, engine, make_images, read_csv, run_cli, weights  # noqa: F401
 
 # Largest difference of one preprocessed pixel (0..1 scale, before mean/std) between the two paths:
 # both decode with libjpeg-turbo's defaults (identical pixels on CPU), then Pillow's and

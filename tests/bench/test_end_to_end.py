@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from densetriton.bench import end_to_end as E
 from PIL import Image
 
-from densetriton.bench import end_to_end as E
 from densetriton import DenseNetSpec
 from densetriton.cli import main
 from densetriton.engine import random_weights
