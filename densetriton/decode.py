@@ -8,7 +8,8 @@ How a batch goes (stream.stream_images drives it):
 * DataLoader workers only read (`EncodedImages`): a JPEG that the tensor decoder takes (Pillow's
   header says JPEG, 3-component colour) becomes its raw bytes as a uint8 tensor, with the size its
   SOF header declares checked against max_image_pixels() and against the resize bound before
-  anything is decoded, and its EXIF orientation read from the bytes. Anything else (PNG, CMYK or
+  anything is decoded, and its EXIF orientation read from the bytes (decode_jpeg's
+  apply_exif_orientation exists on the CPU only, so both devices turn the tensor themselves). Anything else (PNG, CMYK or
   grayscale JPEG, 16-bit, DICOM, a file Pillow cannot identify) goes through today's Pillow path
   in the worker, so the batch carries both kinds.
 * The main process decodes the batch's JPEG bytes in one call (`torchvision.io.decode_jpeg(list,

@@ -29,7 +29,9 @@ from densetriton.images import build_transform, load_image
 # both decode with libjpeg-turbo's defaults (identical pixels on CPU), then Pillow's and
 # torchvision's antialiased bilinear resizes round differently by at most a few levels of 255.
 PIXEL_BOUND = 3 / 255
-GPU_PIXEL_BOUND = 6 / 255  # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a few levels
+# nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: a looser bound, not yet measured on a GPU.
+GPU_PIXEL_BOUND = 12 / 255
+GPU_MEAN_BOUND = 1 / 255
 MEAN_BOUND = 0.1 / 255  # the mean absolute difference over all pixels (measured: 0.05 levels)
 
 
@@ -227,7 +229,9 @@ def test_cuda_tensor_path_matches_pillow(varied, weights):  # noqa: F811
     theirs = _pillow_path(varied, PRE)
     std = torch.tensor(PRE["std"]).view(1, -1, 1, 1)
     diff = ((ours - theirs) * std).abs()
+    print(f"nvJPEG path against Pillow: max {diff.max().item() * 255:.2f}/255, mean {diff.mean().item() * 255:.3f}/255")
     assert diff.max().item() <= GPU_PIXEL_BOUND, diff.max().item() * 255
+    assert diff.mean().item() <= GPU_MEAN_BOUND, diff.mean().item() * 255
     agree = (cuda_engine(ours.cuda()).argmax(1) == cuda_engine(theirs.cuda()).argmax(1)).double().mean().item()
     assert agree >= 0.99, agree
 
@@ -241,7 +245,7 @@ def test_cuda_predict_gpu_decode(tmp_path, weights, capsys):  # noqa: F811
     rows = {}
     for mode in ("cpu", "gpu"):
         rc, _, err = run_cli(capsys, "predict", folder, "--weights", weights, "--device", "cuda", "--dtype", "float32",
-                             "--decode", mode, "--batch-size", "3", "--workers", "2", "--out", tmp_path / f"{mode}.csv")
+                             "--backend", "reference", "--decode", mode, "--batch-size", "3", "--workers", "2", "--out", tmp_path / f"{mode}.csv")
         assert rc == 0, err
         rows[mode] = read_csv(tmp_path / f"{mode}.csv")
     assert [p for p, _ in rows["gpu"]] == [p for p, _ in rows["cpu"]]
