@@ -25,8 +25,9 @@ WRONG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stage
 
 @pytest.mark.parametrize("spec,size,kernels", [
     (DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 40, "v1"),
+    (DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 37, "v2"),
     (DenseNetSpec(4, (2, 2), 8, None, 0.5, 0, "cifar"), 12, "conv3x3=v2"),
-], ids=["imagenet-bottleneck", "cifar-plain-backbone-v2"])
+], ids=["imagenet-bottleneck", "imagenet-bottleneck-all-v2-odd-size", "cifar-plain-backbone-v2"])
 def test_layer_keys_are_the_keys_the_plan_tiles_its_launches_with(spec, size, kernels, monkeypatch):
     """The sweep tunes exactly the shapes a plan looks up (so its entries are ever used): the keys
     the plan passes to choose_tiles while it binds its launches, in order, GEMM ops only."""
