@@ -6,7 +6,7 @@
 The bench times whole forwards (one CUDA graph replay each). To see which layer kind is far from
 its roofline floor, this times each kind of bench.roofline.KINDS -- stem (conv0 and its
 max-pool), dense_1x1, dense_3x3, transition, head (norm5-ReLU-pool and the classifier) -- in one
-of three ways (the record says which):
+of four ways (the record says which; a method this torch or driver refuses falls to the next):
 
 - graph (default): the whole forward captured as one CUDA graph with a timing event between
   consecutive launches of different kinds; each stretch between two events is summed into its
