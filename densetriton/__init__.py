@@ -1,7 +1,7 @@
 """densetriton: DenseNet inference with fused Triton kernels.
 
-    engine = densetriton.load("densenet201")        # pretrained, fastest backend for the device
-    logits = engine(images)                          # images: float [N, 3, H, W], NCHW (C=1: grayscale models)
+engine = densetriton.load("densenet201")        # pretrained, fastest backend for the device
+logits = engine(images)                          # images: float [N, 3, H, W], NCHW (C=1: grayscale models)
 """
 
 from .engine import Engine, load

@@ -13,8 +13,7 @@ import torch
 
 from .executor import is_out_of_memory
 from .reference import ReferenceDenseNet
-from .spec import MODELS, NO_CLASSIFIER, TORCHVISION_MODELS, DenseNetSpec, get_spec
-from .spec import describe_spec
+from .spec import MODELS, NO_CLASSIFIER, TORCHVISION_MODELS, DenseNetSpec, describe_spec, get_spec
 from .weights import Weights, WeightsError, cache_dir, default_preprocessing, load_weights
 
 BACKENDS = ("auto", "reference", "triton")
@@ -75,12 +74,16 @@ class Engine:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of images [N, {c}, H, W], got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"expected images of shape [N, {c}, H, W] (rank 4), got shape {tuple(x.shape)} (rank {x.dim()})")
+            raise ValueError(
+                f"expected images of shape [N, {c}, H, W] (rank 4), got shape {tuple(x.shape)} (rank {x.dim()})"
+            )
         if x.shape[1] != c:
             raise ValueError(f"expected {c} channel{'s' * (c != 1)} in dimension 1 (NCHW), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point tensor (float32, float16 or bfloat16; float64 is computed as "
-                            f"float32), got {x.dtype}")
+            raise TypeError(
+                f"expected a floating-point tensor (float32, float16 or bfloat16; float64 is computed as "
+                f"float32), got {x.dtype}"
+            )
         if x.device.type != self.device.type or (
             self.device.index is not None and x.device.index not in (None, self.device.index)
         ):
@@ -121,8 +124,9 @@ class Engine:
                 f"({self.backend} backend, {self.dtype}): {wanted}; use a smaller batch"
             ) from None
 
-    def warmup(self, batch_sizes=(1,), image_size: int | tuple[int, int] | None = None, *,
-               dtype: torch.dtype = torch.float32) -> dict[int, float]:
+    def warmup(
+        self, batch_sizes=(1,), image_size: int | tuple[int, int] | None = None, *, dtype: torch.dtype = torch.float32
+    ) -> dict[int, float]:
         """One forward at each batch size, so that the first real call at each is as fast as the
         ones after it: its plan is built and, on CUDA, its graph captured (0.1-0.4 s on an H200),
         and the first of all compiles Triton's kernels (seconds).
@@ -151,13 +155,16 @@ class Engine:
         seconds = {}
         for n in sorted(sizes, reverse=True):
             try:
-                x = torch.randn(n, self.spec.in_channels, height, width, generator=generator, device=self.device,
-                                dtype=dtype)
+                x = torch.randn(
+                    n, self.spec.in_channels, height, width, generator=generator, device=self.device, dtype=dtype
+                )
             except RuntimeError as e:  # torch.OutOfMemoryError included
                 if not is_out_of_memory(e):
                     raise
-                raise MemoryError(f"out of memory allocating a warm-up input of batch {n} at {height}x{width} on "
-                                  f"{self.device}; use a smaller batch") from None
+                raise MemoryError(
+                    f"out of memory allocating a warm-up input of batch {n} at {height}x{width} on "
+                    f"{self.device}; use a smaller batch"
+                ) from None
             start = time.perf_counter()
             run(x)
             if self.device.type == "cuda":
@@ -173,7 +180,9 @@ class Engine:
                 warnings.warn(
                     f"the plan cache ({self.plan_cache_bytes / 2**30:.2f} GiB) cannot hold every warmed size at "
                     f"{height}x{width}: batch sizes {evicted} were evicted and will be rebuilt on their next call "
-                    f"(raise engine.plan_cache_bytes)", stacklevel=2)
+                    f"(raise engine.plan_cache_bytes)",
+                    stacklevel=2,
+                )
         return {n: seconds[n] for n in sizes}
 
     def _warmup_size(self, image_size) -> tuple[int, int]:
@@ -187,8 +196,10 @@ class Engine:
             elif isinstance(resize, (list, tuple)):
                 image_size = tuple(resize)
             elif resize is not None:
-                raise ValueError(f"pass image_size: this model's preprocessing resizes the shorter side to {resize} "
-                                 f"without a crop, so its input size depends on each image's shape")
+                raise ValueError(
+                    f"pass image_size: this model's preprocessing resizes the shorter side to {resize} "
+                    f"without a crop, so its input size depends on each image's shape"
+                )
             else:
                 image_size = 224 if self.spec.stem == "imagenet" else 32
         if isinstance(image_size, (list, tuple)) and len(image_size) == 1:
@@ -288,9 +299,11 @@ def load(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for, but this machine has no usable CUDA GPU (torch "
-                         f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}): use device='cpu' "
-                         f"(--device cpu)")
+        raise ValueError(
+            f"device {str(device)!r} was asked for, but this machine has no usable CUDA GPU (torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}): use device='cpu' "
+            f"(--device cpu)"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if isinstance(dtype, str):
@@ -309,13 +322,17 @@ def load(
         spec, name = get_spec(model), model
     elif isinstance(model, (str, os.PathLike)) and (str(model).endswith(".safetensors") or Path(model).is_file()):
         if weights is None:
-            raise ValueError(f"model {str(model)!r} is a weights file, and weights=None asks for random weights: for "
-                             f"random weights of its architecture, pass its spec (load_weights(path).spec)")
+            raise ValueError(
+                f"model {str(model)!r} is a weights file, and weights=None asks for random weights: for "
+                f"random weights of its architecture, pass its spec (load_weights(path).spec)"
+            )
         if weights != "DEFAULT" and Path(weights) != Path(model):
             raise ValueError("model is already a weights file; leave weights at its default")
         spec, name, weights = None, None, model
     else:
-        raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}, a .safetensors path or a DenseNetSpec")
+        raise ValueError(
+            f"unknown model {model!r}: expected one of {', '.join(MODELS)}, a .safetensors path or a DenseNetSpec"
+        )
 
     if weights is None:
         loaded = random_weights(spec)
@@ -335,7 +352,5 @@ def load(
             pretrained = True
         loaded = load_weights(weights)
         if spec is not None and not _same_architecture(spec, loaded.spec):
-            raise WeightsError(
-                f"{weights} holds {describe_spec(loaded.spec)}, not {describe_spec(spec)}"
-            )
+            raise WeightsError(f"{weights} holds {describe_spec(loaded.spec)}, not {describe_spec(spec)}")
     return Engine(loaded, device=device, dtype=dtype, backend=backend, pretrained=pretrained)

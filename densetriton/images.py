@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -56,8 +56,25 @@ from .weights import IMAGENET_PREPROCESSING
 # marker (is_image_path); a file named explicitly is always tried.
 IMAGE_SUFFIXES = frozenset(
     {
-        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff",
-        ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".dcm", ".dicom",
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".dib",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+        ".ico",
+        ".dcm",
+        ".dicom",
     }
 )
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -187,8 +204,10 @@ def _dicom_to_8bit(ds) -> np.ndarray:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
     if "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds:
-        raise ValueError("an enhanced multi-frame file (rescale and window per frame): export the image as a "
-                         "single-frame DICOM first")
+        raise ValueError(
+            "an enhanced multi-frame file (rescale and window per frame): export the image as a "
+            "single-frame DICOM first"
+        )
     # Only the first frame is decoded: a multi-frame file may hold hundreds.
     pixels = pixel_array(ds, index=0) if int(ds.get("NumberOfFrames", 1) or 1) > 1 else ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -205,7 +224,11 @@ def _dicom_to_8bit(ds) -> np.ndarray:
     if "VOILUTSequence" in ds:
         item = ds.VOILUTSequence[0]
         entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
-        lut = np.frombuffer(item.LUTData, dtype=np.uint16) if isinstance(item.LUTData, bytes) else np.asarray(item.LUTData)
+        lut = (
+            np.frombuffer(item.LUTData, dtype=np.uint16)
+            if isinstance(item.LUTData, bytes)
+            else np.asarray(item.LUTData)
+        )
         lut = lut[:entries].astype(np.float64)
         # The lookup is done here (pydicom indexes with the LUT's own dtype, which wraps for an
         # 8-bit LUT of more than 256 entries), and scaled by the largest entry, as viewers do:
@@ -258,7 +281,9 @@ def _load_dicom(path):
         pixels = _dicom_to_8bit(ds)
     except Exception as e:  # compressed pixel data without a decoder plugin, inconsistent attributes
         name = getattr(ds.file_meta.TransferSyntaxUID, "name", ds.file_meta.TransferSyntaxUID)
-        raise ImageError(path, _one_line(f"DICOM pixel data ({name}) could not be read ({type(e).__name__}: {e})")) from None
+        raise ImageError(
+            path, _one_line(f"DICOM pixel data ({name}) could not be read ({type(e).__name__}: {e})")
+        ) from None
     return Image.fromarray(pixels).convert("RGB")
 
 
@@ -282,7 +307,9 @@ def _check_dicom_declared(path, ds) -> None:
             return
         expected = get_expected_length(ds, unit="bytes")
     except Exception as e:  # an unknown transfer syntax, attributes of the wrong type
-        raise ImageError(path, _one_line(f"a DICOM image with unreadable attributes ({type(e).__name__}: {e})")) from None
+        raise ImageError(
+            path, _one_line(f"a DICOM image with unreadable attributes ({type(e).__name__}: {e})")
+        ) from None
     held = len(ds.PixelData) if "PixelData" in ds and ds.PixelData is not None else 0
     if held < expected:
         raise ImageError(path, f"refused: it declares {expected:,} bytes of pixel data and holds {held:,}")
@@ -293,8 +320,11 @@ def check_declared_pixels(path, width: int, height: int) -> None:
     a few hundred bytes of PNG or DICOM can declare gigabytes."""
     bound = max_image_pixels()
     if width * height > bound:
-        raise ImageError(path, f"refused: it declares {width}x{height} = {width * height:,} pixels, over the bound of "
-                               f"{bound:,} (DENSETRITON_MAX_IMAGE_PIXELS)")
+        raise ImageError(
+            path,
+            f"refused: it declares {width}x{height} = {width * height:,} pixels, over the bound of "
+            f"{bound:,} (DENSETRITON_MAX_IMAGE_PIXELS)",
+        )
 
 
 def _open_header(path):
@@ -412,8 +442,10 @@ class ResizeBound:
             out_w, out_h = (out_short, out_long) if width <= height else (out_long, out_short)
         bound = max_image_pixels()
         if out_w * out_h > bound:
-            raise ValueError(f"refused: resizing its {width}x{height} pixels to resize_size {size} gives {out_w}x{out_h} "
-                             f"= {out_w * out_h:,} pixels, over the bound of {bound:,} (DENSETRITON_MAX_IMAGE_PIXELS)")
+            raise ValueError(
+                f"refused: resizing its {width}x{height} pixels to resize_size {size} gives {out_w}x{out_h} "
+                f"= {out_w * out_h:,} pixels, over the bound of {bound:,} (DENSETRITON_MAX_IMAGE_PIXELS)"
+            )
         return img
 
 
@@ -436,7 +468,9 @@ def build_transform(engine_or_preprocessing=None):
     steps = []
     if pre.get("resize_size") is not None:
         steps.append(ResizeBound(pre["resize_size"]))
-        steps.append(transforms.Resize(pre["resize_size"], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True))
+        steps.append(
+            transforms.Resize(pre["resize_size"], interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
+        )
     if pre.get("crop_size") is not None:
         steps.append(transforms.CenterCrop(pre["crop_size"]))
     if channels == 1:
@@ -572,4 +606,3 @@ __all__ = [
     "to_rgb",
     "topk",
 ]
-

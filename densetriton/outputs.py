@@ -71,7 +71,7 @@ class OutputLock:
         self.path = lock_path(out)
         self.fd: int | None = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -80,15 +80,18 @@ class OutputLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             except OSError as e:
-                raise ValueError(f"{self.what} {self.out}: cannot write in {self.path.parent} "
-                                 f"({e.strerror or e})") from None
+                raise ValueError(
+                    f"{self.what} {self.out}: cannot write in {self.path.parent} ({e.strerror or e})"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 owner = _owner(fd)
                 os.close(fd)
-                raise OutputBusy(f"{self.what} {self.out} is being written by another run ({owner}); wait for it to "
-                                 f"finish, or write to another file") from None
+                raise OutputBusy(
+                    f"{self.what} {self.out} is being written by another run ({owner}); wait for it to "
+                    f"finish, or write to another file"
+                ) from None
             if self._still_named(fd):
                 self.fd = fd
             else:  # its holder removed it between our open and flock: lock the new one
@@ -117,7 +120,7 @@ class OutputLock:
             os.close(self.fd)  # releases the flock
             self.fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -183,8 +186,10 @@ def refuse_inputs_as_outputs(outputs: list[str], inputs: list[str], *, what: str
         output = written.get((st.st_dev, st.st_ino))
         if output is not None:
             also = "" if output == outputs[0] else f" ({output}, written with it)"
-            raise ValueError(f"{what} {outputs[0]}{also} is the same file as the input {path}: writing it would "
-                             f"destroy that input; choose another {what}")
+            raise ValueError(
+                f"{what} {outputs[0]}{also} is the same file as the input {path}: writing it would "
+                f"destroy that input; choose another {what}"
+            )
 
 
 def remove_stale_temps(outputs: list[str]) -> list[Path]:

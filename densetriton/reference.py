@@ -38,7 +38,10 @@ class DenseLayer(nn.Module):
 class DenseBlock(nn.ModuleDict):
     def __init__(self, in_channels: int, num_layers: int, growth_rate: int, bn_size: int | None, eps: float):
         super().__init__(
-            {f"denselayer{i + 1}": DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, eps) for i in range(num_layers)}
+            {
+                f"denselayer{i + 1}": DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, eps)
+                for i in range(num_layers)
+            }
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

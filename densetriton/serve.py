@@ -24,7 +24,6 @@ import os
 import signal
 import socket
 import sys
-from typing import Optional
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds
@@ -116,39 +115,104 @@ def register(subparsers) -> None:
     from .stream import positive_int
 
     p = subparsers.add_parser(
-        "serve", help="an HTTP inference server (LitServe): /predict, /embed, /health, /info",
+        "serve",
+        help="an HTTP inference server (LitServe): /predict, /embed, /health, /info",
         description="An HTTP inference server on LitServe: requests are gathered into batches, padded to a batch size\n"
-        "warmed before traffic (on CUDA every call replays a captured graph). Needs pip install \"densetriton[serve]\".",
+        'warmed before traffic (on CUDA every call replays a captured graph). Needs pip install "densetriton[serve]".',
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=SERVE_EPILOG)
+        epilog=SERVE_EPILOG,
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list_models(), metavar="NAME", help="a registry model: torchvision's pretrained "
-                   "weights; with --weights, the architecture the file must hold")
+    g.add_argument(
+        "--model",
+        choices=list_models(),
+        metavar="NAME",
+        help="a registry model: torchvision's pretrained weights; with --weights, the architecture the file must hold",
+    )
     g.add_argument("--weights", metavar="FILE", help="a weights file (.safetensors, see `densetriton convert`)")
-    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype (default: float16 on CUDA, float32 on CPU)")
-    g.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto",
-                   help="triton (fused kernels), reference (plain PyTorch) or auto: triton on CUDA (default)")
-    g.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
-                   help="a sigmoid per class, as predict --multi-label (default: what the weights file records)")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="compute dtype (default: float16 on CUDA, float32 on CPU)",
+    )
+    g.add_argument(
+        "--backend",
+        choices=("auto", "reference", "triton"),
+        default="auto",
+        help="triton (fused kernels), reference (plain PyTorch) or auto: triton on CUDA (default)",
+    )
+    g.add_argument(
+        "--multi-label",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a sigmoid per class, as predict --multi-label (default: what the weights file records)",
+    )
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", choices=HOSTS, help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument(
+        "--host", default="127.0.0.1", choices=HOSTS, help="address to bind (default 127.0.0.1: this machine only)"
+    )
     g.add_argument("--port", type=int, default=8000, help="port, 1024-65535 (default 8000)")
-    g.add_argument("--batch-sizes", type=positive_int, nargs="+", default=list(DEFAULT_BATCH_SIZES), metavar="N",
-                   help="the batch sizes warmed before traffic; requests are gathered up to the largest (default 1 8 32 64)")
-    g.add_argument("--batch-timeout-ms", type=float, default=5.0, metavar="MS",
-                   help="how long a worker waits to fill a batch (default 5)")
-    g.add_argument("--devices", type=devices_arg, default="auto", metavar="auto|cpu|N",
-                   help="GPUs to serve on: auto (every GPU, else the CPU), cpu, or the first N")
-    g.add_argument("--workers-per-device", type=positive_int, default=1, metavar="N", help="inference workers per device, each with its own engine (default 1)")
-    g.add_argument("--api-servers", type=positive_int, metavar="N",
-                   help="HTTP processes, which read and preprocess images (default: min(8, CPU cores))")
-    g.add_argument("--max-body-mb", type=positive_float, default=20.0, metavar="MB", help="largest request body (default 20 MiB): 413 above")
-    g.add_argument("--request-timeout-s", type=positive_float, default=30.0, metavar="S",
-                   help="a request waiting longer than this in the queue is answered 504 (default 30)")
-    g.add_argument("--api-key-env", metavar="VAR", help="require the key held in environment variable VAR (X-API-Key or "
-                   "Authorization: Bearer); 401 without it. /health and /info stay open")
-    g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
-                   help="uvicorn's and LitServe's logging; info shows every request (default warning)")
+    g.add_argument(
+        "--batch-sizes",
+        type=positive_int,
+        nargs="+",
+        default=list(DEFAULT_BATCH_SIZES),
+        metavar="N",
+        help="the batch sizes warmed before traffic; requests are gathered up to the largest (default 1 8 32 64)",
+    )
+    g.add_argument(
+        "--batch-timeout-ms",
+        type=float,
+        default=5.0,
+        metavar="MS",
+        help="how long a worker waits to fill a batch (default 5)",
+    )
+    g.add_argument(
+        "--devices",
+        type=devices_arg,
+        default="auto",
+        metavar="auto|cpu|N",
+        help="GPUs to serve on: auto (every GPU, else the CPU), cpu, or the first N",
+    )
+    g.add_argument(
+        "--workers-per-device",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="inference workers per device, each with its own engine (default 1)",
+    )
+    g.add_argument(
+        "--api-servers",
+        type=positive_int,
+        metavar="N",
+        help="HTTP processes, which read and preprocess images (default: min(8, CPU cores))",
+    )
+    g.add_argument(
+        "--max-body-mb",
+        type=positive_float,
+        default=20.0,
+        metavar="MB",
+        help="largest request body (default 20 MiB): 413 above",
+    )
+    g.add_argument(
+        "--request-timeout-s",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="a request waiting longer than this in the queue is answered 504 (default 30)",
+    )
+    g.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="require the key held in environment variable VAR (X-API-Key or "
+        "Authorization: Bearer); 401 without it. /health and /info stay open",
+    )
+    g.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("debug", "info", "warning", "error"),
+        help="uvicorn's and LitServe's logging; info shows every request (default warning)",
+    )
     p.set_defaults(func=serve_command)
 
 
@@ -169,7 +233,9 @@ Examples:
 
 def check_args(args) -> None:
     if args.model is None and args.weights is None:
-        raise ValueError("give --model NAME (torchvision's pretrained weights) or --weights FILE (a converted weights file)")
+        raise ValueError(
+            "give --model NAME (torchvision's pretrained weights) or --weights FILE (a converted weights file)"
+        )
     if not 1024 <= args.port <= 65535:
         raise ValueError(f"--port must be from 1024 to 65535, got {args.port}")
     check_port_free(args.host, args.port)
@@ -187,10 +253,12 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ValueError(f"cannot listen on {host} port {port}: {e.strerror or e} (another server? --port)") from None
+            raise ValueError(
+                f"cannot listen on {host} port {port}: {e.strerror or e} (another server? --port)"
+            ) from None
 
 
-def read_api_key(variable: Optional[str]) -> Optional[str]:
+def read_api_key(variable: str | None) -> str | None:
     if variable is None:
         return None
     key = os.environ.get(variable, "").strip()
@@ -209,18 +277,26 @@ def serve(args, runner=None) -> int:
 
         from .serve_app import build_server
     except ModuleNotFoundError as e:
-        raise ValueError(f"densetriton serve needs {e.name}: pip install \"densetriton[serve]\"") from None
+        raise ValueError(f'densetriton serve needs {e.name}: pip install "densetriton[serve]"') from None
     torch.set_num_threads(1)  # the HTTP processes are forked from this one: one image per thread there
     server = build_server(args, api_key, runner)
     api_servers = args.api_servers or max(1, min(8, os.cpu_count() or 1))
     where = f"http://{'[::]' if args.host == '::' else args.host}:{args.port}"
     endpoints = ", ".join(server.model_metadata["endpoints"] + ["/health", "/info"])
-    print(f"densetriton serve: {server.model_metadata['model']} on {where} ({endpoints}); "
-          f"warming batch sizes {' '.join(map(str, args.batch_sizes))} before /health answers 200", file=sys.stderr)
+    print(
+        f"densetriton serve: {server.model_metadata['model']} on {where} ({endpoints}); "
+        f"warming batch sizes {' '.join(map(str, args.batch_sizes))} before /health answers 200",
+        file=sys.stderr,
+    )
     Drain().install()
     try:
-        server.run(host=args.host, port=args.port, num_api_servers=api_servers, log_level=args.log_level,
-                   generate_client_file=False)
+        server.run(
+            host=args.host,
+            port=args.port,
+            num_api_servers=api_servers,
+            log_level=args.log_level,
+            generate_client_file=False,
+        )
     except KeyboardInterrupt:  # stopped before LitServe's own shutdown path was reached
         pass
     finally:

@@ -6,7 +6,7 @@ and the LitServer with one-line JSON errors. The command line and shutdown are i
 import argparse
 import secrets
 import signal
-from typing import Annotated, Optional
+from typing import Annotated
 
 import litserve as ls
 import numpy as np
@@ -60,9 +60,11 @@ def fixed_input_size(pre: dict) -> tuple[int, int]:
         return (crop, crop) if isinstance(crop, int) else tuple(crop)
     if isinstance(resize, (list, tuple)) and len(resize) == 2:
         return tuple(resize)
-    raise ValueError("serving needs images of one size, and this model's preprocessing does not fix one (no crop, "
-                     "no exact resize): record one with densetriton convert --checkpoint FILE --out NEW_FILE "
-                     "--mean M --std S --resize-size H W (or --crop-size N)")
+    raise ValueError(
+        "serving needs images of one size, and this model's preprocessing does not fix one (no crop, "
+        "no exact resize): record one with densetriton convert --checkpoint FILE --out NEW_FILE "
+        "--mean M --std S --resize-size H W (or --crop-size N)"
+    )
 
 
 def topk_rows(logits: torch.Tensor, k: int, card: dict) -> list[list[dict]]:
@@ -72,7 +74,10 @@ def topk_rows(logits: torch.Tensor, k: int, card: dict) -> list[list[dict]]:
     values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
     names = card["class_names"]
     return [
-        [{"label": names[i] if names else str(i), "index": i, "prob": float(format_prob(p))} for i, p in zip(row_i, row_p)]
+        [
+            {"label": names[i] if names else str(i), "index": i, "prob": float(format_prob(p))}
+            for i, p in zip(row_i, row_p)
+        ]
         for row_i, row_p in zip(indices.tolist(), values.tolist())
     ]
 
@@ -92,7 +97,7 @@ class ImageAPI(ls.LitAPI):
     padded batches. `runner(args, device)` builds the model: an object with __call__ (logits),
     features and warmup(batch_sizes), as an Engine has."""
 
-    def __init__(self, args, card: dict, api_key: Optional[str], runner=densetriton_runner, **kwargs):
+    def __init__(self, args, card: dict, api_key: str | None, runner=densetriton_runner, **kwargs):
         super().__init__(max_batch_size=max(args.batch_sizes), batch_timeout=args.batch_timeout_ms / 1000, **kwargs)
         self.args, self.card, self.api_key, self.runner = args, card, api_key, runner
         self.sizes = sorted(args.batch_sizes)
@@ -110,15 +115,16 @@ class ImageAPI(ls.LitAPI):
         self.target = torch.device(device)
         self.model.warmup(self.sizes)
 
-    def authorize(self, x_api_key: Optional[str] = Header(None), authorization: Optional[str] = Header(None)):
+    def authorize(self, x_api_key: str | None = Header(None), authorization: str | None = Header(None)):
         """With --api-key-env: the key as `X-API-Key: KEY` or `Authorization: Bearer KEY`, else 401."""
         if self.api_key is None:
             return
         bearer = authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None
         given = x_api_key if x_api_key is not None else bearer
         if given is None or not secrets.compare_digest(given.encode(), self.api_key.encode()):
-            raise HTTPException(status_code=401, detail="a valid API key is needed: send X-API-Key: KEY or "
-                                "Authorization: Bearer KEY")
+            raise HTTPException(
+                status_code=401, detail="a valid API key is needed: send X-API-Key: KEY or Authorization: Bearer KEY"
+            )
 
     def batch(self, inputs):
         return inputs  # the requests, each with its images; predict runs them together
@@ -132,7 +138,7 @@ class ImageAPI(ls.LitAPI):
         answers, start = [], 0
         for r in requests:
             n = len(r["images"])
-            answers.append((r, rows[start:start + n]))
+            answers.append((r, rows[start : start + n]))
             start += n
         return answers
 
@@ -141,7 +147,7 @@ class ImageAPI(ls.LitAPI):
         of its last image) to the next warmed size, so that no call meets an unwarmed shape."""
         outputs = []
         for start in range(0, len(images), self.sizes[-1]):
-            chunk = images[start:start + self.sizes[-1]]
+            chunk = images[start : start + self.sizes[-1]]
             n = len(chunk)
             size = next(s for s in self.sizes if s >= n)
             if size > n:
@@ -181,7 +187,7 @@ class PredictAPI(ImageAPI):
         return topk_rows(logits, max(r["topk"] for r in requests), self.card)
 
     def answer(self, ranks, request) -> dict:
-        return {"topk": ranks[:request["topk"]]}  # a prefix of a longer top-k is the shorter one
+        return {"topk": ranks[: request["topk"]]}  # a prefix of a longer top-k is the shorter one
 
 
 class EmbedAPI(ImageAPI):
@@ -210,12 +216,13 @@ async def error_as_json(request, exc) -> JSONResponse:
     if not isinstance(exc, (StarletteHTTPException, RequestValidationError)):  # a fault of ours, logged by uvicorn
         return JSONResponse({"error": "internal server error"}, status_code=500)
     if isinstance(exc, RequestValidationError):
-        return JSONResponse({"error": "invalid request: " + "; ".join(str(e.get("msg")) for e in exc.errors())},
-                            status_code=400)
+        return JSONResponse(
+            {"error": "invalid request: " + "; ".join(str(e.get("msg")) for e in exc.errors())}, status_code=400
+        )
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-def build_server(args, api_key: Optional[str] = None, runner=None) -> ls.LitServer:
+def build_server(args, api_key: str | None = None, runner=None) -> ls.LitServer:
     """The LitServer for checked `serve` arguments; `runner(args, device)` builds each worker's model
     (default: a densetriton engine)."""
     card = model_card(args)
@@ -232,8 +239,9 @@ def build_server(args, api_key: Optional[str] = None, runner=None) -> ls.LitServ
         model_metadata=public_card(card),
         timeout=args.request_timeout_s,
     )
-    server.app.state.densetriton_reader = RequestReader(card["preprocessing"], int(args.max_body_mb * 2**20),
-                                                        card["input_shape"])
+    server.app.state.densetriton_reader = RequestReader(
+        card["preprocessing"], int(args.max_body_mb * 2**20), card["input_shape"]
+    )
     server.app.add_exception_handler(StarletteHTTPException, error_as_json)
     server.app.add_exception_handler(RequestValidationError, error_as_json)
     server.app.add_exception_handler(Exception, error_as_json)

@@ -35,8 +35,10 @@ from .limits import FileRefused
 RAW_TYPES = ("application/octet-stream", "application/dicom")
 MAX_IMAGES_PER_REQUEST = 256  # the worker splits a request's images into warmed batches
 DEFAULT_TOPK = 5
-ACCEPTED = ("send one image as the body (Content-Type image/* or application/octet-stream), multipart/form-data "
-            "with a field named file, or JSON {\"image\": \"<base64>\"} or {\"images\": [...]}")
+ACCEPTED = (
+    "send one image as the body (Content-Type image/* or application/octet-stream), multipart/form-data "
+    'with a field named file, or JSON {"image": "<base64>"} or {"images": [...]}'
+)
 
 
 def refused(status: int, reason: str) -> HTTPException:
@@ -70,8 +72,9 @@ class RequestReader:
 
     def too_large(self, size: int) -> HTTPException:
         limit = self.max_body_bytes / 2**20
-        return refused(413, f"the body is {size / 2**20:.1f} MiB, over this server's limit of {limit:g} MiB "
-                            f"(--max-body-mb)")
+        return refused(
+            413, f"the body is {size / 2**20:.1f} MiB, over this server's limit of {limit:g} MiB (--max-body-mb)"
+        )
 
     async def read_blobs(self, request: Request) -> tuple[list[bytes], dict, bool]:
         """The request's image bytes, its other fields, and whether it sent exactly one image."""
@@ -155,12 +158,12 @@ def parse_json(body: bytes) -> tuple[list[bytes], dict, bool]:
     except (ValueError, RecursionError):
         raise refused(400, "the body is not valid JSON: " + ACCEPTED) from None
     if not isinstance(document, dict) or ("image" in document) == ("images" in document):
-        raise refused(400, "JSON must be an object with either \"image\" (one base64 image) or \"images\" (a list)")
+        raise refused(400, 'JSON must be an object with either "image" (one base64 image) or "images" (a list)')
     if "image" in document:
         return [decode_base64(document["image"], "image")], document, True
     listed = document["images"]
     if not isinstance(listed, list) or not listed:
-        raise refused(400, "\"images\" must be a non-empty list of base64 strings")
+        raise refused(400, '"images" must be a non-empty list of base64 strings')
     check_count(len(listed))
     return [decode_base64(item, f"images[{i}]") for i, item in enumerate(listed)], document, False
 
@@ -190,21 +193,25 @@ async def parse_form(request: Request) -> tuple[list[bytes], dict, bool]:
 
 def check_count(count: int) -> None:
     if count > MAX_IMAGES_PER_REQUEST:
-        raise refused(413, f"more than {MAX_IMAGES_PER_REQUEST} images in one request" if count == MAX_IMAGES_PER_REQUEST + 1
-                      else f"{count} images in one request, over the limit of {MAX_IMAGES_PER_REQUEST}")
+        raise refused(
+            413,
+            f"more than {MAX_IMAGES_PER_REQUEST} images in one request"
+            if count == MAX_IMAGES_PER_REQUEST + 1
+            else f"{count} images in one request, over the limit of {MAX_IMAGES_PER_REQUEST}",
+        )
 
 
 def decode_base64(value, where: str) -> bytes:
     if not isinstance(value, str):
-        raise refused(400, f"\"{where}\" must be a base64 string")
+        raise refused(400, f'"{where}" must be a base64 string')
     if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,....
         value = value.split(",", 1)[1]
     try:
         blob = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise refused(400, f"\"{where}\" is not valid base64") from None
+        raise refused(400, f'"{where}" is not valid base64') from None
     if not blob:
-        raise refused(400, f"\"{where}\" is empty")
+        raise refused(400, f'"{where}" is empty')
     return blob
 
 

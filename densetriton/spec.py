@@ -41,19 +41,27 @@ def _layer_counts(block_config) -> tuple[int, ...]:
     """block_config as a tuple of ints; more blocks than MAX_BLOCKS is an OverBound, counted
     before any entry is converted."""
     if isinstance(block_config, (str, bytes, dict)) or not hasattr(block_config, "__iter__"):
-        raise ValueError(f"invalid DenseNetSpec: block_config must be a sequence of layer counts, got {block_config!r:.80}")
-    items = list(itertools.islice(block_config, MAX_BLOCKS + 1)) if not hasattr(block_config, "__len__") else block_config
+        raise ValueError(
+            f"invalid DenseNetSpec: block_config must be a sequence of layer counts, got {block_config!r:.80}"
+        )
+    items = (
+        list(itertools.islice(block_config, MAX_BLOCKS + 1)) if not hasattr(block_config, "__len__") else block_config
+    )
     if len(items) > MAX_BLOCKS:
         count = len(items) if hasattr(block_config, "__len__") else f"more than {MAX_BLOCKS}"
         raise OverBound("len(block_config) (the number of blocks)", count, MAX_BLOCKS, INVALID)
     counts = tuple(_whole_number(b) for b in items)
     if None in counts:
-        raise ValueError(f"invalid DenseNetSpec: block_config must be whole numbers of layers, got {tuple(items)!r:.80}")
+        raise ValueError(
+            f"invalid DenseNetSpec: block_config must be whole numbers of layers, got {tuple(items)!r:.80}"
+        )
     return counts
 
 
-NO_CLASSIFIER = ("this model has no classifier (a backbone converted without one, num_classes 0): it gives features "
-                 "only -- engine.features(x), or densetriton embed")
+NO_CLASSIFIER = (
+    "this model has no classifier (a backbone converted without one, num_classes 0): it gives features "
+    "only -- engine.features(x), or densetriton embed"
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class DenseNetSpec:
 
     def _field_problems(self) -> list[str]:
         """Each field of the wrong type or sign, in words."""
+
         def positive_int(v):
             return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -93,8 +102,11 @@ class DenseNetSpec:
             problems.append(f"num_init_features must be a positive int, got {self.num_init_features!r:.40}")
         if self.bn_size is not None and not positive_int(self.bn_size):
             problems.append(f"bn_size must be a positive int or None, got {self.bn_size!r:.40}")
-        if not (isinstance(self.compression, numbers.Real) and not isinstance(self.compression, bool)
-                and 0.0 < float(self.compression) <= 1.0):
+        if not (
+            isinstance(self.compression, numbers.Real)
+            and not isinstance(self.compression, bool)
+            and 0.0 < float(self.compression) <= 1.0
+        ):
             problems.append(f"compression (theta) must be in (0, 1], got {self.compression!r:.40}")
         if not (isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool) and self.num_classes >= 0):
             problems.append(f"num_classes must be a positive int, or 0 for no classifier, got {self.num_classes!r:.40}")
@@ -102,8 +114,12 @@ class DenseNetSpec:
             problems.append(f"stem must be one of {STEMS}, got {self.stem!r:.40}")
         if not positive_int(self.in_channels):
             problems.append(f"in_channels must be a positive int, got {self.in_channels!r:.40}")
-        if not (isinstance(self.bn_eps, (int, float)) and not isinstance(self.bn_eps, bool)
-                and math.isfinite(self.bn_eps) and self.bn_eps > 0):
+        if not (
+            isinstance(self.bn_eps, (int, float))
+            and not isinstance(self.bn_eps, bool)
+            and math.isfinite(self.bn_eps)
+            and self.bn_eps > 0
+        ):
             problems.append(f"bn_eps must be a positive finite number, got {self.bn_eps!r:.40}")
         return problems
 
@@ -112,11 +128,19 @@ class DenseNetSpec:
         the tensors, huge: the first field over its bound is an OverBound (a ValueError)."""
         for i, layers in enumerate(self.block_config):
             if layers > MAX_LAYERS_PER_BLOCK:
-                raise OverBound(f"block_config[{i}] (the layers of block {i + 1})", layers, MAX_LAYERS_PER_BLOCK, INVALID)
-        fields = [("growth_rate", self.growth_rate, MAX_CHANNELS), ("num_init_features", self.num_init_features, MAX_CHANNELS),
-                  ("in_channels", self.in_channels, MAX_CHANNELS), ("num_classes", self.num_classes, MAX_CLASSES)]
+                raise OverBound(
+                    f"block_config[{i}] (the layers of block {i + 1})", layers, MAX_LAYERS_PER_BLOCK, INVALID
+                )
+        fields = [
+            ("growth_rate", self.growth_rate, MAX_CHANNELS),
+            ("num_init_features", self.num_init_features, MAX_CHANNELS),
+            ("in_channels", self.in_channels, MAX_CHANNELS),
+            ("num_classes", self.num_classes, MAX_CLASSES),
+        ]
         if self.bn_size is not None:
-            fields.append(("bn_size x growth_rate (the bottleneck width)", self.bn_size * self.growth_rate, MAX_CHANNELS))
+            fields.append(
+                ("bn_size x growth_rate (the bottleneck width)", self.bn_size * self.growth_rate, MAX_CHANNELS)
+            )
         for what, value, bound in fields:
             if value > bound:
                 raise OverBound(what, value, bound, INVALID)
@@ -139,7 +163,7 @@ class DenseNetSpec:
     def transition_channels(self) -> list[int]:
         """Output channels of each transition: floor(theta * C)."""
         chans, c = [], self.num_init_features
-        for i, layers in enumerate(self.block_config[:-1]):
+        for layers in self.block_config[:-1]:
             c = int(math.floor(self.compression * (c + layers * self.growth_rate)))
             chans.append(c)
         return chans
@@ -284,7 +308,7 @@ class DenseNetSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DenseNetSpec":
+    def from_dict(cls, d: dict) -> DenseNetSpec:
         if not isinstance(d, dict):
             raise ValueError(f"a DenseNetSpec is a JSON object of its fields, got {d!r:.80}")
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -294,10 +318,10 @@ class DenseNetSpec:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> "DenseNetSpec":
+    def from_json(cls, text: str) -> DenseNetSpec:
         return cls.from_dict(json.loads(text))
 
-    def replace(self, **changes) -> "DenseNetSpec":
+    def replace(self, **changes) -> DenseNetSpec:
         return dataclasses.replace(self, **changes)
 
 

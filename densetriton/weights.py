@@ -144,8 +144,10 @@ def check_tensors(tensors: dict[str, torch.Tensor], spec: DenseNetSpec) -> None:
 def check_class_names(class_names, spec: DenseNetSpec) -> list[str]:
     """The class names as strings: a sequence of strings or numbers (older files may hold integer
     labels), one per class."""
-    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence) or not all(
-        isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in class_names
+    if (
+        isinstance(class_names, (str, bytes))
+        or not isinstance(class_names, Sequence)
+        or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in class_names)
     ):
         raise WeightsError(f"class names must be a list of strings, got {class_names!r:.80}")
     if not spec.num_classes:
@@ -161,17 +163,25 @@ def check_operating_points(points, spec: DenseNetSpec, multi_label: bool | None)
     if not spec.num_classes:
         raise WeightsError("operating points need a classifier, and this model has none (num_classes 0: features only)")
     if multi_label is not True:
-        raise WeightsError("operating points need a multi-label model (a sigmoid per class): record it with --multi-label")
+        raise WeightsError(
+            "operating points need a multi-label model (a sigmoid per class): record it with --multi-label"
+        )
     if isinstance(points, (str, bytes)) or not isinstance(points, Sequence):
         raise WeightsError(f"operating points must be a list, got {points!r:.80}")
     out = []
     for p in points:
         if p is None or (isinstance(p, float) and math.isnan(p)):
             out.append(None)
-        elif isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < float(torch.tensor(p, dtype=torch.float32)) < 1:
+        elif (
+            isinstance(p, (int, float))
+            and not isinstance(p, bool)
+            and 0 < float(torch.tensor(p, dtype=torch.float32)) < 1
+        ):
             out.append(float(p))  # strictly inside (0, 1) in float32 too, as probabilities computes
         else:
-            raise WeightsError(f"operating points must lie strictly between 0 and 1 (or be null/nan: none), got {p!r:.40}")
+            raise WeightsError(
+                f"operating points must lie strictly between 0 and 1 (or be null/nan: none), got {p!r:.40}"
+            )
     if len(out) != spec.num_classes:
         raise WeightsError(f"{len(out)} operating points for a {spec.num_classes}-class classifier")
     if all(p is None for p in out):
@@ -183,6 +193,7 @@ def check_preprocessing(preprocessing, channels: int = 3) -> None:
     """The keys images.build_transform reads: sizes as torchvision's Resize and CenterCrop take
     them (a positive int, one or two of them, or None), mean and std of one number per input
     channel (std > 0). Only an RGB model may leave mean and std out (ImageNet's are filled in)."""
+
     def is_size(v):
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -194,7 +205,9 @@ def check_preprocessing(preprocessing, channels: int = 3) -> None:
     problems = []
     for key in ("resize_size", "crop_size"):
         v = preprocessing.get(key)
-        if v is not None and not (is_size(v) or (isinstance(v, (list, tuple)) and len(v) in (1, 2) and all(map(is_size, v)))):
+        if v is not None and not (
+            is_size(v) or (isinstance(v, (list, tuple)) and len(v) in (1, 2) and all(map(is_size, v)))
+        ):
             problems.append(f"{key} {v!r:.60} is not a positive integer or a pair of them")
     oversized = oversized_side(preprocessing)
     if oversized:
@@ -204,8 +217,12 @@ def check_preprocessing(preprocessing, channels: int = 3) -> None:
         if v is None and channels != 3:
             problems.append(f"{key} is missing (a {channels}-channel model has no default)")
         elif v is not None and not (isinstance(v, (list, tuple)) and len(v) == channels and all(map(is_number, v))):
-            finite = "" if not isinstance(v, (list, tuple)) or all(map(is_number, v)) or len(v) != channels else "finite "
-            problems.append(f"{key} {v!r:.60} is not {channels} {finite}number{'s' * (channels != 1)} (one per input channel)")
+            finite = (
+                "" if not isinstance(v, (list, tuple)) or all(map(is_number, v)) or len(v) != channels else "finite "
+            )
+            problems.append(
+                f"{key} {v!r:.60} is not {channels} {finite}number{'s' * (channels != 1)} (one per input channel)"
+            )
         elif key == "std" and v is not None and min(v) <= 0:
             problems.append(f"std {v!r} is not positive")
     if problems:
@@ -217,7 +234,7 @@ def oversized_side(preprocessing: dict) -> tuple[str, int] | None:
     every image gigabytes before the model sees it."""
     for key in ("resize_size", "crop_size"):
         v = preprocessing.get(key)
-        for side in (v if isinstance(v, (list, tuple)) else [v]):
+        for side in v if isinstance(v, (list, tuple)) else [v]:
             if isinstance(side, int) and side > MAX_IMAGE_SIDE:
                 return key, side
     return None
@@ -235,8 +252,10 @@ def check_crop_fits(preprocessing: dict) -> None:
     else:  # the shorter side: every image pads when both crop sides exceed it
         pads = min(ch, cw) > (resize[0] if isinstance(resize, (list, tuple)) else resize)
     if pads:
-        raise WeightsError(f"preprocessing: crop_size {crop} is larger than the resized image (resize_size {resize}), "
-                           f"which the crop would pad with black")
+        raise WeightsError(
+            f"preprocessing: crop_size {crop} is larger than the resized image (resize_size {resize}), "
+            f"which the crop would pad with black"
+        )
 
 
 def save_weights(
@@ -295,6 +314,7 @@ def check_safetensors_header(path: Path) -> None:
 @dataclass
 class FileMetadata:
     """What a densetriton weights file's metadata records, parsed and checked against its spec."""
+
     spec: DenseNetSpec
     class_names: list[str] | None = None
     preprocessing: dict | None = None
@@ -311,12 +331,18 @@ def read_metadata(path: Path, metadata: dict[str, str]) -> FileMetadata:
     limits.py's bounds (or preprocessing sides over MAX_IMAGE_SIDE) is a FileRefused, anything
     else unusable one WeightsError line."""
     if metadata.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise WeightsError(f"{path} has format version {metadata.get('format_version'):.40}; "
-                           f"this densetriton reads {FORMAT_VERSION}")
+        raise WeightsError(
+            f"{path} has format version {metadata.get('format_version'):.40}; this densetriton reads {FORMAT_VERSION}"
+        )
     try:
         spec = DenseNetSpec.from_dict(_metadata_json(path, metadata, "spec"))
-        found = FileMetadata(spec, *(_metadata_json(path, metadata, key) for key in
-                                     ("class_names", "preprocessing", "multi_label", "operating_points")))
+        found = FileMetadata(
+            spec,
+            *(
+                _metadata_json(path, metadata, key)
+                for key in ("class_names", "preprocessing", "multi_label", "operating_points")
+            ),
+        )
         if not isinstance(found.multi_label, (bool, type(None))):
             raise ValueError(f"multi_label is {metadata['multi_label']!r:.40}, not true or false")
     except OverBound as e:
@@ -361,8 +387,10 @@ def _read_tensors(path: Path) -> tuple[dict[str, str], FileMetadata | None, dict
         if found is not None:
             layout = shape_problems({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, found.spec)
             if layout:
-                raise WeightsError(f"{path}: its metadata contradicts its tensors: they do not fit "
-                                   f"{describe_spec(found.spec)}: " + "; ".join(layout))
+                raise WeightsError(
+                    f"{path}: its metadata contradicts its tensors: they do not fit "
+                    f"{describe_spec(found.spec)}: " + "; ".join(layout)
+                )
         return metadata, found, {k: f.get_tensor(k) for k in f.keys()}
 
 
@@ -381,11 +409,13 @@ def load_weights(path: str | os.PathLike) -> Weights:
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, AttributeError, MemoryError) as e:
         hint = ""
         if path.suffix.lower() in CHECKPOINT_SUFFIXES:
-            hint = f"; convert the checkpoint first: densetriton convert --checkpoint {path} --out {path.stem}.safetensors"
+            hint = (
+                f"; convert the checkpoint first: densetriton convert --checkpoint {path} --out {path.stem}.safetensors"
+            )
         raise WeightsError(f"{path} is not a readable safetensors file ({one_line(e)}){hint}") from None
     if found is None:
         # A plain torchvision-layout file (e.g. timm's): normalise the names, infer the spec.
-        from .weights_tools.convert import normalize_state_dict, infer_spec
+        from .weights_tools.convert import infer_spec, normalize_state_dict
 
         tensors = normalize_state_dict(tensors)
         try:
@@ -396,8 +426,16 @@ def load_weights(path: str | os.PathLike) -> Weights:
         check_tensors(tensors, found.spec)
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
-    return Weights(found.spec, tensors, found.class_names, found.preprocessing, metadata.get("source"), metadata,
-                   found.multi_label, found.operating_points)
+    return Weights(
+        found.spec,
+        tensors,
+        found.class_names,
+        found.preprocessing,
+        metadata.get("source"),
+        metadata,
+        found.multi_label,
+        found.operating_points,
+    )
 
 
 def to_torchvision_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

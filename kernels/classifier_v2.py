@@ -41,10 +41,22 @@ def _split_tf32(x):
 # The batch only bounds rows: not specialised, so one compile serves every batch size.
 @triton.jit(do_not_specialize=["M"])
 def _classifier_v2_kernel(
-    f_ptr, w_ptr, b_ptr, out_ptr,
-    M, K, N_CLS,
-    stride_fm, stride_fk, stride_wk, stride_b, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    f_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    K,
+    N_CLS,
+    stride_fm,
+    stride_fk,
+    stride_wk,
+    stride_b,
+    stride_om,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,10 +67,14 @@ def _classifier_v2_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         # Tail features load as zero in both operands: they add 0 * 0.
-        a = tl.load(f_ptr + offs_m[:, None] * stride_fm + offs_k[None, :] * stride_fk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :],
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(
+            f_ptr + offs_m[:, None] * stride_fm + offs_k[None, :] * stride_fk,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0
+        )
         a_hi, a_hi_cross, a_lo = _split_tf32(a)
         w_hi, w_hi_cross, w_lo = _split_tf32(w)
         # Small terms first, so they are not lost against the large one. The tensor cores add
@@ -70,8 +86,9 @@ def _classifier_v2_kernel(
         acc += part
     bias = tl.load(b_ptr + offs_n * stride_b, mask=n_mask, other=0.0)
     acc = acc + bias[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
-             mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc, mask=m_mask[:, None] & n_mask[None, :]
+    )
 
 
 def _check_matrix(name, t):
@@ -80,8 +97,7 @@ def _check_matrix(name, t):
         raise ValueError(f"{name} must be a 2-D float32 tensor, got {got}")
 
 
-def classifier_v2(features, weight, out, *, bias, BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, num_warps=4,
-                  num_stages=None):
+def classifier_v2(features, weight, out, *, bias, BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=None):
     """out <- features @ weight + bias, all float32, at float32-level accuracy (see the module docstring).
 
     features: [N, C] (any strides); weight: [C, classes] with unit column stride (pack_conv_weight
@@ -91,8 +107,10 @@ def classifier_v2(features, weight, out, *, bias, BLOCK_M=16, BLOCK_N=128, BLOCK
         _check_matrix(name, t)
     (n, c), classes = features.shape, weight.shape[1]
     if weight.shape[0] != c or tuple(out.shape) != (n, classes):
-        raise ValueError(f"features {tuple(features.shape)}, weight {tuple(weight.shape)} and out "
-                         f"{tuple(out.shape)} must be [N, C], [C, classes] and [N, classes]")
+        raise ValueError(
+            f"features {tuple(features.shape)}, weight {tuple(weight.shape)} and out "
+            f"{tuple(out.shape)} must be [N, C], [C, classes] and [N, classes]"
+        )
     check_weight_rows(weight)
     check_same_device(features.device, weight=weight, out=out)
     check_vector("bias", bias, classes, features.device)
@@ -105,9 +123,20 @@ def classifier_v2(features, weight, out, *, bias, BLOCK_M=16, BLOCK_N=128, BLOCK
         launch_opts["num_stages"] = num_stages
     grid = (triton.cdiv(n, BLOCK_M), triton.cdiv(classes, BLOCK_N))
     _classifier_v2_kernel[grid](
-        features, weight, bias, out,
-        n, c, classes,
-        *features.stride(), weight.stride(0), bias.stride(0), *out.stride(),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **launch_opts,
+        features,
+        weight,
+        bias,
+        out,
+        n,
+        c,
+        classes,
+        *features.stride(),
+        weight.stride(0),
+        bias.stride(0),
+        *out.stride(),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        **launch_opts,
     )
     return out

@@ -82,8 +82,10 @@ def pack_stem_weight(weight: torch.Tensor, c_in: int, kernel_size: int) -> torch
     ROW_ALIGN-aligned (a view of a padded tensor, as pack_conv_weight's)."""
     k = kernel_size
     if weight.dim() != 2 or weight.shape[0] != k * k * c_in:
-        raise ValueError(f"weight must be a packed [{k * k * c_in}, Cout] operand for a {k}x{k} kernel on "
-                         f"{c_in} channels (see pack_conv_weight), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be a packed [{k * k * c_in}, Cout] operand for a {k}x{k} kernel on "
+            f"{c_in} channels (see pack_conv_weight), got shape {tuple(weight.shape)}"
+        )
     layout = stem_layout(c_in, k, 0, k, k)
     c_out = weight.shape[1]
     cols = -(-c_out // ROW_ALIGN) * ROW_ALIGN
@@ -95,10 +97,21 @@ def pack_stem_weight(weight: torch.Tensor, c_in: int, kernel_size: int) -> torch
 # Pixel counts are not specialised: one compile serves every batch and image size.
 @triton.jit(do_not_specialize=["N", "H", "W", "HP", "WP"])
 def _pack_stem_input_kernel(
-    x_ptr, p_ptr,
-    N, H, W, C, HP, WP,
-    stride_xn, stride_xh, stride_xw, stride_xc,
-    PAD: tl.constexpr, CPAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    x_ptr,
+    p_ptr,
+    N,
+    H,
+    W,
+    C,
+    HP,
+    WP,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    PAD: tl.constexpr,
+    CPAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # packed pixels (n, i, j) flattened
     offs_c = tl.arange(0, CPAD)
@@ -114,20 +127,42 @@ def _pack_stem_input_kernel(
         mask=inside[:, None] & (offs_c < C)[None, :],
         other=0.0,
     )
-    tl.store(p_ptr + offs_p.to(tl.int64)[:, None] * CPAD + offs_c[None, :], v.to(p_ptr.dtype.element_ty),
-             mask=p_mask[:, None])
+    tl.store(
+        p_ptr + offs_p.to(tl.int64)[:, None] * CPAD + offs_c[None, :],
+        v.to(p_ptr.dtype.element_ty),
+        mask=p_mask[:, None],
+    )
 
 
 @triton.jit(do_not_specialize=["N", "OH", "OW"])
 def _stem_conv_v2_kernel(
-    p_ptr, w_ptr, out_ptr, bias_ptr,
-    N, OH, OW, C_out,
-    stride_pn, stride_ph,
-    stride_on, stride_oh, stride_ow, stride_oc,
-    stride_wk, stride_bias,
-    KH: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, CPAD: tl.constexpr, STRIDE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    p_ptr,
+    w_ptr,
+    out_ptr,
+    bias_ptr,
+    N,
+    OH,
+    OW,
+    C_out,
+    stride_pn,
+    stride_ph,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    stride_wk,
+    stride_bias,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    KWP: tl.constexpr,
+    CPAD: tl.constexpr,
+    STRIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU_OUT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -148,10 +183,16 @@ def _stem_conv_v2_kernel(
         # BLOCK_K-aligned and contiguous: Triton's analysis loses both through the remainder.
         offs_r = tl.max_contiguous(tl.multiple_of(k0 % (KWP * CPAD) + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
         # Phantom taps (kw >= KW) hold the next window's pixels: not loaded, so their NaN/Inf stays out.
-        a = tl.load(a_row_ptr[:, None] + kh * stride_ph + offs_r[None, :],
-                    mask=pix_mask[:, None] & (offs_r < KW * CPAD)[None, :], other=0.0)
-        w = tl.load(w_ptr + (k0 + tl.arange(0, BLOCK_K))[:, None] * stride_wk + offs_co[None, :],
-                    mask=co_mask[None, :], other=0.0)
+        a = tl.load(
+            a_row_ptr[:, None] + kh * stride_ph + offs_r[None, :],
+            mask=pix_mask[:, None] & (offs_r < KW * CPAD)[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + (k0 + tl.arange(0, BLOCK_K))[:, None] * stride_wk + offs_co[None, :],
+            mask=co_mask[None, :],
+            other=0.0,
+        )
         if IEEE_DOT:  # float32: full IEEE products, not TF32 (results must match PyTorch to ~1e-5)
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
@@ -163,8 +204,11 @@ def _stem_conv_v2_kernel(
     if RELU_OUT:
         acc = relu_keep_nan(acc)
     out_pix_ptr = out_ptr + n * stride_on + oh * stride_oh + ow * stride_ow
-    tl.store(out_pix_ptr[:, None] + offs_co[None, :] * stride_oc, acc.to(out_ptr.dtype.element_ty),
-             mask=pix_mask[:, None] & co_mask[None, :])
+    tl.store(
+        out_pix_ptr[:, None] + offs_co[None, :] * stride_oc,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=pix_mask[:, None] & co_mask[None, :],
+    )
 
 
 def _check_stem_args(x, weight, out, workspace, kernel_size, stride, padding, bias, blocks):
@@ -183,14 +227,18 @@ def _check_stem_args(x, weight, out, workspace, kernel_size, stride, padding, bi
         raise ValueError(f"out must have shape {(n, oh, ow, c_out)} (N, OH, OW, Cout), got {tuple(out.shape)}")
     layout = stem_layout(c_in, kernel_size, padding, h, w)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (kernel_size * layout.row, c_out):
-        raise ValueError(f"weight must be pack_stem_weight's [{kernel_size * layout.row}, {c_out}] operand, "
-                         f"got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        raise ValueError(
+            f"weight must be pack_stem_weight's [{kernel_size * layout.row}, {c_out}] operand, "
+            f"got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}"
+        )
     check_weight_rows(weight)
     if not isinstance(workspace, torch.Tensor) or workspace.dim() != 1 or not workspace.is_contiguous():
         raise ValueError("workspace must be a contiguous 1-D tensor (see stem_workspace_numel)")
     if workspace.numel() < layout.numel(n) or workspace.dtype != weight.dtype:
-        raise ValueError(f"workspace must hold at least {layout.numel(n)} {weight.dtype} elements, "
-                         f"got {workspace.numel()} {workspace.dtype}")
+        raise ValueError(
+            f"workspace must hold at least {layout.numel(n)} {weight.dtype} elements, "
+            f"got {workspace.numel()} {workspace.dtype}"
+        )
     check_same_device(x.device, weight=weight, out=out, workspace=workspace)
     if bias is not None:
         check_vector("bias", bias, c_out, x.device)
@@ -200,8 +248,21 @@ def _check_stem_args(x, weight, out, workspace, kernel_size, stride, padding, bi
 
 
 def stem_conv_v2(
-    x, weight, out, workspace, *, kernel_size, stride=1, padding=0, bias=None, relu_out=False,
-    BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=None,
+    x,
+    weight,
+    out,
+    workspace,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    bias=None,
+    relu_out=False,
+    BLOCK_M=64,
+    BLOCK_N=64,
+    BLOCK_K=32,
+    num_warps=4,
+    num_stages=None,
 ):
     """out <- [relu](conv2d(x, weight, stride, padding) + bias), through a packed copy of x.
 
@@ -210,16 +271,28 @@ def stem_conv_v2(
     1-D tensor of the weight's dtype with at least stem_workspace_numel(...) elements, overwritten.
     BLOCK_K is capped at one packed kernel row (KWP * CPAD elements).
     """
-    layout, oh, ow = _check_stem_args(x, weight, out, workspace, kernel_size, stride, padding, bias,
-                                      (BLOCK_M, BLOCK_N, BLOCK_K))
+    layout, oh, ow = _check_stem_args(
+        x, weight, out, workspace, kernel_size, stride, padding, bias, (BLOCK_M, BLOCK_N, BLOCK_K)
+    )
     if out.numel() == 0:
         return out
     n, h, w, c_in = x.shape
     packed = workspace[: layout.numel(n)].view(n, layout.height, layout.width, layout.cpad)
     pixels = n * layout.height * layout.width
     _pack_stem_input_kernel[(triton.cdiv(pixels, PACK_BLOCK_PIXELS),)](
-        x, packed, n, h, w, c_in, layout.height, layout.width, *x.stride(),
-        PAD=padding, CPAD=layout.cpad, BLOCK_P=PACK_BLOCK_PIXELS, num_warps=4,
+        x,
+        packed,
+        n,
+        h,
+        w,
+        c_in,
+        layout.height,
+        layout.width,
+        *x.stride(),
+        PAD=padding,
+        CPAD=layout.cpad,
+        BLOCK_P=PACK_BLOCK_PIXELS,
+        num_warps=4,
     )
     c_out = out.shape[3]
     bias_arg = bias if bias is not None else weight  # unused unless HAS_BIAS
@@ -228,20 +301,50 @@ def stem_conv_v2(
         launch_opts["num_stages"] = num_stages
     grid = (triton.cdiv(n * oh * ow, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
     _stem_conv_v2_kernel[grid](
-        packed, weight, out, bias_arg,
-        n, oh, ow, c_out,
-        packed.stride(0), packed.stride(1),
-        *out.stride(), weight.stride(0), bias_arg.stride(0),
-        KH=kernel_size, KW=kernel_size, KWP=layout.kwp, CPAD=layout.cpad, STRIDE=stride,
-        HAS_BIAS=bias is not None, RELU_OUT=bool(relu_out), IEEE_DOT=weight.dtype == torch.float32,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=min(BLOCK_K, layout.row),
+        packed,
+        weight,
+        out,
+        bias_arg,
+        n,
+        oh,
+        ow,
+        c_out,
+        packed.stride(0),
+        packed.stride(1),
+        *out.stride(),
+        weight.stride(0),
+        bias_arg.stride(0),
+        KH=kernel_size,
+        KW=kernel_size,
+        KWP=layout.kwp,
+        CPAD=layout.cpad,
+        STRIDE=stride,
+        HAS_BIAS=bias is not None,
+        RELU_OUT=bool(relu_out),
+        IEEE_DOT=weight.dtype == torch.float32,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=min(BLOCK_K, layout.row),
         **launch_opts,
     )
     return out
 
 
-def bind_stem_conv_v2(weight, out, *, in_channels, height, width, kernel_size, stride=1, padding=0, bias=None,
-                      relu_out=False, workspace=None, **tiles):
+def bind_stem_conv_v2(
+    weight,
+    out,
+    *,
+    in_channels,
+    height,
+    width,
+    kernel_size,
+    stride=1,
+    padding=0,
+    bias=None,
+    relu_out=False,
+    workspace=None,
+    **tiles,
+):
     """stem_conv_v2 bound once for one input shape, from bn_relu_conv's weight (a pack_conv_weight
     operand, repacked here): returns launch(x) for [N, height, width, in_channels] views x.
 
@@ -251,6 +354,15 @@ def bind_stem_conv_v2(weight, out, *, in_channels, height, width, kernel_size, s
     numel = stem_workspace_numel(out.shape[0], in_channels, kernel_size, padding, height, width)
     if workspace is None:
         workspace = torch.empty(numel, dtype=weight.dtype, device=weight.device)
-    return functools.partial(stem_conv_v2, weight=pack_stem_weight(weight, in_channels, kernel_size), out=out,
-                             workspace=workspace[:numel], kernel_size=kernel_size, stride=stride, padding=padding,
-                             bias=bias, relu_out=relu_out, **tiles)
+    return functools.partial(
+        stem_conv_v2,
+        weight=pack_stem_weight(weight, in_channels, kernel_size),
+        out=out,
+        workspace=workspace[:numel],
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        bias=bias,
+        relu_out=relu_out,
+        **tiles,
+    )

@@ -94,8 +94,10 @@ class GuardBand:
         changed = (self._bits() != self._before) & self._outside
         if changed.any():
             first = tuple(i.item() for i in changed.nonzero()[0])
-            raise AssertionError(f"kernel wrote {changed.sum().item()} element(s) outside its output view "
-                                 f"(first at {first} of the guarded tensor {tuple(self.base.shape)})")
+            raise AssertionError(
+                f"kernel wrote {changed.sum().item()} element(s) outside its output view "
+                f"(first at {first} of the guarded tensor {tuple(self.base.shape)})"
+            )
 
 
 def nan_surrounded(x, margin=2):
@@ -137,8 +139,10 @@ def assert_nonfinite_like(out, ref, tol):
     assert ref.isnan().any() and ref.isfinite().any(), "the planted values left no NaN (or no finite) output"
     for name, where in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
         got, want = where(out), where(ref)
-        assert torch.equal(got, want), (f"{name} at {got.sum().item()} output(s), torch has it at "
-                                        f"{want.sum().item()}; {(got != want).sum().item()} position(s) differ")
+        assert torch.equal(got, want), (
+            f"{name} at {got.sum().item()} output(s), torch has it at "
+            f"{want.sum().item()}; {(got != want).sum().item()} position(s) differ"
+        )
     finite = ref.isfinite()
     err = rel_err(out[finite], ref[finite])
     assert err <= tol, f"relative error {err:.2e} > {tol:.0e} on the finite outputs"  # tol 0: exact

@@ -56,13 +56,22 @@ def run_python(code_or_args: list[str], *, timeout: float = 60.0, env: dict | No
     """`python ARGS` in a child, killed past `timeout`; its exit status, output, time and peak memory."""
     start = time.monotonic()
     peak_read, peak_write = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(peak_write), sys.executable, *code_or_args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
-                            text=True, errors="replace", pass_fds=(peak_write,), start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-c", _LAUNCHER, str(peak_write), sys.executable, *code_or_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        text=True,
+        errors="replace",
+        pass_fds=(peak_write,),
+        start_new_session=True,
+    )
     os.close(peak_write)
     out, err = [], []
-    readers = [threading.Thread(target=_drain, args=(proc.stdout, out)),
-               threading.Thread(target=_drain, args=(proc.stderr, err))]
+    readers = [
+        threading.Thread(target=_drain, args=(proc.stdout, out)),
+        threading.Thread(target=_drain, args=(proc.stderr, err)),
+    ]
     for r in readers:
         r.start()
     deadline, killed = start + timeout, False

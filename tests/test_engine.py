@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import randomize_batchnorm, rel_err
 
 import densetriton
 from densetriton import DenseNetSpec
 from densetriton.engine import pretrained_path
 from densetriton.weights import cache_dir
-
-from helpers import randomize_batchnorm, rel_err
 
 TINY = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "cifar")
 
@@ -65,8 +64,11 @@ def test_a_wrong_file_in_torchvisions_cache_is_refused(cache_home, tmp_path):
     download = _torchvision_download_file("densenet121")
     download.parent.mkdir(parents=True)
     torch.save(torchvision.models.densenet121().state_dict(), download)  # not torchvision's trained weights
-    with pytest.raises(densetriton.WeightsError, match=r"densenet121-a639ec97\.pth is not torchvision's file: its sha256 "
-                                                       r"begins [0-9a-f]{8}, its name says a639ec97"):
+    with pytest.raises(
+        densetriton.WeightsError,
+        match=r"densenet121-a639ec97\.pth is not torchvision's file: its sha256 "
+        r"begins [0-9a-f]{8}, its name says a639ec97",
+    ):
         densetriton.load("densenet121", device="cpu")
     assert not pretrained_path("densenet121").exists()
     # A file whose name carries its own hash passes; one without a hash in its name is not checked.
@@ -128,7 +130,9 @@ def test_engine_attributes_and_features(tmp_path):
 
 
 def test_weights_path_and_spec_mismatch(tmp_path):
-    path = densetriton.save_weights(tmp_path / "tiny.safetensors", densetriton.engine.random_weights(TINY).tensors, TINY)
+    path = densetriton.save_weights(
+        tmp_path / "tiny.safetensors", densetriton.engine.random_weights(TINY).tensors, TINY
+    )
     assert densetriton.load(TINY, weights=path, device="cpu").spec == TINY
     assert densetriton.load(str(path), device="cpu").spec == TINY
     with pytest.raises(densetriton.WeightsError, match="not densenet121"):
@@ -180,8 +184,9 @@ def _triton_engine(spec=SMALL, preprocessing=None):
     torch.manual_seed(0)
     tensors = {k: v for k, v in densetriton.engine.random_weights(spec).tensors.items()}
     weights = densetriton.weights.Weights(spec, tensors, preprocessing=preprocessing)
-    return densetriton.Engine(weights, device=torch.device(DEVICE), dtype=torch.float32, backend="triton",
-                              pretrained=False)
+    return densetriton.Engine(
+        weights, device=torch.device(DEVICE), dtype=torch.float32, backend="triton", pretrained=False
+    )
 
 
 def test_warmup_builds_each_plan_so_that_later_calls_build_none(monkeypatch):
@@ -193,9 +198,12 @@ def test_warmup_builds_each_plan_so_that_later_calls_build_none(monkeypatch):
     assert {key[:3] for key in engine._model.plans} == {(1, 40, 40), (3, 40, 40)}
     built = []
     real = densetriton.plan.Plan.__init__
-    monkeypatch.setattr(densetriton.plan.Plan, "__init__", lambda self, *a, **k: built.append(a[3:6]) or real(self, *a, **k))
-    reference = densetriton.Engine(engine.weights, device=torch.device("cpu"), dtype=torch.float32,
-                                   backend="reference", pretrained=False)
+    monkeypatch.setattr(
+        densetriton.plan.Plan, "__init__", lambda self, *a, **k: built.append(a[3:6]) or real(self, *a, **k)
+    )
+    reference = densetriton.Engine(
+        engine.weights, device=torch.device("cpu"), dtype=torch.float32, backend="reference", pretrained=False
+    )
     x = torch.randn(3, 3, 40, 40)
     assert rel_err(engine(x.to(DEVICE)), reference(x)) < 1e-4
     assert rel_err(engine.features(x[:1].to(DEVICE)), reference.features(x[:1])) < 1e-4
@@ -209,7 +217,9 @@ def test_warmup_size_defaults_to_the_weights_preprocessing_and_a_backbone_warms_
     engine = _triton_engine(preprocessing=pre)
     engine.warmup([2])
     assert [key[:3] for key in engine._model.plans] == [(2, 32, 32)]
-    backbone = _triton_engine(SMALL.replace(num_classes=0), preprocessing=dict(pre, crop_size=None, resize_size=[33, 35]))
+    backbone = _triton_engine(
+        SMALL.replace(num_classes=0), preprocessing=dict(pre, crop_size=None, resize_size=[33, 35])
+    )
     backbone.warmup()
     assert [key[:3] for key in backbone._model.plans] == [(1, 33, 35)]
 
@@ -241,16 +251,19 @@ def test_warmup_out_of_memory_is_one_memory_error():
         engine.warmup([1, 10**8])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(batch_sizes=[0]), "batch_sizes must be a positive int or several"),
-    (dict(batch_sizes=[]), "batch_sizes must be a positive int or several"),
-    (dict(batch_sizes=[2.0]), "batch_sizes must be a positive int or several"),
-    (dict(batch_sizes=True), "batch_sizes must be a positive int or several"),
-    (dict(dtype=torch.float64), "dtype must be float32, float16 or bfloat16"),
-    (dict(image_size=2), "too small for this network.*the smallest input is 5x5"),
-    (dict(image_size="224"), "image_size must be an int or"),
-    (dict(image_size=(32, 32, 3)), "image_size must be an int or"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(batch_sizes=[0]), "batch_sizes must be a positive int or several"),
+        (dict(batch_sizes=[]), "batch_sizes must be a positive int or several"),
+        (dict(batch_sizes=[2.0]), "batch_sizes must be a positive int or several"),
+        (dict(batch_sizes=True), "batch_sizes must be a positive int or several"),
+        (dict(dtype=torch.float64), "dtype must be float32, float16 or bfloat16"),
+        (dict(image_size=2), "too small for this network.*the smallest input is 5x5"),
+        (dict(image_size="224"), "image_size must be an int or"),
+        (dict(image_size=(32, 32, 3)), "image_size must be an int or"),
+    ],
+)
 def test_warmup_errors(kwargs, match):
     engine = densetriton.load(SMALL, weights=None, device="cpu", backend="reference")
     with pytest.raises(ValueError, match=match):
@@ -260,10 +273,14 @@ def test_warmup_errors(kwargs, match):
 def test_warmup_without_a_known_input_size_asks_for_one():
     """Preprocessing that resizes the shorter side without cropping: sizes vary with each image."""
     spec = SMALL
-    weights = densetriton.weights.Weights(spec, densetriton.engine.random_weights(spec).tensors,
-                                          preprocessing={"resize_size": 320, "mean": [0.5] * 3, "std": [0.25] * 3})
-    engine = densetriton.Engine(weights, device=torch.device("cpu"), dtype=torch.float32, backend="reference",
-                                pretrained=False)
+    weights = densetriton.weights.Weights(
+        spec,
+        densetriton.engine.random_weights(spec).tensors,
+        preprocessing={"resize_size": 320, "mean": [0.5] * 3, "std": [0.25] * 3},
+    )
+    engine = densetriton.Engine(
+        weights, device=torch.device("cpu"), dtype=torch.float32, backend="reference", pretrained=False
+    )
     with pytest.raises(ValueError, match="pass image_size: .* shorter side to 320 without a crop"):
         engine.warmup([1])
     assert list(engine.warmup([1], image_size=320)) == [1]

@@ -9,12 +9,11 @@ import threading
 
 import pytest
 import torch
+from helpers import randomize_batchnorm, rel_err
 
 import densetriton
 from densetriton import get_spec
 from densetriton.reference import ReferenceDenseNet
-
-from helpers import randomize_batchnorm, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -27,9 +26,13 @@ def _model_and_engine():
     torch.manual_seed(21)
     model = randomize_batchnorm(ReferenceDenseNet(spec), seed=22, image_size=64).cuda()
     tensors = {k: v for k, v in model.state_dict().items() if "num_batches" not in k}
-    engine = densetriton.Engine(densetriton.weights.Weights(spec, tensors),
-                                device=torch.device("cuda", torch.cuda.current_device()),
-                                dtype=torch.float32, backend="triton", pretrained=False)
+    engine = densetriton.Engine(
+        densetriton.weights.Weights(spec, tensors),
+        device=torch.device("cuda", torch.cuda.current_device()),
+        dtype=torch.float32,
+        backend="triton",
+        pretrained=False,
+    )
     return model, engine
 
 

@@ -14,20 +14,24 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hostile import MEMORY_BOUND_MB, TIME_BOUND_S, assert_refused, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from image_commands import NAMES, PRE, SPEC, one_thread, weights  # noqa: F401 -- fixtures by name
 from PIL import Image
 
 import densetriton
+from densetriton.engine import random_weights
 from densetriton.images import ImageError, build_transform, load_image
 from densetriton.limits import (
-    DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, MAX_JSON_BYTES, MAX_JSON_DEPTH, FileRefused, json_depth,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    MAX_JSON_BYTES,
+    MAX_JSON_DEPTH,
+    FileRefused,
+    json_depth,
 )
-from densetriton.engine import random_weights
 from densetriton.weights import WeightsError, load_weights, save_weights
-
-from hostile import TIME_BOUND_S, MEMORY_BOUND_MB, assert_refused, run_cli
-from image_commands import NAMES, PRE, SPEC, one_thread, weights  # noqa: F401 -- fixtures by name
-
 
 # -- hostile weights files --------------------------------------------------------------------------
 
@@ -54,16 +58,31 @@ def _huge_header(path):
 # name: (metadata of the file, what the refusal must name). Each allocates gigabytes, recurses past
 # Python's limit or loops for minutes without its bound.
 HOSTILE_SPECS = {
-    "layers_1e9": (dict(spec=json.dumps({"block_config": [1e9]})), "block_config[0] (the layers of block 1) is 1000000000"),
-    "blocks_100000": (dict(spec=json.dumps({"block_config": [1] * 100_000})), "len(block_config) (the number of blocks) is 100000"),
+    "layers_1e9": (
+        dict(spec=json.dumps({"block_config": [1e9]})),
+        "block_config[0] (the layers of block 1) is 1000000000",
+    ),
+    "blocks_100000": (
+        dict(spec=json.dumps({"block_config": [1] * 100_000})),
+        "len(block_config) (the number of blocks) is 100000",
+    ),
     "growth_rate": (dict(spec=json.dumps({"growth_rate": 10**9})), "growth_rate is 1000000000"),
     "classes": (dict(spec=json.dumps({"num_classes": 10**12})), "num_classes is 1000000000000"),
-    "block_channels": (dict(spec=json.dumps({"growth_rate": 60000, "block_config": [2], "bn_size": None})), "channels at the end of block 1"),
+    "block_channels": (
+        dict(spec=json.dumps({"growth_rate": 60000, "block_config": [2], "bn_size": None})),
+        "channels at the end of block 1",
+    ),
     "bottleneck": (dict(spec=json.dumps({"bn_size": 4096})), "bn_size x growth_rate (the bottleneck width) is 131072"),
-    "deep_spec": (dict(spec="[" * 200_000 + "]" * 200_000), f"spec nesting depth is 200000, over the bound of {MAX_JSON_DEPTH}"),
+    "deep_spec": (
+        dict(spec="[" * 200_000 + "]" * 200_000),
+        f"spec nesting depth is 200000, over the bound of {MAX_JSON_DEPTH}",
+    ),
     "deep_class_names": (dict(class_names="[" * 100_000), "class_names nesting depth is 100000"),
     "resize_20000": (dict(preprocessing=json.dumps({**PRE, "resize_size": 20000})), "resize_size is 20000"),
-    "crop_20000": (dict(preprocessing=json.dumps({**PRE, "resize_size": None, "crop_size": [20000, 224]})), "crop_size is 20000"),
+    "crop_20000": (
+        dict(preprocessing=json.dumps({**PRE, "resize_size": None, "crop_size": [20000, 224]})),
+        "crop_size is 20000",
+    ),
 }
 # The cases also run as `densetriton info FILE` in a child (each child costs a few seconds of imports).
 CLI_CASES = ["layers_1e9", "blocks_100000", "deep_spec", "resize_20000", "huge_header"]
@@ -185,6 +204,7 @@ def test_json_depth_counts_nesting_outside_strings(value):
 
 def _png_declaring(path, width, height):
     """A PNG of under 100 bytes whose header declares width x height RGB pixels (four rows of data)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -240,14 +260,30 @@ def test_hostile_images_are_skipped_by_predict_and_the_others_classified(weights
     }
     Image.fromarray(rng.integers(0, 256, (60_000, 1, 3), dtype=np.uint8)).save(hostile["strip.png"])
     out = tmp_path / "results.jsonl"
-    run = run_cli("predict", str(folder), "--weights", weights, "--backend", "reference", "--device", "cpu",
-                  "--workers", "0", "--out", str(out), timeout=120)
+    run = run_cli(
+        "predict",
+        str(folder),
+        "--weights",
+        weights,
+        "--backend",
+        "reference",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["path"] for r in rows] == [str(good)] and rows[0]["topk"][0]["label"] in NAMES
     assert "classified 1 image" in run.stderr and f"skipped {len(hostile)}:" in run.stderr
-    reasons = {line.split(": ", 1)[0].strip(): line.split(": ", 1)[1] for line in run.stderr.splitlines()
-               if line.startswith("  " + str(folder))}
+    reasons = {
+        line.split(": ", 1)[0].strip(): line.split(": ", 1)[1]
+        for line in run.stderr.splitlines()
+        if line.startswith("  " + str(folder))
+    }
     assert sorted(reasons) == sorted(str(p) for p in hostile.values()), run.stderr
     for name in ("huge.png", "bomb.png", "rle.dcm"):
         assert reasons[str(hostile[name])].startswith("refused: it declares"), reasons
@@ -325,6 +361,8 @@ def test_a_plain_file_whose_tensors_describe_a_spec_over_the_bounds_is_refused(t
     monkeypatch.undo()
     path = tmp_path / "plain.safetensors"
     save_file(state, str(path))
-    with pytest.raises(ValueError, match=r"len\(block_config\) \(the number of blocks\) is 17, over the bound of 16") as e:
+    with pytest.raises(
+        ValueError, match=r"len\(block_config\) \(the number of blocks\) is 17, over the bound of 16"
+    ) as e:
         load_weights(path)
     assert "\n" not in str(e.value)

@@ -166,7 +166,9 @@ def test_dicom_without_a_suffix_is_found_by_its_marker(tmp_path, rng):
     assert not is_image_path(tmp_path / "DICOMDIR")
     (tmp_path / "series").mkdir()
     _dicom(tmp_path / "series" / "IM0002", pixels)
-    assert collect_files([tmp_path]) == [str(tmp_path / n) for n in ("1.2.840.113619.2.55.3", "IM0001", "IM0004.", "series/IM0002")]
+    assert collect_files([tmp_path]) == [
+        str(tmp_path / n) for n in ("1.2.840.113619.2.55.3", "IM0001", "IM0004.", "series/IM0002")
+    ]
     assert all(load_image(f).size == (8, 8) for f in collect_files([tmp_path]))
 
 
@@ -212,8 +214,15 @@ def test_dicom_ct_slice_is_rescaled_then_windowed(tmp_path, rng):
     """A 12-bit CT slice: stored values -> Hounsfield units (slope 1, intercept -1024) -> the
     file's window (center 40, width 400) onto 0..255; the suffix need not say DICOM."""
     stored = rng.integers(0, 4096, (40, 52), dtype=np.uint16)
-    path = _dicom(tmp_path / "IM0001", stored, bits_stored=12, RescaleSlope=1, RescaleIntercept=-1024,
-                  WindowCenter=40, WindowWidth=400)
+    path = _dicom(
+        tmp_path / "IM0001",
+        stored,
+        bits_stored=12,
+        RescaleSlope=1,
+        RescaleIntercept=-1024,
+        WindowCenter=40,
+        WindowWidth=400,
+    )
     got = np.asarray(load_image(path))
     assert got.shape == (40, 52, 3) and (got == got[..., :1]).all()  # gray: three equal channels
     expected = _linear_window(stored.astype(np.float64) - 1024, 40, 400)
@@ -260,13 +269,21 @@ def test_unreadable_dicom_files_raise_image_error_with_a_reason(tmp_path, rng):
     from pydicom.uid import JPEG2000Lossless
 
     stored = rng.integers(0, 4096, (8, 8), dtype=np.uint16)
-    compressed = _dicom(tmp_path / "j2k.dcm", stored, bits_stored=12, transfer_syntax=JPEG2000Lossless,
-                        PixelData=encapsulate([rng.bytes(64)]))
+    compressed = _dicom(
+        tmp_path / "j2k.dcm",
+        stored,
+        bits_stored=12,
+        transfer_syntax=JPEG2000Lossless,
+        PixelData=encapsulate([rng.bytes(64)]),
+    )
     (tmp_path / "text.dcm").write_text("not a DICOM file\n")
     good = _dicom(tmp_path / "good.dcm", stored, bits_stored=12).read_bytes()
     (tmp_path / "truncated.dcm").write_bytes(good[:200])
-    cases = {"j2k.dcm": "DICOM pixel data (JPEG 2000", "text.dcm": "not a DICOM file",
-             "truncated.dcm": "corrupt or truncated DICOM file"}
+    cases = {
+        "j2k.dcm": "DICOM pixel data (JPEG 2000",
+        "text.dcm": "not a DICOM file",
+        "truncated.dcm": "corrupt or truncated DICOM file",
+    }
     for name, reason in cases.items():
         with pytest.raises(ImageError) as info:
             load_image(tmp_path / name)
@@ -286,12 +303,14 @@ def test_dicom_edge_cases_viewers_handle(tmp_path, rng):
     body = stored[4:].astype(np.float64)
     expected = np.rint((stored - body.min()) * (255.0 / (body.max() - body.min()))).clip(0, 255).astype(np.uint8)
     expected[:4] = 0
-    padded = np.asarray(load_image(_dicom(tmp_path / "pad.dcm", stored, "MONOCHROME1", bits_stored=12,
-                                          PixelPaddingValue=0)))[..., 0]
+    padded = np.asarray(
+        load_image(_dicom(tmp_path / "pad.dcm", stored, "MONOCHROME1", bits_stored=12, PixelPaddingValue=0))
+    )[..., 0]
     assert np.array_equal(padded[4:], 255 - expected[4:]) and (padded[:4] == 0).all()  # padding black, inverted or not
 
-    bad_window = np.asarray(load_image(_dicom(tmp_path / "w0.dcm", stored, bits_stored=12, WindowCenter=100,
-                                              WindowWidth=0)))[..., 0]
+    bad_window = np.asarray(
+        load_image(_dicom(tmp_path / "w0.dcm", stored, bits_stored=12, WindowCenter=100, WindowWidth=0))
+    )[..., 0]
     full = np.rint((stored - float(stored.min())) * (255.0 / (stored.max() - stored.min()))).astype(np.uint8)
     assert np.array_equal(bad_window, full)  # a zero width: the full range, as a viewer falls back
 
@@ -311,8 +330,7 @@ def test_dicom_edge_cases_viewers_handle(tmp_path, rng):
     raw = pydicom.dcmread(path)
     with open(tmp_path / "raw.dcm", "wb") as f:  # no preamble, no file meta: implicit VR little endian
         pydicom.filewriter.write_dataset(pydicom.filebase.DicomFileLike(f), raw, True)
-    assert np.array_equal(np.asarray(load_image(tmp_path / "raw.dcm"))[..., 0],
-                          np.asarray(load_image(path))[..., 0])
+    assert np.array_equal(np.asarray(load_image(tmp_path / "raw.dcm"))[..., 0], np.asarray(load_image(path))[..., 0])
 
 
 def test_preprocess_crop_and_normalise_exactly(rng):

@@ -15,6 +15,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import rel_err
+from image_commands import (  # noqa: F401 -- fixtures are used by name
+    NAMES,
+    PRE,
+    REPO,
+    SPEC,
+    _noise,
+    _rng,
+    _tensors,
+    assert_matches_engine,
+    common,
+    engine,
+    one_thread,
+    read_csv,
+    read_jsonl,
+    run_cli,
+    weights,
+)
 from PIL import Image
 
 import densetriton
@@ -22,12 +40,6 @@ import densetriton.embed
 import densetriton.image_run
 from densetriton.images import load_image, preprocess
 from densetriton.outputs import OutputLock
-
-from helpers import rel_err
-from image_commands import (  # noqa: F401 -- fixtures are used by name
-    NAMES, PRE, REPO, SPEC, _noise, _rng, _tensors, assert_matches_engine, common, engine, one_thread, read_csv,
-    read_jsonl, run_cli, weights,
-)
 
 
 def _photos(folder: Path, n: int, seed: str) -> list[str]:
@@ -83,8 +95,14 @@ def test_a_second_run_on_one_output_is_refused_at_once(weights, engine, tmp_path
     out = tmp_path / "r.csv"
     argv = ["predict", tmp_path / "photos", *common(weights, "--out", out, "--workers", "0", "--batch-size", "1")]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    first = subprocess.Popen([sys.executable, "-c", _PAUSED_RUN, *map(str, argv)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_RUN, *map(str, argv)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert first.stdout.readline() == "paused\n", first.stderr.read()
         before = out.read_bytes()
@@ -138,8 +156,9 @@ def test_embed_and_convert_are_refused_while_another_run_holds_the_output(weight
 def _tmpfs(folder: Path, size: str):
     """A small filesystem of its own at `folder`, or the test skipped saying why there is none."""
     folder.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if proc.returncode:
         pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
     try:
@@ -185,14 +204,25 @@ def test_a_full_disk_keeps_every_row_and_says_how_to_go_on(tmp_path, capsys):
     with _tmpfs(tmp_path / "disk", "512k") as disk:
         out = disk / "feats.npy"
         argv = ["embed", tmp_path / "photos", *common(str(path), "--out", out, "--workers", "0")]
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   LEAVE_PAGES="4", OMP_NUM_THREADS="1")  # FILE.npy.json and .paths.txt: a page each
-        proc = subprocess.run([sys.executable, "-c", _FULL_DISK_RUN, *map(str, argv)], capture_output=True, text=True,
-                              env=env, timeout=240)
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            LEAVE_PAGES="4",
+            OMP_NUM_THREADS="1",
+        )  # FILE.npy.json and .paths.txt: a page each
+        proc = subprocess.run(
+            [sys.executable, "-c", _FULL_DISK_RUN, *map(str, argv)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=240,
+        )
         assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
         last = proc.stderr.splitlines()[-1]
-        assert last.startswith(f"densetriton: error: cannot write {out} (No space left on device); its 14 rows are "
-                               f"safe in {out}.partial/: free space (feats.npy needs about "), proc.stderr[-2000:]
+        assert last.startswith(
+            f"densetriton: error: cannot write {out} (No space left on device); its 14 rows are "
+            f"safe in {out}.partial/: free space (feats.npy needs about "
+        ), proc.stderr[-2000:]
         assert last.endswith("MB) and run the same command with --resume")
         assert not out.exists() and not [p for p in os.listdir(disk) if p.endswith(".tmp")]
         assert list((disk / "feats.npy.partial").glob("chunk-*.safetensors"))
@@ -221,9 +251,13 @@ def test_a_full_disk_under_a_safetensors_file_is_one_error(weights, engine, tmp_
         out = disk / "feats.safetensors"
         argv = ["embed", tmp_path / "photos", *common(weights, "--out", out, "--workers", "0")]
         rc, _, err = run_cli(capsys, *argv)
-        assert rc == 1 and err.splitlines()[-1].startswith(
-            f"densetriton: error: cannot write {out} (No space left on device); its 3 rows are safe in {out}.partial/"
-        ) and err.endswith("run the same command with --resume\n"), err
+        assert (
+            rc == 1
+            and err.splitlines()[-1].startswith(
+                f"densetriton: error: cannot write {out} (No space left on device); its 3 rows are safe in {out}.partial/"
+            )
+            and err.endswith("run the same command with --resume\n")
+        ), err
         assert not out.exists() and not [p for p in os.listdir(disk) if p.endswith(".tmp")]
         monkeypatch.setattr(densetriton.embed, "_write_features", real)
         (disk / "filler").unlink()
@@ -292,13 +326,24 @@ def test_an_output_that_is_an_input_is_refused(weights, tmp_path, capsys, monkey
     kept = {p: p.read_bytes() for p in (scan, Path(weights))}
     read = _no_work(monkeypatch)
     cases = [
-        (["predict", photos, scan, *common(weights, "--out", scan)], f"--out {scan} is the same file as the input {scan}"),
-        (["predict", scan, *common(weights, "--out", alias, "--resume")], f"--out {alias} is the same file as the input {scan}"),
-        (["embed", photos, *common(weights, "--out", weights)], f"--out {weights} is the same file as the input {weights}"),
+        (
+            ["predict", photos, scan, *common(weights, "--out", scan)],
+            f"--out {scan} is the same file as the input {scan}",
+        ),
+        (
+            ["predict", scan, *common(weights, "--out", alias, "--resume")],
+            f"--out {alias} is the same file as the input {scan}",
+        ),
+        (
+            ["embed", photos, *common(weights, "--out", weights)],
+            f"--out {weights} is the same file as the input {weights}",
+        ),
     ]
     feats = tmp_path / "feats.safetensors"
     os.link(weights, feats)
-    cases.append((["embed", photos, *common(weights, "--out", feats)], f"--out {feats} is the same file as the input {weights}"))
+    cases.append(
+        (["embed", photos, *common(weights, "--out", feats)], f"--out {feats} is the same file as the input {weights}")
+    )
     for argv, message in cases:
         rc, _, err = run_cli(capsys, *argv)
         assert rc == 1 and message in err and err.count("\n") == 1, err
@@ -324,14 +369,18 @@ def test_embed_checks_its_output_before_reading_an_image(weights, tmp_path, caps
     read = _no_work(monkeypatch)
     (tmp_path / "feats.npy").mkdir()
     (tmp_path / "g.npy.paths.txt").mkdir()
-    for out, message in ((tmp_path / "feats.npy", f"{tmp_path / 'feats.npy'} is a folder"),
-                         (tmp_path / "g.npy", f"{tmp_path / 'g.npy.paths.txt'} is a folder")):
+    for out, message in (
+        (tmp_path / "feats.npy", f"{tmp_path / 'feats.npy'} is a folder"),
+        (tmp_path / "g.npy", f"{tmp_path / 'g.npy.paths.txt'} is a folder"),
+    ):
         rc, _, err = run_cli(capsys, "embed", tmp_path / "photos", *common(weights, "--out", out))
         assert rc == 1 and message in err and err.count("\n") == 1, err
     with _tmpfs(tmp_path / "disk", "64k") as disk:
         (disk / "feats.npy.partial").mkdir()
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        rc, _, err = run_cli(capsys, "embed", tmp_path / "photos", *common(weights, "--out", disk / "feats.npy", "--resume"))
+        rc, _, err = run_cli(
+            capsys, "embed", tmp_path / "photos", *common(weights, "--out", disk / "feats.npy", "--resume")
+        )
         assert rc == 1 and f"the folder {disk} cannot be written" in err, err
     assert read == []
 

@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 import densetriton
 from densetriton import DenseNetSpec, get_spec
 from densetriton.plan import CHANNEL_ALIGN, View, buffer_shapes, build_stages, fold_batchnorm, memory_layout
 from densetriton.reference import ReferenceDenseNet
-
-from helpers import rel_err
 
 SPECS = [
     get_spec("densenet121"),
@@ -34,7 +33,7 @@ def test_each_layer_appends_its_k_channels_to_its_block_buffer(spec):
             assert stage.writes == View(f"block{b}", c_in + layer * k, c_in + (layer + 1) * k)
         assert writers[-1].writes.stop == c_end and len(writers) == layers + 1
         readers = [s for s in stages if s.reads.buffer == f"block{b}"]
-        assert [s.reads for s in readers[:layers]] == [View(f"block{b}", 0, c_in + l * k) for l in range(layers)]
+        assert [s.reads for s in readers[:layers]] == [View(f"block{b}", 0, c_in + j * k) for j in range(layers)]
     per_layer = 1 if spec.bn_size is None else 2
     stem = 2 if spec.stem == "imagenet" else 1
     assert len(stages) == stem + per_layer * sum(spec.block_config) + len(spec.block_config) - 1 + 2
@@ -51,21 +50,29 @@ def test_bottleneck_layers_share_one_scratch_and_blocks_share_two_arenas():
     # and each arena is as big as its biggest tenant, not the sum.
     _, arena_of, arena_numel, _ = memory_layout(spec, 2, 224, 224)
     assert arena_of == {"stem": 1, "block1": 0, "block2": 1, "block3": 0, "block4": 1}
-    assert arena_numel == [2 * max(math.prod(shapes["block1"]), math.prod(shapes["block3"])),
-                           2 * max(math.prod(shapes[b]) for b in ("stem", "block2", "block4"))]
+    assert arena_numel == [
+        2 * max(math.prod(shapes["block1"]), math.prod(shapes["block3"])),
+        2 * max(math.prod(shapes[b]) for b in ("stem", "block2", "block4")),
+    ]
     engine = densetriton.load("densenet121", weights=None, device="cpu", backend="reference")
     # The reference engine has no plan; the plan's own arithmetic is checked in test_executor.
     assert engine.planned_memory_bytes(1, 224, 224) is None
 
 
-@pytest.mark.parametrize("spec", [get_spec("densenet_bc190_k40"), DenseNetSpec(6, (3, 2, 4), 10, 3, 0.7, 5, "imagenet")])
+@pytest.mark.parametrize(
+    "spec", [get_spec("densenet_bc190_k40"), DenseNetSpec(6, (3, 2, 4), 10, 3, 0.7, 5, "imagenet")]
+)
 def test_buffer_channels_are_padded_to_the_alignment_and_hold_every_view(spec):
     # Strides divisible by 16 let Triton vectorise loads whatever the growth rate (k = 40, 6).
     shapes = buffer_shapes(spec, 224, 224)
     assert all(c % CHANNEL_ALIGN == 0 for _, _, c in shapes.values())
-    assert any(c != needed for (_, _, c), needed in zip(
-        [shapes[f"block{b}"] for b in range(1, len(spec.block_config) + 1)],
-        [c_end for _, c_end in spec.block_channels()]))  # the specs above do need padding
+    assert any(
+        c != needed
+        for (_, _, c), needed in zip(
+            [shapes[f"block{b}"] for b in range(1, len(spec.block_config) + 1)],
+            [c_end for _, c_end in spec.block_channels()],
+        )
+    )  # the specs above do need padding
     for stage in build_stages(spec):
         for view in (stage.reads, stage.writes):
             if view.buffer in shapes:
@@ -88,18 +95,35 @@ def test_fold_batchnorm_matches_eval_batchnorm(bn_eps):
     p = "features.denseblock2.denselayer1"
     x = torch.randn(5, spec.block_channels()[1][0])
     bn = torch.nn.functional.batch_norm(
-        x, tensors[f"{p}.norm1.running_mean"], tensors[f"{p}.norm1.running_var"], tensors[f"{p}.norm1.weight"],
-        tensors[f"{p}.norm1.bias"], False, 0.0, bn_eps,
+        x,
+        tensors[f"{p}.norm1.running_mean"],
+        tensors[f"{p}.norm1.running_var"],
+        tensors[f"{p}.norm1.weight"],
+        tensors[f"{p}.norm1.bias"],
+        False,
+        0.0,
+        bn_eps,
     )
     f = "denseblock2.denselayer1.norm1"
     torch.testing.assert_close(x * folded[f"{f}.scale"] + folded[f"{f}.shift"], bn, rtol=1e-5, atol=1e-5)
     # conv1 with norm2 folded in: packed [Cin, width] weight and a bias equal conv-then-BN.
     w1 = tensors[f"{p}.conv1.weight"][:, :, 0, 0]
     y = torch.nn.functional.batch_norm(
-        x @ w1.T, tensors[f"{p}.norm2.running_mean"], tensors[f"{p}.norm2.running_var"],
-        tensors[f"{p}.norm2.weight"], tensors[f"{p}.norm2.bias"], False, 0.0, bn_eps,
+        x @ w1.T,
+        tensors[f"{p}.norm2.running_mean"],
+        tensors[f"{p}.norm2.running_var"],
+        tensors[f"{p}.norm2.weight"],
+        tensors[f"{p}.norm2.bias"],
+        False,
+        0.0,
+        bn_eps,
     )
-    torch.testing.assert_close(x @ folded["denseblock2.denselayer1.conv1.weight"] + folded["denseblock2.denselayer1.conv1.bias"], y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        x @ folded["denseblock2.denselayer1.conv1.weight"] + folded["denseblock2.denselayer1.conv1.bias"],
+        y,
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert folded["classifier.weight"].dtype == torch.float32
     assert fold_batchnorm(tensors, spec, torch.float16, "cpu")["conv0.weight"].dtype == torch.float16
 
@@ -158,7 +182,11 @@ def test_fold_batchnorm_at_torchs_default_epsilon_with_tiny_running_variances():
             assert rel_err(got, bn(x)) < 1e-6, name
         for conv, bn, name, stride, padding in _convs_with_a_folded_batchnorm(model, spec):
             x = torch.randn(2, conv.in_channels, 9, 9, generator=gen, dtype=torch.float64)
-            got = F.conv2d(x, _unpacked(folded[f"{name}.weight"], conv), folded[f"{name}.bias"].double(),
-                           stride=stride, padding=padding)
+            got = F.conv2d(
+                x,
+                _unpacked(folded[f"{name}.weight"], conv),
+                folded[f"{name}.bias"].double(),
+                stride=stride,
+                padding=padding,
+            )
             assert rel_err(got, bn(conv(x))) < 1e-6, name
-

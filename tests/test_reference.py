@@ -4,13 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import randomize_batchnorm, rel_err
 
 import densetriton
 from densetriton import DenseNetSpec, get_spec
 from densetriton.cli import main
 from densetriton.reference import ReferenceDenseNet
-
-from helpers import randomize_batchnorm, rel_err
 
 TORCHVISION = ["densenet121", "densenet161", "densenet169", "densenet201"]
 
@@ -41,10 +40,16 @@ def functional_densenet(sd: dict, spec: DenseNetSpec, x: torch.Tensor) -> torch.
     """The same network written out with torch.nn.functional alone, from the state dict."""
 
     def bn_relu(t, p):
-        return F.relu(F.batch_norm(t, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"], False, 0.0, 1e-5))
+        return F.relu(
+            F.batch_norm(
+                t, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"], False, 0.0, 1e-5
+            )
+        )
 
     if spec.stem == "imagenet":
-        x = F.max_pool2d(bn_relu(F.conv2d(x, sd["features.conv0.weight"], stride=2, padding=3), "features.norm0"), 3, 2, 1)
+        x = F.max_pool2d(
+            bn_relu(F.conv2d(x, sd["features.conv0.weight"], stride=2, padding=3), "features.norm0"), 3, 2, 1
+        )
     else:
         x = F.conv2d(x, sd["features.conv0.weight"], padding=1)
     for b, layers in enumerate(spec.block_config, 1):
@@ -55,7 +60,9 @@ def functional_densenet(sd: dict, spec: DenseNetSpec, x: torch.Tensor) -> torch.
                 y = F.conv2d(bn_relu(y, f"{p}.norm2"), sd[f"{p}.conv2.weight"], padding=1)
             x = torch.cat([x, y], 1)
         if b < len(spec.block_config):
-            x = F.avg_pool2d(F.conv2d(bn_relu(x, f"features.transition{b}.norm"), sd[f"features.transition{b}.conv.weight"]), 2)
+            x = F.avg_pool2d(
+                F.conv2d(bn_relu(x, f"features.transition{b}.norm"), sd[f"features.transition{b}.conv.weight"]), 2
+            )
     x = bn_relu(x, "features.norm5").mean((2, 3))
     return F.linear(x, sd["classifier.weight"], sd["classifier.bias"])
 

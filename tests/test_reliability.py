@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from helpers import rel_err
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -14,8 +15,6 @@ import densetriton
 from densetriton import DenseNetSpec
 from densetriton.engine import Engine, random_weights
 from densetriton.weights import WeightsError
-
-from helpers import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet")
@@ -52,7 +51,11 @@ def engine(request):
         (lambda d: torch.randn(1, 1, 3, 40, 40, device=d), ValueError, "rank 4"),
         (lambda d: torch.randn(2, 1, 40, 40, device=d), ValueError, r"3 channels.*\(2, 1, 40, 40\)"),
         (lambda d: torch.randn(2, 40, 40, 3, device=d), ValueError, "3 channels"),
-        (lambda d: torch.randint(0, 255, (2, 3, 40, 40), dtype=torch.uint8, device=d), TypeError, "floating-point.*uint8"),
+        (
+            lambda d: torch.randint(0, 255, (2, 3, 40, 40), dtype=torch.uint8, device=d),
+            TypeError,
+            "floating-point.*uint8",
+        ),
         (lambda d: torch.ones(2, 3, 40, 40, dtype=torch.bool, device=d), TypeError, "floating-point.*bool"),
         (lambda d: torch.randn(2, 3, 40, 40, dtype=torch.complex64, device=d), TypeError, "floating-point.*complex64"),
         (lambda d: torch.randn(2, 3, 40, 40, device="meta"), ValueError, "expected a tensor on .*got one on meta"),
@@ -159,8 +162,11 @@ def test_a_batch_too_big_for_memory_is_one_clear_error_and_the_engine_recovers(b
     n = 10**11
     huge = torch.randn(1, 3, 40, 40, device=engine.device).expand(n, 3, 40, 40)
     # the plan's own count of what it needs, or what the allocator was asked for
-    wanted = r"building the plan for batch {n} at 40x40: its buffers need [\d,]+ MiB" if backend == "triton" else \
-        r"running batch {n} at 40x40 .*tried to allocate \d+ bytes"
+    wanted = (
+        r"building the plan for batch {n} at 40x40: its buffers need [\d,]+ MiB"
+        if backend == "triton"
+        else r"running batch {n} at 40x40 .*tried to allocate \d+ bytes"
+    )
     with pytest.raises(MemoryError, match=wanted.format(n=n)):
         engine(huge)
     assert torch.equal(engine(x), before)
@@ -172,12 +178,18 @@ def test_a_batch_too_big_for_memory_is_one_clear_error_and_the_engine_recovers(b
 @pytest.fixture
 def good_file(tmp_path):
     torch.manual_seed(0)
-    return densetriton.save_weights(tmp_path / "good.safetensors", random_weights(TINY).tensors, TINY, class_names=list("abcde"))
+    return densetriton.save_weights(
+        tmp_path / "good.safetensors", random_weights(TINY).tensors, TINY, class_names=list("abcde")
+    )
 
 
 def _rewrite(src, dst, tensors=None, metadata=None):
     w = densetriton.load_weights(src)
-    save_file(tensors if tensors is not None else w.tensors, str(dst), metadata=metadata if metadata is not None else w.metadata)
+    save_file(
+        tensors if tensors is not None else w.tensors,
+        str(dst),
+        metadata=metadata if metadata is not None else w.metadata,
+    )
     return dst
 
 
@@ -220,7 +232,11 @@ def test_corrupt_files_give_one_clear_error(good_file, tmp_path, corrupt, match)
     elif corrupt == "float8":
         if not hasattr(torch, "float8_e4m3fn"):
             pytest.skip("this torch has no float8")
-        _rewrite(good_file, bad, tensors={**w.tensors, "classifier.bias": w.tensors["classifier.bias"].to(torch.float8_e4m3fn)})
+        _rewrite(
+            good_file,
+            bad,
+            tensors={**w.tensors, "classifier.bias": w.tensors["classifier.bias"].to(torch.float8_e4m3fn)},
+        )
     elif corrupt == "inf":
         t = w.tensors["features.norm5.running_mean"].clone()
         t[0] = float("inf")
@@ -273,7 +289,9 @@ def test_files_written_atomically_get_the_permissions_open_would_give(tmp_path):
         path = densetriton.save_weights(tmp_path / "w.safetensors", tensors, TINY)
         assert path.stat().st_mode & 0o777 == 0o644  # readable by a team, as open() would make it; not mkstemp's 0o600
         os.umask(0o077)
-        assert (atomic_write(tmp_path / "private.txt", lambda tmp: open(tmp, "w").write("x")).stat().st_mode & 0o777) == 0o600
+        assert (
+            atomic_write(tmp_path / "private.txt", lambda tmp: open(tmp, "w").write("x")).stat().st_mode & 0o777
+        ) == 0o600
         os.chmod(path, 0o640)  # a file replaced keeps its own permissions
         densetriton.save_weights(path, tensors, TINY)
         assert path.stat().st_mode & 0o777 == 0o640
@@ -293,9 +311,9 @@ def test_a_failed_conversion_leaves_no_file_in_the_cache(cache_home, monkeypatch
     import pathlib
 
     import torchvision
+    from densetriton.weights_tools.convert import torchvision_weights
 
     from densetriton.engine import pretrained_path
-    from densetriton.weights_tools.convert import torchvision_weights
 
     def failing_save(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -304,10 +322,14 @@ def test_a_failed_conversion_leaves_no_file_in_the_cache(cache_home, monkeypatch
 
     torch.manual_seed(0)
     sd = torchvision.models.densenet121().state_dict()
-    download = pathlib.Path(torch.hub.get_dir()) / "checkpoints" / pathlib.Path(torchvision_weights("densenet121").url).name
+    download = (
+        pathlib.Path(torch.hub.get_dir()) / "checkpoints" / pathlib.Path(torchvision_weights("densenet121").url).name
+    )
     download.parent.mkdir(parents=True)
     torch.save(sd, download)
-    monkeypatch.setattr("densetriton.weights_tools.convert.check_torchvision_file", lambda path: None)  # a stand-in file
+    monkeypatch.setattr(
+        "densetriton.weights_tools.convert.check_torchvision_file", lambda path: None
+    )  # a stand-in file
     monkeypatch.setattr("safetensors.torch.save_file", failing_save)
     with pytest.raises(OSError, match="No space left"):
         densetriton.load("densenet121", device="cpu")
@@ -362,7 +384,9 @@ def specs_and_sizes(draw):
     return spec, draw(st.integers(1, 3)), h, w
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(specs_and_sizes(), st.integers(0, 2**31 - 1))
 def test_triton_backend_equals_the_reference_on_random_specs(case, seed):
     spec, batch, h, w = case

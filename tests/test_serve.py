@@ -30,12 +30,12 @@ from PIL import Image
 
 pytest.importorskip("litserve")
 
-import densetriton
-from densetriton.images import load_image, preprocess
-
-from densetriton.reference import ReferenceDenseNet
 from helpers import randomize_batchnorm
 from image_commands import CIFAR_SPEC, NAMES, PRE, PROB_TOL, SPEC, direct, make_images, one_thread, read_jsonl, run_cli  # noqa: F401
+
+import densetriton
+from densetriton.images import load_image, preprocess
+from densetriton.reference import ReferenceDenseNet
 
 HOST = "127.0.0.1"  # never any other address
 KEY_VAR = "DENSETRITON_TEST_SERVE_KEY"
@@ -67,12 +67,30 @@ def free_port() -> int:
 class Server:
     def __init__(self, weights: str, log: Path, *extra: str):
         self.port = free_port()
-        argv = [sys.executable, "-m", "densetriton", "serve", "--weights", weights, "--backend", "reference",
-                "--devices", "cpu", "--host", HOST, "--port", str(self.port), "--api-servers", "2", *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "densetriton",
+            "serve",
+            "--weights",
+            weights,
+            "--backend",
+            "reference",
+            "--devices",
+            "cpu",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--api-servers",
+            "2",
+            *extra,
+        ]
         env = {**os.environ, KEY_VAR: KEY, "OMP_NUM_THREADS": "1"}
         self.log = log
-        self.process = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)  # its own group: our signals only, and killable whole
+        self.process = subprocess.Popen(
+            argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )  # its own group: our signals only, and killable whole
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + START_LIMIT_S
@@ -118,11 +136,15 @@ class Server:
 
 def multipart(blobs: list[bytes], fields: dict | None = None) -> tuple[bytes, str]:
     boundary = "densetriton-test-boundary"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in (fields or {}).items()]
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in (fields or {}).items()
+    ]
     for i, blob in enumerate(blobs):
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.img"\r\n'
-                f"Content-Type: application/octet-stream\r\n\r\n")
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.img"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        )
         parts.append(head.encode() + blob + b"\r\n")
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
@@ -141,10 +163,18 @@ def b64(blob: bytes) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    multi = densetriton.save_weights(root / "multi.safetensors", tiny_tensors(SPEC, 1), SPEC, class_names=NAMES,
-                                     preprocessing=PRE, multi_label=True, operating_points=POINTS)
-    single = densetriton.save_weights(root / "single.safetensors", tiny_tensors(SPEC, 2), SPEC, class_names=NAMES,
-                                      preprocessing=PRE)
+    multi = densetriton.save_weights(
+        root / "multi.safetensors",
+        tiny_tensors(SPEC, 1),
+        SPEC,
+        class_names=NAMES,
+        preprocessing=PRE,
+        multi_label=True,
+        operating_points=POINTS,
+    )
+    single = densetriton.save_weights(
+        root / "single.safetensors", tiny_tensors(SPEC, 2), SPEC, class_names=NAMES, preprocessing=PRE
+    )
     images = make_images(root / "images", "serve")
     bomb = root / "bomb.png"  # 20000 x 20000 declared, 400 KB on disk
     Image.new("L", (20000, 20000)).save(bomb, optimize=True)
@@ -155,8 +185,20 @@ def files(tmp_path_factory):
 def server(files):
     """The multi-label model, an API key, a 1 MiB body limit, batch sizes 1 4 8 (a gathered batch of
     2, 3, 5... is padded)."""
-    srv = Server(files["multi"], files["root"] / "server.log", "--api-key-env", KEY_VAR, "--max-body-mb", "1",
-                 "--batch-sizes", "1", "4", "8", "--batch-timeout-ms", "20")
+    srv = Server(
+        files["multi"],
+        files["root"] / "server.log",
+        "--api-key-env",
+        KEY_VAR,
+        "--max-body-mb",
+        "1",
+        "--batch-sizes",
+        "1",
+        "4",
+        "8",
+        "--batch-timeout-ms",
+        "20",
+    )
     try:
         srv.wait_healthy()
         yield srv
@@ -174,8 +216,23 @@ def read(path) -> bytes:
 def test_predict_equals_the_predict_command(server, files, capsys):
     folder = files["images"]["exif"].parent
     out = files["root"] / "predicted.jsonl"
-    rc, _, _ = run_cli(capsys, "predict", folder, "--weights", files["multi"], "--backend", "reference", "--device",
-                       "cpu", "--topk", "3", "--out", out, "--workers", "0")
+    rc, _, _ = run_cli(
+        capsys,
+        "predict",
+        folder,
+        "--weights",
+        files["multi"],
+        "--backend",
+        "reference",
+        "--device",
+        "cpu",
+        "--topk",
+        "3",
+        "--out",
+        out,
+        "--workers",
+        "0",
+    )
     assert rc == 0
     expected = {Path(p).name: top for p, top in read_jsonl(out)}
     model = json.loads(out.read_text().splitlines()[0])["model"]
@@ -184,7 +241,9 @@ def test_predict_equals_the_predict_command(server, files, capsys):
         status, answer = server.post("/predict?topk=3", read(path), "application/octet-stream")
         assert status == 200, answer
         assert answer["model"] == model
-        assert [(r["label"], r["index"]) for r in answer["topk"]] == [(n, NAMES.index(n)) for n, _ in expected[path.name]]
+        assert [(r["label"], r["index"]) for r in answer["topk"]] == [
+            (n, NAMES.index(n)) for n, _ in expected[path.name]
+        ]
         for r, (_, p) in zip(answer["topk"], expected[path.name]):
             assert abs(r["prob"] - p) <= PROB_TOL, (kind, r, p)
 
@@ -195,24 +254,43 @@ def test_several_images_answer_in_order_in_every_form(server, files):
     blobs = [read(files["images"][k]) for k in kinds]
     wanted = [[n for n, _ in direct(engine, files["images"][k], 2, multi_label=True)] for k in kinds]
     body, content_type = multipart(blobs, {"topk": "2"})
-    answers = [server.post("/predict", body, content_type),
-               server.post("/predict", as_json(images=[b64(b) for b in blobs], topk=2), "application/json")]
+    answers = [
+        server.post("/predict", body, content_type),
+        server.post("/predict", as_json(images=[b64(b) for b in blobs], topk=2), "application/json"),
+    ]
     for status, answer in answers:
         assert status == 200, answer
         assert [[r["label"] for r in result["topk"]] for result in answer["results"]] == wanted
-    status, answer = server.post("/predict", as_json(image="data:image/jpeg;base64," + b64(blobs[0])), "application/json")
+    status, answer = server.post(
+        "/predict", as_json(image="data:image/jpeg;base64," + b64(blobs[0])), "application/json"
+    )
     assert status == 200 and [r["label"] for r in answer["topk"]][:2] == wanted[0] and len(answer["topk"]) == 3
 
 
 def test_embed_equals_engine_features_and_the_embed_command(server, files, capsys):
     engine = densetriton.load(files["multi"], device="cpu", backend="reference")
     out = files["root"] / "feats.npy"
-    rc, _, _ = run_cli(capsys, "embed", files["images"]["gray"], "--weights", files["multi"], "--backend", "reference",
-                       "--device", "cpu", "--out", out, "--workers", "0")
+    rc, _, _ = run_cli(
+        capsys,
+        "embed",
+        files["images"]["gray"],
+        "--weights",
+        files["multi"],
+        "--backend",
+        "reference",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--workers",
+        "0",
+    )
     assert rc == 0
     model = json.loads(Path(str(out) + ".json").read_text())["model_id"]
     kinds = ["gray", "rgba", "nested"]
-    status, answer = server.post("/embed", as_json(images=[b64(read(files["images"][k])) for k in kinds]), "application/json")
+    status, answer = server.post(
+        "/embed", as_json(images=[b64(read(files["images"][k])) for k in kinds]), "application/json"
+    )
     assert status == 200, answer
     assert answer["model"] == model
     got = torch.tensor([r["features"] for r in answer["results"]])
@@ -302,13 +380,15 @@ def test_a_signal_answers_the_requests_in_flight(files, number):
     answered, right, and the server exits 0."""
     engine = densetriton.load(files["single"], device="cpu", backend="reference")
     kinds = ["gray", "cmyk", "rgba"]
-    srv = Server(files["single"], files["root"] / f"stop-{number}.log", "--batch-sizes", "1", "8",
-                 "--batch-timeout-ms", "3000")
+    srv = Server(
+        files["single"], files["root"] / f"stop-{number}.log", "--batch-sizes", "1", "8", "--batch-timeout-ms", "3000"
+    )
     try:
         srv.wait_healthy()
         with ThreadPoolExecutor(len(kinds)) as pool:
-            pending = [pool.submit(srv.post, "/predict?topk=1", read(files["images"][k]), "image/png", None)
-                       for k in kinds]
+            pending = [
+                pool.submit(srv.post, "/predict?topk=1", read(files["images"][k]), "image/png", None) for k in kinds
+            ]
             time.sleep(1.2)  # sent and waiting in the worker's batch
             assert not any(f.done() for f in pending)
             os.killpg(srv.process.pid, number)
@@ -333,8 +413,16 @@ def test_a_model_without_a_fixed_input_size_is_refused_before_serving(files, cap
 
 def test_api_key_env_must_hold_a_key(files, capsys, monkeypatch):
     monkeypatch.delenv("DENSETRITON_TEST_UNSET_KEY", raising=False)
-    rc, _, err = run_cli(capsys, "serve", "--weights", files["single"], "--api-key-env", "DENSETRITON_TEST_UNSET_KEY",
-                         "--port", str(free_port()))
+    rc, _, err = run_cli(
+        capsys,
+        "serve",
+        "--weights",
+        files["single"],
+        "--api-key-env",
+        "DENSETRITON_TEST_UNSET_KEY",
+        "--port",
+        str(free_port()),
+    )
     assert rc == 1 and "DENSETRITON_TEST_UNSET_KEY" in err
 
 
@@ -349,8 +437,17 @@ def test_gathered_requests_run_in_warmed_batch_sizes_and_keep_their_answers(file
     from densetriton.serve_app import PredictAPI, model_card
     from densetriton.serve_inputs import RequestReader
 
-    args = Namespace(model=None, weights=files["single"], dtype=None, backend="reference", multi_label=None,
-                     devices=0, batch_sizes=[1, 4, 8], batch_timeout_ms=5.0, workers_per_device=1)
+    args = Namespace(
+        model=None,
+        weights=files["single"],
+        dtype=None,
+        backend="reference",
+        multi_label=None,
+        devices=0,
+        batch_sizes=[1, 4, 8],
+        batch_timeout_ms=5.0,
+        workers_per_device=1,
+    )
     card = model_card(args)
     engine = densetriton.load(files["single"], device="cpu", backend="reference")
     sizes = []
@@ -366,7 +463,7 @@ def test_gathered_requests_run_in_warmed_batch_sizes_and_keep_their_answers(file
     kinds = list(GOOD) * 4
     counts, requests, start = [1, 2, 3, 5, 11], [], 0
     for n in counts:
-        pixels = np.stack([reader.preprocess(read(files["images"][k]), "") for k in kinds[start:start + n]])
+        pixels = np.stack([reader.preprocess(read(files["images"][k]), "") for k in kinds[start : start + n]])
         requests.append({"images": pixels, "single": n == 1, "topk": 2})
         start += n
     answers = api.predict(requests)
@@ -379,8 +476,9 @@ def test_gathered_requests_run_in_warmed_batch_sizes_and_keep_their_answers(file
         assert all(abs(r["prob"] - p) <= PROB_TOL for r, (_, p) in zip(ranks, expected)), kind
 
 
-@pytest.mark.parametrize("pre", [PRE, {"resize_size": 40, "crop_size": 32, "mean": [0.45], "std": [0.22]}],
-                         ids=["rgb", "grayscale"])
+@pytest.mark.parametrize(
+    "pre", [PRE, {"resize_size": 40, "crop_size": 32, "mean": [0.45], "std": [0.22]}], ids=["rgb", "grayscale"]
+)
 def test_pixels_sent_to_the_worker_become_predicts_exact_input(files, pre):
     """The HTTP process's resize and crop (uint8) and the worker's to_model_input give, bit for bit,
     the tensor build_transform gives `densetriton predict`."""

@@ -11,8 +11,8 @@ import densetriton
 from densetriton import DenseNetSpec, get_spec, list_models
 from densetriton.cli import main
 from densetriton.limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CLASSES, MAX_LAYERS_PER_BLOCK, OverBound
-from densetriton.spec import MODELS
 from densetriton.reference import ReferenceDenseNet
+from densetriton.spec import MODELS
 
 TORCHVISION = ["densenet121", "densenet161", "densenet169", "densenet201"]
 
@@ -105,7 +105,10 @@ def test_input_channels_change_the_stem_only():
     # JSON: in_channels is written only when it is not 3, so files of RGB models read as before.
     assert "in_channels" not in rgb.to_dict() and gray.to_dict()["in_channels"] == 1
     assert DenseNetSpec.from_json(gray.to_json()) == gray and DenseNetSpec.from_json(rgb.to_json()) == rgb
-    assert densetriton.spec.describe_spec(gray.replace(num_classes=14)) == "densenet121 with 1 input channel and 14 classes"
+    assert (
+        densetriton.spec.describe_spec(gray.replace(num_classes=14))
+        == "densenet121 with 1 input channel and 14 classes"
+    )
     assert densetriton.spec.describe_spec(rgb.replace(in_channels=4)) == "densenet121 with 4 input channels"
     assert "in_channels=2" in densetriton.spec.describe_spec(DenseNetSpec(4, (2,), 8, in_channels=2, stem="cifar"))
 
@@ -128,7 +131,8 @@ def test_batchnorm_eps_is_part_of_the_function():
     assert "bn_eps" not in base.to_dict() and keras.to_dict()["bn_eps"] == 1.001e-5
     assert DenseNetSpec.from_json(keras.to_json()) == keras and DenseNetSpec.from_json(base.to_json()) == base
     assert densetriton.spec.describe_spec(get_spec("densenet121").replace(bn_eps=1.001e-5, num_classes=14)) == (
-        "densenet121 with 14 classes and BatchNorm eps 1.001e-05")
+        "densenet121 with 14 classes and BatchNorm eps 1.001e-05"
+    )
     assert "bn_eps=0.001" in densetriton.spec.describe_spec(base.replace(bn_eps=1e-3))
 
 
@@ -197,7 +201,10 @@ def test_info_command(capsys):
     for size in ("0", "28"):
         assert main(["info", "densenet121", "--image-size", size]) == 1
         captured = capsys.readouterr()
-        assert captured.out == "" and f"--image-size {size} is too small for this network: the smallest input is 29x29" in captured.err
+        assert (
+            captured.out == ""
+            and f"--image-size {size} is too small for this network: the smallest input is 29x29" in captured.err
+        )
     assert main(["info", "densenet121", "--image-size", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image_size"] == 64
 
@@ -207,8 +214,11 @@ def test_info_of_a_folder_or_a_features_file_says_what_it_is(tmp_path, capsys):
 
     assert main(["info", str(tmp_path)]) == 1
     assert "is a folder: info takes a model name (densenet121" in capsys.readouterr().err
-    save_file({"features": torch.randn(2, 4)}, str(tmp_path / "f.safetensors"),
-              metadata={"format": "densetriton-features", "paths": "[]"})
+    save_file(
+        {"features": torch.randn(2, 4)},
+        str(tmp_path / "f.safetensors"),
+        metadata={"format": "densetriton-features", "paths": "[]"},
+    )
     assert main(["info", str(tmp_path / "f.safetensors")]) == 1
     assert "holds image features written by densetriton embed, not a model's weights" in capsys.readouterr().err
 
@@ -219,9 +229,15 @@ def test_info_of_a_weights_file(tmp_path, capsys):
     spec = get_spec("densenet121").replace(in_channels=1, num_classes=14, bn_eps=1.001e-5)
     torch.manual_seed(0)
     tensors = {k: v for k, v in ReferenceDenseNet(spec).state_dict().items() if not k.endswith("num_batches_tracked")}
-    path = save_weights(tmp_path / "xray.safetensors", tensors, spec,
-                        class_names=[f"finding{i}" for i in range(14)], multi_label=True, source="checkpoint:x.h5",
-                        preprocessing={"resize_size": [224, 224], "crop_size": None, "mean": [0.5], "std": [0.25]})
+    path = save_weights(
+        tmp_path / "xray.safetensors",
+        tensors,
+        spec,
+        class_names=[f"finding{i}" for i in range(14)],
+        multi_label=True,
+        source="checkpoint:x.h5",
+        preprocessing={"resize_size": [224, 224], "crop_size": None, "mean": [0.5], "std": [0.25]},
+    )
     assert main(["info", str(path), "--json"]) == 0
     out = capsys.readouterr().out
     assert "densenet121 with 1 input channel, 14 classes and BatchNorm eps 1.001e-05" in out
@@ -238,8 +254,14 @@ def test_info_of_a_weights_file(tmp_path, capsys):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(block_config=[1e9]), r"block_config\[0\] \(the layers of block 1\) is 1000000000, over the bound of 1024"),
-        (dict(block_config=[1] * 100_000), r"len\(block_config\) \(the number of blocks\) is 100000, over the bound of 16"),
+        (
+            dict(block_config=[1e9]),
+            r"block_config\[0\] \(the layers of block 1\) is 1000000000, over the bound of 1024",
+        ),
+        (
+            dict(block_config=[1] * 100_000),
+            r"len\(block_config\) \(the number of blocks\) is 100000, over the bound of 16",
+        ),
         (dict(block_config=iter([1] * 100_000)), r"len\(block_config\) \(the number of blocks\) is more than 16"),
         (dict(growth_rate=1 << 17), "growth_rate is 131072, over the bound of 65536"),
         (dict(num_init_features=1 << 17), "num_init_features is 131072"),

@@ -3,14 +3,13 @@ against v1 and the float32 reference network."""
 
 import pytest
 import torch
+from helpers import randomize_batchnorm, rel_err
 
 import densetriton
 from densetriton import DenseNetSpec, kernels
 from densetriton.reference import ReferenceDenseNet
 from densetriton.tiles import LayerKey
 from densetriton.tuning import check_candidate
-
-from helpers import randomize_batchnorm, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,8 +23,9 @@ def engines(spec, size, dtype, monkeypatch):
     made = {}
     for name, choice in (("v1", "v1"), ("v2", "stem=v2,classifier=v2")):
         monkeypatch.setenv("DENSETRITON_KERNELS", choice)
-        made[name] = densetriton.Engine(weights, device=torch.device(DEVICE), dtype=dtype, backend="triton",
-                                        pretrained=False)
+        made[name] = densetriton.Engine(
+            weights, device=torch.device(DEVICE), dtype=dtype, backend="triton", pretrained=False
+        )
     return model.eval(), made
 
 
@@ -52,10 +52,14 @@ def count_v2_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("in_channels,size,dtype,tol", [
-    (3, 37, torch.float16, 1e-2),  # RGB, odd size
-    (1, 24, torch.float32, 1e-4),  # grayscale
-], ids=["rgb-fp16", "gray-fp32"])
+@pytest.mark.parametrize(
+    "in_channels,size,dtype,tol",
+    [
+        (3, 37, torch.float16, 1e-2),  # RGB, odd size
+        (1, 24, torch.float32, 1e-4),  # grayscale
+    ],
+    ids=["rgb-fp16", "gray-fp32"],
+)
 def test_v2_stem_and_classifier_match_v1_and_the_reference(in_channels, size, dtype, tol, monkeypatch):
     """Fails if the engine ignores stem=v2/classifier=v2 (no v2 launch), runs them under v1, writes
     the caller's image, or if v2 changes the logits beyond the dtype's tolerance."""
@@ -86,11 +90,14 @@ def test_a_nan_pixel_gives_nan_logits_for_its_image_only(monkeypatch):
     assert torch.isfinite(logits[0]).all() and torch.isnan(logits[1]).all()
 
 
-@pytest.mark.parametrize("key,tol", [
-    (LayerKey("stem", "v2", "float16", 1, 6, 5, 1, 16, 7), 1e-2),
-    (LayerKey("stem", "v2", "float32", 2, 5, 4, 3, 16, 3), 1e-5),  # a CIFAR stem
-    (LayerKey("classifier", "v2", "float32", 3, 1, 1, 40, 18, 1), 1e-5),
-])
+@pytest.mark.parametrize(
+    "key,tol",
+    [
+        (LayerKey("stem", "v2", "float16", 1, 6, 5, 1, 16, 7), 1e-2),
+        (LayerKey("stem", "v2", "float32", 2, 5, 4, 3, 16, 3), 1e-5),  # a CIFAR stem
+        (LayerKey("classifier", "v2", "float32", 3, 1, 1, 40, 18, 1), 1e-5),
+    ],
+)
 def test_a_tune_candidate_of_the_v2_stem_and_classifier_runs_their_kernels(key, tol, monkeypatch):
     """densetriton tune's check: the v2 kernels with other tiles against v1. Fails if the candidate
     runs another launcher (the spies count the v2 ones)."""

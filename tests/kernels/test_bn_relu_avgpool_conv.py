@@ -7,11 +7,17 @@ _Transition computes; the kernel pools first, so agreement also checks the commu
 import pytest
 import torch
 import torch.nn.functional as F
-
 from densetriton.kernels import bn_relu_avgpool_conv, pack_conv_weight
-
-from helpers import (DOT_DTYPES, NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like, nan_surrounded,
-                     plant_nonfinite, randn)
+from helpers import (
+    DOT_DTYPES,
+    NONFINITE_OK,
+    GuardBand,
+    assert_close,
+    assert_nonfinite_like,
+    nan_surrounded,
+    plant_nonfinite,
+    randn,
+)
 
 DTYPES = DOT_DTYPES
 SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -29,13 +35,13 @@ def reference(x, w_oikk, scale, shift):
     "n,h,w,c_in,c_out",
     [
         (2, 8, 8, 37, 19),  # even size, channel tails in K and N
-        (3, 7, 7, 13, 5),   # odd size: last row/column dropped (floor), as nn.AvgPool2d(2, 2)
+        (3, 7, 7, 13, 5),  # odd size: last row/column dropped (floor), as nn.AvgPool2d(2, 2)
         (1, 9, 5, 40, 16),  # odd and non-square; Cout exactly one block
     ],
 )
 def test_transition_matches_torchvision_order(device, gen, dtype, n, h, w, c_in, c_out):
     x = nan_surrounded(randn(gen, n, h, w, c_in, dtype=dtype, device=device))
-    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
+    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in**0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
     band = GuardBand((n, h // 2, w // 2, c_out), dtype=dtype, device=device)
@@ -54,11 +60,12 @@ def test_nan_and_inf_reach_the_output_where_torchs_do(device, gen, dtype):
     NaN (tl.maximum(x, 0.0) in kernels/_math.py's _relu)."""
     n, h, w, c_in, c_out = 2, 7, 6, 13, 5
     x = plant_nonfinite(randn(gen, n, h, w, c_in, dtype=dtype, device=device), gen, nan=2, posinf=3, neginf=3)
-    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
+    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in**0.5
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
     band = GuardBand((n, h // 2, w // 2, c_out), dtype=dtype, device=device)
-    bn_relu_avgpool_conv(x, pack_conv_weight(w_oikk, dtype, device), band.view, in_scale=scale, in_shift=shift,
-                         **SMALL_BLOCKS)
+    bn_relu_avgpool_conv(
+        x, pack_conv_weight(w_oikk, dtype, device), band.view, in_scale=scale, in_shift=shift, **SMALL_BLOCKS
+    )
     assert_nonfinite_like(band.view, reference(x, w_oikk.to(dtype), scale, shift), dtype)
     band.assert_untouched()
 
@@ -70,15 +77,16 @@ def test_prefix_input_and_middle_output_slices(device, gen, dtype):
     src = randn(gen, n, h, w, 40, dtype=dtype, device=device)
     band = GuardBand((n, h // 2, w // 2, 32), dtype=dtype, device=device)
     dst = band.view
-    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
+    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in**0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device).abs()
 
-    bn_relu_avgpool_conv(src[..., :c_in], weight, dst[..., 6:6 + c_out],
-                         in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+    bn_relu_avgpool_conv(
+        src[..., :c_in], weight, dst[..., 6 : 6 + c_out], in_scale=scale, in_shift=shift, **SMALL_BLOCKS
+    )
 
-    assert_close(dst[..., 6:6 + c_out], reference(src[..., :c_in], w_oikk.to(dtype), scale, shift), dtype)
-    assert torch.isnan(dst[..., :6]).all() and torch.isnan(dst[..., 6 + c_out:]).all()
+    assert_close(dst[..., 6 : 6 + c_out], reference(src[..., :c_in], w_oikk.to(dtype), scale, shift), dtype)
+    assert torch.isnan(dst[..., :6]).all() and torch.isnan(dst[..., 6 + c_out :]).all()
     band.assert_untouched()
 
 
@@ -122,7 +130,7 @@ def test_validation_errors(device, gen):
 def test_padded_and_dense_weight_rows_give_the_same_result(device, gen, dtype):
     n, h, w, c_in, c_out = 2, 6, 6, 21, 19
     x = nan_surrounded(randn(gen, n, h, w, c_in, dtype=dtype, device=device))
-    padded = pack_conv_weight(randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5, dtype, device)
+    padded = pack_conv_weight(randn(gen, c_out, c_in, 1, 1) / c_in**0.5, dtype, device)
     dense = padded.contiguous()
     assert padded.stride(0) == 32 and dense.stride(0) == c_out
     # The padding columns are never read: poison them.

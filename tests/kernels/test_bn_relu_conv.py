@@ -3,11 +3,19 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from densetriton.kernels import bn_relu_conv, pack_conv_weight
-
-from helpers import (DOT_DTYPES, KERNEL_TOL, NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like,
-                     nan_surrounded, plant_nonfinite, randn, rel_err)
+from helpers import (
+    DOT_DTYPES,
+    KERNEL_TOL,
+    NONFINITE_OK,
+    GuardBand,
+    assert_close,
+    assert_nonfinite_like,
+    nan_surrounded,
+    plant_nonfinite,
+    randn,
+    rel_err,
+)
 
 DTYPES = DOT_DTYPES
 SMALL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -18,8 +26,9 @@ def reference(x, w_oikk, *, stride, padding, scale=None, shift=None, bias=None, 
     a = x.double().cpu().permute(0, 3, 1, 2)
     if scale is not None:
         a = F.relu(a * scale.double().cpu()[None, :, None, None] + shift.double().cpu()[None, :, None, None])
-    y = F.conv2d(a, w_oikk.double().cpu(), bias=None if bias is None else bias.double().cpu(),
-                 stride=stride, padding=padding)
+    y = F.conv2d(
+        a, w_oikk.double().cpu(), bias=None if bias is None else bias.double().cpu(), stride=stride, padding=padding
+    )
     if relu_out:
         y = F.relu(y)
     return y.permute(0, 2, 3, 1)
@@ -53,10 +62,23 @@ def test_conv_matches_torch(device, gen, dtype, n, h, w, c_in, c_out, k, stride,
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     band = GuardBand((n, oh, ow, c_out), dtype=dtype, device=device)
 
-    bn_relu_conv(x, weight, band.view, kernel_size=k, stride=stride, padding=pad,
-                 in_scale=scale, in_shift=shift, bias=b, relu_out=relu_out, **SMALL_BLOCKS)
+    bn_relu_conv(
+        x,
+        weight,
+        band.view,
+        kernel_size=k,
+        stride=stride,
+        padding=pad,
+        in_scale=scale,
+        in_shift=shift,
+        bias=b,
+        relu_out=relu_out,
+        **SMALL_BLOCKS,
+    )
 
-    ref = reference(x, w_oikk.to(dtype), stride=stride, padding=pad, scale=scale, shift=shift, bias=b, relu_out=relu_out)
+    ref = reference(
+        x, w_oikk.to(dtype), stride=stride, padding=pad, scale=scale, shift=shift, bias=b, relu_out=relu_out
+    )
     assert_close(band.view, ref, dtype)
     band.assert_untouched()
 
@@ -73,13 +95,21 @@ def test_dense_layer_in_place_concat(device, gen, dtype):
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c, device=device), randn(gen, c, device=device)
 
-    bn_relu_conv(buf[..., :c], weight, buf[..., c:c + g], kernel_size=3, padding=1,
-                 in_scale=scale, in_shift=shift, **SMALL_BLOCKS)
+    bn_relu_conv(
+        buf[..., :c],
+        weight,
+        buf[..., c : c + g],
+        kernel_size=3,
+        padding=1,
+        in_scale=scale,
+        in_shift=shift,
+        **SMALL_BLOCKS,
+    )
 
     ref = reference(before[..., :c], w_oikk.to(dtype), stride=1, padding=1, scale=scale, shift=shift)
-    assert_close(buf[..., c:c + g], ref, dtype)
+    assert_close(buf[..., c : c + g], ref, dtype)
     assert torch.equal(buf[..., :c], before[..., :c]), "input channels were modified"
-    assert torch.isnan(buf[..., c + g:]).all(), "kernel wrote past its output slice"
+    assert torch.isnan(buf[..., c + g :]).all(), "kernel wrote past its output slice"
     band.assert_untouched()
 
 
@@ -90,18 +120,28 @@ def test_output_slice_in_middle_of_wider_buffer(device, gen, dtype):
     src = randn(gen, n, h, w, 40, dtype=dtype, device=device)
     band = GuardBand((n, h, w, 30), dtype=dtype, device=device)
     dst = band.view
-    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in ** 0.5
+    w_oikk = randn(gen, c_out, c_in, 1, 1) / c_in**0.5
     weight = pack_conv_weight(w_oikk, dtype, device)
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
     bias = randn(gen, c_out, device=device)
 
-    bn_relu_conv(src[..., :c_in], weight, dst[..., 5:5 + c_out], kernel_size=1,
-                 in_scale=scale, in_shift=shift, bias=bias, relu_out=True, **SMALL_BLOCKS)
+    bn_relu_conv(
+        src[..., :c_in],
+        weight,
+        dst[..., 5 : 5 + c_out],
+        kernel_size=1,
+        in_scale=scale,
+        in_shift=shift,
+        bias=bias,
+        relu_out=True,
+        **SMALL_BLOCKS,
+    )
 
-    ref = reference(src[..., :c_in], w_oikk.to(dtype), stride=1, padding=0,
-                    scale=scale, shift=shift, bias=bias, relu_out=True)
-    assert_close(dst[..., 5:5 + c_out], ref, dtype)
-    assert torch.isnan(dst[..., :5]).all() and torch.isnan(dst[..., 5 + c_out:]).all()
+    ref = reference(
+        src[..., :c_in], w_oikk.to(dtype), stride=1, padding=0, scale=scale, shift=shift, bias=bias, relu_out=True
+    )
+    assert_close(dst[..., 5 : 5 + c_out], ref, dtype)
+    assert torch.isnan(dst[..., :5]).all() and torch.isnan(dst[..., 5 + c_out :]).all()
     band.assert_untouched()
 
 
@@ -120,8 +160,19 @@ def test_imagenet_stem_7x7_s2_p3_from_nchw(device, gen, dtype, n, h, w, c_in):
 
     x = x_nchw.permute(0, 2, 3, 1)
     assert c_in == 1 or not x.is_contiguous()  # one channel: NCHW and NHWC are the same memory
-    bn_relu_conv(x, weight, band.view, kernel_size=7, stride=2, padding=3, bias=bias, relu_out=True,
-                 BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    bn_relu_conv(
+        x,
+        weight,
+        band.view,
+        kernel_size=7,
+        stride=2,
+        padding=3,
+        bias=bias,
+        relu_out=True,
+        BLOCK_M=16,
+        BLOCK_N=16,
+        BLOCK_K=16,
+    )
 
     ref = reference(x, w_oikk.to(dtype), stride=2, padding=3, bias=bias, relu_out=True)
     assert_close(band.view, ref, dtype)
@@ -133,13 +184,14 @@ def test_classifier_float32_logits(device, gen, w_dtype):
     """Classifier: pooled features as [N, 1, 1, C], 16-bit weights, float32 logits."""
     n, c, classes = 3, 37, 10
     feats = nan_surrounded(randn(gen, n, c, device=device))
-    w_oikk = randn(gen, classes, c, 1, 1) / c ** 0.5
+    w_oikk = randn(gen, classes, c, 1, 1) / c**0.5
     weight = pack_conv_weight(w_oikk, w_dtype, device)
     bias = randn(gen, classes, device=device)
     band = GuardBand((n, classes), device=device)
 
-    bn_relu_conv(feats.view(n, 1, 1, c), weight, band.view.view(n, 1, 1, classes), kernel_size=1,
-                 bias=bias, **SMALL_BLOCKS)
+    bn_relu_conv(
+        feats.view(n, 1, 1, c), weight, band.view.view(n, 1, 1, classes), kernel_size=1, bias=bias, **SMALL_BLOCKS
+    )
 
     ref = feats.double().cpu() @ w_oikk.to(w_dtype).double()[:, :, 0, 0].T + bias.double().cpu()
     assert_close(band.view, ref, w_dtype)
@@ -241,13 +293,16 @@ def test_padded_and_dense_weight_rows_give_the_same_result(device, gen, dtype, k
     dense = padded.contiguous()
     assert padded.stride(0) == 32 and dense.stride(0) == c_out
     # The padding columns are never read: poison them.
-    torch.as_strided(padded, (padded.shape[0], 32 - c_out), (32, 1), padded.storage_offset() + c_out).fill_(float("nan"))
+    torch.as_strided(padded, (padded.shape[0], 32 - c_out), (32, 1), padded.storage_offset() + c_out).fill_(
+        float("nan")
+    )
     scale, shift = randn(gen, c_in, device=device), randn(gen, c_in, device=device)
     outs = []
     for weight in (padded, dense):
         band = GuardBand((n, h, w, c_out), dtype=dtype, device=device)
-        bn_relu_conv(x, weight, band.view, kernel_size=k, padding=k // 2, in_scale=scale, in_shift=shift,
-                     **SMALL_BLOCKS)
+        bn_relu_conv(
+            x, weight, band.view, kernel_size=k, padding=k // 2, in_scale=scale, in_shift=shift, **SMALL_BLOCKS
+        )
         band.assert_untouched()
         outs.append(band.view)
     assert not outs[0].isnan().any()
@@ -296,11 +351,23 @@ def test_nan_and_inf_reach_the_output_where_torchs_do(device, gen, dtype, role):
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     band = GuardBand((n, oh, ow, c_out), dtype=dtype, device=device)
 
-    bn_relu_conv(x, pack_conv_weight(w_oikk, dtype, device), band.view, kernel_size=k, stride=stride, padding=pad,
-                 in_scale=scale, in_shift=shift, bias=b, relu_out=relu_out, **SMALL_BLOCKS)
+    bn_relu_conv(
+        x,
+        pack_conv_weight(w_oikk, dtype, device),
+        band.view,
+        kernel_size=k,
+        stride=stride,
+        padding=pad,
+        in_scale=scale,
+        in_shift=shift,
+        bias=b,
+        relu_out=relu_out,
+        **SMALL_BLOCKS,
+    )
 
-    ref = reference(x, w_oikk.to(dtype), stride=stride, padding=pad, scale=scale, shift=shift, bias=b,
-                    relu_out=relu_out)
+    ref = reference(
+        x, w_oikk.to(dtype), stride=stride, padding=pad, scale=scale, shift=shift, bias=b, relu_out=relu_out
+    )
     assert_nonfinite_like(band.view, ref, dtype)
     band.assert_untouched()
 
@@ -309,12 +376,18 @@ def test_nan_and_inf_reach_the_output_where_torchs_do(device, gen, dtype, role):
 def test_nan_and_inf_in_the_classifiers_features_reach_its_logits(device, gen):
     n, c, classes = 4, 37, 10
     feats = plant_nonfinite(randn(gen, n, c, device=device), gen, nan=1, posinf=1, neginf=1)
-    w_oikk = randn(gen, classes, c, 1, 1) / c ** 0.5
+    w_oikk = randn(gen, classes, c, 1, 1) / c**0.5
     bias = randn(gen, classes, device=device)
     band = GuardBand((n, classes), device=device)
 
-    bn_relu_conv(feats.view(n, 1, 1, c), pack_conv_weight(w_oikk, torch.float32, device),
-                 band.view.view(n, 1, 1, classes), kernel_size=1, bias=bias, **SMALL_BLOCKS)
+    bn_relu_conv(
+        feats.view(n, 1, 1, c),
+        pack_conv_weight(w_oikk, torch.float32, device),
+        band.view.view(n, 1, 1, classes),
+        kernel_size=1,
+        bias=bias,
+        **SMALL_BLOCKS,
+    )
 
     ref = feats.double().cpu() @ w_oikk.double()[:, :, 0, 0].T + bias.double().cpu()
     assert_nonfinite_like(band.view, ref, torch.float32)

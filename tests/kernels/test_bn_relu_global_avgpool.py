@@ -3,9 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from densetriton.kernels import bn_relu_global_avgpool
-
 from helpers import GuardBand, assert_close, assert_nonfinite_like, nan_surrounded, plant_nonfinite, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bfloat16 is fine in the interpreter

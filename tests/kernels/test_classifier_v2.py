@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-
 from densetriton.kernels import pack_conv_weight
 from densetriton.kernels.classifier_v2 import classifier_v2
-
 from helpers import NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like, nan_surrounded, plant_nonfinite, randn
 
 FLOAT32_TOL = 1e-5  # what float32 arithmetic gives; one TF32 dot is ~1e-3
@@ -32,13 +30,16 @@ def reference(features, w, bias):
     return features.double().cpu() @ w.double().cpu().T + bias.double().cpu()
 
 
-@pytest.mark.parametrize("n,c,classes,tiles", [
-    (1, 64, 1000, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32)),  # ImageNet's classes, batch 1
-    (5, 64, 1000, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16)),  # batch 5: rows past it are masked
-    (5, 37, 14, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)),  # odd classes and features: tails on N and K
-    (3, 40, 18, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)),
-    (2, 16, 100_003, dict(BLOCK_M=16, BLOCK_N=16384, BLOCK_K=16)),  # 100,000-ish classes
-])
+@pytest.mark.parametrize(
+    "n,c,classes,tiles",
+    [
+        (1, 64, 1000, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32)),  # ImageNet's classes, batch 1
+        (5, 64, 1000, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16)),  # batch 5: rows past it are masked
+        (5, 37, 14, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)),  # odd classes and features: tails on N and K
+        (3, 40, 18, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)),
+        (2, 16, 100_003, dict(BLOCK_M=16, BLOCK_N=16384, BLOCK_K=16)),  # 100,000-ish classes
+    ],
+)
 def test_logits_are_float32_accurate(device, gen, n, c, classes, tiles):
     """Each logit within 1e-5 of float64, relative to the size of its terms. Fails if any of the
     three split products is dropped (the lo parts carry the mantissa bits past TF32's 10: ~1e-4)."""
@@ -64,8 +65,9 @@ def test_nan_and_inf_in_the_features_reach_the_logits_as_torchs_do(device, gen):
     plant_nonfinite(features[:2], gen, nan=1, posinf=1, neginf=1)
     features = nan_surrounded(features.to(device))
     w, bias = randn(gen, classes, c) / c**0.5, randn(gen, classes, device=device)
-    assert_nonfinite_like(run(features, w, bias, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16),
-                          reference(features, w, bias), FLOAT32_TOL)
+    assert_nonfinite_like(
+        run(features, w, bias, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16), reference(features, w, bias), FLOAT32_TOL
+    )
 
 
 @NONFINITE_OK

@@ -3,9 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from densetriton.kernels import max_pool_3x3_s2
-
 from helpers import GuardBand, assert_nonfinite_like, nan_surrounded, plant_nonfinite, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bfloat16 is fine in the interpreter
@@ -65,9 +63,9 @@ def test_strided_views_nchw_input_and_middle_output_slice(device, gen, dtype):
     x = randn(gen, n, c, h, w, dtype=dtype, device=device).permute(0, 2, 3, 1)
     band = GuardBand((n, out_size(h), out_size(w), 32), dtype=dtype, device=device)
     dst = band.view
-    max_pool_3x3_s2(x, dst[..., 4:4 + c], BLOCK_M=16, BLOCK_C=16)
-    assert torch.equal(dst[..., 4:4 + c].double().cpu(), reference(x))
-    assert torch.isnan(dst[..., :4]).all() and torch.isnan(dst[..., 4 + c:]).all()
+    max_pool_3x3_s2(x, dst[..., 4 : 4 + c], BLOCK_M=16, BLOCK_C=16)
+    assert torch.equal(dst[..., 4 : 4 + c].double().cpu(), reference(x))
+    assert torch.isnan(dst[..., :4]).all() and torch.isnan(dst[..., 4 + c :]).all()
     band.assert_untouched()
 
 
