@@ -75,7 +75,7 @@ class HostEvent:
     def record(self) -> None:
         self.t = time.perf_counter()
 
-    def elapsed_time(self, end: "HostEvent") -> float:
+    def elapsed_time(self, end: HostEvent) -> float:
         return (end.t - self.t) * 1e3
 
 
@@ -139,6 +139,7 @@ def _calls(launches, x, logits) -> list:
 
 def summed(kinds, intervals):
     """A measure: each (start, end) event interval's ms added to its kind."""
+
     def measure() -> dict[str, float]:
         ms = {kind: 0.0 for kind in KINDS}
         for kind, (start, end) in zip(kinds, intervals):
@@ -164,8 +165,9 @@ def ablation_forward(clock, segments, x, logits):
     kinds = list(dict.fromkeys(kind for kind, _ in segments))
 
     def graph_without(left_out):
-        return clock.capture([call for kind, launches in segments if kind != left_out
-                              for call in _calls(launches, x, logits)])
+        return clock.capture(
+            [call for kind, launches in segments if kind != left_out for call in _calls(launches, x, logits)]
+        )
 
     # The whole graph last: a graph without a kind leaves wrong values in the shared buffers (its
     # time does not depend on them); the whole forward after it leaves the right ones.
@@ -214,8 +216,12 @@ def launches_forward(clock, segments, x, logits):
     return forward, summed([kind for kind, _ in calls], pairs)
 
 
-FORWARDS = {"graph": graph_forward, "ablation": ablation_forward, "kind-graphs": kind_graphs_forward,
-            "launches": launches_forward}
+FORWARDS = {
+    "graph": graph_forward,
+    "ablation": ablation_forward,
+    "kind-graphs": kind_graphs_forward,
+    "launches": launches_forward,
+}
 
 
 def kind_ms_per_forward(plan, x, logits, clock, method: str, repeats: int) -> list[dict[str, float]]:
@@ -246,14 +252,15 @@ class KindTimes:
 
 def _time_with_fallback(plan, x, logits, clock, method, repeats) -> tuple[str, list]:
     """The method asked for, else the next one down METHODS where this torch or driver refuses it."""
-    for candidate in METHODS[METHODS.index(method):]:
+    for candidate in METHODS[METHODS.index(method) :]:
         try:
             return candidate, kind_ms_per_forward(plan, x, logits, clock, candidate, repeats)
         except (RuntimeError, TypeError) as e:
             if candidate == METHODS[-1]:
                 raise
-            warnings.warn(f"per-kind times: {candidate} failed ({type(e).__name__}: {e}); trying the next method",
-                          stacklevel=3)
+            warnings.warn(
+                f"per-kind times: {candidate} failed ({type(e).__name__}: {e}); trying the next method", stacklevel=3
+            )
     raise AssertionError("unreachable")
 
 
@@ -268,20 +275,23 @@ def layer_times(engine, x: torch.Tensor, *, repeats: int = 5, method: str = "gra
     n, _, height, width = x.shape
     logits = torch.empty(n, engine.spec.num_classes, dtype=torch.float32, device=engine.device)
     cuda = engine.device.type == "cuda"
-    with engine._lock, torch.inference_mode(), (torch.cuda.device(engine.device) if cuda else contextlib.nullcontext()):
+    with engine._lock, torch.inference_mode(), torch.cuda.device(engine.device) if cuda else contextlib.nullcontext():
         plan = executor.plan(n, height, width)
         plan.run(x, logits)  # every kernel compiled before capture and the clock
         used, per_forward = _time_with_fallback(plan, x, logits, clock, method, repeats)
     counts = [stage_kind(stage) for stage, _ in plan.launches]
-    kinds = {kind: {"launches": counts.count(kind), "ms": float(np.median([f[kind] for f in per_forward]))}
-             for kind in KINDS}
+    kinds = {
+        kind: {"launches": counts.count(kind), "ms": float(np.median([f[kind] for f in per_forward]))} for kind in KINDS
+    }
     return KindTimes(used, kinds, float(np.median([sum(f.values()) for f in per_forward])))
 
 
 def table(times: dict[str, dict], floors: dict[str, dict] | None = None) -> str:
     """A plain-text table: per kind launches, ms, share of the sum, and % of its floor when known."""
     total = sum(d["ms"] for d in times.values())
-    lines = [f"{'kind':<11} {'launches':>8} {'ms':>9} {'share':>6}" + (f" {'floor ms':>9} {'% floor':>8}" if floors else "")]
+    lines = [
+        f"{'kind':<11} {'launches':>8} {'ms':>9} {'share':>6}" + (f" {'floor ms':>9} {'% floor':>8}" if floors else "")
+    ]
     for kind, d in times.items():
         line = f"{kind:<11} {d['launches']:>8} {d['ms']:>9.4g} {100 * d['ms'] / total:>5.1f}%"
         if floors:
@@ -315,31 +325,52 @@ def main(argv=None) -> int:
     from . import roofline
     from .peers import dtype_name
 
-    parser = argparse.ArgumentParser(prog="python -m densetriton.bench.layer_times", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m densetriton.bench.layer_times", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model", default="densenet201")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default=None, help="default: the engine's (float16 on CUDA)")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--method", choices=METHODS, default="graph",
-                        help="graph: one CUDA graph, events between kinds (default); ablation: the whole graph's "
-                        "time less that of a graph without the kind; kind-graphs: a graph per run of one kind; "
-                        "launches: an event pair around each launch, no graph")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="graph",
+        help="graph: one CUDA graph, events between kinds (default); ablation: the whole graph's "
+        "time less that of a graph without the kind; kind-graphs: a graph per run of one kind; "
+        "launches: an event pair around each launch, no graph",
+    )
     args = parser.parse_args(argv)
     engine = timing_engine(parser, args)
     g = torch.Generator(device=engine.device).manual_seed(0)
-    x = torch.randn(args.batch_size, engine.spec.in_channels, args.image_size, args.image_size, generator=g,
-                    device=engine.device, dtype=engine.dtype)
+    x = torch.randn(
+        args.batch_size,
+        engine.spec.in_channels,
+        args.image_size,
+        args.image_size,
+        generator=g,
+        device=engine.device,
+        dtype=engine.dtype,
+    )
     times = layer_times(engine, x, repeats=args.repeats, method=args.method)
-    entry = roofline.roofline_entry(engine.spec, args.model, args.batch_size, args.image_size,
-                                    dtype_name(engine.dtype), engine.dtype.itemsize,
-                                    roofline.matmul_rate(engine.dtype, engine.device),
-                                    roofline.copy_bandwidth(engine.device))
+    entry = roofline.roofline_entry(
+        engine.spec,
+        args.model,
+        args.batch_size,
+        args.image_size,
+        dtype_name(engine.dtype),
+        engine.dtype.itemsize,
+        roofline.matmul_rate(engine.dtype, engine.device),
+        roofline.copy_bandwidth(engine.device),
+    )
     whole = summarize(Timer(engine.device).time(engine, [x], repeats=args.repeats, warmup=2))["median_ms"]
     print(f"{engine!r}, input {tuple(x.shape)}, median of {args.repeats}, timed per kind by: {times.method}")
     print(table(times.kinds, entry["kinds"]))
-    print(f"whole forward (as the bench times it): {whole:.4g} ms; the kinds' sum is "
-          f"{100 * sum(times.ms().values()) / whole:.0f}% of it; network floor {entry['floor_ms']:.4g} ms")
+    print(
+        f"whole forward (as the bench times it): {whole:.4g} ms; the kinds' sum is "
+        f"{100 * sum(times.ms().values()) / whole:.0f}% of it; network floor {entry['floor_ms']:.4g} ms"
+    )
     return 0
 
 

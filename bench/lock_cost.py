@@ -44,7 +44,9 @@ def _calls_per_s(engine, x: torch.Tensor, calls: int, threads: int) -> float:
 
 def measure(engine, x: torch.Tensor, *, calls: int = 400, threads: int = 8) -> dict:
     lock = threading.Lock()
-    uncontended_ns = min(timeit.repeat("with lock: pass", globals={"lock": lock}, number=100_000, repeat=5)) / 100_000 * 1e9
+    uncontended_ns = (
+        min(timeit.repeat("with lock: pass", globals={"lock": lock}, number=100_000, repeat=5)) / 100_000 * 1e9
+    )
     for _ in range(3):  # plan built, kernels compiled, CUDA graph captured
         engine(x)
     one_thread = _calls_per_s(engine, x, calls, 1)

@@ -20,8 +20,9 @@ NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 
 def export_onnx(net: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
     """net, on x's device and dtype, exported for x's shape to one ONNX file (weights inside)."""
-    torch.onnx.export(net, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True,
-                      external_data=False)
+    torch.onnx.export(
+        net, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True, external_data=False
+    )
     return path
 
 
@@ -58,8 +59,9 @@ class OrtRunner:
                 path = export_onnx(self.net, x.clone(), workdir / "model.onnx")
             options = onnxruntime.SessionOptions()
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = onnxruntime.InferenceSession(str(path), options,
-                                                   providers=provider_options(self.provider, self.device))
+            session = onnxruntime.InferenceSession(
+                str(path), options, providers=provider_options(self.provider, self.device)
+            )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         if self.provider not in session.get_providers():
@@ -67,8 +69,14 @@ class OrtRunner:
         (output,) = session.get_outputs()
         self.out = torch.empty(tuple(output.shape), dtype=x.dtype, device=x.device)  # static: [N, classes]
         self.binding = session.io_binding()
-        self.binding.bind_output(output.name, self.device.type, self._index(), NUMPY_DTYPES[x.dtype],
-                                 tuple(self.out.shape), self.out.data_ptr())
+        self.binding.bind_output(
+            output.name,
+            self.device.type,
+            self._index(),
+            NUMPY_DTYPES[x.dtype],
+            tuple(self.out.shape),
+            self.out.data_ptr(),
+        )
         self.session, self.input_name, self.shape = session, session.get_inputs()[0].name, tuple(x.shape)
 
     def _index(self) -> int:
@@ -78,8 +86,9 @@ class OrtRunner:
         if tuple(x.shape) != self.shape:
             self._prepare(x)
         x = x.contiguous()
-        self.binding.bind_input(self.input_name, self.device.type, self._index(), NUMPY_DTYPES[x.dtype],
-                                tuple(x.shape), x.data_ptr())
+        self.binding.bind_input(
+            self.input_name, self.device.type, self._index(), NUMPY_DTYPES[x.dtype], tuple(x.shape), x.data_ptr()
+        )
         self.session.run_with_iobinding(self.binding)
         return self.out
 

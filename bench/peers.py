@@ -23,8 +23,11 @@ PEERS = (
     "torch-compile-max-autotune",
     "onnxruntime",
 )
-COMPILE_MODES = {"torch-compile-default": "default", "torch-compile-reduce-overhead": "reduce-overhead",
-                 "torch-compile-max-autotune": "max-autotune"}
+COMPILE_MODES = {
+    "torch-compile-default": "default",
+    "torch-compile-reduce-overhead": "reduce-overhead",
+    "torch-compile-max-autotune": "max-autotune",
+}
 # Inductor's modes that replay CUDA graphs (cudagraph trees): each call must mark a new step.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 CPU_PEERS = PEERS[:3]  # the compile peers run on CPU only when named with --peers
@@ -103,8 +106,10 @@ def onnxruntime_skip_reason(device: torch.device) -> str | None:
     if version is None:
         return "onnxruntime is not installed"
     if onnxruntime_provider() is None:
-        return (f"onnxruntime {version} has no CUDA or TensorRT execution provider (available: "
-                f"{', '.join(available) or 'none'}): the GPU build, onnxruntime-gpu, is not installed")
+        return (
+            f"onnxruntime {version} has no CUDA or TensorRT execution provider (available: "
+            f"{', '.join(available) or 'none'}): the GPU build, onnxruntime-gpu, is not installed"
+        )
     if not installed("onnxscript"):
         return "exporting torchvision's model to ONNX needs onnxscript (torch.onnx.export's exporter), not installed"
     return None
@@ -130,8 +135,9 @@ def torchvision_model(model: str, spec) -> torch.nn.Module:
         return torchvision.models.get_model(model, weights=None)
     if spec.stem != "imagenet" or spec.bn_size is None:
         raise ValueError(f"torchvision has no model for {model} (ImageNet stem and bottleneck layers only)")
-    return torchvision.models.DenseNet(spec.growth_rate, spec.block_config, spec.num_init_features, spec.bn_size,
-                                       num_classes=spec.num_classes)
+    return torchvision.models.DenseNet(
+        spec.growth_rate, spec.block_config, spec.num_init_features, spec.bn_size, num_classes=spec.num_classes
+    )
 
 
 def load_weights_into(net: torch.nn.Module, tensors: dict) -> torch.nn.Module:
@@ -139,8 +145,9 @@ def load_weights_into(net: torch.nn.Module, tensors: dict) -> torch.nn.Module:
     result = net.load_state_dict(tensors, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"weights do not fit {type(net).__name__}: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"weights do not fit {type(net).__name__}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
     return net
 
 
@@ -156,8 +163,9 @@ def bench_images(batch: int, size: int, *, generator: torch.Generator, device="c
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False) + 0.3 * fine
 
 
-def calibrated_random_state_dict(model: str, spec, *, seed: int, image_size: int = 224, calibration_size: int = 64,
-                                 batch: int = 8, passes: int = 2) -> dict:
+def calibrated_random_state_dict(
+    model: str, spec, *, seed: int, image_size: int = 224, calibration_size: int = 64, batch: int = 8, passes: int = 2
+) -> dict:
     """Random weights whose BatchNorm statistics and classifier fit the network's own activations.
 
     torchvision's initialisation (seeded) and random BatchNorm affine parameters; a few train-mode
@@ -202,8 +210,10 @@ def prepare_weights(model: str, workdir: Path, *, seed: int, image_size: int = 2
         w = load_weights(cached)
         return BenchWeights(model, spec, w.tensors, cached, "pretrained")
     tensors = calibrated_random_state_dict(model, spec, seed=seed, image_size=image_size)
-    source = (f"random (torchvision init, calibrated BatchNorm statistics, classifier centred at {image_size}px, "
-              f"seed {seed}): no cached pretrained file")
+    source = (
+        f"random (torchvision init, calibrated BatchNorm statistics, classifier centred at {image_size}px, "
+        f"seed {seed}): no cached pretrained file"
+    )
     path = save_weights(Path(workdir) / f"{model}-bench-random.safetensors", tensors, spec, source=source)
     return BenchWeights(model, spec, tensors, path, source)
 
@@ -275,9 +285,11 @@ def probe() -> str:
     def found(package):
         return "installed" if installed(package) else "not installed"
 
-    lines = [f"torch {torch.__version__}, CUDA {gpu}; triton: {found('triton')}",
-             f"onnxruntime: {version or 'not installed'}; execution providers: {', '.join(available) or 'none'}",
-             f"onnx: {found('onnx')}; onnxscript: {found('onnxscript')}"]
+    lines = [
+        f"torch {torch.__version__}, CUDA {gpu}; triton: {found('triton')}",
+        f"onnxruntime: {version or 'not installed'}; execution providers: {', '.join(available) or 'none'}",
+        f"onnx: {found('onnx')}; onnxscript: {found('onnxscript')}",
+    ]
     for peer in ("onnxruntime", *COMPILE_MODES):
         reason = skip_reason(peer, device, named=True)
         where = f" on {onnxruntime_provider()}" if peer == "onnxruntime" else ""
@@ -289,9 +301,12 @@ def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m densetriton.bench.peers", description="The bench's peers.")
-    parser.add_argument("--probe", action="store_true",
-                        help="print whether onnxruntime (and which execution providers) and torch.compile's GPU "
-                        "code generation are available here, and which peers would run")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="print whether onnxruntime (and which execution providers) and torch.compile's GPU "
+        "code generation are available here, and which peers would run",
+    )
     args = parser.parse_args(argv)
     if not args.probe:
         parser.error("nothing to do: pass --probe")

@@ -1,7 +1,7 @@
 """Results out: the JSON file, the Markdown summary, the PNG chart and the table on stdout.
 
-    python -m densetriton.bench.report RESULTS.json           # re-render RESULTS.md and RESULTS.png
-    python -m densetriton.bench.report --short RESULTS.json   # print images/s, one column per peer
+python -m densetriton.bench.report RESULTS.json           # re-render RESULTS.md and RESULTS.png
+python -m densetriton.bench.report --short RESULTS.json   # print images/s, one column per peer
 """
 
 from __future__ import annotations
@@ -12,8 +12,21 @@ import sys
 from pathlib import Path
 
 # The record fields issue 4 names, in its order; extras follow, the raw times last.
-RECORD_FIELDS = ("model", "batch", "dtype", "image_size", "peer", "median_ms", "p90_ms", "images_per_s",
-                 "peak_mem_bytes", "cold_start_s", "max_rel_err", "top1_agree", "floor_ms")
+RECORD_FIELDS = (
+    "model",
+    "batch",
+    "dtype",
+    "image_size",
+    "peer",
+    "median_ms",
+    "p90_ms",
+    "images_per_s",
+    "peak_mem_bytes",
+    "cold_start_s",
+    "max_rel_err",
+    "top1_agree",
+    "floor_ms",
+)
 TOP_FIELDS = ("device", "torch", "triton", "torchvision", "commit", "created", "results")
 
 
@@ -54,14 +67,27 @@ def _mib(b) -> str:
 # How a record's per-kind times were taken (its "kinds_method"; records without one: launch by launch).
 KINDS_METHOD_TEXT = {
     "graph": "the kind's share of one forward captured as a CUDA graph, timed by events between kinds; "
-             "the kinds add up to the forward",
+    "the kinds add up to the forward",
     "ablation": "the forward captured as a CUDA graph less the same graph without this kind's launches",
     "kind-graphs": "each run of this kind's consecutive launches replayed as its own CUDA graph between events, summed",
     "launches": "its launches, each timed alone between CUDA events, summed (no graph: includes the launch gaps)",
 }
 
-COLUMNS = ("peer", "batch", "dtype", "median ms", "p90 ms", "images/s", "peak MiB", "plan MiB", "cold s",
-           "max rel err", "top-1", "floor ms", "% floor")
+COLUMNS = (
+    "peer",
+    "batch",
+    "dtype",
+    "median ms",
+    "p90 ms",
+    "images/s",
+    "peak MiB",
+    "plan MiB",
+    "cold s",
+    "max rel err",
+    "top-1",
+    "floor ms",
+    "% floor",
+)
 
 
 def _row(r: dict) -> list[str]:
@@ -69,9 +95,18 @@ def _row(r: dict) -> list[str]:
     peer = r["peer"] + (f" [{r['backend']}]" if r.get("backend") == "reference" else "")
     err = "-" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"
     return [
-        peer, str(r["batch"]), dtype, _num(r["median_ms"]), _num(r["p90_ms"]), _num(r["images_per_s"]),
-        _mib(r.get("peak_mem_bytes")), _mib(r.get("planned_mem_bytes")), _num(r.get("cold_start_s")), err,
-        "-" if r.get("top1_agree") is None else f"{100 * r['top1_agree']:.0f}%", _num(r.get("floor_ms")),
+        peer,
+        str(r["batch"]),
+        dtype,
+        _num(r["median_ms"]),
+        _num(r["p90_ms"]),
+        _num(r["images_per_s"]),
+        _mib(r.get("peak_mem_bytes")),
+        _mib(r.get("planned_mem_bytes")),
+        _num(r.get("cold_start_s")),
+        err,
+        "-" if r.get("top1_agree") is None else f"{100 * r['top1_agree']:.0f}%",
+        _num(r.get("floor_ms")),
         "-" if r.get("pct_of_floor") is None else f"{r['pct_of_floor']:.1f}%",
     ]
 
@@ -93,21 +128,31 @@ def _title(key: tuple) -> str:
 def _footnotes(doc: dict) -> list[str]:
     lines = []
     if any(r.get("backend") == "reference" for r in doc.get("results", [])):
-        lines.append("[reference]: densetriton ran its plain-PyTorch reference backend (no GPU), not the Triton kernels")
+        lines.append(
+            "[reference]: densetriton ran its plain-PyTorch reference backend (no GPU), not the Triton kernels"
+        )
     kinds = {r.get("peak_mem_kind") for r in doc.get("results", [])}
     if "cpu_rss_peak" in kinds:
-        lines.append("peak MiB on CPU: the process's peak RSS during one forward (mark reset just before) less its RSS "
-                     "before the peer was built: weights, buffers and the forward's temporaries; page-granular")
+        lines.append(
+            "peak MiB on CPU: the process's peak RSS during one forward (mark reset just before) less its RSS "
+            "before the peer was built: weights, buffers and the forward's temporaries; page-granular"
+        )
     if "cpu_maxrss_growth" in kinds:
-        lines.append("peak MiB on CPU (no /proc/self/clear_refs): growth of ru_maxrss while the peer was built and "
-                     "run; coarse, 0 when the process had been higher before")
+        lines.append(
+            "peak MiB on CPU (no /proc/self/clear_refs): growth of ru_maxrss while the peer was built and "
+            "run; coarse, 0 when the process had been higher before"
+        )
     if "cuda_max_allocated" in kinds:
-        lines.append("peak MiB: torch.cuda.max_memory_allocated during one forward (after a reset) less what was "
-                     "allocated before the peer was built (the bench's inputs): weights, buffers, workspace, output")
+        lines.append(
+            "peak MiB: torch.cuda.max_memory_allocated during one forward (after a reset) less what was "
+            "allocated before the peer was built (the bench's inputs): weights, buffers, workspace, output"
+        )
     details = {(r["peer"], r["peer_detail"]) for r in doc.get("results", []) if r.get("peer_detail")}
     lines += [f"{peer}: ran on {detail}" for peer, detail in sorted(details)]
-    lines.append("dtype: what the peer computed in; max rel err: max over images of ||logits - ref|| / ||ref||, ref = torchvision float32 on the same "
-                 "inputs and weights; top-1: share of images whose top class matches ref; % floor = floor / median")
+    lines.append(
+        "dtype: what the peer computed in; max rel err: max over images of ||logits - ref|| / ||ref||, ref = torchvision float32 on the same "
+        "inputs and weights; top-1: share of images whose top class matches ref; % floor = floor / median"
+    )
     return lines
 
 
@@ -137,13 +182,19 @@ def short_table(doc: dict) -> str:
     cells: dict[tuple, dict] = {}
     for r in doc.get("results", []):
         cells.setdefault((r["model"], r["batch"], r["dtype"]), {})[r["peer"]] = r
-    head = ["model", "batch", "dtype"] + [p.replace("torchvision-", "tv-").replace("torch-compile-", "compile-") for p in peers]
+    head = ["model", "batch", "dtype"] + [
+        p.replace("torchvision-", "tv-").replace("torch-compile-", "compile-") for p in peers
+    ]
     head += ["dt peak/plan MiB"]
     rows = [head]
     for (model, batch, dtype), by_peer in cells.items():
         dt = by_peer.get("densetriton")
         mem = "-" if dt is None else f"{_mib(dt.get('peak_mem_bytes'))}/{_mib(dt.get('planned_mem_bytes'))}"
-        rows.append([model, str(batch), dtype] + [_num(by_peer[p]["images_per_s"]) if p in by_peer else "-" for p in peers] + [mem])
+        rows.append(
+            [model, str(batch), dtype]
+            + [_num(by_peer[p]["images_per_s"]) if p in by_peer else "-" for p in peers]
+            + [mem]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["images/s on " + str(doc.get("device"))]
     lines += ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
@@ -166,26 +217,40 @@ def markdown(doc: dict, chart_name: str | None) -> str:
     ]
     if m:
         rates = ", ".join(f"{d} {v / 1e12:.3g} TFLOP/s" for d, v in m.get("matmul_flops_per_s", {}).items())
-        lines.append(f"- machine, timed in this run: matmul {rates}; copy {m.get('copy_bytes_per_s', 0) / 1e9:.3g} GB/s")
+        lines.append(
+            f"- machine, timed in this run: matmul {rates}; copy {m.get('copy_bytes_per_s', 0) / 1e9:.3g} GB/s"
+        )
     for model, src in doc.get("weights", {}).items():
         lines.append(f"- weights of {model}: {src}")
     for key, rows in _groups(doc).items():
-        lines += ["", f"## {_title(key)}", "", "| " + " | ".join(COLUMNS) + " |",
-                  "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
+        lines += [
+            "",
+            f"## {_title(key)}",
+            "",
+            "| " + " | ".join(COLUMNS) + " |",
+            "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|",
+        ]
         lines += ["| " + " | ".join(_row(r)) + " |" for r in rows]
     if chart_name:
         lines += ["", f"![images/s by batch size]({chart_name})"]
     roof = doc.get("roofline", [])
     if roof:
-        lines += ["", "## Roofline", "",
-                  "Minimum traffic: input, weights and logits once, every activation written once and read once "
-                  "(bench/NOTES.md). Floor = max(2 x MACs / matmul rate, bytes / copy bandwidth).", "",
-                  "| model | batch | dtype | GMACs | MB (min) | MB (layer-wise) | compute ms | memory ms | floor ms |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Roofline",
+            "",
+            "Minimum traffic: input, weights and logits once, every activation written once and read once "
+            "(bench/NOTES.md). Floor = max(2 x MACs / matmul rate, bytes / copy bandwidth).",
+            "",
+            "| model | batch | dtype | GMACs | MB (min) | MB (layer-wise) | compute ms | memory ms | floor ms |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for e in roof:
-            lines.append(f"| {e['model']} | {e['batch']} | {e['dtype']} | {e['macs'] / 1e9:.3g} | {e['bytes'] / 1e6:.4g} | "
-                         f"{e['bytes_layerwise'] / 1e6:.4g} | {_num(e['compute_ms'])} | {_num(e['memory_ms'])} | "
-                         f"{_num(e['floor_ms'])} |")
+            lines.append(
+                f"| {e['model']} | {e['batch']} | {e['dtype']} | {e['macs'] / 1e9:.3g} | {e['bytes'] / 1e6:.4g} | "
+                f"{e['bytes_layerwise'] / 1e6:.4g} | {_num(e['compute_ms'])} | {_num(e['memory_ms'])} | "
+                f"{_num(e['floor_ms'])} |"
+            )
         largest = {}
         for e in roof:
             if e["batch"] >= largest.get((e["model"], e["dtype"]), {"batch": 0})["batch"]:
@@ -202,8 +267,16 @@ def kinds_table(doc: dict, e: dict) -> list[str]:
     """One roofline entry's layer kinds against their floors, with densetriton's measured ms per
     kind when its record for that model, batch and dtype has them (GPU runs), and their sum
     against the record's median."""
-    record = next((r for r in doc.get("results", []) if r["peer"] == "densetriton" and r.get("kinds_ms")
-                   and (r["model"], r["batch"], r["dtype"]) == (e["model"], e["batch"], e["dtype"])), None)
+    record = next(
+        (
+            r
+            for r in doc.get("results", [])
+            if r["peer"] == "densetriton"
+            and r.get("kinds_ms")
+            and (r["model"], r["batch"], r["dtype"]) == (e["model"], e["batch"], e["dtype"])
+        ),
+        None,
+    )
     measured = record and record["kinds_ms"]
     head = "| kind | GMACs | MB (min) | MB (layer-wise) | compute ms | memory ms (min) | memory ms (layer-wise) |"
     rule = "|---|---:|---:|---:|---:|---:|---:|"
@@ -212,8 +285,10 @@ def kinds_table(doc: dict, e: dict) -> list[str]:
         rule += "---:|---:|"
     lines = ["", f"Per layer kind, {e['model']} batch {e['batch']} {e['dtype']}:", "", head, rule]
     for kind, d in e["kinds"].items():
-        row = (f"| {kind} | {d['macs'] / 1e9:.3g} | {d['bytes'] / 1e6:.4g} | {d['bytes_layerwise'] / 1e6:.4g} | "
-               f"{_num(d['compute_ms'])} | {_num(d['memory_ms'])} | {_num(d['memory_layerwise_ms'])} |")
+        row = (
+            f"| {kind} | {d['macs'] / 1e9:.3g} | {d['bytes'] / 1e6:.4g} | {d['bytes_layerwise'] / 1e6:.4g} | "
+            f"{_num(d['compute_ms'])} | {_num(d['memory_ms'])} | {_num(d['memory_layerwise_ms'])} |"
+        )
         if measured:
             ms = measured.get(kind)
             share = f"{100 * d['floor_ms'] / ms:.1f}%" if ms else "-"
@@ -221,10 +296,12 @@ def kinds_table(doc: dict, e: dict) -> list[str]:
         lines.append(row)
     if measured:
         total = sum(measured.values())
-        lines += [f"| sum | | | | | | | {_num(total)} | {100 * total / record['median_ms']:.0f}% of the median |",
-                  f"\ndensetriton ms: {KINDS_METHOD_TEXT[record.get('kinds_method') or 'launches']} "
-                  "(python -m densetriton.bench.layer_times); % of floor = the kind's floor / that time; the sum "
-                  f"against the record's median forward ({_num(record['median_ms'])} ms)."]
+        lines += [
+            f"| sum | | | | | | | {_num(total)} | {100 * total / record['median_ms']:.0f}% of the median |",
+            f"\ndensetriton ms: {KINDS_METHOD_TEXT[record.get('kinds_method') or 'launches']} "
+            "(python -m densetriton.bench.layer_times); % of floor = the kind's floor / that time; the sum "
+            f"against the record's median forward ({_num(record['median_ms'])} ms).",
+        ]
     return lines
 
 
@@ -234,8 +311,10 @@ def _skipped_lines(doc: dict) -> list[str]:
     for s in doc.get("skipped", []):
         where = " ".join(str(s[k]) for k in ("model", "batch", "dtype") if k in s)
         groups.setdefault((s["peer"], s["reason"]), []).append(where)
-    return [f"skipped {peer}{' (' + ', '.join(w for w in wheres if w) + ')' if any(wheres) else ''}: {reason}"
-            for (peer, reason), wheres in groups.items()]
+    return [
+        f"skipped {peer}{' (' + ', '.join(w for w in wheres if w) + ')' if any(wheres) else ''}: {reason}"
+        for (peer, reason), wheres in groups.items()
+    ]
 
 
 def draw_chart(doc: dict, path: Path) -> Path:
@@ -267,7 +346,7 @@ def draw_chart(doc: dict, path: Path) -> Path:
         ys = [r["images_per_s"] for r in rows if r.get("images_per_s")]
         narrow = bool(ys) and max(ys) < 10 * min(ys)  # less than a decade: label every minor tick
 
-        def minor(v, _):
+        def minor(v, _, narrow=narrow):  # this panel's narrow, bound now
             label = _num(v, 2)
             return label if narrow or label[0] in "25" else ""
 

@@ -24,7 +24,7 @@ KINDS = ("stem", "dense_1x1", "dense_3x3", "transition", "head")
 LOGIT_BYTES = 4  # engines return float32 logits
 
 
-def layer_kinds(spec, batch: int, height: int, width: int, elem_bytes: int) -> "OrderedDict[str, dict]":
+def layer_kinds(spec, batch: int, height: int, width: int, elem_bytes: int) -> OrderedDict[str, dict]:
     """Per layer kind: ``macs``, ``bytes`` (minimum model) and ``bytes_layerwise``, for a batch."""
     kinds = OrderedDict((k, {"macs": 0, "bytes": 0, "bytes_layerwise": 0}) for k in KINDS)
     sizes = spec.feature_sizes(height, width)
@@ -59,16 +59,37 @@ def layer_kinds(spec, batch: int, height: int, width: int, elem_bytes: int) -> "
                 add("dense_3x3", macs=pix * c * k * 9, weights=k * c * 9 + 2 * c, reads=n * c * pix, writes=n * k * pix)
             else:
                 width_ = spec.bn_size * k
-                add("dense_1x1", macs=pix * c * width_, weights=width_ * c + 2 * c, reads=n * c * pix, writes=n * width_ * pix)
-                add("dense_3x3", macs=pix * width_ * k * 9, weights=k * width_ * 9 + 2 * width_,
-                    reads=n * width_ * pix, writes=n * k * pix)
+                add(
+                    "dense_1x1",
+                    macs=pix * c * width_,
+                    weights=width_ * c + 2 * c,
+                    reads=n * c * pix,
+                    writes=n * width_ * pix,
+                )
+                add(
+                    "dense_3x3",
+                    macs=pix * width_ * k * 9,
+                    weights=k * width_ * 9 + 2 * width_,
+                    reads=n * width_ * pix,
+                    writes=n * k * pix,
+                )
         if b + 1 < len(spec.block_config):
             t, pooled = transitions[b], (h // 2) * (w // 2)
-            add("transition", macs=pooled * c_end * t, weights=t * c_end + 2 * c_end, reads=n * c_end * pix,
-                writes=n * t * pooled)
+            add(
+                "transition",
+                macs=pooled * c_end * t,
+                weights=t * c_end + 2 * c_end,
+                reads=n * c_end * pix,
+                writes=n * t * pooled,
+            )
     c, (h, w) = spec.num_features, sizes[-1]
-    add("head", macs=c * spec.num_classes, weights=2 * c + c * spec.num_classes + spec.num_classes,
-        reads=n * c * h * w, out_bytes=n * spec.num_classes * LOGIT_BYTES)
+    add(
+        "head",
+        macs=c * spec.num_classes,
+        weights=2 * c + c * spec.num_classes + spec.num_classes,
+        reads=n * c * h * w,
+        out_bytes=n * spec.num_classes * LOGIT_BYTES,
+    )
     return kinds
 
 
@@ -89,8 +110,9 @@ def floor_ms(macs: int, nbytes: int, flops_per_s: float, bytes_per_s: float) -> 
     return max(2.0 * macs / flops_per_s, nbytes / bytes_per_s) * 1e3
 
 
-def roofline_entry(spec, model: str, batch: int, image_size: int, dtype: str, elem_bytes: int,
-                   flops_per_s: float, bytes_per_s: float) -> dict:
+def roofline_entry(
+    spec, model: str, batch: int, image_size: int, dtype: str, elem_bytes: int, flops_per_s: float, bytes_per_s: float
+) -> dict:
     """One JSON roofline entry: counts, the two floors of the network and of every layer kind."""
     t = traffic(spec, batch, image_size, image_size, elem_bytes)
     for d in t["kinds"].values():

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
-import itertools
 import importlib.metadata
+import itertools
 import math
 import os
 import platform
@@ -149,9 +149,20 @@ def resolve(args) -> Settings:
     if cpu and "torchvision-eager-fp16-cl" in peers:
         notes.append("CPU: torchvision-eager-fp16-cl runs in bfloat16 (model cast, channels_last)")
     return Settings(
-        device=device, models=models, batches=batches, dtypes=dtypes, image_size=image_size, peers=peers,
-        peers_named=bool(args.peers), quick=quick, out=Path(args.out) if args.out else RESULTS_DIR, seed=args.seed,
-        repeats=args.repeats, budget_s=args.budget_s, warm_caches=args.warm_caches, notes=notes,
+        device=device,
+        models=models,
+        batches=batches,
+        dtypes=dtypes,
+        image_size=image_size,
+        peers=peers,
+        peers_named=bool(args.peers),
+        quick=quick,
+        out=Path(args.out) if args.out else RESULTS_DIR,
+        seed=args.seed,
+        repeats=args.repeats,
+        budget_s=args.budget_s,
+        warm_caches=args.warm_caches,
+        notes=notes,
         kinds_method=getattr(args, "kinds_method", None) or "graph",
     )
 
@@ -204,7 +215,9 @@ def git_commit() -> tuple[str | None, bool | None]:
     root = Path(densetriton.__file__).resolve().parent.parent
 
     def git(*a):
-        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
 
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() == root:
@@ -258,9 +271,12 @@ def machine_rates(s: Settings) -> dict:
     rates = {"copy_bytes_per_s": R.copy_bandwidth(s.device, repeats=repeats), "matmul_flops_per_s": {}}
     for d in s.dtypes:
         rates["matmul_flops_per_s"][d] = R.matmul_rate(DTYPES[d], s.device, repeats=repeats)
-        if d == "float32" and s.device.type == "cuda":  # the floor uses TF32; densetriton's float32 kernels compute IEEE
-            rates["matmul_flops_per_s"]["float32-ieee"] = R.matmul_rate(torch.float32, s.device, repeats=repeats,
-                                                                         allow_tf32=False)
+        if (
+            d == "float32" and s.device.type == "cuda"
+        ):  # the floor uses TF32; densetriton's float32 kernels compute IEEE
+            rates["matmul_flops_per_s"]["float32-ieee"] = R.matmul_rate(
+                torch.float32, s.device, repeats=repeats, allow_tf32=False
+            )
     return rates
 
 
@@ -280,15 +296,26 @@ class BenchRun:
         return f"not run: --budget-s {self.s.budget_s:g} spent"
 
     def skip(self, model, batch, d, peer, reason, update=True, **extra) -> None:
-        self.doc["skipped"].append({"peer": peer, "model": model, "batch": batch, "dtype": d,
-                                    "image_size": self.s.image_size, "reason": reason, **extra})
+        self.doc["skipped"].append(
+            {
+                "peer": peer,
+                "model": model,
+                "batch": batch,
+                "dtype": d,
+                "image_size": self.s.image_size,
+                "reason": reason,
+                **extra,
+            }
+        )
         self.done.add((model, batch, d, peer))
         if update:
             self.bar.update()
 
     def skip_rest(self, reason, models=None, batches=None) -> None:
         s = self.s
-        for model, batch, d, peer in itertools.product(models or s.models, batches or s.batches, s.dtypes, self.runnable):
+        for model, batch, d, peer in itertools.product(
+            models or s.models, batches or s.batches, s.dtypes, self.runnable
+        ):
             if (model, batch, d, peer) not in self.done:
                 self.skip(model, batch, d, peer, reason)
 
@@ -313,14 +340,24 @@ class BenchRun:
     def run_batch(self, model: str, w, ref_net, batch: int) -> None:
         s = self.s
         g = torch.Generator(device=s.device).manual_seed(s.seed * 1000003 + batch)
-        pool = [P.bench_images(batch, s.image_size, generator=g, device=s.device) for _ in range(s.policy.pool_size(batch))]
+        pool = [
+            P.bench_images(batch, s.image_size, generator=g, device=s.device) for _ in range(s.policy.pool_size(batch))
+        ]
         with torch.inference_mode(), no_tf32():
             refs = [to_host(ref_net(x)) for x in pool]
         rates = self.doc["machine"]
         for d in s.dtypes:
             dtype = DTYPES[d]
-            entry = R.roofline_entry(w.spec, model, batch, s.image_size, d, dtype.itemsize,
-                                     rates["matmul_flops_per_s"][d], rates["copy_bytes_per_s"])
+            entry = R.roofline_entry(
+                w.spec,
+                model,
+                batch,
+                s.image_size,
+                d,
+                dtype.itemsize,
+                rates["matmul_flops_per_s"][d],
+                rates["copy_bytes_per_s"],
+            )
             self.doc["roofline"].append(entry)
             for peer in self.runnable:
                 self.bar.set_postfix_str(f"{model} b{batch} {d} {peer}")
@@ -382,14 +419,23 @@ def run(s: Settings, *, progress: bool = True) -> tuple[dict, dict[str, Path]]:
     workdir = Path(tempfile.mkdtemp(prefix="densetriton-bench-"))
     saved_env = None if s.warm_caches else P.fresh_compile_caches(workdir / "caches")
     if not s.warm_caches:
-        doc["notes"].append("Triton's and Inductor's on-disk caches started empty: the first record of each peer "
-                            "compiles from scratch; later ones reuse what this process compiled")
-    bar = tqdm(total=len(s.models) * len(s.batches) * len(s.dtypes) * len(runnable), disable=not progress,
-               desc="bench", unit="run", file=sys.stderr)
+        doc["notes"].append(
+            "Triton's and Inductor's on-disk caches started empty: the first record of each peer "
+            "compiles from scratch; later ones reuse what this process compiled"
+        )
+    bar = tqdm(
+        total=len(s.models) * len(s.batches) * len(s.dtypes) * len(runnable),
+        disable=not progress,
+        desc="bench",
+        unit="run",
+        file=sys.stderr,
+    )
     bench = BenchRun(s, doc, save, bar, runnable)
     saved_cudnn_benchmark = torch.backends.cudnn.benchmark
     if cuda:
-        torch.backends.cudnn.benchmark = True  # what a user after speed sets for eager convolutions (restored at the end)
+        torch.backends.cudnn.benchmark = (
+            True  # what a user after speed sets for eager convolutions (restored at the end)
+        )
     try:
         doc["machine"] = machine_rates(s)
         for model in s.models:

@@ -9,13 +9,36 @@ _count = {"type": "integer", "minimum": 0}
 _pos = {"type": "number", "exclusiveMinimum": 0}
 _opt_str = {"type": ["string", "null"]}
 DTYPE = {"enum": ["float16", "bfloat16", "float32"]}
-PEER = {"enum": ["densetriton", "torchvision-eager-fp32", "torchvision-eager-fp16-cl", "torch-compile-default",
-                 "torch-compile-reduce-overhead", "torch-compile-max-autotune", "onnxruntime"]}
+PEER = {
+    "enum": [
+        "densetriton",
+        "torchvision-eager-fp32",
+        "torchvision-eager-fp16-cl",
+        "torch-compile-default",
+        "torch-compile-reduce-overhead",
+        "torch-compile-max-autotune",
+        "onnxruntime",
+    ]
+}
 
 RECORD = {
     "type": "object",
-    "required": ["model", "batch", "dtype", "image_size", "peer", "median_ms", "p90_ms", "images_per_s",
-                 "peak_mem_bytes", "cold_start_s", "max_rel_err", "top1_agree", "floor_ms", "times_ms"],
+    "required": [
+        "model",
+        "batch",
+        "dtype",
+        "image_size",
+        "peer",
+        "median_ms",
+        "p90_ms",
+        "images_per_s",
+        "peak_mem_bytes",
+        "cold_start_s",
+        "max_rel_err",
+        "top1_agree",
+        "floor_ms",
+        "times_ms",
+    ],
     "properties": {
         "model": {"type": "string"},
         "batch": {"type": "integer", "minimum": 1},
@@ -53,23 +76,52 @@ RECORD = {
 SKIPPED = {
     "type": "object",
     "required": ["peer", "reason"],
-    "properties": {"peer": PEER, "reason": {"type": "string", "minLength": 1}, "model": {"type": "string"},
-                   "batch": {"type": "integer"}, "dtype": DTYPE, "image_size": {"type": "integer"},
-                   # a record interrupted while it ran: the seconds it had used (a compile that never finished)
-                   "elapsed_s": {"type": "number", "minimum": 0}},
+    "properties": {
+        "peer": PEER,
+        "reason": {"type": "string", "minLength": 1},
+        "model": {"type": "string"},
+        "batch": {"type": "integer"},
+        "dtype": DTYPE,
+        "image_size": {"type": "integer"},
+        # a record interrupted while it ran: the seconds it had used (a compile that never finished)
+        "elapsed_s": {"type": "number", "minimum": 0},
+    },
 }
 
-KIND = {"type": "object", "required": ["macs", "bytes", "bytes_layerwise", "floor_ms"],
-        "properties": {"macs": _count, "bytes": _count, "bytes_layerwise": _count, "floor_ms": _num}}
+KIND = {
+    "type": "object",
+    "required": ["macs", "bytes", "bytes_layerwise", "floor_ms"],
+    "properties": {"macs": _count, "bytes": _count, "bytes_layerwise": _count, "floor_ms": _num},
+}
 
 ROOFLINE = {
     "type": "object",
-    "required": ["model", "batch", "dtype", "image_size", "macs", "bytes", "bytes_layerwise", "compute_ms",
-                 "memory_ms", "floor_ms", "kinds"],
+    "required": [
+        "model",
+        "batch",
+        "dtype",
+        "image_size",
+        "macs",
+        "bytes",
+        "bytes_layerwise",
+        "compute_ms",
+        "memory_ms",
+        "floor_ms",
+        "kinds",
+    ],
     "properties": {
-        "model": {"type": "string"}, "batch": {"type": "integer", "minimum": 1}, "dtype": DTYPE,
-        "image_size": {"type": "integer"}, "macs": _count, "macs_unpooled": _count, "bytes": _count,
-        "bytes_layerwise": _count, "compute_ms": _num, "memory_ms": _num, "floor_ms": _pos, "floor_layerwise_ms": _num,
+        "model": {"type": "string"},
+        "batch": {"type": "integer", "minimum": 1},
+        "dtype": DTYPE,
+        "image_size": {"type": "integer"},
+        "macs": _count,
+        "macs_unpooled": _count,
+        "bytes": _count,
+        "bytes_layerwise": _count,
+        "compute_ms": _num,
+        "memory_ms": _num,
+        "floor_ms": _pos,
+        "floor_layerwise_ms": _num,
         "kinds": {"type": "object", "additionalProperties": KIND},
     },
 }
@@ -95,8 +147,10 @@ RESULTS = {
         "weights": {"type": "object", "additionalProperties": {"type": "string"}},
         "machine": {
             "type": "object",
-            "properties": {"copy_bytes_per_s": _pos,
-                           "matmul_flops_per_s": {"type": "object", "additionalProperties": _pos}},
+            "properties": {
+                "copy_bytes_per_s": _pos,
+                "matmul_flops_per_s": {"type": "object", "additionalProperties": _pos},
+            },
         },
         "roofline": {"type": "array", "items": ROOFLINE},
         "results": {"type": "array", "items": RECORD},

@@ -68,6 +68,7 @@ class TorchvisionModel:
 def torchvision_runner(args, device: str) -> TorchvisionModel:
     """`serve`'s runner for the peer: the weights file's tensors in torchvision's DenseNet."""
     from densetriton.bench.peers import load_weights_into, torchvision_model
+
     from densetriton.images import resolve_preprocessing
     from densetriton.serve_app import fixed_input_size
     from densetriton.weights import default_preprocessing, load_weights
@@ -94,9 +95,8 @@ def run_server(peer: str, serve_argv: list[str]) -> int:
 
 def make_jpegs(count: int, width: int, height: int, seed: int = 0) -> list[bytes]:
     """Distinct JPEGs (quality 90) of smooth and fine random structure, as photos have at every scale."""
-    from PIL import Image
-
     from densetriton.bench.peers import bench_images
+    from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
     side = max(width, height)
@@ -151,10 +151,17 @@ def measure(port: int, blobs: list[bytes], clients: int, warmup_s: float, measur
     timings = [t for run in runs for t in run]
     answered = [(sent, done) for sent, done, status in timings if status == 200 and start <= done <= stop]
     latencies = np.array([done - sent for sent, done in answered if sent >= start])
-    record = {"clients": clients, "requests": len(answered), "errors": sum(status != 200 for *_, status in timings),
-              "images_per_s": len(answered) / measure_s, "latency_samples": int(latencies.size)}
+    record = {
+        "clients": clients,
+        "requests": len(answered),
+        "errors": sum(status != 200 for *_, status in timings),
+        "images_per_s": len(answered) / measure_s,
+        "latency_samples": int(latencies.size),
+    }
     if latencies.size:
-        record.update(p50_ms=float(np.percentile(latencies, 50) * 1000), p99_ms=float(np.percentile(latencies, 99) * 1000))
+        record.update(
+            p50_ms=float(np.percentile(latencies, 50) * 1000), p99_ms=float(np.percentile(latencies, 99) * 1000)
+        )
     return record
 
 
@@ -178,13 +185,32 @@ def health(port: int) -> int | None:
 
 def start_server(peer: str, opts, weights: Path, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    argv = ["--model", opts.model, "--weights", str(weights), "--host", HOST, "--port", str(port),
-            "--batch-sizes", *map(str, opts.batch_sizes), "--batch-timeout-ms", str(opts.batch_timeout_ms),
-            "--dtype", opts.peer_dtypes[peer], "--devices", opts.devices]
+    argv = [
+        "--model",
+        opts.model,
+        "--weights",
+        str(weights),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--batch-sizes",
+        *map(str, opts.batch_sizes),
+        "--batch-timeout-ms",
+        str(opts.batch_timeout_ms),
+        "--dtype",
+        opts.peer_dtypes[peer],
+        "--devices",
+        opts.devices,
+    ]
     if opts.api_servers:
         argv += ["--api-servers", str(opts.api_servers)]
-    process = subprocess.Popen([sys.executable, "-m", "densetriton.bench.serve_bench", "--run-server", peer, "--", *argv],
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "densetriton.bench.serve_bench", "--run-server", peer, "--", *argv],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + opts.start_timeout_s
     while health(port) != 200:
         if process.poll() is not None or time.monotonic() > deadline:
@@ -238,13 +264,20 @@ def format_record(r: dict) -> str:
 
 def markdown(document: dict) -> str:
     peers = document["peers"]
-    lines = [f"# Serving bench: {document['model']} on {document['device']}", "",
-             f"{document['settings']}", "",
-             "| peer | clients | images/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Serving bench: {document['model']} on {document['device']}",
+        "",
+        f"{document['settings']}",
+        "",
+        "| peer | clients | images/s | p50 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for p in peers:
         for r in p["records"]:
-            lines.append(f"| {p['peer']} ({p['dtype']}) | {r['clients']} | {r['images_per_s']:.1f} | "
-                         f"{r.get('p50_ms', float('nan')):.1f} | {r.get('p99_ms', float('nan')):.1f} | {r['errors']} |")
+            lines.append(
+                f"| {p['peer']} ({p['dtype']}) | {r['clients']} | {r['images_per_s']:.1f} | "
+                f"{r.get('p50_ms', float('nan')):.1f} | {r.get('p99_ms', float('nan')):.1f} | {r['errors']} |"
+            )
     if len(peers) == 2:
         lines += ["", "| clients | densetriton / peer images/s |", "|---:|---:|"]
         for a, b in zip(peers[0]["records"], peers[1]["records"]):
@@ -259,22 +292,43 @@ def environment(device: torch.device) -> dict:
     import litserve
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    return {"device": name, "torch": torch.__version__, "litserve": litserve.__version__, "python": sys.version.split()[0]}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "litserve": litserve.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m densetriton.bench.serve_bench", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="densenet121", help="a registry model with torchvision's layout (default densenet121)")
+    p = argparse.ArgumentParser(
+        prog="python -m densetriton.bench.serve_bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default="densenet121", help="a registry model with torchvision's layout (default densenet121)"
+    )
     p.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64], metavar="C")
     p.add_argument("--duration-s", type=float, default=10.0, help="measured seconds per concurrency (default 10)")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each (default 3)")
     p.add_argument("--jpegs", type=int, default=64, help="distinct JPEGs sent round robin (default 64)")
-    p.add_argument("--jpeg-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
-                   help="JPEG width and height (default 500 375, ImageNet's typical photo)")
-    p.add_argument("--image-size", type=int, metavar="N",
-                   help="serve at NxN (resize N*8/7, crop N; default: the weights' own, 224 for torchvision's)")
+    p.add_argument(
+        "--jpeg-size",
+        type=int,
+        nargs=2,
+        default=[500, 375],
+        metavar=("W", "H"),
+        help="JPEG width and height (default 500 375, ImageNet's typical photo)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="serve at NxN (resize N*8/7, crop N; default: the weights' own, 224 for torchvision's)",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64], metavar="N")
     p.add_argument("--batch-timeout-ms", type=float, default=5.0)
     p.add_argument("--api-servers", type=int, help="the servers' HTTP processes (default: serve's)")
@@ -282,8 +336,11 @@ def parse(argv):
     p.add_argument("--devices", default="auto", help="serve's --devices (default auto; cpu for the CPU)")
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     p.add_argument("--out", type=Path, help="write the results to this .json and a .md beside it")
-    p.add_argument("--quick", action="store_true", help="CPU-sized: 1 and 8 clients, 3 s each, batch sizes 1 8, "
-                   "64x64 images from small JPEGs")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU-sized: 1 and 8 clients, 3 s each, batch sizes 1 8, 64x64 images from small JPEGs",
+    )
     opts = p.parse_args(argv)
     if opts.quick:
         opts.concurrency, opts.duration_s, opts.warmup_s, opts.jpegs = [1, 8], 3.0, 1.0, 8
@@ -295,6 +352,7 @@ def served_weights(opts, workdir: Path):
     """bench/peers.py's weights (pretrained when cached, else calibrated random), with --image-size's
     preprocessing when given."""
     from densetriton.bench.peers import prepare_weights
+
     from densetriton.weights import IMAGENET_PREPROCESSING, save_weights
 
     weights = prepare_weights(opts.model, workdir, seed=0)
@@ -302,8 +360,13 @@ def served_weights(opts, workdir: Path):
         return weights.path, weights.source
     size = opts.image_size
     pre = {**IMAGENET_PREPROCESSING, "resize_size": round(size * 8 / 7), "crop_size": size}
-    path = save_weights(workdir / f"{opts.model}-{size}.safetensors", weights.tensors, weights.spec, preprocessing=pre,
-                        source=weights.source)
+    path = save_weights(
+        workdir / f"{opts.model}-{size}.safetensors",
+        weights.tensors,
+        weights.spec,
+        preprocessing=pre,
+        source=weights.source,
+    )
     return path, f"{weights.source}; served at {size}x{size}"
 
 
@@ -319,9 +382,11 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     weights_path, source = served_weights(opts, workdir)
     blobs = make_jpegs(opts.jpegs, *opts.jpeg_size)
-    settings = (f"{len(blobs)} JPEGs of {opts.jpeg_size[0]}x{opts.jpeg_size[1]} to /predict?topk=1; batch sizes "
-                f"{' '.join(map(str, opts.batch_sizes))}, batch timeout {opts.batch_timeout_ms:g} ms; "
-                f"{opts.warmup_s:g} s warm-up and {opts.duration_s:g} s measured per concurrency; weights: {source}")
+    settings = (
+        f"{len(blobs)} JPEGs of {opts.jpeg_size[0]}x{opts.jpeg_size[1]} to /predict?topk=1; batch sizes "
+        f"{' '.join(map(str, opts.batch_sizes))}, batch timeout {opts.batch_timeout_ms:g} ms; "
+        f"{opts.warmup_s:g} s warm-up and {opts.duration_s:g} s measured per concurrency; weights: {source}"
+    )
     print(f"serve_bench: {opts.model} on {device}: {settings}", file=sys.stderr)
     peers = [bench_peer(peer, opts, weights_path, blobs, workdir) for peer in opts.peers]
     document = {"model": opts.model, **environment(device), "settings": settings, "peers": peers}

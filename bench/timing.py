@@ -32,7 +32,9 @@ class Timer:
         start += warmup
         if self.cuda:
             self.sync()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)
+            ]
             for i, (a, b) in enumerate(events):
                 x = inputs[(start + i) % len(inputs)]
                 a.record()

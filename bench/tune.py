@@ -60,10 +60,22 @@ def layer_keys(spec, batch: int, height: int, width: int, dtype: str, kernel_cho
             hw, key_dtype = (1, 1), "float32"
         else:  # a bottleneck conv writes the shared scratch at its block's size
             written = stage.writes.buffer
-            hw, key_dtype = shapes[written if written in shapes and written != "bottleneck_scratch"
-                                   else stage.reads.buffer][:2], dtype
-        keys.append(LayerKey(op, kernel_choice.of(op), key_dtype, batch, *hw, stage.reads.stop - stage.reads.start,
-                             stage.writes.stop - stage.writes.start, stage.kernel_size))
+            hw, key_dtype = (
+                shapes[written if written in shapes and written != "bottleneck_scratch" else stage.reads.buffer][:2],
+                dtype,
+            )
+        keys.append(
+            LayerKey(
+                op,
+                kernel_choice.of(op),
+                key_dtype,
+                batch,
+                *hw,
+                stage.reads.stop - stage.reads.start,
+                stage.writes.stop - stage.writes.start,
+                stage.kernel_size,
+            )
+        )
     return keys
 
 
@@ -153,7 +165,12 @@ def try_candidate(key: LayerKey, tiles: dict, ref: torch.Tensor, device, build, 
             return Trial(key, tiles, "rejected", error, reason=f"relative error {error:.2e} > {TOLERANCE[key.dtype]:g}")
         times = timer(run, repeats, device)
     except Exception as e:  # a tile the kernel refuses, a compile out of shared memory: this candidate only
-        return Trial(key, tiles, "failed", reason=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
+        return Trial(
+            key,
+            tiles,
+            "failed",
+            reason=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300],
+        )
     return Trial(key, tiles, "timed", error, float(np.median(times)))
 
 
@@ -184,8 +201,9 @@ class Stop:
         return None
 
 
-def sweep_key(key: LayerKey, tiles_list: list, *, device, stop: Stop, build, repeats: int, timer,
-              progress=None) -> list[Trial]:
+def sweep_key(
+    key: LayerKey, tiles_list: list, *, device, stop: Stop, build, repeats: int, timer, progress=None
+) -> list[Trial]:
     """One layer shape's candidates: the reference once, then each candidate until stopped."""
     ref = None
     trials = []
@@ -204,8 +222,18 @@ def sweep_key(key: LayerKey, tiles_list: list, *, device, stop: Stop, build, rep
     return trials
 
 
-def sweep(keys, *, device, budget_s: float | None = None, repeats: int = 20, candidates=candidate_tiles,
-          build=None, timer=launch_times, clock=time.perf_counter, progress=None) -> Sweep:
+def sweep(
+    keys,
+    *,
+    device,
+    budget_s: float | None = None,
+    repeats: int = 20,
+    candidates=candidate_tiles,
+    build=None,
+    timer=launch_times,
+    clock=time.perf_counter,
+    progress=None,
+) -> Sweep:
     """Every distinct key, heaviest first: its candidates checked, then timed, until the budget is
     spent or an interrupt comes. build(key, tiles, device=) -> a launch returning its output
     (densetriton.tuning's); timer(launch, repeats, device) -> ms per launch."""
@@ -213,8 +241,16 @@ def sweep(keys, *, device, budget_s: float | None = None, repeats: int = 20, can
 
     device, stop, result = torch.device(device), Stop(budget_s, clock), Sweep()
     for key in sorted(dict.fromkeys(keys), key=layer_macs, reverse=True):
-        trials = sweep_key(key, candidates(key), device=device, stop=stop, build=build or build_candidate,
-                           repeats=repeats, timer=timer, progress=progress)
+        trials = sweep_key(
+            key,
+            candidates(key),
+            device=device,
+            stop=stop,
+            build=build or build_candidate,
+            repeats=repeats,
+            timer=timer,
+            progress=progress,
+        )
         result.trials += trials
         best = winner(trials)
         if best is not None:
@@ -256,10 +292,12 @@ def describe(t: Trial) -> str:
 
 
 def summary(result: Sweep) -> str:
-    lines = [f"{len({t.key for t in result.trials})} layer shapes, {len(result.trials)} candidates: "
-             f"{result.count('timed')} timed, {result.count('rejected')} rejected by the output check, "
-             f"{result.count('failed')} failed to build, {result.count('not run')} not run (budget or interrupt); "
-             f"{len(result.winners)} shapes beat their current tiles by more than {MARGIN:.0%}"]
+    lines = [
+        f"{len({t.key for t in result.trials})} layer shapes, {len(result.trials)} candidates: "
+        f"{result.count('timed')} timed, {result.count('rejected')} rejected by the output check, "
+        f"{result.count('failed')} failed to build, {result.count('not run')} not run (budget or interrupt); "
+        f"{len(result.winners)} shapes beat their current tiles by more than {MARGIN:.0%}"
+    ]
     lines += [f"  {describe(t)}" for t in result.trials if t.status in ("rejected", "failed")]
     return "\n".join(lines) + "\n"
 
@@ -274,15 +312,26 @@ def run(args) -> int:
     from densetriton.variants import kernel_choice_from_env
 
     if not torch.cuda.is_available():
-        raise RuntimeError("tune times kernels on a CUDA GPU, and none is available (tuned tiles are per GPU; "
-                           "the interpreter ignores them)")
+        raise RuntimeError(
+            "tune times kernels on a CUDA GPU, and none is available (tuned tiles are per GPU; "
+            "the interpreter ignores them)"
+        )
     if args.repeats < 1 or any(b < 1 for b in args.batch_size or [1]):
         raise ValueError("--repeats and --batch-size must be positive")
     device, choice = torch.device("cuda", torch.cuda.current_device()), kernel_choice_from_env()
-    keys = [key for model in (args.model or ["densenet121"]) for batch in (args.batch_size or [1])
-            for key in layer_keys(get_spec(model), batch, args.image_size, args.image_size, args.dtype, choice)]
-    result = sweep(keys, device=device, budget_s=args.budget_s, repeats=args.repeats,
-                   progress=lambda t: print(f"tune: {describe(t)}", file=sys.stderr, flush=True))
+    keys = [
+        key
+        for model in (args.model or ["densenet121"])
+        for batch in (args.batch_size or [1])
+        for key in layer_keys(get_spec(model), batch, args.image_size, args.image_size, args.dtype, choice)
+    ]
+    result = sweep(
+        keys,
+        device=device,
+        budget_s=args.budget_s,
+        repeats=args.repeats,
+        progress=lambda t: print(f"tune: {describe(t)}", file=sys.stderr, flush=True),
+    )
     gpu, version = torch.cuda.get_device_name(device), triton.__version__
     path = write_table(Path(args.out) if args.out else default_table_path(gpu, version), gpu, version, result.winners)
     print(summary(result), end="")

@@ -6,16 +6,30 @@ import re
 
 import pytest
 import torch
-
 from densetriton.bench import peers as P
 from densetriton.bench import roofline as R
 from densetriton.bench.run import resolve
 from densetriton.bench.schema import RESULTS
+
 from densetriton.cli import build_parser, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY_RUN = ["bench", "--quick", "--model", "densenet121", "--image-size", "64", "--batch-size", "1", "2",
-            "--repeats", "2", "--no-progress", "--device", "cpu"]
+TINY_RUN = [
+    "bench",
+    "--quick",
+    "--model",
+    "densenet121",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "1",
+    "2",
+    "--repeats",
+    "2",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +98,11 @@ def test_quick_run_records(quick_run):
         # the floor comes from the rates this run timed on this machine
         rates = doc["machine"]
         assert rates["copy_bytes_per_s"] > 0 and rates["matmul_flops_per_s"]["bfloat16"] > 0
-        assert entry["floor_ms"] == pytest.approx(R.floor_ms(entry["macs"], entry["bytes"],
-                                                             rates["matmul_flops_per_s"]["bfloat16"], rates["copy_bytes_per_s"]))
+        assert entry["floor_ms"] == pytest.approx(
+            R.floor_ms(
+                entry["macs"], entry["bytes"], rates["matmul_flops_per_s"]["bfloat16"], rates["copy_bytes_per_s"]
+            )
+        )
         assert r["pct_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["median_ms"])
     dt = recs[("densetriton", 1)]
     assert dt["backend"] == "reference" and dt["peer_dtype"] == "bfloat16" and dt["planned_mem_bytes"] is None
@@ -142,7 +159,8 @@ def test_a_failing_peer_is_listed_and_the_others_keep_their_results(tmp_path, mo
     doc = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert doc["complete"] is True
     assert sorted((r["batch"], r["peer"]) for r in doc["results"]) == [
-        (b, p) for b in (1, 2) for p in ("densetriton", "torchvision-eager-fp16-cl")]
+        (b, p) for b in (1, 2) for p in ("densetriton", "torchvision-eager-fp16-cl")
+    ]
     failed = [s for s in doc["skipped"] if s["peer"] == "torchvision-eager-fp32"]
     assert sorted(s["batch"] for s in failed) == [1, 2] and all("boom while building" in s["reason"] for s in failed)
 
@@ -194,8 +212,9 @@ def test_a_record_interrupted_while_compiling_keeps_the_time_it_had_used(monkeyp
     (cut,) = doc["skipped"]
     pytest.importorskip("jsonschema").validate(cut, SKIPPED)
     assert cut["peer"] == "torch-compile-max-autotune" and cut["batch"] == 1 and 0.3 <= cut["elapsed_s"] < 30
-    assert re.fullmatch(r"interrupted after \d+\.\d s of this record, before its first result \(building, compiling\)",
-                        cut["reason"]), cut["reason"]
+    assert re.fullmatch(
+        r"interrupted after \d+\.\d s of this record, before its first result \(building, compiling\)", cut["reason"]
+    ), cut["reason"]
     assert ("densenet121", 1, "bfloat16", "torch-compile-max-autotune") in bench.done and doc["results"] == []
 
 
@@ -203,6 +222,7 @@ def test_default_settings_are_the_issues(monkeypatch):
     """What a bare command measures: on a GPU densenet121 and 201, batches 1/8/64/256, float16,
     224, every peer; `--quick` on a CPU (the README's main job) densenet121, batches 1 and 2,
     224, bfloat16 (float16 is emulated there)."""
+
     def settings(*argv):
         return resolve(build_parser().parse_args(["bench", *argv]))
 
@@ -211,21 +231,42 @@ def test_default_settings_are_the_issues(monkeypatch):
     assert quick.quick and quick.peers == list(P.PEERS) and not quick.peers_named
     full = settings("--device", "cpu")
     assert (full.models, full.batches, full.image_size, full.dtypes) == (
-        ["densenet121", "densenet201"], [1, 8, 64, 256], 224, ["bfloat16"])
+        ["densenet121", "densenet201"],
+        [1, 8, 64, 256],
+        224,
+        ["bfloat16"],
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU machine gets
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     gpu = settings()
     assert str(gpu.device) == "cuda:0" and not gpu.quick
     assert (gpu.models, gpu.batches, gpu.image_size, gpu.dtypes) == (
-        ["densenet121", "densenet201"], [1, 8, 64, 256], 224, ["float16"])
-    assert gpu.peers == ["densetriton", "torchvision-eager-fp32", "torchvision-eager-fp16-cl", "torch-compile-default",
-                         "torch-compile-reduce-overhead", "torch-compile-max-autotune", "onnxruntime"]
+        ["densenet121", "densenet201"],
+        [1, 8, 64, 256],
+        224,
+        ["float16"],
+    )
+    assert gpu.peers == [
+        "densetriton",
+        "torchvision-eager-fp32",
+        "torchvision-eager-fp16-cl",
+        "torch-compile-default",
+        "torch-compile-reduce-overhead",
+        "torch-compile-max-autotune",
+        "onnxruntime",
+    ]
     assert gpu.kinds_method == "graph" and settings("--kinds-method", "launches").kinds_method == "launches"
 
 
 def test_parser_and_errors(capsys, tmp_path):
-    args = build_parser().parse_args(["bench", "--model", "densenet121", "--model", "densenet201", "--batch-size", "1", "8"])
-    assert args.model == ["densenet121", "densenet201"] and args.batch_size == [1, 8] and args.func.__module__.endswith("bench.cli")
+    args = build_parser().parse_args(
+        ["bench", "--model", "densenet121", "--model", "densenet201", "--batch-size", "1", "8"]
+    )
+    assert (
+        args.model == ["densenet121", "densenet201"]
+        and args.batch_size == [1, 8]
+        and args.func.__module__.endswith("bench.cli")
+    )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--peers", "tensorrt"])
     capsys.readouterr()

@@ -5,8 +5,8 @@ import time
 
 import pytest
 import torch
-
 from densetriton.bench import timing as T
+
 from densetriton.cli import main
 
 pytestmark = pytest.mark.gpu
@@ -25,9 +25,32 @@ def test_cuda_event_times_agree_with_the_wall_clock():
 
 
 def test_tiny_gpu_run(tmp_path, cache_home):
-    rc = main(["--debug", "bench", "--device", "cuda", "--model", "densenet121", "--image-size", "64", "--batch-size", "1", "4",
-               "--dtype", "float16", "--repeats", "5", "--no-progress", "--out", str(tmp_path),
-               "--peers", "densetriton", "torchvision-eager-fp32", "torchvision-eager-fp16-cl"])
+    rc = main(
+        [
+            "--debug",
+            "bench",
+            "--device",
+            "cuda",
+            "--model",
+            "densenet121",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "1",
+            "4",
+            "--dtype",
+            "float16",
+            "--repeats",
+            "5",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            "--peers",
+            "densetriton",
+            "torchvision-eager-fp32",
+            "torchvision-eager-fp16-cl",
+        ]
+    )
     assert rc == 0
     doc = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert doc["device"] == torch.cuda.get_device_name()
@@ -56,8 +79,9 @@ def test_the_kinds_timed_inside_one_graph_add_up_to_the_forward(cache_home):
     """Issue 17 item 7's target: per-kind times taken inside one CUDA graph add up to within 10% of
     the whole forward's median as the bench times it (stem launch, graph replay, classifier), at
     batch 1 (launch-bound) and 64. Each method's sum is printed for the log."""
-    import densetriton
     from densetriton.bench.layer_times import METHODS, layer_times
+
+    import densetriton
 
     engine = densetriton.load("densenet121", weights=None, device="cuda", dtype=torch.float16, backend="triton")
     for batch in (1, 64):
@@ -88,8 +112,9 @@ def test_tune_writes_the_table_a_new_engine_reads(cache_home, capsys):
     assert "timed" in out and path.startswith(str(cache_home))
     engine = densetriton.load("densenet121", weights=None, device="cuda", dtype=torch.float16, backend="triton")
     assert engine._model.tuned is not None and str(engine._model.tuned.path) == path
-    reference = densetriton.Engine(engine.weights, device=engine.device, dtype=torch.float32, backend="reference",
-                                   pretrained=False)
+    reference = densetriton.Engine(
+        engine.weights, device=engine.device, dtype=torch.float32, backend="reference", pretrained=False
+    )
     x = torch.randn(1, 3, 224, 224, device="cuda")
     got, want = engine(x.half()).double(), reference(x).double()
     assert ((got - want).norm() / want.norm()).item() < 2e-2, len(table.entries)

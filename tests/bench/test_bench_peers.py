@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from densetriton.bench import peers as P
 
 from densetriton import DenseNetSpec
-from densetriton.bench import peers as P
 
 SPEC = DenseNetSpec(8, (2, 2), 16, 2, 0.5, 5, "imagenet")
 
@@ -80,7 +80,10 @@ def test_the_onnxruntime_peer_runs_only_on_a_gpu_execution_provider(monkeypatch)
     providers = ["AzureExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(P, "onnxruntime_providers", lambda: ("1.30.0", list(providers)))
     reason = P.skip_reason("onnxruntime", cuda, named=True)
-    assert "onnxruntime 1.30.0 has no CUDA or TensorRT" in reason and "AzureExecutionProvider, CPUExecutionProvider" in reason
+    assert (
+        "onnxruntime 1.30.0 has no CUDA or TensorRT" in reason
+        and "AzureExecutionProvider, CPUExecutionProvider" in reason
+    )
     providers[:0] = ["TensorrtExecutionProvider"]
     assert P.skip_reason("onnxruntime", cuda, named=False) is None
     assert P.onnxruntime_provider() == "TensorrtExecutionProvider"

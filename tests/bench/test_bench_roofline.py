@@ -2,14 +2,15 @@
 
 import pytest
 import torch
-
 from densetriton.bench import roofline as R
+
 from densetriton.spec import DenseNetSpec, get_spec
 
 # k=2, blocks (2, 1), 4 stem channels, bottleneck width 4, theta 0.5, 3 classes, CIFAR stem (3x3 conv).
 # At 4x4: block 1 is 4x4 with 4 -> 8 channels, the transition gives 4 channels at 2x2, block 2 4 -> 6.
-TINY = DenseNetSpec(growth_rate=2, block_config=(2, 1), num_init_features=4, bn_size=2, compression=0.5,
-                    num_classes=3, stem="cifar")
+TINY = DenseNetSpec(
+    growth_rate=2, block_config=(2, 1), num_init_features=4, bn_size=2, compression=0.5, num_classes=3, stem="cifar"
+)
 
 # Multiply-adds per image, by hand:
 #   stem 16 px * 4 * 27 = 1728
@@ -50,8 +51,13 @@ def test_tiny_layerwise_bytes_by_kind():
     #   3x3: (64 + 80 + 32) * 2 + (16 + 80 + 8) = 352 + 104
     #   transition 128 + 48 + 16 = 192;  head 24 + 33 = 57 (+ 12 bytes of logits)
     kinds = R.layer_kinds(TINY, 1, 4, 4, 2)
-    hand = {"stem": 220 * 2, "dense_1x1": (152 + 196 + 56) * 2, "dense_3x3": (352 + 104) * 2,
-            "transition": 192 * 2, "head": 57 * 2 + 12}
+    hand = {
+        "stem": 220 * 2,
+        "dense_1x1": (152 + 196 + 56) * 2,
+        "dense_3x3": (352 + 104) * 2,
+        "transition": 192 * 2,
+        "head": 57 * 2 + 12,
+    }
     assert {k: d["bytes_layerwise"] for k, d in kinds.items()} == hand
     assert R.traffic(TINY, 1, 4, 4, 2)["bytes_layerwise"] == 2670
 
@@ -72,7 +78,9 @@ def test_floor_is_the_slower_of_compute_and_memory():
     e = R.roofline_entry(TINY, "tiny", 1, 4, "float16", 2, 1e12, 1e9)
     assert e["floor_ms"] == pytest.approx(2318e-6)
     assert e["compute_ms"] == pytest.approx(2 * 5170e-9)
-    assert e["kinds"]["dense_3x3"]["floor_ms"] == pytest.approx(max(2 * 2592e-9, e["kinds"]["dense_3x3"]["bytes"] * 1e-6))
+    assert e["kinds"]["dense_3x3"]["floor_ms"] == pytest.approx(
+        max(2 * 2592e-9, e["kinds"]["dense_3x3"]["bytes"] * 1e-6)
+    )
     assert sum(d["memory_ms"] for d in e["kinds"].values()) == pytest.approx(e["memory_ms"])
     assert e["floor_layerwise_ms"] == pytest.approx(2670e-6)  # memory-bound in every kind at these rates
 

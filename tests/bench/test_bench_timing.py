@@ -4,7 +4,6 @@ import time
 
 import pytest
 import torch
-
 from densetriton.bench import peers as P
 from densetriton.bench import record
 from densetriton.bench import run as R
@@ -132,8 +131,9 @@ def test_calibrated_random_weights_fit_the_spec_and_keep_activations_sane(tmp_pa
     net = P.torchvision_model("densenet121", spec)
     P.load_weights_into(net, w.tensors)
     with pytest.raises(ValueError, match="missing"):
-        P.load_weights_into(P.torchvision_model("densenet121", spec),
-                            {k: v for k, v in w.tensors.items() if k != "classifier.bias"})
+        P.load_weights_into(
+            P.torchvision_model("densenet121", spec), {k: v for k, v in w.tensors.items() if k != "classifier.bias"}
+        )
     x = P.bench_images(16, 224, generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         logits = net.eval()(x)

@@ -3,13 +3,13 @@ kind, or launch by launch (on the CPU: host events and a host stand-in for CUDA 
 
 import pytest
 import torch
+from densetriton.bench import layer_times as LT
+from densetriton.bench import report
+from densetriton.bench.layer_times import layer_times, stage_kind, table
+from densetriton.bench.roofline import KINDS, layer_kinds, roofline_entry
 
 import densetriton
 from densetriton import DenseNetSpec, get_spec
-from densetriton.bench import report
-from densetriton.bench import layer_times as LT
-from densetriton.bench.layer_times import layer_times, stage_kind, table
-from densetriton.bench.roofline import KINDS, layer_kinds, roofline_entry
 from densetriton.plan import build_stages
 
 TINY = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet")
@@ -101,6 +101,7 @@ def _counted_plan(engine, x):
             order.append(stage_kind(stage))
             time.now += FakeTime.COST[stage_kind(stage)]
             launch(x_, logits)
+
         return run
 
     plan.launches = [(stage, counted(i, stage, launch)) for i, (stage, launch) in enumerate(plan.launches)]
@@ -139,11 +140,15 @@ def test_every_method_runs_each_launch_once_per_forward_in_order_and_computes_th
     own = {k: FakeTime.COST[k] * kinds.count(k) for k in KINDS}
     assert per_forward == [own, own]
     segments = LT.kind_segments(plan.launches)
-    assert [k for k, _ in segments] == ["stem", "dense_1x1", "dense_3x3"] * 1 + ["dense_1x1", "dense_3x3"] + \
-        ["transition"] + ["dense_1x1", "dense_3x3"] * 3 + ["head"]
-    expected_captures = {"graph": [len(kinds) + len(segments) + 1],  # launches and events, one graph
-                         "ablation": [len(kinds) - kinds.count(k) for k in present] + [len(kinds)],
-                         "kind-graphs": [len(launches) for _, launches in segments], "launches": []}
+    assert [k for k, _ in segments] == ["stem", "dense_1x1", "dense_3x3"] * 1 + ["dense_1x1", "dense_3x3"] + [
+        "transition"
+    ] + ["dense_1x1", "dense_3x3"] * 3 + ["head"]
+    expected_captures = {
+        "graph": [len(kinds) + len(segments) + 1],  # launches and events, one graph
+        "ablation": [len(kinds) - kinds.count(k) for k in present] + [len(kinds)],
+        "kind-graphs": [len(launches) for _, launches in segments],
+        "launches": [],
+    }
     assert clock.captured == expected_captures[method]
 
 
@@ -184,9 +189,8 @@ def test_the_report_sets_each_kind_against_its_floor_and_says_how_they_were_time
     record's median, and how the times were taken (a record without kinds_method predates it: launch
     by launch); the schema accepts each method and nothing else."""
     jsonschema = pytest.importorskip("jsonschema")
-    from test_bench_report import record, synthetic_doc
-
     from densetriton.bench.schema import RECORD
+    from test_bench_report import record, synthetic_doc
 
     doc = synthetic_doc()
     doc["roofline"] = [roofline_entry(get_spec("densenet121"), "densenet121", 64, 224, "float16", 2, 7e14, 3e12)]
@@ -194,7 +198,9 @@ def test_the_report_sets_each_kind_against_its_floor_and_says_how_they_were_time
     median = sum(kinds_ms.values()) / 0.95
     extra = {} if method is None else {"kinds_method": method}
     doc["results"].append(record("densetriton", 64, median, kinds_ms=kinds_ms, **extra))
-    doc["results"] = [r for r in doc["results"] if not (r["peer"] == "densetriton" and r["batch"] == 64 and "kinds_ms" not in r)]
+    doc["results"] = [
+        r for r in doc["results"] if not (r["peer"] == "densetriton" and r["batch"] == 64 and "kinds_ms" not in r)
+    ]
     jsonschema.validate(doc["results"][-1], RECORD)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**doc["results"][-1], "kinds_method": "events"}, RECORD)

@@ -4,10 +4,10 @@ import threading
 
 import pytest
 import torch
+from densetriton.bench import lock_cost
 
 import densetriton
 from densetriton import DenseNetSpec
-from densetriton.bench import lock_cost
 
 TINY = DenseNetSpec(4, (2,), 8, 2, 0.5, 3, "cifar")
 
@@ -35,8 +35,13 @@ def test_measure_reports_every_figure_and_puts_the_lock_back():
     assert CountingLock.taken == 3 + 8 + 8
     assert engine._lock is counting  # put back after the timing without it
     engine._lock = lock
-    assert set(figures) == {"uncontended_lock_ns", "call_ms_with_lock", "call_ms_without_lock",
-                            "calls_per_s_1_thread", "calls_per_s_4_threads"}
+    assert set(figures) == {
+        "uncontended_lock_ns",
+        "call_ms_with_lock",
+        "call_ms_without_lock",
+        "calls_per_s_1_thread",
+        "calls_per_s_4_threads",
+    }
     assert all(v > 0 for v in figures.values())
     assert 1 < figures["uncontended_lock_ns"] < 1e5
     assert isinstance(lock, type(threading.Lock())) and not lock.locked()
@@ -48,8 +53,12 @@ def test_the_command_takes_a_grayscale_weights_file(tmp_path, capsys):
     path = tmp_path / "gray.safetensors"
     torch.manual_seed(2)
     densetriton.save_weights(path, densetriton.engine.random_weights(spec).tensors, spec)
-    assert lock_cost.main(["--model", str(path), "--batch-size", "2", "--image-size", "8", "--calls", "2",
-                           "--threads", "2"]) == 0
+    assert (
+        lock_cost.main(
+            ["--model", str(path), "--batch-size", "2", "--image-size", "8", "--calls", "2", "--threads", "2"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "input (2, 1, 8, 8)" in out and "calls_per_s_2_threads" in out
 

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from densetriton.bench import tune as T
 
 import densetriton
 import densetriton.plan
 from densetriton import DenseNetSpec
-from densetriton.bench import tune as T
 from densetriton.cli import main
 from densetriton.tiles import GEMM_OPS, LayerKey, choose_tiles, find_tuned_table, load_tuned_table
 from densetriton.variants import parse_kernel_choice
@@ -23,11 +23,15 @@ GOOD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages
 WRONG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
 
 
-@pytest.mark.parametrize("spec,size,kernels", [
-    (DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 40, "v1"),
-    (DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 37, "v2"),
-    (DenseNetSpec(4, (2, 2), 8, None, 0.5, 0, "cifar"), 12, "conv3x3=v2"),
-], ids=["imagenet-bottleneck", "imagenet-bottleneck-all-v2-odd-size", "cifar-plain-backbone-v2"])
+@pytest.mark.parametrize(
+    "spec,size,kernels",
+    [
+        (DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 40, "v1"),
+        (DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 37, "v2"),
+        (DenseNetSpec(4, (2, 2), 8, None, 0.5, 0, "cifar"), 12, "conv3x3=v2"),
+    ],
+    ids=["imagenet-bottleneck", "imagenet-bottleneck-all-v2-odd-size", "cifar-plain-backbone-v2"],
+)
 def test_layer_keys_are_the_keys_the_plan_tiles_its_launches_with(spec, size, kernels, monkeypatch):
     """The sweep tunes exactly the shapes a plan looks up (so its entries are ever used): the keys
     the plan passes to choose_tiles while it binds its launches, in order, GEMM ops only."""
@@ -56,7 +60,11 @@ def test_candidates_start_with_the_current_tiles_and_change_one_axis_each():
     for c in candidates[1:]:
         assert set(c) == set(base) and sum(c[k] != base[k] for k in base) == 1, c
         assert c["BLOCK_N"] <= 32 and c["BLOCK_K"] <= 128 and all(c[a] >= 16 for a in T.BLOCK_AXES)
-    assert {c["BLOCK_M"] for c in candidates} >= {16, 32, 128} and {c["num_stages"] for c in candidates[1:]} == {2, 3, 4}
+    assert {c["BLOCK_M"] for c in candidates} >= {16, 32, 128} and {c["num_stages"] for c in candidates[1:]} == {
+        2,
+        3,
+        4,
+    }
 
 
 def _wrong_for(monkeypatch, tiles, calls):
@@ -85,8 +93,11 @@ def test_the_sweep_rejects_a_wrong_candidate_before_timing_it_and_writes_a_table
     calls, timed = [], []
     _wrong_for(monkeypatch, WRONG, calls)
     current = choose_tiles(KEY, interpreted=False)
-    ms = {json.dumps(current, sort_keys=True): 1.0, json.dumps(GOOD, sort_keys=True): 0.5,
-          json.dumps(WRONG, sort_keys=True): 0.1}  # the wrong one would win if it were timed
+    ms = {
+        json.dumps(current, sort_keys=True): 1.0,
+        json.dumps(GOOD, sort_keys=True): 0.5,
+        json.dumps(WRONG, sort_keys=True): 0.1,
+    }  # the wrong one would win if it were timed
 
     def build(key, tiles, device):
         from densetriton.tuning import build_candidate
@@ -115,8 +126,11 @@ def test_the_sweep_rejects_a_wrong_candidate_before_timing_it_and_writes_a_table
 
 
 def test_the_margin_keeps_the_current_tiles_when_a_candidate_is_barely_faster():
-    key_trials = [T.Trial(KEY, {"BLOCK_M": 64}, "timed", 0.0, 1.0), T.Trial(KEY, GOOD, "timed", 0.0, 0.99),
-                  T.Trial(KEY, WRONG, "rejected", float("inf"))]
+    key_trials = [
+        T.Trial(KEY, {"BLOCK_M": 64}, "timed", 0.0, 1.0),
+        T.Trial(KEY, GOOD, "timed", 0.0, 0.99),
+        T.Trial(KEY, WRONG, "rejected", float("inf")),
+    ]
     assert T.winner(key_trials) is None
     key_trials[1].ms = 0.9
     assert T.winner(key_trials) == GOOD
@@ -143,15 +157,22 @@ def test_the_budget_is_honoured_and_what_was_measured_is_kept():
 
     other = LayerKey("conv1x1", "v1", "float32", 1, 4, 4, 16, 16, 1)
     candidates = lambda key: [{"BLOCK_M": 16}, {"BLOCK_M": 32}, {"BLOCK_M": 64}]  # noqa: E731
-    result = T.sweep([KEY, other], device="cpu", budget_s=15, candidates=candidates, build=build, timer=timer,
-                     clock=lambda: now[0])
+    result = T.sweep(
+        [KEY, other], device="cpu", budget_s=15, candidates=candidates, build=build, timer=timer, clock=lambda: now[0]
+    )
     assert [(t.key.op, t.status) for t in result.trials] == [
-        ("conv3x3", "timed"), ("conv3x3", "timed"), ("conv3x3", "not run"),  # heaviest first
-        ("conv1x1", "not run"), ("conv1x1", "not run"), ("conv1x1", "not run")]
+        ("conv3x3", "timed"),
+        ("conv3x3", "timed"),
+        ("conv3x3", "not run"),  # heaviest first
+        ("conv1x1", "not run"),
+        ("conv1x1", "not run"),
+        ("conv1x1", "not run"),
+    ]
     assert len(built) == 3  # the reference and the two candidates
     built.clear()
-    nothing = T.sweep([KEY], device="cpu", budget_s=0, candidates=candidates, build=build, timer=timer,
-                      clock=lambda: now[0])
+    nothing = T.sweep(
+        [KEY], device="cpu", budget_s=0, candidates=candidates, build=build, timer=timer, clock=lambda: now[0]
+    )
     assert {t.status for t in nothing.trials} == {"not run"} and built == [] and nothing.winners == {}
     assert "3 not run (budget or interrupt)" in T.summary(nothing) and not nothing.interrupted
 
@@ -169,11 +190,21 @@ def test_an_interrupt_stops_the_sweep_and_keeps_what_was_measured():
         return [2.0 if len(calls) == 1 else 1.0] * repeats
 
     other = LayerKey("conv1x1", "v1", "float32", 1, 4, 4, 16, 16, 1)
-    result = T.sweep([KEY, other], device="cpu", candidates=lambda key: [{"BLOCK_M": 16}, {"BLOCK_M": 32}, GOOD],
-                     build=lambda key, tiles, device: (lambda: torch.ones(1)), timer=timer)
+    result = T.sweep(
+        [KEY, other],
+        device="cpu",
+        candidates=lambda key: [{"BLOCK_M": 16}, {"BLOCK_M": 32}, GOOD],
+        build=lambda key, tiles, device: lambda: torch.ones(1),
+        timer=timer,
+    )
     assert [(t.status, t.reason) for t in result.trials] == [
-        ("timed", None), ("timed", None), ("not run", "interrupted"),
-        ("not run", "interrupted"), ("not run", "interrupted"), ("not run", "interrupted")]
+        ("timed", None),
+        ("timed", None),
+        ("not run", "interrupted"),
+        ("not run", "interrupted"),
+        ("not run", "interrupted"),
+        ("not run", "interrupted"),
+    ]
     assert result.interrupted and result.winners == {KEY: {"BLOCK_M": 32}}
 
 
