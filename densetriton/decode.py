@@ -6,12 +6,12 @@ torchvision's PIL transforms preprocess in DataLoader workers); `--decode auto` 
 How a batch goes (stream.stream_images drives it):
 
 * DataLoader workers only read (`EncodedImages`): a JPEG that the tensor decoder takes (Pillow's
-  header says JPEG, 3-component colour) becomes its raw bytes as a uint8 tensor, with the size its
+  header says JPEG, colour or grayscale) becomes its raw bytes as a uint8 tensor, with the size its
   SOF header declares checked against max_image_pixels() and against the resize bound before
   anything is decoded, and its EXIF orientation read from the bytes (decode_jpeg's
-  apply_exif_orientation exists on the CPU only, so both devices turn the tensor themselves). Anything else (PNG, CMYK or
-  grayscale JPEG, 16-bit, DICOM, a file Pillow cannot identify) goes through today's Pillow path
-  in the worker, so the batch carries both kinds.
+  apply_exif_orientation exists on the CPU only, so both devices turn the tensor themselves).
+  Anything else (PNG, a CMYK JPEG, 16-bit, DICOM, a file Pillow cannot identify) goes through
+  today's Pillow path in the worker, so the batch carries both kinds.
 * The main process decodes the batch's JPEG bytes in one call (`torchvision.io.decode_jpeg(list,
   device=...)`: nvJPEG on CUDA), then per image applies the EXIF orientation, resizes (bilinear,
   antialiased) and center-crops on uint8 tensors with torchvision.transforms.v2.functional, takes
@@ -43,7 +43,9 @@ DECODE_CHOICES = ("auto", "gpu", "cpu")
 # value (32 photos of 1024x768: 300 MB of temporaries, not 2.4 GB for a batch of 256).
 RESIZE_CHUNK = 32
 _EXIF_ORIENTATION = 0x0112
-_TENSOR_MODES = ("RGB", "YCbCr")  # 3-component JPEGs; Pillow opens YCbCr ones as "RGB"
+# Colour JPEGs (Pillow opens YCbCr ones as "RGB") and grayscale ones (X-rays: decoded to RGB by
+# copying the gray value, as Pillow's convert("RGB") does). CMYK and YCCK go through Pillow.
+_TENSOR_MODES = ("RGB", "YCbCr", "L")
 
 
 def use_tensor_decoding(choice: str | None, device: torch.device) -> bool:

@@ -69,8 +69,8 @@ Images are read with PIL: EXIF orientation is applied; grayscale, palette, CMYK 
 become RGB (16-bit scaled from the full 0..65535 range); transparency is composited onto white;
 DICOM files (with pydicom) get their rescale and first window (else their own range) onto 0..255,
 MONOCHROME1 inverted; a grayscale (1-channel) model gets the luminance. Files that cannot be read are skipped, never
-stopping the run, and listed in the final summary. With --decode gpu (the default on CUDA), colour
-JPEGs are decoded and preprocessed in batches on the device instead (the same rules, the same
+stopping the run, and listed in the final summary. With --decode gpu (the default on CUDA), colour and
+grayscale JPEGs are decoded and preprocessed in batches on the device instead (the same rules, the same
 answers up to the resize's rounding), and every other file, or a JPEG the decoder refuses, by PIL.
 
 Preprocessing: as the weights define it -- torchvision's for pretrained ImageNet models (resize

@@ -125,6 +125,17 @@ def test_same_top1(varied, engine):
     assert agree >= 0.99, agree
 
 
+def test_grayscale_jpeg_takes_the_tensor_path(tmp_path):
+    """A grayscale JPEG (an X-ray) is decoded by the tensor path, to the pixels load_image gives
+    (fails with "L" left out of the tensor decoder's modes)."""
+    path = str(tmp_path / "xray.jpg")
+    Image.fromarray(_photo(_rng("xray"), 50, 40)[:, :, 1]).save(path, quality=90)
+    _, _, data, orientation, tensor, reason = EncodedImages([(0, path)], build_transform(PRE), PRE)[0]
+    assert data is not None and tensor is None and reason is None
+    img = decode_jpegs([data], torch.device("cpu"))[0]
+    assert torch.equal(img, torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1))
+
+
 def test_declared_size_refused_before_decoding(tmp_path, monkeypatch):
     """A JPEG over DENSETRITON_MAX_IMAGE_PIXELS is refused from its SOF header in the worker: no
     bytes are handed to the decoder (fails without jpeg_header's check)."""
