@@ -269,7 +269,7 @@ def random_weights(spec: DenseNetSpec) -> Weights:
     """torchvision's initialisation from torch's global RNG (torch.manual_seed reproduces it)."""
     model = ReferenceDenseNet(spec)
     tensors = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    return Weights(spec, tensors, None, None, "random")
+    return Weights(spec=spec, tensors=tensors, source="random")
 
 
 def _same_architecture(a: DenseNetSpec, b: DenseNetSpec) -> bool:

@@ -26,7 +26,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ class WeightsError(ValueError):
 class Weights:
     spec: DenseNetSpec
     tensors: dict[str, torch.Tensor]
+    _: KW_ONLY  # what a file records besides its tensors: by name only
     class_names: list[str] | None = None
     preprocessing: dict | None = None
     source: str | None = None
@@ -427,14 +428,14 @@ def load_weights(path: str | os.PathLike) -> Weights:
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
     return Weights(
-        found.spec,
-        tensors,
-        found.class_names,
-        found.preprocessing,
-        metadata.get("source"),
-        metadata,
-        found.multi_label,
-        found.operating_points,
+        spec=found.spec,
+        tensors=tensors,
+        class_names=found.class_names,
+        preprocessing=found.preprocessing,
+        source=metadata.get("source"),
+        metadata=metadata,
+        multi_label=found.multi_label,
+        operating_points=found.operating_points,
     )
 
 
