@@ -358,7 +358,7 @@ class Plan:
             classifier(x, logits)
 
 
-def _close_failed_capture(graph: "torch.cuda.CUDAGraph", device: torch.device, caller_stream) -> None:
+def _close_failed_capture(graph: torch.cuda.CUDAGraph, device: torch.device, caller_stream) -> None:
     """Undo what torch leaves open when a capture is invalidated: capture_end raises before it
     ends the allocator's routing into the graph's memory pool (every later empty_cache() would
     then fail an internal assert) and before it restores the caller's stream. Private APIs,

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import _dot, _relu
 from ._common import check_conv_args
+from ._math import _dot, _relu
 
 
 @triton.jit

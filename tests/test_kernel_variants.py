@@ -4,17 +4,23 @@ import json
 
 import pytest
 import torch
+from helpers import randomize_batchnorm, rel_err
 
 import densetriton
 from densetriton import DenseNetSpec, kernels
 from densetriton.plan import Plan, build_stages, fold_batchnorm, stage_op
 from densetriton.reference import ReferenceDenseNet
-from densetriton.tiles import (LayerKey, choose_tiles, find_tuned_table, heuristic_tiles, load_tuned_table,
-                               tuned_table_json, tuned_table_name)
+from densetriton.tiles import (
+    LayerKey,
+    choose_tiles,
+    find_tuned_table,
+    heuristic_tiles,
+    load_tuned_table,
+    tuned_table_json,
+    tuned_table_name,
+)
 from densetriton.tuning import build_candidate, check_candidate
 from densetriton.variants import OP_VARIANTS, KernelChoice, parse_kernel_choice
-
-from helpers import randomize_batchnorm, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -2,7 +2,6 @@
 comparison itself is stubbed here: a whole densenet121 takes ~50 s through the interpreter."""
 
 import pytest
-
 from densetriton.bench import variant_check
 
 

@@ -10,9 +10,7 @@ select was relied on for anything but rows that are never stored.
 import pytest
 import torch
 import torch.nn.functional as F
-
 from densetriton.kernels import bn_relu_conv_v2, pack_conv_weight
-
 from helpers import DOT_DTYPES, NONFINITE_OK, GuardBand, assert_close, assert_nonfinite_like, plant_nonfinite, randn
 
 NAN = float("nan")
