@@ -27,9 +27,12 @@ MAX_COMPRESSION_RATIO = 20
 SMALL_MEMBER_BYTES = 16 << 20
 # Pickle streams: nesting of containers (a deep tuple crashes CPython's unpickler), and size.
 MAX_PICKLE_DEPTH = 1000
-MAX_PICKLE_BYTES = 256 << 20
-# The unpickler is pure Python: its time grows with the opcodes (a few million a second).
-MAX_PICKLE_OPS = 4_000_000
+MAX_PICKLE_BYTES = 64 << 20  # densenet264 pickled whole (torch.save(model)): 0.4 MB
+# The scan and the unpickler are pure Python: a million opcodes take them a few seconds. For all
+# the pickles of one file; densenet264 pickled whole (torch.save(model)) has 153,000.
+MAX_PICKLE_OPS = 1_000_000
+# A state dict's key (densenet264's longest is under 60 characters).
+MAX_KEY_CHARS = 1024
 # JSON held in a file's metadata or config (safetensors metadata, Keras config, a spec).
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64

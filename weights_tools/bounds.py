@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickletools
 import zipfile
 
@@ -41,7 +42,8 @@ _GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
 
 def check_zip_members(archive: zipfile.ZipFile, path, error: type[FileRefused] = CheckpointRefused) -> None:
     """Every member's declared size, from the zip directory: within the ratio to its compressed
-    size (unless small), within MAX_TENSOR_BYTES, and all of them within MAX_TOTAL_TENSOR_BYTES."""
+    size (unless small), within MAX_TENSOR_BYTES, and all of them within MAX_TOTAL_TENSOR_BYTES;
+    then the members together (check_zip_totals)."""
     total = 0
     for info in archive.infolist():
         name = ascii(info.filename)
@@ -53,26 +55,57 @@ def check_zip_members(archive: zipfile.ZipFile, path, error: type[FileRefused] =
         total += info.file_size
     if total > MAX_TOTAL_TENSOR_BYTES:
         raise refused(path, "the zip members' total size", f"{total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes", error)
+    check_zip_totals(archive, path, error)
 
 
-def scan_pickle(source, path, what: str = "the pickle") -> None:
-    """Walk a pickle's opcodes (bytes, or a file positioned at its start and left after its STOP)
-    without building anything, refusing it past MAX_PICKLE_BYTES, MAX_PICKLE_OPS or
-    MAX_PICKLE_DEPTH. Each stack entry is a cell holding its nesting depth; the memo and DUP share
-    cells, so a container filled after it was memoised is seen at its final depth. A malformed
-    stream raises ValueError (the unpickler would fail on it too)."""
-    stack, marks, memo = [], [], {}
-    start = None
+def check_zip_totals(archive: zipfile.ZipFile, path, error: type[FileRefused] = CheckpointRefused) -> None:
+    """The members together: their compressed sizes within the archive's bytes (members overlapping,
+    or a directory that lies, declare more), and their sizes within MAX_COMPRESSION_RATIO times
+    their compressed sizes unless small in all -- each small member is exempt from the ratio, so
+    a few MB of small members can each inflate 16 MiB of zeros."""
+    infos = archive.infolist()
+    inflated, compressed = sum(i.file_size for i in infos), sum(i.compress_size for i in infos)
+    held = _archive_bytes(archive)
+    if held is not None and compressed > held:
+        raise refused(path, "the zip members' total compressed size (members overlap, or the zip directory is wrong)",
+                      f"{compressed} bytes", f"the archive's {held} bytes", error)
+    if inflated > SMALL_MEMBER_BYTES and inflated > MAX_COMPRESSION_RATIO * compressed:
+        raise refused(path, f"the zip members' total size ({compressed} bytes compressed)", f"{inflated} bytes",
+                      f"{MAX_COMPRESSION_RATIO} times their compressed size", error)
+
+
+def _archive_bytes(archive) -> int | None:
+    """The size of the file an open ZipFile reads, or None when it reads no file."""
+    fp = getattr(archive, "fp", None)
     try:
-        for count, (op, arg, pos) in enumerate(pickletools.genops(_Bounded(source, path, what)), 1):
-            start = pos if start is None else start
-            if count > MAX_PICKLE_OPS:
-                raise refused(path, f"{what}'s opcode count", f"{count} or more", MAX_PICKLE_OPS)
+        return os.fstat(fp.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        try:
+            return len(fp.getbuffer())  # an in-memory archive
+        except AttributeError:
+            return None
+
+
+def scan_pickle(source, path, what: str = "the pickle", used: int = 0) -> int:
+    """Walk a pickle's opcodes (bytes, or a file positioned at its start and left after its STOP)
+    without building anything, refusing it past MAX_PICKLE_BYTES, MAX_PICKLE_OPS (less the `used`
+    opcodes of the file's earlier pickles) or MAX_PICKLE_DEPTH; returns its opcode count. Each
+    stack entry is a cell holding its nesting depth; the memo and DUP share cells, so a container
+    filled after it was memoised is seen at its final depth. A malformed stream raises ValueError
+    (the unpickler would fail on it too)."""
+    stack, marks, memo = [], [], {}
+    count = 0
+    try:
+        for count, (op, arg, _pos) in enumerate(pickletools.genops(_Bounded(source, path, what)), 1):
+            if used + count > MAX_PICKLE_OPS:
+                whose = f"{what}'s opcode count" + (" (with the file's earlier pickles)" if used else "")
+                raise refused(path, whose, f"{used + count} or more", MAX_PICKLE_OPS)
             depth = _step(op, arg, stack, marks, memo)
             if depth > MAX_PICKLE_DEPTH:
                 raise refused(path, f"{what}'s nesting depth", f"{depth} or more", MAX_PICKLE_DEPTH)
     except (IndexError, KeyError) as e:
         raise ValueError(f"{what} is malformed ({type(e).__name__} at an opcode)") from None
+    return count
 
 
 def _step(op, arg, stack: list, marks: list, memo: dict) -> int:
@@ -189,8 +222,16 @@ def check_tensor(t: torch.Tensor, name: str, path) -> int:
 
 
 def check_tensors(tensors: dict, path) -> None:
-    """check_tensor for every tensor of a state dict, and their total within MAX_TOTAL_TENSOR_BYTES,
-    before any of them is copied or made contiguous."""
+    """check_tensor for every tensor of a state dict, and their total within MAX_TOTAL_TENSOR_BYTES
+    and within the bytes of the storages they view (unless small), before any of them is copied
+    or made contiguous: tensors each fitting one storage of 16 MiB, many of them viewing it, are
+    gigabytes once each is written out."""
+    found = [t for t in tensors.values() if isinstance(t, torch.Tensor)]
     total = sum(check_tensor(t, str(k), path) for k, t in tensors.items() if isinstance(t, torch.Tensor))
     if total > MAX_TOTAL_TENSOR_BYTES:
         raise refused(path, "the tensors' total size", f"{total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes")
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in found}
+    held = sum(storages.values())
+    if total > SMALL_MEMBER_BYTES and total > held:
+        raise refused(path, f"the tensors' total size (views sharing {len(storages)} storages)", f"{total} bytes",
+                      f"the {held} bytes of their storages", error=CheckpointRefused)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..limits import MAX_CLASSES
+from ..limits import MAX_CLASSES, MAX_KEY_CHARS
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, describe_spec, get_spec
 from ..weights import (
     WeightsError,
@@ -61,7 +61,8 @@ _LOSS_MODULE = re.compile(r"^(criterion|criterions|loss|losses|(\w+_)?loss(_fn|_
 
 # Renames to torchvision's current names, applied in this order to every key once its wrapper's
 # prefix is dropped: (pattern, replacement, whose names they are).
-_KEY_RENAMES = tuple((re.compile(pattern), replacement) for pattern, replacement, _whose in (
+# DOTALL: a "." that stops at a newline makes "(.*)$" backtrack over a long key once per match.
+_KEY_RENAMES = tuple((re.compile(pattern, re.DOTALL), replacement) for pattern, replacement, _whose in (
     # Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
     (r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$", r"\1\2",
      "torchvision < 0.2"),
@@ -359,6 +360,7 @@ def convert_state_dict(
     prefix: convert only the tensors whose keys start with it (see normalize_state_dict)."""
     if prefix:
         state_dict = _select(state_dict, prefix)
+    _check_keys(_unnest(state_dict), source)
     tensors = normalize_state_dict(state_dict)
     _check_sizes(tensors, source)
     _refuse_3d(tensors)
@@ -450,14 +452,24 @@ def _save(out, tensors: dict[str, torch.Tensor], spec: DenseNetSpec, *, progress
           **metadata) -> Path:
     """The spec's tensors copied to contiguous CPU memory (with progress: the slow part for large
     checkpoints on slow disks), written atomically with the metadata."""
-    cpu = {}
+    cpu, seen = {}, set()
     shown = None if progress is None else not progress  # None: show on a terminal only
     for name in tqdm(spec.state_dict_shapes(), desc=f"converting {describe_spec(spec)}", unit="tensor", disable=shown,
                      leave=False):
-        cpu[name] = tensors[name].detach().to("cpu").contiguous()
+        cpu[name] = _own_copy(tensors[name].detach().to("cpu"), seen)
     if preprocessing is None:
         preprocessing = default_preprocessing(spec)
     return save_weights(out, cpu, spec, preprocessing=preprocessing, **metadata)
+
+
+def _own_copy(t: torch.Tensor, seen: set) -> torch.Tensor:
+    """The tensor in contiguous memory of its own: one sharing its storage with a tensor `seen`
+    before (two entries of one tensor, views of one buffer) is copied, as safetensors writes no two
+    tensors from one storage. (bounds.check_tensors held their total to the storages' bytes.)"""
+    storage = t.untyped_storage()
+    owned = storage.data_ptr() not in seen and storage.nbytes() == t.numel() * t.element_size()
+    seen.add(storage.data_ptr())
+    return t if owned and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
 
 
 def _check_sizes(tensors: dict[str, torch.Tensor], source: str | None) -> None:
@@ -468,6 +480,14 @@ def _check_sizes(tensors: dict[str, torch.Tensor], source: str | None) -> None:
     weight = tensors.get("classifier.weight")
     if weight is not None and weight.dim() >= 1 and weight.shape[0] > MAX_CLASSES:
         raise refused(where, "the classifier's class count", weight.shape[0], MAX_CLASSES)
+
+
+def _check_keys(found: dict, source: str | None) -> None:
+    """Before any key is matched against the renames or listed in an error: each within MAX_KEY_CHARS."""
+    long = next((k for k in found if isinstance(k, str) and len(k) > MAX_KEY_CHARS), None)
+    if long is not None:
+        raise refused(source or "the state dict", f"the length of a key ({long[:40]!a}...)", f"{len(long)} characters",
+                      MAX_KEY_CHARS)
 
 
 def _operating_points_in(state_dict: dict, spec: DenseNetSpec, source: str | None) -> list[float | None] | None:

@@ -264,6 +264,9 @@ def _count_tensors(top: dict, path) -> int:
 def _own_tensors(state: dict, where: str) -> list:
     """A module's own parameters and persistent buffers, as (name, tensor)."""
     skipped = state.get("_non_persistent_buffers_set") or set()
+    if not isinstance(skipped, (set, frozenset)):  # a list here would make the lookups below quadratic
+        raise pickle.UnpicklingError(f"{where or '(top)'!a}'s _non_persistent_buffers_set is a {type(skipped).__name__}, "
+                                     f"not a set: not a module torch pickled")
     buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in skipped}
     found = []
     for name, value in [*state["_parameters"].items(), *buffers.items()]:

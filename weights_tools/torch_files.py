@@ -67,6 +67,7 @@ class TorchFile:
         self.path = Path(path)
         self.storages: dict[str, Storage] = {}
         self.total = 0
+        self.opcodes = 0  # of all the file's pickles: a legacy file has five, which share MAX_PICKLE_OPS
 
     def names(self) -> dict:
         """The names a torch.save pickle uses for storages and tensors, resolved to this reader's."""
@@ -138,7 +139,7 @@ class TorchFile:
             if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big":
                 raise pickle.UnpicklingError("saved on a big-endian machine: load and save it again on a little-endian one")
             data = archive.read(pickles[0])
-            scan_pickle(data, self.path, "data.pkl")
+            self.opcodes += scan_pickle(data, self.path, "data.pkl")
             unpickler = make_unpickler(io.BytesIO(data))
             unpickler.persistent_load = lambda saved_id: self._zip_storage(archive, prefix, saved_id)
             return unpickler.load()
@@ -182,7 +183,7 @@ class TorchFile:
     def _next_pickle(self, f, make_unpickler, what: str, load_storage=None):
         """The pickle at f's position, scanned before it is unpickled; f is left after it."""
         start = f.tell()
-        scan_pickle(f, self.path, what)
+        self.opcodes += scan_pickle(f, self.path, what, used=self.opcodes)
         end = f.tell()
         f.seek(start)
         unpickler = make_unpickler(f)
@@ -197,12 +198,13 @@ class TorchFile:
             raise pickle.UnpicklingError("a storage view (torch < 1.0), which is not read")
         if key not in self.storages:
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            self._claim(f"storage {key!a}", nbytes, held)
+            self._claim(f"storage {key!a}", nbytes, held - self.total)  # what the storages before it left
             self.storages[key] = Storage(torch.empty(nbytes, dtype=torch.uint8), dtype)
         return Storage(self.storages[key].data, dtype)
 
     def _read_legacy_storages(self, f, keys) -> None:
-        if not isinstance(keys, list) or any(str(k) not in self.storages for k in keys):
+        # Each storage the object uses read once: one left out would hand on uninitialised memory.
+        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(self.storages):
             raise pickle.UnpicklingError("the storage list does not match the storages the object uses")
         for key in map(str, keys):
             storage = self.storages[key]

@@ -318,6 +318,114 @@ def test_hostile_checkpoint_is_refused_in_one_line_and_writes_nothing(case, tmp_
     assert secret[:16].hex() not in run.stdout + run.stderr
 
 
+# -- more cases: what each did before its fix is in its docstring ------------------------------------
+
+
+def _many_small_members(tmp_path):
+    """80 storages of 16 MiB of zeros, each deflated to ~70 KB: each member is small, so exempt from
+    the ratio, and all of them inflated to 1.3 GB (1.9 GB peak, exit 1) before the members' total
+    was held to the ratio."""
+    numel, count = (16 << 20) // 4, 80
+    refs = {f"w{i}": _TensorRef(_StorageRef(str(i), numel), (numel,), (1,)) for i in range(count)}
+    return _torch_zip(tmp_path / "many-members.pt", _torch_pickle(refs),
+                      {str(i): bytes(16 << 20) for i in range(count)}, deflated={str(i) for i in range(count)})
+
+
+def _views_of_one_storage(tmp_path):
+    """A DenseNet (growth 128, 40 layers: 300 MB of tensors) whose every tensor views one 10 MB
+    storage of ones, deflated to 10 KB: each tensor fits its storage. Before the tensors' total was
+    held to their storages' bytes, safetensors refused the shared storage in a 400-line message
+    (exit 1); copied instead, it is 300 MB written from a 60 KB file (and 8 GB at the bounds)."""
+    from densetriton.spec import DenseNetSpec
+
+    spec = DenseNetSpec(growth_rate=128, block_config=(40,), num_init_features=64, bn_size=4, num_classes=10)
+    shapes = spec.state_dict_shapes()
+    numel = max(math.prod(s) for s in shapes.values())
+    refs = OrderedDict((k, _TensorRef(_StorageRef("0", numel), s, _contiguous_stride(s))) for k, s in shapes.items())
+    return _torch_zip(tmp_path / "views.pt", _torch_pickle(refs), {"0": np.ones(numel, np.float32).tobytes()},
+                      deflated={"0"})
+
+
+def _legacy_storage_never_read(tmp_path):
+    """A legacy file whose storage list is empty: its storages were allocated and never read, so the
+    tensors held uninitialised memory (freed heap: bytes of whatever the process read before), and
+    converted when that memory was zeros."""
+    refs = OrderedDict((k, _TensorRef(_StorageRef(str(i), v.numel()), tuple(v.shape), tuple(v.stride())))
+                       for i, (k, v) in enumerate(_small_state_dict().items()) if not k.endswith("num_batches_tracked"))
+    return _legacy_file(tmp_path / "unread.pt", _torch_pickle(refs, legacy=True), [], bytes(100_000))
+
+
+def _quadratic_key(tmp_path):
+    """A key of 950,000 characters: many "denselayer1.layers." and a newline. The MONAI rename's
+    "(.*)$" (whose "." stopped at the newline) backtracked over the key once per match: hung (over 90 s)."""
+    key = "features." + "denselayer1.layers." * 50_000 + "\nx"
+    return _torch_zip(tmp_path / "key.pt", _torch_pickle({key: _TensorRef(_StorageRef("0", 1), (1,), (1,))}),
+                      {"0": bytes(4)})
+
+
+def _non_persistent_list(tmp_path):
+    """A pickled module whose _non_persistent_buffers_set is a list of 100,000 names and whose
+    _buffers names them too (each None): each buffer was looked up in the list, 10^10 compares: hung."""
+    names = [f"b{i}" for i in range(100_000)]
+    state = {"_parameters": {}, "_buffers": dict.fromkeys(names), "_modules": {}, "_non_persistent_buffers_set": names}
+    body = pickle.dumps(state, protocol=2)[2:-1]  # without PROTO and STOP
+    return _torch_zip(tmp_path / "buffers.pt", b"\x80\x02cfoo\nModel\n)\x81" + body + b"b.")  # foo.Model(), BUILD
+
+
+def _legacy_pickles_of_many_opcodes(tmp_path):
+    """A legacy file's five pickles, each of 550,000 opcodes (NONE, POP): each was within the
+    opcode bound alone (4,000,000 each then), so all 2.75 million were scanned and unpickled (exit
+    1, no state dict). The file's pickles now share one budget, spent in the second pickle."""
+    padding = b"N0" * 275_000
+    pickles = [b"\x80\x02" + padding + pickle.dumps(v, protocol=2)[2:]
+               for v in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}, {}, [])]
+    path = tmp_path / "opcodes.pt"
+    path.write_bytes(b"".join(pickles))
+    return path
+
+
+# name: (make, what the one error line says, exit status)
+MORE_CASES = {
+    "zip-many-small-members": (_many_small_members, "times their compressed size", 2),
+    "views-of-one-storage": (_views_of_one_storage, "of their storages", 2),
+    "legacy-storage-never-read": (_legacy_storage_never_read, "the storage list does not match", 1),
+    "quadratic-key": (_quadratic_key, "the length of a key", 2),
+    "non-persistent-buffers-list": (_non_persistent_list, "not a set", 1),
+    "legacy-pickles-of-many-opcodes": (_legacy_pickles_of_many_opcodes, "with the file's earlier pickles", 2),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_CASES))
+def test_more_hostile_checkpoints_fail_in_one_line_and_write_nothing(case, tmp_path):
+    """As above; a refusal found after reading (the key, the shared storage) names the file by its
+    name, as the converted file's source does; a malformed file is exit status 1."""
+    make, mention, status = MORE_CASES[case]
+    source = tmp_path / "in"
+    source.mkdir()
+    checkpoint = make(source)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    run = run_cli("convert", "--checkpoint", str(checkpoint), "--out", str(out_dir / "model.safetensors"))
+    assert_refused(run, mentions=mention, status=status)
+    assert checkpoint.name in run.error_lines[0]
+    assert list(out_dir.iterdir()) == []
+
+
+def test_tensors_sharing_a_storage_convert(tmp_path):
+    """A checkpoint in which two entries are one tensor (torch.save keeps one storage for both; tied
+    values, or a training script's aliasing) converts, each entry copied out of the shared storage.
+    (Fails without the copy: safetensors refuses tensors sharing memory, in a multi-line error.)"""
+    from densetriton.weights import load_weights
+    from densetriton.weights_tools.convert import convert_checkpoint
+
+    sd = {k: v for k, v in _small_state_dict().items() if not k.endswith("num_batches_tracked")}
+    shared = torch.rand(sd["features.norm5.weight"].shape) + 0.5
+    sd["features.norm5.weight"] = sd["features.norm5.running_var"] = shared
+    torch.save(sd, tmp_path / "tied.pt")
+    tensors = load_weights(convert_checkpoint(tmp_path / "tied.pt", tmp_path / "tied.safetensors")).tensors
+    assert all(torch.equal(tensors[k], sd[k]) for k in sd)
+
+
 # -- in-process: no torch.load, no torch.jit.load; the limits stay generous ---------------------------
 
 
