@@ -62,8 +62,11 @@ class E2ESettings:
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("spec", "tensors", "notes", "out")}
-        d.update(device=str(self.device), folder=None if self.folder is None else str(self.folder),
-                 sizes=[list(s) for s in self.sizes])
+        d.update(
+            device=str(self.device),
+            folder=None if self.folder is None else str(self.folder),
+            sizes=[list(s) for s in self.sizes],
+        )
         return d
 
 
@@ -132,9 +135,28 @@ def command_peer(s: E2ESettings, folder: Path, weights: Path, decode: str, workd
     from densetriton.cli import main
 
     out = workdir / f"predict-{decode}.csv"
-    argv = ["predict", str(folder), "--weights", str(weights), "--device", str(s.device), "--dtype", s.dtype,
-            "--backend", s.backend, "--batch-size", str(s.batch), "--workers", str(s.workers), "--decode", decode,
-            "--out", str(out), "--topk", "5"]
+    argv = [
+        "predict",
+        str(folder),
+        "--weights",
+        str(weights),
+        "--device",
+        str(s.device),
+        "--dtype",
+        s.dtype,
+        "--backend",
+        s.backend,
+        "--batch-size",
+        str(s.batch),
+        "--workers",
+        str(s.workers),
+        "--decode",
+        decode,
+        "--out",
+        str(out),
+        "--topk",
+        "5",
+    ]
     err = io.StringIO()
     started = time.perf_counter()
     with contextlib.redirect_stderr(err):
@@ -146,8 +168,14 @@ def command_peer(s: E2ESettings, folder: Path, weights: Path, decode: str, workd
     done, rate = int(found.group(1)), float(found.group(2))  # the rate has more digits than the seconds
     rows = sum(1 for _ in open(out, encoding="utf-8")) - 1
     out.unlink()
-    return {"peer": f"densetriton --decode {decode}", "images": done, "rows_written": rows, "elapsed_s": done / rate,
-            "images_per_s": rate, "wall_with_load_s": round(wall, 3)}
+    return {
+        "peer": f"densetriton --decode {decode}",
+        "images": done,
+        "rows_written": rows,
+        "elapsed_s": done / rate,
+        "images_per_s": rate,
+        "wall_with_load_s": round(wall, 3),
+    }
 
 
 class _FolderDataset(torch.utils.data.Dataset):
@@ -172,7 +200,9 @@ def torchvision_peer(s: E2ESettings, files: list, tensors: dict, spec, pre: dict
 
     from . import peers as P
 
-    steps = [transforms.Resize(pre["resize_size"]), transforms.CenterCrop(pre["crop_size"])] if pre.get("crop_size") else []
+    steps = (
+        [transforms.Resize(pre["resize_size"]), transforms.CenterCrop(pre["crop_size"])] if pre.get("crop_size") else []
+    )
     transform = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(pre["mean"], pre["std"])])
     cuda = s.device.type == "cuda"
     dtype = getattr(torch, s.dtype)
@@ -180,8 +210,9 @@ def torchvision_peer(s: E2ESettings, files: list, tensors: dict, spec, pre: dict
     net = net.to(s.device, dtype).eval()
     if cuda:
         net = net.to(memory_format=torch.channels_last)
-    loader = torch.utils.data.DataLoader(_FolderDataset(files, transform), batch_size=s.batch, num_workers=s.workers,
-                                         pin_memory=cuda)
+    loader = torch.utils.data.DataLoader(
+        _FolderDataset(files, transform), batch_size=s.batch, num_workers=s.workers, pin_memory=cuda
+    )
     out_path, done = workdir / "torchvision.csv", 0
     started = time.perf_counter()
     with torch.inference_mode(), open(out_path, "w", newline="") as f:
@@ -196,8 +227,14 @@ def torchvision_peer(s: E2ESettings, files: list, tensors: dict, spec, pre: dict
             done += len(idx)
     elapsed = time.perf_counter() - started
     out_path.unlink()
-    return {"peer": "torchvision pipeline", "images": done, "elapsed_s": elapsed, "images_per_s": done / elapsed,
-            "model_dtype": s.dtype, "channels_last": cuda}
+    return {
+        "peer": "torchvision pipeline",
+        "images": done,
+        "elapsed_s": elapsed,
+        "images_per_s": done / elapsed,
+        "model_dtype": s.dtype,
+        "channels_last": cuda,
+    }
 
 
 def engine_peer(s: E2ESettings, engine, pre: dict, repeats: int) -> dict:
@@ -214,8 +251,12 @@ def engine_peer(s: E2ESettings, engine, pre: dict, repeats: int) -> dict:
         engine(x)
     _sync(engine.device)
     elapsed = time.perf_counter() - started
-    return {"peer": "engine only", "images": repeats * s.batch, "elapsed_s": elapsed,
-            "images_per_s": repeats * s.batch / elapsed}
+    return {
+        "peer": "engine only",
+        "images": repeats * s.batch,
+        "elapsed_s": elapsed,
+        "images_per_s": repeats * s.batch / elapsed,
+    }
 
 
 # -- the breakdown ------------------------------------------------------------------------------
@@ -270,7 +311,7 @@ def breakdown(s: E2ESettings, engine, files: list, decode: str, workdir: Path) -
     with open(workdir / f"breakdown-{decode}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         for start in range(0, len(sample), s.batch):
-            chunk = sample[start:start + s.batch]
+            chunk = sample[start : start + s.batch]
             out = _stage_batch(st, engine, chunk, decode, transform, tensor_pre)
             with st.stage("write"):
                 for p, top in zip(chunk, topk(out, 5, engine.class_names)):
@@ -290,8 +331,10 @@ def measure(s: E2ESettings, workdir: Path) -> dict:
     if folder is None:
         folder = workdir / "photos"
         generate_jpegs(folder, s.images, s.sizes, s.seed)
-        s.notes.append(f"{s.images} generated JPEGs ({', '.join(f'{w}x{h}' for w, h in s.sizes)}, quality 90, "
-                       f"every eighth with an EXIF rotation; the first 256 drawn, the rest copies of their bytes)")
+        s.notes.append(
+            f"{s.images} generated JPEGs ({', '.join(f'{w}x{h}' for w, h in s.sizes)}, quality 90, "
+            f"every eighth with an EXIF rotation; the first 256 drawn, the rest copies of their bytes)"
+        )
     from densetriton.stream import collect_files
 
     files = collect_files([str(folder)])
@@ -315,28 +358,43 @@ def ratios(results: list[dict]) -> dict:
         other = rate.get(name)
         return None if not gpu or not other else gpu / other
 
-    return {"gpu_decode_over_engine_only": over("engine only"), "gpu_decode_over_torchvision": over("torchvision pipeline"),
-            "gpu_decode_over_cpu_decode": over("densetriton --decode cpu")}
+    return {
+        "gpu_decode_over_engine_only": over("engine only"),
+        "gpu_decode_over_torchvision": over("torchvision pipeline"),
+        "gpu_decode_over_cpu_decode": over("densetriton --decode cpu"),
+    }
 
 
 def markdown(doc: dict) -> str:
     s = doc["settings"]
-    lines = [f"# End to end: files -> predictions, {doc['device']}", "",
-             f"{s['model']}, batch {s['batch']}, {s['dtype']}, {s['workers']} DataLoader workers, "
-             f"{doc.get('files', '?')} files; {doc['device_detail']}; torch {doc['torch']}, torchvision "
-             f"{doc['torchvision']}; commit {doc['commit']}", ""]
+    lines = [
+        f"# End to end: files -> predictions, {doc['device']}",
+        "",
+        f"{s['model']}, batch {s['batch']}, {s['dtype']}, {s['workers']} DataLoader workers, "
+        f"{doc.get('files', '?')} files; {doc['device_detail']}; torch {doc['torch']}, torchvision "
+        f"{doc['torchvision']}; commit {doc['commit']}",
+        "",
+    ]
     lines += ["| peer | images/s | images | seconds |", "|---|---:|---:|---:|"]
     for r in doc.get("results", []):
         lines.append(f"| {r['peer']} | {r['images_per_s']:.1f} | {r['images']} | {r['elapsed_s']:.3f} |")
     lines += ["", "Target figures (densetriton --decode gpu against ...):", ""]
     for k, v in doc.get("ratios", {}).items():
         lines.append(f"- {k.replace('_', ' ')}: {'n/a' if v is None else f'{v:.2f}'}")
-    lines += ["", "Breakdown, ms per image, each stage alone in the main process (one core, one stream):", "",
-              "| decode | read | decode | preprocess | engine | write |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Breakdown, ms per image, each stage alone in the main process (one core, one stream):",
+        "",
+        "| decode | read | decode | preprocess | engine | write |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for b in doc.get("breakdown", []):
         ms = b["ms_per_image"]
-        lines.append(f"| {b['decode']} | " + " | ".join(f"{ms[k]:.3f}" for k in ("read", "decode", "preprocess",
-                                                                                   "engine", "write")) + " |")
+        lines.append(
+            f"| {b['decode']} | "
+            + " | ".join(f"{ms[k]:.3f}" for k in ("read", "decode", "preprocess", "engine", "write"))
+            + " |"
+        )
     lines += [""] + [f"- {n}" for n in doc.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -350,10 +408,18 @@ def run(s: E2ESettings) -> tuple[dict, dict[str, Path]]:
     commit, dirty = git_commit()
     now = _dt.datetime.now(_dt.timezone.utc)
     name = device_name(s.device)
-    doc = {"schema_version": 1, "kind": "end-to-end", "device": name, "device_detail": device_detail(s.device),
-           "torch": torch.__version__, "torchvision": package_version("torchvision"),
-           "python": platform.python_version(), "commit": commit, "commit_dirty": dirty,
-           "created": now.isoformat(timespec="seconds")}
+    doc = {
+        "schema_version": 1,
+        "kind": "end-to-end",
+        "device": name,
+        "device_detail": device_detail(s.device),
+        "torch": torch.__version__,
+        "torchvision": package_version("torchvision"),
+        "python": platform.python_version(),
+        "commit": commit,
+        "commit_dirty": dirty,
+        "created": now.isoformat(timespec="seconds"),
+    }
     workdir = Path(tempfile.mkdtemp(prefix="densetriton-e2e-"))
     try:
         doc.update(measure(s, workdir))
@@ -380,12 +446,16 @@ def settings_from_args(args) -> E2ESettings:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = getattr(args, "workers", None)
     return E2ESettings(
-        device=device, model=(args.model or ["densenet121"])[0], batch=(args.batch_size or [256 if cuda else 4])[0],
+        device=device,
+        model=(args.model or ["densenet121"])[0],
+        batch=(args.batch_size or [256 if cuda else 4])[0],
         dtype=(args.dtype or ["float16" if cuda else "float32"])[0],
         workers=workers if workers is not None else (max(1, cpus - 1) if cuda else default_workers()),
-        out=Path(args.out) if args.out else RESULTS_DIR, folder=Path(args.end_to_end) if args.end_to_end else None,
+        out=Path(args.out) if args.out else RESULTS_DIR,
+        folder=Path(args.end_to_end) if args.end_to_end else None,
         images=DEFAULT_IMAGES["cuda" if cuda else "cpu"] if not args.quick else (2048 if cuda else 8),
-        seed=args.seed, sample=(args.batch_size or [256])[0] if cuda else 8,  # one whole batch on CUDA
+        seed=args.seed,
+        sample=(args.batch_size or [256])[0] if cuda else 8,  # one whole batch on CUDA
     )
 
 

@@ -112,8 +112,18 @@ def collect(models, batches, dtypes, image_sizes=(None,), kernel_choice=None):
             folded = fold_batchnorm(tensors, spec, dtype, "cpu")
             for image_size, n in itertools.product(image_sizes, batches):
                 size = image_size or (224 if spec.stem == "imagenet" else 32)
-                plan = Plan(spec, stages, folded, n, size, size, dtype, torch.device("cpu"), interpreted=False,
-                            kernel_choice=kernel_choice)
+                plan = Plan(
+                    spec,
+                    stages,
+                    folded,
+                    n,
+                    size,
+                    size,
+                    dtype,
+                    torch.device("cpu"),
+                    interpreted=False,
+                    kernel_choice=kernel_choice,
+                )
                 x = torch.empty(n, spec.in_channels, size, size, dtype=dtype)
                 logits = torch.empty(n, spec.num_classes)
                 for stage, launch in plan.launches:
@@ -163,8 +173,18 @@ def _ptxas_report(ptx: str, arch: int):
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
-                              f.name, "-o", os.devnull], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                ptxas,
+                "-v",
+                f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                f.name,
+                "-o",
+                os.devnull,
+            ],
+            capture_output=True,
+            text=True,
+        )
     regs = re.search(r"Used (\d+) registers", out.stderr)
     spill = re.search(r"(\d+) bytes spill stores", out.stderr)
     if out.returncode != 0 or regs is None:
@@ -190,14 +210,17 @@ def sass_k_loop(sass: str) -> tuple[int, int, int] | None:
             labels[label.group(1)] = len(ops)
         elif ins:
             ops.append(ins.group("op"))
-    loops = [(labels[m.group(1)], i) for i, op in enumerate(ops)
-             if (m := _SASS_BRANCH.search(op)) and labels.get(m.group(1), i + 1) <= i]
-    with_mma = [(a, b) for a, b in loops if any(_MMA.match(op) for op in ops[a:b + 1])]
+    loops = [
+        (labels[m.group(1)], i)
+        for i, op in enumerate(ops)
+        if (m := _SASS_BRANCH.search(op)) and labels.get(m.group(1), i + 1) <= i
+    ]
+    with_mma = [(a, b) for a, b in loops if any(_MMA.match(op) for op in ops[a : b + 1])]
     if not with_mma:
         return None
     a, b = min(with_mma, key=lambda loop: loop[1] - loop[0])
     outer = max(with_mma, key=lambda loop: loop[1] - loop[0])
-    mma = sum(1 for op in ops[a:b + 1] if _MMA.match(op))
+    mma = sum(1 for op in ops[a : b + 1] if _MMA.match(op))
     return b - a + 1, mma, (outer[1] - outer[0]) - (b - a)
 
 
@@ -241,8 +264,9 @@ def _build_one(fn, spec, packed, backend, arch):
     try:
         opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
         t0 = time.perf_counter()
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=_target(arch),
-                                  options=opts.__dict__)
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs), target=_target(arch), options=opts.__dict__
+        )
         compile_s = time.perf_counter() - t0
         spec.registers, spec.spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
         spec.shared_bytes, spec.compile_s = compiled.metadata.shared, compile_s
@@ -255,8 +279,10 @@ def _describe(s: Specialisation) -> str:
     consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in s.constants.items())
     if s.error:
         return f"{s.kernel} {consts}: FAILED {s.error}"
-    return (f"{s.kernel} {consts}: {s.registers} regs, {s.spill_bytes} B spilled, "
-            f"{s.shared_bytes} B shared, {s.compile_s:.2f} s")
+    return (
+        f"{s.kernel} {consts}: {s.registers} regs, {s.spill_bytes} B spilled, "
+        f"{s.shared_bytes} B shared, {s.compile_s:.2f} s"
+    )
 
 
 def _k_loop_text(k_loop) -> str:
@@ -268,9 +294,11 @@ def _k_loop_text(k_loop) -> str:
 
 def table(specs, arch) -> str:
     limit = SMEM_LIMIT_KB.get(arch, 227) * 1024
-    lines = ["| kernel | constants | not /16 | launches | first launch | registers | spill B | shared B | compile s "
-             "| SASS/MMA per K step (+ outer loop) | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | constants | not /16 | launches | first launch | registers | spill B | shared B | compile s "
+        "| SASS/MMA per K step (+ outer loop) | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in sorted(specs, key=lambda s: (s.kernel, -len(s.stages))):
         consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in s.constants.items())
         notes = []
@@ -281,14 +309,18 @@ def table(specs, arch) -> str:
         if s.shared_bytes is not None and s.shared_bytes > limit:
             notes.append(f"shared memory over sm_{arch}'s {limit // 1024} KB")
         f = lambda v, fmt="{}": "-" if v is None else fmt.format(v)  # noqa: E731
-        lines.append(f"| {s.kernel} | {consts} | {' '.join(s.unaligned)} | {len(s.stages)} | {s.stages[0]} | "
-                     f"{f(s.registers)} | {f(s.spill_bytes)} | "
-                     f"{f(s.shared_bytes)} | {f(s.compile_s, '{:.2f}')} | {_k_loop_text(s.k_loop)} | {'; '.join(notes)} |")
+        lines.append(
+            f"| {s.kernel} | {consts} | {' '.join(s.unaligned)} | {len(s.stages)} | {s.stages[0]} | "
+            f"{f(s.registers)} | {f(s.spill_bytes)} | "
+            f"{f(s.shared_bytes)} | {f(s.compile_s, '{:.2f}')} | {_k_loop_text(s.k_loop)} | {'; '.join(notes)} |"
+        )
     built = [s for s in specs if s.compile_s is not None]
     lines.append("")
-    lines.append(f"{len(specs)} specialisations, {sum(len(s.stages) for s in specs)} launches; "
-                 f"{sum(1 for s in specs if s.spill_bytes)} spill, {sum(1 for s in specs if s.error)} failed; "
-                 f"build time {sum(s.compile_s for s in built):.1f} s on this machine (serial, empty cache)")
+    lines.append(
+        f"{len(specs)} specialisations, {sum(len(s.stages) for s in specs)} launches; "
+        f"{sum(1 for s in specs if s.spill_bytes)} spill, {sum(1 for s in specs if s.error)} failed; "
+        f"build time {sum(s.compile_s for s in built):.1f} s on this machine (serial, empty cache)"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -296,18 +328,37 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m densetriton.bench.kernel_report", description=__doc__.split("\n\n")[0])
     from ..spec import list_models
 
-    p.add_argument("--model", nargs="+", default=["densenet121"], choices=list_models(), metavar="NAME",
-                   help="registry models (default densenet121; one of: " + ", ".join(list_models()) + ")")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=["densenet121"],
+        choices=list_models(),
+        metavar="NAME",
+        help="registry models (default densenet121; one of: " + ", ".join(list_models()) + ")",
+    )
     p.add_argument("--batch-size", nargs="+", type=int, default=[1, 64], help="batch sizes (default 1 64)")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float16"], help="compute dtypes (default float16)")
-    p.add_argument("--image-size", nargs="+", type=int, default=[None], metavar="S",
-                   help="square input sizes (default 224; 32 for CIFAR stems)")
-    p.add_argument("--kernels", default=None, metavar="CHOICE",
-                   help="kernel variants, as DENSETRITON_KERNELS takes them (e.g. v2, or conv1x1=v2,conv3x3=v1); "
-                        "default: $DENSETRITON_KERNELS, else v1")
+    p.add_argument(
+        "--image-size",
+        nargs="+",
+        type=int,
+        default=[None],
+        metavar="S",
+        help="square input sizes (default 224; 32 for CIFAR stems)",
+    )
+    p.add_argument(
+        "--kernels",
+        default=None,
+        metavar="CHOICE",
+        help="kernel variants, as DENSETRITON_KERNELS takes them (e.g. v2, or conv1x1=v2,conv3x3=v1); "
+        "default: $DENSETRITON_KERNELS, else v1",
+    )
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (default 90: H100)")
-    p.add_argument("--count-only", action="store_true",
-                   help="count the specialisations (one line per --batch-size and in all), compile nothing")
+    p.add_argument(
+        "--count-only",
+        action="store_true",
+        help="count the specialisations (one line per --batch-size and in all), compile nothing",
+    )
     p.add_argument("--fail-on-spill", action="store_true", help="exit 1 if a kernel spills or fails to build")
     args = p.parse_args(argv)
     from ..variants import kernel_choice_from_env, parse_kernel_choice

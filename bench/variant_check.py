@@ -58,8 +58,9 @@ def check_model(model, batches, dtype_name, selections, device, image_size=224, 
     reference = densetriton.Engine(weights, device=device, dtype=torch.float32, backend="reference", pretrained=False)
     rows = []
     for batch in batches:
-        x = torch.randn(batch, spec.in_channels, image_size, image_size,
-                        generator=torch.Generator().manual_seed(seed + batch)).to(device)
+        x = torch.randn(
+            batch, spec.in_channels, image_size, image_size, generator=torch.Generator().manual_seed(seed + batch)
+        ).to(device)
         with torch.no_grad():
             ref = reference(x)
         outs = [engine(x.to(dtype)) for engine in engines]
@@ -72,8 +73,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", nargs="+", default=["densenet121", "densenet201"])
     p.add_argument("--batch-size", nargs="+", type=int, default=[1, 256])
     p.add_argument("--dtype", default="float16", choices=sorted(DEFAULT_TOL))
-    p.add_argument("--kernels", nargs="+", default=["v1", "v2"], metavar="CHOICE",
-                   help="DENSETRITON_KERNELS values; the first is the baseline (default: v1 v2)")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["v1", "v2"],
+        metavar="CHOICE",
+        help="DENSETRITON_KERNELS values; the first is the baseline (default: v1 v2)",
+    )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--tol", type=float, default=None, help="largest relative error accepted (default: by dtype)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (Triton's interpreter)")
@@ -92,11 +98,15 @@ def main(argv=None) -> int:
     tol = args.tol if args.tol is not None else DEFAULT_TOL[args.dtype]
     worst = 0.0
     for model in args.model:
-        for batch, selection, vs_first, vs_ref in check_model(model, args.batch_size, args.dtype, args.kernels,
-                                                              device, args.image_size):
+        for batch, selection, vs_first, vs_ref in check_model(
+            model, args.batch_size, args.dtype, args.kernels, device, args.image_size
+        ):
             worst = max(worst, vs_first, vs_ref)
-            print(f"{model} batch {batch} {args.dtype} DENSETRITON_KERNELS={selection}: rel err vs "
-                  f"{args.kernels[0]} {vs_first:.2e}, vs float32 reference {vs_ref:.2e}", flush=True)
+            print(
+                f"{model} batch {batch} {args.dtype} DENSETRITON_KERNELS={selection}: rel err vs "
+                f"{args.kernels[0]} {vs_first:.2e}, vs float32 reference {vs_ref:.2e}",
+                flush=True,
+            )
     print(f"{'ok' if worst <= tol else 'FAILED'}: largest relative error {worst:.2e} (tolerance {tol:.0e})")
     return 0 if worst <= tol else 1
 

@@ -29,17 +29,23 @@ def _info(args) -> int:
         weights = load_weights(args.model)
         spec = weights.spec
     elif Path(args.model).is_dir():
-        raise ValueError(f"{args.model} is a folder: info takes a model name ({', '.join(list_models())}) or a weights file")
+        raise ValueError(
+            f"{args.model} is a folder: info takes a model name ({', '.join(list_models())}) or a weights file"
+        )
     else:
         spec = get_spec(args.model)  # the unknown-model error, listing the registry
     size = args.image_size if args.image_size is not None else (224 if spec.stem == "imagenet" else 32)
     if size < spec.min_input_size():
-        raise ValueError(f"--image-size {size} is too small for this network: the smallest input is "
-                         f"{spec.min_input_size()}x{spec.min_input_size()}")
+        raise ValueError(
+            f"--image-size {size} is too small for this network: the smallest input is "
+            f"{spec.min_input_size()}x{spec.min_input_size()}"
+        )
     print(args.model if weights is None else f"{args.model}: {describe_spec(spec)}")
     print(f"  growth rate k       {spec.growth_rate}")
     print(f"  layers per block    {'-'.join(map(str, spec.block_config))}")
-    print(f"  layer               {'bottleneck BN-ReLU-conv1x1(' + str(spec.bottleneck_channels) + ')-BN-ReLU-conv3x3' if spec.bn_size else 'plain BN-ReLU-conv3x3'}")
+    print(
+        f"  layer               {'bottleneck BN-ReLU-conv1x1(' + str(spec.bottleneck_channels) + ')-BN-ReLU-conv3x3' if spec.bn_size else 'plain BN-ReLU-conv3x3'}"
+    )
     print(f"  compression theta   {spec.compression}")
     print(f"  stem                {spec.stem} ({spec.num_init_features} channels)")
     print(f"  depth L             {spec.depth}")
@@ -50,8 +56,14 @@ def _info(args) -> int:
         print(f"  BatchNorm eps       {spec.bn_eps:g}")
     sizes = spec.feature_sizes(size, size)
     transitions = spec.transition_channels() + [None]
-    for b, ((c_in, c_out), layers, (h, w), t) in enumerate(zip(spec.block_channels(), spec.block_config, sizes, transitions), 1):
-        tail = f" -> transition -> {t}" if t is not None else " -> norm5, global pool" + (", classifier" if spec.num_classes else "")
+    for b, ((c_in, c_out), layers, (h, w), t) in enumerate(
+        zip(spec.block_channels(), spec.block_config, sizes, transitions), 1
+    ):
+        tail = (
+            f" -> transition -> {t}"
+            if t is not None
+            else " -> norm5, global pool" + (", classifier" if spec.num_classes else "")
+        )
         print(f"  block {b}: {layers:3d} layers, {h}x{w}, channels {c_in} -> {c_out}{tail}")
     print(f"  parameters          {spec.num_parameters():,}")
     print(f"  multiply-adds       {spec.macs(size):,} at {size}x{size} ({spec.macs(size) / 1e9:.2f} GMACs)")
@@ -64,7 +76,11 @@ def _info(args) -> int:
         from .weights import listing
 
         shown = listing(names, limit=5) if names else "none recorded"
-        outputs = {True: "a sigmoid per class (multi-label)", False: "a softmax over the classes", None: "not recorded (softmax)"}
+        outputs = {
+            True: "a sigmoid per class (multi-label)",
+            False: "a softmax over the classes",
+            None: "not recorded (softmax)",
+        }
         pre = describe_preprocessing(weights.preprocessing) if weights.preprocessing else "none recorded"
         if spec.num_classes:
             print(f"  class names         {shown}")
@@ -75,11 +91,25 @@ def _info(args) -> int:
             print(f"  operating points    {_points(weights.operating_points)} (predict puts each at 0.5)")
         print(f"  preprocessing       {pre}")
         print(f"  source              {weights.source or 'not recorded'}")
-        file_facts = {"class_names": names, "multi_label": weights.multi_label, "preprocessing": weights.preprocessing,
-                      "operating_points": weights.operating_points, "source": weights.source}
+        file_facts = {
+            "class_names": names,
+            "multi_label": weights.multi_label,
+            "preprocessing": weights.preprocessing,
+            "operating_points": weights.operating_points,
+            "source": weights.source,
+        }
     if args.json:
-        print(json.dumps({"spec": spec.to_dict(), "parameters": spec.num_parameters(), "image_size": size,
-                          "macs": spec.macs(size), **file_facts}))
+        print(
+            json.dumps(
+                {
+                    "spec": spec.to_dict(),
+                    "parameters": spec.num_parameters(),
+                    "image_size": size,
+                    "macs": spec.macs(size),
+                    **file_facts,
+                }
+            )
+        )
     return 0
 
 
@@ -104,8 +134,10 @@ def _read_operating_points(path: str) -> list[float | None]:
         except ValueError:
             raise ValueError(f"{path}, line {n}: {text!r:.40} is not a number (or nan for none)") from None
         if not 0 < value < 1:
-            raise ValueError(f"{path}, line {n}: {text!r:.40} is not an operating point: a sigmoid output strictly "
-                             f"between 0 and 1 (or nan for none)")
+            raise ValueError(
+                f"{path}, line {n}: {text!r:.40} is not an operating point: a sigmoid output strictly "
+                f"between 0 and 1 (or nan for none)"
+            )
         points.append(value)
     return points
 
@@ -143,7 +175,9 @@ def _read_class_names(path: str) -> list[str]:
 
 def _convert(args) -> int:
     if args.arch is None and args.checkpoint is None:
-        raise ValueError("give --arch NAME (torchvision's pretrained weights) or --checkpoint FILE (a local checkpoint)")
+        raise ValueError(
+            "give --arch NAME (torchvision's pretrained weights) or --checkpoint FILE (a local checkpoint)"
+        )
     if not args.out.lower().endswith(".safetensors"):
         raise ValueError(f"--out {args.out}: a weights file is safetensors, so its name ends in .safetensors")
     class_names = None
@@ -153,7 +187,9 @@ def _convert(args) -> int:
     if args.mean is not None or args.std is not None or args.resize_size is not None or args.crop_size is not None:
         if args.mean is None or args.std is None:
             raise ValueError("give --mean and --std (one value per input channel) with any preprocessing option")
-        resize = args.resize_size[0] if args.resize_size is not None and len(args.resize_size) == 1 else args.resize_size
+        resize = (
+            args.resize_size[0] if args.resize_size is not None and len(args.resize_size) == 1 else args.resize_size
+        )
         preprocessing = {"resize_size": resize, "crop_size": args.crop_size, "mean": args.mean, "std": args.std}
     points = _read_operating_points(args.operating_points) if args.operating_points else None
     inputs = [p for p in (args.checkpoint, args.class_names, args.operating_points) if p is not None]
@@ -184,13 +220,29 @@ def _convert_to(args, class_names, preprocessing, points) -> str:
     from .weights_tools.convert import convert_checkpoint, convert_torchvision
 
     if args.checkpoint is not None:
-        return convert_checkpoint(args.checkpoint, args.out, arch=args.arch, class_names=class_names,
-                                  preprocessing=preprocessing, bn_eps=args.bn_eps, multi_label=args.multi_label,
-                                  operating_points=points, prefix=args.prefix)
-    if (class_names is not None or preprocessing is not None or args.bn_eps is not None
-            or args.multi_label is not None or points is not None or args.prefix is not None):
-        raise ValueError("--class-names, --bn-eps, --multi-label, --operating-points, --prefix and the preprocessing options "
-                         "apply to --checkpoint; torchvision's weights carry their own")
+        return convert_checkpoint(
+            args.checkpoint,
+            args.out,
+            arch=args.arch,
+            class_names=class_names,
+            preprocessing=preprocessing,
+            bn_eps=args.bn_eps,
+            multi_label=args.multi_label,
+            operating_points=points,
+            prefix=args.prefix,
+        )
+    if (
+        class_names is not None
+        or preprocessing is not None
+        or args.bn_eps is not None
+        or args.multi_label is not None
+        or points is not None
+        or args.prefix is not None
+    ):
+        raise ValueError(
+            "--class-names, --bn-eps, --multi-label, --operating-points, --prefix and the preprocessing options "
+            "apply to --checkpoint; torchvision's weights carry their own"
+        )
     return convert_torchvision(args.arch, args.out)
 
 
@@ -205,10 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("info", help="print a model's or weights file's architecture, parameter count and multiply-adds")
-    p.add_argument("model", metavar="NAME|FILE",
-                   help="a registry model (" + ", ".join(list_models()) + ") or a .safetensors weights file, whose "
-                   "class names, outputs, preprocessing and source are printed too")
-    p.add_argument("--image-size", type=int, help="input size for the multiply-add count (default 224; 32 for CIFAR models)")
+    p.add_argument(
+        "model",
+        metavar="NAME|FILE",
+        help="a registry model (" + ", ".join(list_models()) + ") or a .safetensors weights file, whose "
+        "class names, outputs, preprocessing and source are printed too",
+    )
+    p.add_argument(
+        "--image-size", type=int, help="input size for the multiply-add count (default 224; 32 for CIFAR models)"
+    )
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     p.set_defaults(func=_info)
 
@@ -222,26 +279,48 @@ def build_parser() -> argparse.ArgumentParser:
         "placeholders for the classes they name; Keras configs are read as JSON: no code from a file runs.",
     )
     p.add_argument("--out", required=True, help="the .safetensors file to write (written atomically)")
-    p.add_argument("--arch", choices=list_models(), metavar="NAME", help="architecture; without --checkpoint, fetch torchvision's weights")
+    p.add_argument(
+        "--arch",
+        choices=list_models(),
+        metavar="NAME",
+        help="architecture; without --checkpoint, fetch torchvision's weights",
+    )
     p.add_argument("--checkpoint", help="a local checkpoint file; the architecture is inferred unless --arch is given")
-    p.add_argument("--class-names", metavar="FILE",
-                   help="a text file with one class name per line, stored in the weights file; 'imagenet' for "
-                        "torchvision's ImageNet-1k names (a model fine-tuned from them, or timm's in1k weights)")
-    p.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
-                   help="record that the model was trained multi-label (a sigmoid per class, as chest X-ray models "
-                   "are), so predict applies a sigmoid; default: what a Keras head applies, else not recorded")
-    p.add_argument("--operating-points", metavar="FILE",
-                   help="a text file with one number per line in class order (nan for none): the sigmoid output at "
-                   "which each class is called positive, as torchxrayvision's op_threshs; predict then reports each "
-                   "class calibrated so that it sits at 0.5. Implies --multi-label; default: a checkpoint's "
-                   "op_threshs tensor, else none")
-    p.add_argument("--prefix", metavar="PREFIX",
-                   help="convert only the tensors under PREFIX (whole key components), or the state dict the "
-                   "checkpoint keeps under that name: for a checkpoint holding more than one model (model_ema. "
-                   "beside model., timm's state_dict_ema beside state_dict)")
-    p.add_argument("--bn-eps", type=float, metavar="EPS",
-                   help="the model's BatchNorm epsilon, which no tensor shows (default: what a Keras file says, "
-                   "else torch's 1e-5)")
+    p.add_argument(
+        "--class-names",
+        metavar="FILE",
+        help="a text file with one class name per line, stored in the weights file; 'imagenet' for "
+        "torchvision's ImageNet-1k names (a model fine-tuned from them, or timm's in1k weights)",
+    )
+    p.add_argument(
+        "--multi-label",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="record that the model was trained multi-label (a sigmoid per class, as chest X-ray models "
+        "are), so predict applies a sigmoid; default: what a Keras head applies, else not recorded",
+    )
+    p.add_argument(
+        "--operating-points",
+        metavar="FILE",
+        help="a text file with one number per line in class order (nan for none): the sigmoid output at "
+        "which each class is called positive, as torchxrayvision's op_threshs; predict then reports each "
+        "class calibrated so that it sits at 0.5. Implies --multi-label; default: a checkpoint's "
+        "op_threshs tensor, else none",
+    )
+    p.add_argument(
+        "--prefix",
+        metavar="PREFIX",
+        help="convert only the tensors under PREFIX (whole key components), or the state dict the "
+        "checkpoint keeps under that name: for a checkpoint holding more than one model (model_ema. "
+        "beside model., timm's state_dict_ema beside state_dict)",
+    )
+    p.add_argument(
+        "--bn-eps",
+        type=float,
+        metavar="EPS",
+        help="the model's BatchNorm epsilon, which no tensor shows (default: what a Keras file says, "
+        "else torch's 1e-5)",
+    )
     g = p.add_argument_group(
         "preprocessing",
         "how the model's images were prepared in training, stored in the file for predict and embed: resize the "
@@ -250,9 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean after scaling to 0..1")
     g.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel standard deviation")
-    g.add_argument("--resize-size", type=int, nargs="+", metavar="N",
-                   help="resize the shorter side to N, or with two values to exactly H W as Keras pipelines do "
-                   "(default: no resize)")
+    g.add_argument(
+        "--resize-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="resize the shorter side to N, or with two values to exactly H W as Keras pipelines do "
+        "(default: no resize)",
+    )
     g.add_argument("--crop-size", type=int, metavar="N", help="center-crop to NxN (default: no crop)")
     p.set_defaults(func=_convert)
 
@@ -265,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         register(sub)
     for command in sub.choices.values():  # --debug after the command as well as before it
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="show full tracebacks on errors")
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors"
+        )
     return parser
 
 

@@ -249,7 +249,7 @@ def preprocess_decoded(images: list[torch.Tensor], pre: TensorPreprocess) -> lis
     out: list = [None] * len(images)
     for same_size in by_size.values():
         for start in range(0, len(same_size), RESIZE_CHUNK):
-            ks = same_size[start:start + RESIZE_CHUNK]
+            ks = same_size[start : start + RESIZE_CHUNK]
             stacked = torch.stack([images[k] for k in ks]) if len(ks) > 1 else images[ks[0]].unsqueeze(0)
             for k, img in zip(ks, pre.image(stacked)):
                 out[k] = img
@@ -295,6 +295,16 @@ def group_by_shape(prepared, pre: TensorPreprocess, floats, device, non_blocking
 
 
 __all__ = [
-    "DECODE_CHOICES", "EncodedImages", "TensorPreprocess", "collate_encoded", "decode_batch", "decode_jpegs",
-    "group_by_shape", "jpeg_header", "luminance", "orient", "preprocess_decoded", "use_tensor_decoding",
+    "DECODE_CHOICES",
+    "EncodedImages",
+    "TensorPreprocess",
+    "collate_encoded",
+    "decode_batch",
+    "decode_jpegs",
+    "group_by_shape",
+    "jpeg_header",
+    "luminance",
+    "orient",
+    "preprocess_decoded",
+    "use_tensor_decoding",
 ]

@@ -27,7 +27,14 @@ import torch
 
 from .image_run import Output, Sink, run_image_command
 from .stream import (
-    Dist, add_common_arguments, inputs_help, model_id, not_utf8, outcome_help, path_key, print_summary,
+    Dist,
+    add_common_arguments,
+    inputs_help,
+    model_id,
+    not_utf8,
+    outcome_help,
+    path_key,
+    print_summary,
 )
 
 EMBED_FORMATS = (".npy", ".safetensors")
@@ -45,7 +52,8 @@ def register(subparsers) -> None:
         help="extract pooled features (what the classifier sees) for images and folders, to .npy or .safetensors",
         description="Extract each image's pooled features as float32: engine.features, the global average pool\n"
         "after the final BatchNorm-ReLU, which is what the classifier sees.",
-        epilog=inputs_help() + """
+        epilog=inputs_help()
+        + """
 Output (written atomically, once every image has been processed):
   FILE.npy          a float32 array [N, features]; the N image paths, one per line (UTF-8), go to
                     FILE.npy.paths.txt, and FILE.npy.json names the model ("model", "model_id")
@@ -66,13 +74,22 @@ Examples:
   densetriton embed photos/ --model densenet121 --out feats.npy
   torchrun --nproc-per-node 2 -m densetriton embed photos/ --model densenet121 --out feats.safetensors
   densetriton embed photos/ --model densenet121 --out feats.npy --resume   # after an interruption
-""" + outcome_help(),
+"""
+        + outcome_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_arguments(p)
-    p.add_argument("--out", required=True, metavar="FILE", help="FILE.npy (plus FILE.npy.paths.txt and FILE.npy.json) or FILE.safetensors")
-    p.add_argument("--resume", action="store_true",
-                   help="keep FILE's rows and those an interrupted run left in FILE.partial/; embed only the other images")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="FILE.npy (plus FILE.npy.paths.txt and FILE.npy.json) or FILE.safetensors",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep FILE's rows and those an interrupted run left in FILE.partial/; embed only the other images",
+    )
     p.set_defaults(func=embed_command)
 
 
@@ -82,8 +99,9 @@ Examples:
 _FILE_ROWS_AT_ONCE = 1 << 16  # rows copied from the old FILE into the new one at a time
 
 
-def _write_features(out: str, width: int, model: str, model_id: str, paths: list[str], *, file_rows: int,
-                    resumed: bool) -> None:
+def _write_features(
+    out: str, width: int, model: str, model_id: str, paths: list[str], *, file_rows: int, resumed: bool
+) -> None:
     """Write FILE: row i is path i's features. The first file_rows rows are the old FILE's (a
     resumed run), every later one the first row FILE.partial/'s chunks hold for its path. Rows
     stream from FILE and one chunk at a time into the new file (a memory map for .npy), so a
@@ -119,10 +137,13 @@ def _write_features(out: str, width: int, model: str, model_id: str, paths: list
                 picked = features[list(source)]
                 rows[list(target)] = picked
         if position:  # FILE.partial/ changed under this run: write nothing rather than rows never computed
-            raise RuntimeError(f"{len(position)} rows, {next(iter(position))!r} first, vanished from "
-                               f"{_progress_dir(out)}/ before {out} was written; run again with --resume")
+            raise RuntimeError(
+                f"{len(position)} rows, {next(iter(position))!r} first, vanished from "
+                f"{_progress_dir(out)}/ before {out} was written; run again with --resume"
+            )
 
     if out.lower().endswith(".npy"):
+
         def write_npy(tmp):
             with _NpyRows(tmp, len(paths), width) as rows:
                 fill(rows)
@@ -169,7 +190,9 @@ class _NpyRows:
     def __init__(self, path: str, n: int, width: int):
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
-            header, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": (n, width)})
+            header,
+            {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": (n, width)},
+        )
         self.start, self.row_bytes = len(header.getvalue()), 4 * width
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -204,7 +227,7 @@ class _NpyRows:
             self._write(values[i:j].tobytes(), self.start + rows[i] * self.row_bytes)
             i = j
 
-    def __enter__(self) -> "_NpyRows":
+    def __enter__(self) -> _NpyRows:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -213,10 +236,14 @@ class _NpyRows:
 
 def _other_model(where: str, found, model_id: str) -> ValueError:
     if not found:
-        return ValueError(f"{where} names no model (an earlier densetriton wrote it), so its rows cannot be checked "
-                          f"against this run's: use another --out")
-    return ValueError(f"{where} holds features of another model (model {found}), not of this run's ({model_id}: the "
-                      f"weights and preprocessing decide it): resume with the model that wrote it, or another --out")
+        return ValueError(
+            f"{where} names no model (an earlier densetriton wrote it), so its rows cannot be checked "
+            f"against this run's: use another --out"
+        )
+    return ValueError(
+        f"{where} holds features of another model (model {found}), not of this run's ({model_id}: the "
+        f"weights and preprocessing decide it): resume with the model that wrote it, or another --out"
+    )
 
 
 def _feature_file_paths(out: str, width: int, model_id: str) -> list[str]:
@@ -243,8 +270,9 @@ def _feature_file_paths(out: str, width: int, model_id: str) -> list[str]:
         except FileNotFoundError:
             found = None  # written by densetriton before FILE.npy.json
         except (OSError, ValueError, AttributeError) as e:
-            raise ValueError(f"{out}.json should name the model of {out}, and cannot be read ({e}); "
-                             f"cannot resume from it") from None
+            raise ValueError(
+                f"{out}.json should name the model of {out}, and cannot be read ({e}); cannot resume from it"
+            ) from None
     else:
         found = metadata.get("model_id")
     if found != model_id:  # checked before any row is read: another model's rows are never mixed in
@@ -267,8 +295,10 @@ def _feature_file_paths(out: str, width: int, model_id: str) -> list[str]:
         raise ValueError(f"{out} holds {tuple(shape)} features for {len(paths)} paths; cannot resume from it")
     paths = paths[: shape[0]]  # a run stopped between writing FILE.paths.txt and FILE
     if shape[1] != width:
-        raise ValueError(f"{out} holds {shape[1]} features per image, this model gives {width}: "
-                         f"resume with the model that wrote it, or another --out")
+        raise ValueError(
+            f"{out} holds {shape[1]} features per image, this model gives {width}: "
+            f"resume with the model that wrote it, or another --out"
+        )
     return paths
 
 
@@ -352,16 +382,21 @@ class _ChunkWriter(Sink):
         except Exception:  # noqa: BLE001 -- the first error is the one to report
             pass
         if self.written:
-            print(f"densetriton: {self.written} images' features are kept in {self.folder}/: run the same command "
-                  f"with --resume to go on", file=sys.stderr)
+            print(
+                f"densetriton: {self.written} images' features are kept in {self.folder}/: run the same command "
+                f"with --resume to go on",
+                file=sys.stderr,
+            )
 
 
 def _not_written(out: str, error: OSError, rows: int, width: int) -> OSError:
     """A failure to write FILE (a full disk, a quota) as one line: the rows are safe, and how to go on."""
     reason = error.strerror or str(error)
     size = max(rows * width * 4 / 1e6, 0.1)
-    failed = OSError(f"cannot write {out} ({reason}); its {rows} rows are safe in {_progress_dir(out)}/: free space "
-                     f"({Path(out).name} needs about {size:.1f} MB) and run the same command with --resume")
+    failed = OSError(
+        f"cannot write {out} ({reason}); its {rows} rows are safe in {_progress_dir(out)}/: free space "
+        f"({Path(out).name} needs about {size:.1f} MB) and run the same command with --resume"
+    )
     failed.errno = error.errno
     return failed
 
@@ -471,8 +506,15 @@ class Features(Output):
             new_rows = self._unseen_in_input_order(new_paths, {path_key(p) for p in self.old_paths})
             paths = self.old_paths + [new_paths[j] for j in new_rows]
             try:
-                _write_features(self.path, self.width, describe_spec(self.spec), self.model_id, paths,
-                                file_rows=len(self.file_paths), resumed=not self.replacing)
+                _write_features(
+                    self.path,
+                    self.width,
+                    describe_spec(self.spec),
+                    self.model_id,
+                    paths,
+                    file_rows=len(self.file_paths),
+                    resumed=not self.replacing,
+                )
             except OSError as e:
                 raise _not_written(self.path, e, len(paths), self.width) from None
         shutil.rmtree(_progress_dir(self.path), ignore_errors=True)

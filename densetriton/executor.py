@@ -48,8 +48,9 @@ def tuned_table_for(device: torch.device, kernels: ModuleType) -> TunedTable | N
     from .weights import cache_dir
 
     package_dir = os.path.join(os.path.dirname(kernels.__file__), "tuned")
-    return find_tuned_table(torch.cuda.get_device_name(device), _triton_version_text(),
-                            [cache_dir() / "tuned", package_dir])
+    return find_tuned_table(
+        torch.cuda.get_device_name(device), _triton_version_text(), [cache_dir() / "tuned", package_dir]
+    )
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -62,8 +63,15 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 class TritonExecutor:
-    def __init__(self, spec: DenseNetSpec, tensors: dict, *, device: torch.device, dtype: torch.dtype,
-                 plan_cache_bytes: int = DEFAULT_PLAN_CACHE_BYTES):
+    def __init__(
+        self,
+        spec: DenseNetSpec,
+        tensors: dict,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        plan_cache_bytes: int = DEFAULT_PLAN_CACHE_BYTES,
+    ):
         try:
             from . import kernels  # fails here, not mid-call, when triton is missing
         except ImportError as e:
@@ -146,8 +154,19 @@ class TritonExecutor:
 
     def _build_plan(self, n: int, height: int, width: int) -> Plan | None:
         try:
-            return Plan(self.spec, self.stages, self.folded, n, height, width, self.dtype, self.device, self.interpreted,
-                        kernel_choice=self.kernel_choice, tuned=self.tuned)
+            return Plan(
+                self.spec,
+                self.stages,
+                self.folded,
+                n,
+                height,
+                width,
+                self.dtype,
+                self.device,
+                self.interpreted,
+                kernel_choice=self.kernel_choice,
+                tuned=self.tuned,
+            )
         except RuntimeError as e:  # torch.OutOfMemoryError included
             if not is_out_of_memory(e):
                 raise
@@ -186,7 +205,9 @@ class TritonExecutor:
                 return  # capture ran the forward once, eagerly
             except Exception as e:  # launching one by one is slower, never wrong
                 plan.graph_failed = True
-                warnings.warn(f"CUDA graph capture failed ({e}); this shape launches its kernels one by one", stacklevel=4)
+                warnings.warn(
+                    f"CUDA graph capture failed ({e}); this shape launches its kernels one by one", stacklevel=4
+                )
         if plan.graph is not None:
             plan.replay(x, logits)
         else:

@@ -21,7 +21,15 @@ from contextlib import nullcontext
 
 from .outputs import check_target, lock_outputs, refuse_inputs_as_outputs, remove_stale_temps
 from .stream import (
-    Dist, Tally, collect_files, describe_run, exit_status, load_engine, path_key, progress_label, set_aside,
+    Dist,
+    Tally,
+    collect_files,
+    describe_run,
+    exit_status,
+    load_engine,
+    path_key,
+    progress_label,
+    set_aside,
     stream_images,
 )
 
@@ -114,7 +122,9 @@ def _run(args, dist: Dist, output: Output) -> int:
     if not files:
         raise ValueError("no image files found in " + ", ".join(args.paths))
     if output.path is not None:
-        refuse_inputs_as_outputs([output.path, *output.written_with(dist)], files + ([args.weights] if args.weights else []))
+        refuse_inputs_as_outputs(
+            [output.path, *output.written_with(dist)], files + ([args.weights] if args.weights else [])
+        )
         if dist.rank == 0:
             remove_stale_temps(output.replaced())
     engine = load_engine(args, dist)
@@ -148,8 +158,15 @@ def _stream(engine, items, args, dist: Dist, output: Output) -> tuple[Tally, flo
     sink = output.open(dist, args.resume)
     start = time.perf_counter()
     try:
-        tally = stream_images(engine, items, args, run=output.model_call(engine), on_batch=sink.add,
-                              desc=progress_label(output.command, dist), show=dist.rank == 0)
+        tally = stream_images(
+            engine,
+            items,
+            args,
+            run=output.model_call(engine),
+            on_batch=sink.add,
+            desc=progress_label(output.command, dist),
+            show=dist.rank == 0,
+        )
         sink.finish()
     except BaseException:
         sink.stopped()

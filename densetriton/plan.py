@@ -100,12 +100,33 @@ def build_stages(spec: DenseNetSpec) -> list[Stage]:
     stages = []
     c0, k, last = spec.num_init_features, spec.growth_rate, len(spec.block_config)
     if spec.stem == "imagenet":
-        stages.append(Stage("conv0", "conv", View("input", 0, spec.in_channels), View("stem", 0, c0),
-                            {"weight": "conv0.weight", "bias": "conv0.bias"}, 7, 2, 3, relu_out=True))
+        stages.append(
+            Stage(
+                "conv0",
+                "conv",
+                View("input", 0, spec.in_channels),
+                View("stem", 0, c0),
+                {"weight": "conv0.weight", "bias": "conv0.bias"},
+                7,
+                2,
+                3,
+                relu_out=True,
+            )
+        )
         stages.append(Stage("pool0", "max_pool", View("stem", 0, c0), View("block1", 0, c0)))
     else:
-        stages.append(Stage("conv0", "conv", View("input", 0, spec.in_channels), View("block1", 0, c0),
-                            {"weight": "conv0.weight"}, 3, 1, 1))
+        stages.append(
+            Stage(
+                "conv0",
+                "conv",
+                View("input", 0, spec.in_channels),
+                View("block1", 0, c0),
+                {"weight": "conv0.weight"},
+                3,
+                1,
+                1,
+            )
+        )
     transitions = spec.transition_channels()
     for b, ((c_in, c_end), layers) in enumerate(zip(spec.block_channels(), spec.block_config), 1):
         block = f"block{b}"
@@ -115,26 +136,74 @@ def build_stages(spec: DenseNetSpec) -> list[Stage]:
             new_channels = View(block, c, c + k)
             if spec.bn_size is None:
                 # Plain layer: BN-ReLU prologue, 3x3 conv straight into the block buffer.
-                stages.append(Stage(f"{p}.conv1", "conv", View(block, 0, c), new_channels,
-                                    {"weight": f"{p}.conv1.weight", **prologue}, 3, 1, 1))
+                stages.append(
+                    Stage(
+                        f"{p}.conv1",
+                        "conv",
+                        View(block, 0, c),
+                        new_channels,
+                        {"weight": f"{p}.conv1.weight", **prologue},
+                        3,
+                        1,
+                        1,
+                    )
+                )
             else:
                 width = spec.bn_size * k
                 # relu(BN2(conv1x1(relu(BN1(x))))): BN1 in the prologue, BN2 folded into conv1.
-                stages.append(Stage(f"{p}.conv1", "conv", View(block, 0, c), View("bottleneck_scratch", 0, width),
-                                    {"weight": f"{p}.conv1.weight", "bias": f"{p}.conv1.bias", **prologue},
-                                    relu_out=True))
-                stages.append(Stage(f"{p}.conv2", "conv", View("bottleneck_scratch", 0, width), new_channels,
-                                    {"weight": f"{p}.conv2.weight"}, 3, 1, 1))
+                stages.append(
+                    Stage(
+                        f"{p}.conv1",
+                        "conv",
+                        View(block, 0, c),
+                        View("bottleneck_scratch", 0, width),
+                        {"weight": f"{p}.conv1.weight", "bias": f"{p}.conv1.bias", **prologue},
+                        relu_out=True,
+                    )
+                )
+                stages.append(
+                    Stage(
+                        f"{p}.conv2",
+                        "conv",
+                        View("bottleneck_scratch", 0, width),
+                        new_channels,
+                        {"weight": f"{p}.conv2.weight"},
+                        3,
+                        1,
+                        1,
+                    )
+                )
         if b < last:
             t = f"transition{b}"
-            stages.append(Stage(t, "transition", View(block, 0, c_end), View(f"block{b + 1}", 0, transitions[b - 1]),
-                                {"weight": f"{t}.conv.weight", "in_scale": f"{t}.norm.scale", "in_shift": f"{t}.norm.shift"}))
+            stages.append(
+                Stage(
+                    t,
+                    "transition",
+                    View(block, 0, c_end),
+                    View(f"block{b + 1}", 0, transitions[b - 1]),
+                    {"weight": f"{t}.conv.weight", "in_scale": f"{t}.norm.scale", "in_shift": f"{t}.norm.shift"},
+                )
+            )
     c_final = spec.num_features
-    stages.append(Stage("norm5", "head", View(f"block{last}", 0, c_final), View("features", 0, c_final),
-                        {"scale": "norm5.scale", "shift": "norm5.shift"}))
+    stages.append(
+        Stage(
+            "norm5",
+            "head",
+            View(f"block{last}", 0, c_final),
+            View("features", 0, c_final),
+            {"scale": "norm5.scale", "shift": "norm5.shift"},
+        )
+    )
     if spec.num_classes:  # a backbone without a classifier ends at the features
-        stages.append(Stage("classifier", "classifier", View("features", 0, c_final), View("logits", 0, spec.num_classes),
-                            {"weight": "classifier.weight", "bias": "classifier.bias"}))
+        stages.append(
+            Stage(
+                "classifier",
+                "classifier",
+                View("features", 0, c_final),
+                View("logits", 0, spec.num_classes),
+                {"weight": "classifier.weight", "bias": "classifier.bias"},
+            )
+        )
     return stages
 
 
@@ -218,8 +287,21 @@ def conv_launcher(variant: str):
 class Plan:
     """Buffers and bound launches for one (N, H, W): built once, then run many times."""
 
-    def __init__(self, spec, stages, folded, n, height, width, dtype, device, interpreted, *,
-                 kernel_choice: KernelChoice | None = None, tuned: TunedTable | None = None):
+    def __init__(
+        self,
+        spec,
+        stages,
+        folded,
+        n,
+        height,
+        width,
+        dtype,
+        device,
+        interpreted,
+        *,
+        kernel_choice: KernelChoice | None = None,
+        tuned: TunedTable | None = None,
+    ):
         from . import kernels
 
         self.key, self.dtype = (n, height, width), dtype
@@ -227,8 +309,9 @@ class Plan:
         self.tuned, self.interpreted = tuned, interpreted
         shapes, arena_of, arena_numel, scratch_numel = memory_layout(spec, n, height, width)
         self.arenas = [torch.empty(m, dtype=dtype, device=device) for m in arena_numel]
-        self.buffers = {name: self.arenas[a][: n * math.prod(shapes[name])].view(n, *shapes[name])
-                        for name, a in arena_of.items()}
+        self.buffers = {
+            name: self.arenas[a][: n * math.prod(shapes[name])].view(n, *shapes[name]) for name, a in arena_of.items()
+        }
         self.scratch = torch.empty(scratch_numel, dtype=dtype, device=device) if scratch_numel else None
         self.features = torch.empty(n, spec.num_features, dtype=torch.float32, device=device)
         owned = [*self.arenas, self.features] + ([self.scratch] if self.scratch is not None else [])
@@ -243,10 +326,10 @@ class Plan:
     def _view(self, v: View, n, shapes, block_hw):
         if v.buffer == "bottleneck_scratch":
             (h, w), c = block_hw, shapes["bottleneck_scratch"][2]
-            return self.scratch[: n * h * w * c].view(n, h, w, c)[..., v.start:v.stop]
+            return self.scratch[: n * h * w * c].view(n, h, w, c)[..., v.start : v.stop]
         if v.buffer == "features":
-            return self.features[:, v.start:v.stop]
-        return self.buffers[v.buffer][..., v.start:v.stop]
+            return self.features[:, v.start : v.stop]
+        return self.buffers[v.buffer][..., v.start : v.stop]
 
     def _tiles(self, stage: Stage, n: int, out_hw: tuple, c_in: int, c_out: int) -> tuple[str, dict]:
         """The stage's kernel variant and launch configuration (densetriton.tiles)."""
@@ -267,9 +350,17 @@ class Plan:
             variant, tiles = self._tiles(stage, n, out.shape[1:3], c_in, c_out)
             if variant == "v2":
                 return self._bind_stem_v2(stage, w, out, c_in, tiles, kernels)
-            conv = functools.partial(conv_launcher(variant), weight=w["weight"], out=out, bias=w.get("bias"),
-                                     kernel_size=stage.kernel_size, stride=stage.stride, padding=stage.padding,
-                                     relu_out=stage.relu_out, **tiles)
+            conv = functools.partial(
+                conv_launcher(variant),
+                weight=w["weight"],
+                out=out,
+                bias=w.get("bias"),
+                kernel_size=stage.kernel_size,
+                stride=stage.stride,
+                padding=stage.padding,
+                relu_out=stage.relu_out,
+                **tiles,
+            )
             # The stem reads the caller's NCHW tensor in place, through an NHWC-ordered view.
             return lambda x, logits: conv(x.permute(0, 2, 3, 1))
         if stage.op == "classifier":
@@ -285,12 +376,30 @@ class Plan:
         # The head's output has no pixels: its tiles follow the input's.
         variant, tiles = self._tiles(stage, n, (out if out.dim() == 4 else x).shape[1:3], c_in, c_out)
         if stage.op == "conv":
-            launch = functools.partial(conv_launcher(variant), x, w["weight"], out, kernel_size=stage.kernel_size,
-                                       stride=stage.stride, padding=stage.padding, in_scale=w.get("in_scale"),
-                                       in_shift=w.get("in_shift"), bias=w.get("bias"), relu_out=stage.relu_out, **tiles)
+            launch = functools.partial(
+                conv_launcher(variant),
+                x,
+                w["weight"],
+                out,
+                kernel_size=stage.kernel_size,
+                stride=stage.stride,
+                padding=stage.padding,
+                in_scale=w.get("in_scale"),
+                in_shift=w.get("in_shift"),
+                bias=w.get("bias"),
+                relu_out=stage.relu_out,
+                **tiles,
+            )
         elif stage.op == "transition":
-            launch = functools.partial(kernels.bn_relu_avgpool_conv, x, w["weight"], out,
-                                       in_scale=w["in_scale"], in_shift=w["in_shift"], **tiles)
+            launch = functools.partial(
+                kernels.bn_relu_avgpool_conv,
+                x,
+                w["weight"],
+                out,
+                in_scale=w["in_scale"],
+                in_shift=w["in_shift"],
+                **tiles,
+            )
         elif stage.op == "max_pool":
             launch = functools.partial(kernels.max_pool_3x3_s2, x, out, **tiles)
         elif stage.op == "head":
@@ -308,9 +417,20 @@ class Plan:
         lend = stage.writes.buffer == "stem" and self.arenas[0].numel() >= numel
         workspace = self.arenas[0] if lend else torch.empty(numel, dtype=dtype, device=self.arenas[0].device)
         self.nbytes += 0 if lend else numel * workspace.element_size()
-        conv = kernels.bind_stem_conv_v2(w["weight"], out, in_channels=c_in, height=height, width=width,
-                                         kernel_size=stage.kernel_size, stride=stage.stride, padding=stage.padding,
-                                         bias=w.get("bias"), relu_out=stage.relu_out, workspace=workspace, **tiles)
+        conv = kernels.bind_stem_conv_v2(
+            w["weight"],
+            out,
+            in_channels=c_in,
+            height=height,
+            width=width,
+            kernel_size=stage.kernel_size,
+            stride=stage.stride,
+            padding=stage.padding,
+            bias=w.get("bias"),
+            relu_out=stage.relu_out,
+            workspace=workspace,
+            **tiles,
+        )
         return lambda x, logits: conv(x.permute(0, 2, 3, 1))
 
     def run(self, x: torch.Tensor, logits: torch.Tensor | None) -> None:

@@ -21,12 +21,20 @@ from pathlib import Path
 
 import torch
 
-from .images import format_prob, topk
-from .spec import NO_CLASSIFIER
 from .image_run import Output, Sink, run_image_command
+from .images import format_prob, topk
 from .outputs import part_name
+from .spec import NO_CLASSIFIER
 from .stream import (
-    Dist, add_common_arguments, inputs_help, model_id, not_utf8, outcome_help, path_key, positive_int, print_summary,
+    Dist,
+    add_common_arguments,
+    inputs_help,
+    model_id,
+    not_utf8,
+    outcome_help,
+    path_key,
+    positive_int,
+    print_summary,
     shown,
 )
 
@@ -45,7 +53,8 @@ def register(subparsers) -> None:
         description="Classify images with a DenseNet: for each image, its top-k classes and their probabilities\n"
         "(softmax; --multi-label: a sigmoid per class). Class names come from the weights file (ImageNet's\n"
         "for pretrained models), else are class indices.",
-        epilog=inputs_help() + """
+        epilog=inputs_help()
+        + """
 Output: without --out, a table on stdout. With --out FILE.csv: columns path, label_1, prob_1, ...,
 label_k, prob_k, model. With --out FILE.jsonl: one {"path": ..., "topk": [{"label": ..., "prob": ...},
 ...], "model": ...} per line. Probabilities are written as the shortest decimals that read back as
@@ -65,18 +74,31 @@ Examples:
   densetriton predict cat.jpg --model densenet121
   densetriton predict photos/ --model densenet201 --topk 3 --out results.csv
   densetriton predict xrays/ --weights chexnet.safetensors --multi-label --topk 14 --out findings.jsonl --resume
-""" + outcome_help(),
+"""
+        + outcome_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_arguments(p)
     g = p.add_argument_group("output")
-    g.add_argument("--topk", type=positive_int, default=5, metavar="K", help="classes reported per image (default 5; at most the number of classes)")
+    g.add_argument(
+        "--topk",
+        type=positive_int,
+        default=5,
+        metavar="K",
+        help="classes reported per image (default 5; at most the number of classes)",
+    )
     g.add_argument("--out", metavar="FILE", help="write results to FILE.csv or FILE.jsonl instead of the screen")
-    g.add_argument("--multi-label", action=argparse.BooleanOptionalAction, default=None,
-                   help="independent sigmoid probability per class instead of a softmax (multi-label models such as "
-                   "chest X-ray classifiers), calibrated to the file's operating points when it records them; default: what "
-                   "the weights file records (convert --multi-label), else softmax")
-    g.add_argument("--resume", action="store_true", help="keep FILE's rows and classify only the images not already in it")
+    g.add_argument(
+        "--multi-label",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="independent sigmoid probability per class instead of a softmax (multi-label models such as "
+        "chest X-ray classifiers), calibrated to the file's operating points when it records them; default: what "
+        "the weights file records (convert --multi-label), else softmax",
+    )
+    g.add_argument(
+        "--resume", action="store_true", help="keep FILE's rows and classify only the images not already in it"
+    )
     p.set_defaults(func=predict_command)
 
 
@@ -96,7 +118,7 @@ def _stale_parts(out: str, world: int) -> list[Path]:
     stale = []
     if parent.is_dir():
         for f in parent.iterdir():
-            suffix = f.name[len(prefix):]
+            suffix = f.name[len(prefix) :]
             if f.name.startswith(prefix) and suffix.isdigit() and int(suffix) >= world:
                 stale.append(f)
     return sorted(stale)
@@ -135,7 +157,8 @@ class _Records:
                 f"{path} holds rows of another model (model {model}), not of this run's ({self.model}: the "
                 f"weights, class names, preprocessing and --multi-label decide it): resume with the model that "
                 f"wrote it, or another --out"
-                if model else f"{path} names no model in its rows (an earlier densetriton wrote it), so they cannot "
+                if model
+                else f"{path} names no model in its rows (an earlier densetriton wrote it), so they cannot "
                 f"be checked against this run's: use another --out"
             )
 
@@ -155,9 +178,17 @@ class _Records:
         try:
             record = json.loads(line)
             path, ranks, model = record["path"], record["topk"], record.get("model")
-            whole = isinstance(path, str) and "\0" not in path and isinstance(ranks, list) and all(
-                isinstance(r["label"], str) and isinstance(r["prob"], (int, float)) and not isinstance(r["prob"], bool)
-                for r in ranks)
+            whole = (
+                isinstance(path, str)
+                and "\0" not in path
+                and isinstance(ranks, list)
+                and all(
+                    isinstance(r["label"], str)
+                    and isinstance(r["prob"], (int, float))
+                    and not isinstance(r["prob"], bool)
+                    for r in ranks
+                )
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
         return (path, ranks, model) if whole else None
@@ -189,7 +220,8 @@ class _Records:
         raise ValueError(
             f"{path} has {width} ranks per row (columns {','.join(header[:3])},...), not --topk {self.k}: "
             f"use the same --topk to resume, or another --out"
-            if header[:1] == ["path"] else f"{path} does not start with a densetriton CSV header; cannot resume from it"
+            if header[:1] == ["path"]
+            else f"{path} does not start with a densetriton CSV header; cannot resume from it"
         )
 
     def _read_jsonl(self, path: str, text: str) -> tuple[list[tuple[str, str]], list[int]]:
@@ -228,9 +260,11 @@ class _Records:
 
 def _warn_torn(path: str, torn: list[int]) -> None:
     lines = ", ".join(map(str, torn[:5])) + (f" and {len(torn) - 5} more" if len(torn) > 5 else "")
-    print(f"densetriton: warning: {path}: line{'s' if len(torn) > 1 else ''} {lines} cut short or garbled (a run "
-          f"stopped while writing {'them' if len(torn) > 1 else 'it'}): dropped, and their images classified again",
-          file=sys.stderr)
+    print(
+        f"densetriton: warning: {path}: line{'s' if len(torn) > 1 else ''} {lines} cut short or garbled (a run "
+        f"stopped while writing {'them' if len(torn) > 1 else 'it'}): dropped, and their images classified again",
+        file=sys.stderr,
+    )
 
 
 def _open_for_append(path: str, records: _Records, resume: bool):
@@ -286,7 +320,9 @@ class Predictions(Output):
 
     command = "predict"
     appended = True
-    screen_under_torchrun = "under torchrun, give --out FILE.csv or FILE.jsonl: each rank writes a part and rank 0 merges them"
+    screen_under_torchrun = (
+        "under torchrun, give --out FILE.csv or FILE.jsonl: each rank writes a part and rank 0 merges them"
+    )
 
     def __init__(self, out: str | None, fmt: str | None):
         self.path, self.fmt = out, fmt
@@ -310,8 +346,13 @@ class Predictions(Output):
 
     def labelled(self, rows) -> list:
         """[(index, path, logits)] -> [(index, path, [(class name, probability)] * k)]."""
-        tops = topk(torch.stack([r[2] for r in rows]), self.k, self.engine.class_names, multi_label=self.multi_label,
-                    operating_points=self.engine.operating_points if self.multi_label else None)
+        tops = topk(
+            torch.stack([r[2] for r in rows]),
+            self.k,
+            self.engine.class_names,
+            multi_label=self.multi_label,
+            operating_points=self.engine.operating_points if self.multi_label else None,
+        )
         return [(i, p, t) for (i, p, _), t in zip(rows, tops)]
 
     def resume(self, dist: Dist) -> set[str]:
@@ -363,8 +404,11 @@ class _RowFile(Sink):
 
     def stopped(self) -> None:
         if self.written:
-            print(f"densetriton: {self.written} images' results are in {self.target}: run the same command with "
-                  f"--resume to go on", file=sys.stderr)
+            print(
+                f"densetriton: {self.written} images' results are in {self.target}: run the same command with "
+                f"--resume to go on",
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         self.file.close()

@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .images import (
-    ImageError, build_transform, describe_preprocessing, is_image_path, load_image, resolve_preprocessing,
+    ImageError,
+    build_transform,
+    describe_preprocessing,
+    is_image_path,
+    load_image,
+    resolve_preprocessing,
 )
 
 SUMMARY_LIMIT = 50  # skipped files listed by name in the summary; the rest are counted
@@ -87,7 +92,10 @@ def inputs_help() -> str:
     from .images import IMAGE_SUFFIXES
 
     suffixes = textwrap.fill(
-        "Image suffixes: " + " ".join(sorted(IMAGE_SUFFIXES)) + ".", width=98, initial_indent="  ", subsequent_indent="  "
+        "Image suffixes: " + " ".join(sorted(IMAGE_SUFFIXES)) + ".",
+        width=98,
+        initial_indent="  ",
+        subsequent_indent="  ",
     )
     return _INPUTS_HELP.format(suffixes=suffixes)
 
@@ -123,24 +131,45 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
     g = p.add_argument_group("model")
     g.add_argument(
-        "--model", choices=list_models(), metavar="NAME",
+        "--model",
+        choices=list_models(),
+        metavar="NAME",
         help="a registry model (see `densetriton info`). Alone: torchvision's pretrained weights, fetched and "
         "converted once, then cached (" + ", ".join(TORCHVISION_MODELS) + "). With --weights: the architecture the "
         "file must hold",
     )
     g.add_argument("--weights", metavar="FILE", help="a weights file (.safetensors, see `densetriton convert`)")
-    g.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
-    g.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="compute dtype (default: float16 on CUDA, float32 on CPU)")
-    g.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto",
-                   help="triton (fused kernels), reference (plain PyTorch) or auto: triton on CUDA (default)")
+    g.add_argument(
+        "--device", help="cuda, cuda:N or cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)"
+    )
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="compute dtype (default: float16 on CUDA, float32 on CPU)",
+    )
+    g.add_argument(
+        "--backend",
+        choices=("auto", "reference", "triton"),
+        default="auto",
+        help="triton (fused kernels), reference (plain PyTorch) or auto: triton on CUDA (default)",
+    )
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch (default 32)")
-    g.add_argument("--workers", type=nonnegative_int, default=default_workers(), metavar="W",
-                   help="DataLoader worker processes decoding images (default %(default)s; 0 decodes in the main process)")
-    g.add_argument("--decode", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="gpu: workers read JPEG bytes and the model's device decodes and preprocesses them in batches "
-                   "(nvJPEG on CUDA; other files, and JPEGs it refuses, go through Pillow); cpu: Pillow decodes "
-                   "and preprocesses every image in the workers; auto (default): gpu on CUDA, cpu otherwise")
+    g.add_argument(
+        "--workers",
+        type=nonnegative_int,
+        default=default_workers(),
+        metavar="W",
+        help="DataLoader worker processes decoding images (default %(default)s; 0 decodes in the main process)",
+    )
+    g.add_argument(
+        "--decode",
+        choices=("auto", "gpu", "cpu"),
+        default="auto",
+        help="gpu: workers read JPEG bytes and the model's device decodes and preprocesses them in batches "
+        "(nvJPEG on CUDA; other files, and JPEGs it refuses, go through Pillow); cpu: Pillow decodes "
+        "and preprocesses every image in the workers; auto (default): gpu on CUDA, cpu otherwise",
+    )
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -171,7 +200,9 @@ def collect_files(paths) -> list[str]:
             for root, dirs, names in os.walk(path):
                 dirs.sort()
                 # Regular files only: opening a named pipe (even "x.png") would block forever.
-                found.extend(f for f in (os.path.join(root, n) for n in names) if os.path.isfile(f) and is_image_path(f))
+                found.extend(
+                    f for f in (os.path.join(root, n) for n in names) if os.path.isfile(f) and is_image_path(f)
+                )
             for f in sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep)):
                 add(f)
         elif path.endswith(("/", os.sep)) and not os.path.exists(path):
@@ -183,21 +214,29 @@ def collect_files(paths) -> list[str]:
     return files
 
 
-def load_engine(args, dist: "Dist"):
+def load_engine(args, dist: Dist):
     import densetriton
 
     from .spec import TORCHVISION_MODELS
 
     if args.model is None and args.weights is None:
-        raise ValueError("give --model NAME (torchvision's pretrained weights) or --weights FILE (a converted weights file)")
+        raise ValueError(
+            "give --model NAME (torchvision's pretrained weights) or --weights FILE (a converted weights file)"
+        )
     device = args.device
     if dist.active and torch.cuda.is_available() and device in (None, "cuda"):
         device = f"cuda:{dist.local_rank}"
-    if (device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None
-            and torch.cuda.is_available()):  # without CUDA, load() says so clearly
+    if (
+        device is not None
+        and torch.device(device).type == "cuda"
+        and torch.device(device).index is not None
+        and torch.cuda.is_available()
+    ):  # without CUDA, load() says so clearly
         torch.cuda.set_device(torch.device(device))
     if args.weights is not None:
-        return densetriton.load(args.model or args.weights, weights=args.weights, device=device, dtype=args.dtype, backend=args.backend)
+        return densetriton.load(
+            args.model or args.weights, weights=args.weights, device=device, dtype=args.dtype, backend=args.backend
+        )
     if args.model not in TORCHVISION_MODELS:
         raise ValueError(
             f"no pretrained weights are published for {args.model}; pass --weights FILE (a converted file, "
@@ -224,7 +263,7 @@ class Dist:
     _initialised_here: bool = False
 
     @classmethod
-    def from_env(cls, device: str | None) -> "Dist":
+    def from_env(cls, device: str | None) -> Dist:
         """torchrun's environment -> an initialised process group (nccl on CUDA, gloo otherwise)."""
         try:
             world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -335,8 +374,12 @@ class _Batches:
             dataset, collate = _ImageDataset(items, self.transform), _collate
         self.side = torch.cuda.Stream(engine.device) if self.tensor and self.pin else None
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, shuffle=False, num_workers=min(args.workers, len(items)),
-            collate_fn=collate, pin_memory=self.pin,
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=False,
+            num_workers=min(args.workers, len(items)),
+            collate_fn=collate,
+            pin_memory=self.pin,
         )
 
     def prepare(self, batch) -> tuple[list, list]:
@@ -397,7 +440,9 @@ def stream_images(engine, items, args, *, run, on_batch, desc: str, show: bool) 
     if not items:
         return tally
     batches = _Batches(engine, items, args)
-    bar = tqdm(total=len(items), unit="img", desc=desc, disable=None if show else True, dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=len(items), unit="img", desc=desc, disable=None if show else True, dynamic_ncols=True, smoothing=0.1
+    )
     pending = None
     try:
         for batch in batches.loader:
@@ -420,7 +465,9 @@ def stream_images(engine, items, args, *, run, on_batch, desc: str, show: bool) 
     return tally
 
 
-def print_summary(verb: str, done: int, skipped: list, elapsed: float, *, already: int = 0, out: str | None = None) -> None:
+def print_summary(
+    verb: str, done: int, skipped: list, elapsed: float, *, already: int = 0, out: str | None = None
+) -> None:
     rate = f" in {elapsed:.1f} s ({done / elapsed:.1f} images/s)" if done and elapsed > 0 else ""
     line = f"{verb} {done} image{'s' if done != 1 else ''}{rate}"
     if already:
@@ -444,6 +491,7 @@ def print_summary(verb: str, done: int, skipped: list, elapsed: float, *, alread
 def _canonical_preprocessing(pre: dict) -> dict:
     """One spelling for each preprocessing: Resize((40,)) is Resize(40), CenterCrop((32, 32)) is
     CenterCrop(32), a mean of 0 is a mean of 0.0 -- so model_id changes only when the images do."""
+
     def size(value, square_is_one: bool):
         if isinstance(value, (list, tuple)):
             value = [int(v) for v in value]
@@ -452,9 +500,12 @@ def _canonical_preprocessing(pre: dict) -> dict:
             return value
         return None if value is None else int(value)
 
-    return {"resize_size": size(pre.get("resize_size"), square_is_one=False),  # Resize((s, s)) is not Resize(s)
-            "crop_size": size(pre.get("crop_size"), square_is_one=True),
-            "mean": [float(v) for v in pre["mean"]], "std": [float(v) for v in pre["std"]]}
+    return {
+        "resize_size": size(pre.get("resize_size"), square_is_one=False),  # Resize((s, s)) is not Resize(s)
+        "crop_size": size(pre.get("crop_size"), square_is_one=True),
+        "mean": [float(v) for v in pre["mean"]],
+        "std": [float(v) for v in pre["std"]],
+    }
 
 
 def model_id(engine, *, head: bool, multi_label: bool = False) -> str:
@@ -463,10 +514,16 @@ def model_id(engine, *, head: bool, multi_label: bool = False) -> str:
     (head=True) the classifier, class names and how probabilities are made (softmax, sigmoid,
     operating points). embed's rows depend on the features alone (head=False)."""
     spec = engine.spec if head else engine.spec.replace(num_classes=1)
-    what = {"spec": json.loads(spec.to_json()), "preprocessing": _canonical_preprocessing(resolve_preprocessing(engine))}
+    what = {
+        "spec": json.loads(spec.to_json()),
+        "preprocessing": _canonical_preprocessing(resolve_preprocessing(engine)),
+    }
     if head:
-        what.update(class_names=engine.class_names, multi_label=bool(multi_label),
-                    operating_points=engine.operating_points if multi_label else None)
+        what.update(
+            class_names=engine.class_names,
+            multi_label=bool(multi_label),
+            operating_points=engine.operating_points if multi_label else None,
+        )
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode())
     for name in sorted(engine.weights.tensors):
         if not head and name.startswith("classifier."):
@@ -522,8 +579,11 @@ def describe_run(engine, args) -> str:
         outputs += ", each class's operating point at 0.5"
     from .decode import use_tensor_decoding
 
-    decoding = (f"JPEGs decoded in batches on {engine.device}, other files by Pillow"
-                if use_tensor_decoding(getattr(args, "decode", "auto"), engine.device) else "Pillow in the workers")
+    decoding = (
+        f"JPEGs decoded in batches on {engine.device}, other files by Pillow"
+        if use_tensor_decoding(getattr(args, "decode", "auto"), engine.device)
+        else "Pillow in the workers"
+    )
     return (
         f"{describe_spec(engine.spec)} ({source}) on {engine.device}, {dtype}, {engine.backend} backend; "
         f"preprocessing: {describe_preprocessing(engine)}{outputs}; decoding: {decoding}"

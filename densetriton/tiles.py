@@ -112,8 +112,11 @@ def _dtype_class(dtype: str) -> str:
 
 def gemm_tiles(rule: GemmRule, rows: int, k: int, c_out: int) -> dict:
     """A GemmRule applied to one launch (k: the GEMM's K step axis, e.g. KH*KW*Cin for the stem)."""
-    m = _fit(rows, 16, rule.block_m_large) if rule is INTERPRETER_TILES else (
-        rule.block_m_large if rows >= rule.large_rows else rule.block_m)
+    m = (
+        _fit(rows, 16, rule.block_m_large)
+        if rule is INTERPRETER_TILES
+        else (rule.block_m_large if rows >= rule.large_rows else rule.block_m)
+    )
     tiles = {"BLOCK_M": m, "BLOCK_N": _fit(c_out, 16, rule.max_n), "BLOCK_K": _fit(k, rule.min_k, rule.max_k)}
     if rule is not INTERPRETER_TILES:
         big = any(m >= min_m and tiles["BLOCK_N"] >= min_n for min_m, min_n in rule.eight_warps)
@@ -125,7 +128,9 @@ def heuristic_tiles(key: LayerKey, *, interpreted: bool) -> dict:
     """The tables' launch configuration for one layer."""
     if key.op in POOL_TILES:
         axes = {"c_out": key.c_out, "pixels": key.pixels}
-        return {name: v if isinstance(v, int) else _fit(axes[v[0]], v[1], v[2]) for name, v in POOL_TILES[key.op].items()}
+        return {
+            name: v if isinstance(v, int) else _fit(axes[v[0]], v[1], v[2]) for name, v in POOL_TILES[key.op].items()
+        }
     k = key.c_in * key.kernel_size**2 if key.op == "stem" else key.c_in
     if interpreted:
         return gemm_tiles(INTERPRETER_TILES, key.rows, k, key.c_out)
@@ -184,9 +189,16 @@ def _entry(item, where: str) -> tuple[LayerKey, dict]:
     tiles = {name: item[name] for name in TILE_KEYS}
     for name, value in tiles.items():
         lo = 16 if name.startswith("BLOCK") else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < lo or (name != "num_stages" and value & (value - 1)):
-            raise ValueError(f"{where}: {name} must be {'a power of two' if name != 'num_stages' else 'an int'} "
-                             f">= {lo}, got {value!r}")
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < lo
+            or (name != "num_stages" and value & (value - 1))
+        ):
+            raise ValueError(
+                f"{where}: {name} must be {'a power of two' if name != 'num_stages' else 'an int'} "
+                f">= {lo}, got {value!r}"
+            )
     if item.get("split_k", 1) != 1:
         raise ValueError(f"{where}: split_k {item['split_k']!r}: no kernel splits K yet, only 1 is accepted")
     return key, tiles

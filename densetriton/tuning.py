@@ -18,8 +18,13 @@ from .plan import conv_launcher
 from .tiles import LayerKey, choose_tiles
 
 # (stride, padding) of each op's convolution, and whether its input has a BN-ReLU prologue.
-_GEOMETRY = {"stem": (2, 3, False), "conv1x1": (1, 0, True), "conv3x3": (1, 1, False),
-             "transition": (2, 0, True), "classifier": (1, 0, False)}
+_GEOMETRY = {
+    "stem": (2, 3, False),
+    "conv1x1": (1, 0, True),
+    "conv3x3": (1, 1, False),
+    "transition": (2, 0, True),
+    "classifier": (1, 0, False),
+}
 
 
 def _inputs(key: LayerKey, device, seed: int) -> dict:
@@ -45,8 +50,11 @@ def _inputs(key: LayerKey, device, seed: int) -> dict:
     biased = key.op in ("conv1x1", "classifier") or (key.op == "stem" and not cifar_stem)
     bias = {"bias": vec(key.c_out)} if biased else {}
     out = torch.full((key.batch, key.height, key.width, key.c_out), float("nan"), dtype=dtype, device=device)
-    conv = {} if key.op == "transition" else {"kernel_size": k, "stride": stride, "padding": padding,
-                                               "relu_out": biased and key.op != "classifier"}
+    conv = (
+        {}
+        if key.op == "transition"
+        else {"kernel_size": k, "stride": stride, "padding": padding, "relu_out": biased and key.op != "classifier"}
+    )
     return {"x": x, "weight": pack_conv_weight(w_oikk, dtype, device), "out": out, **scale_shift, **bias, **conv}
 
 
@@ -61,8 +69,14 @@ def _stem_or_classifier_v2(key: LayerKey, x, weight, out, args: dict, tiles: dic
     from . import kernels
 
     if key.op == "classifier":  # x, out: [N, 1, 1, C] views of [N, C] features and logits
-        return functools.partial(kernels.classifier_v2, x.view(key.batch, key.c_in), weight,
-                                 out.view(key.batch, key.c_out), bias=args["bias"], **tiles)
+        return functools.partial(
+            kernels.classifier_v2,
+            x.view(key.batch, key.c_in),
+            weight,
+            out.view(key.batch, key.c_out),
+            bias=args["bias"],
+            **tiles,
+        )
     n, h, w, c_in = x.shape
     stem = kernels.bind_stem_conv_v2(weight, out, in_channels=c_in, height=h, width=w, **args, **tiles)
     return functools.partial(stem, x)

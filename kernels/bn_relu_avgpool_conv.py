@@ -10,20 +10,38 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import COMPUTE_DTYPES, check_block, check_nhwc, check_same_device, check_vector, check_weight_rows
 from ._math import _dot, _relu
-from ._common import check_block, check_nhwc, check_same_device, check_vector, check_weight_rows, COMPUTE_DTYPES
 
 
 # Pixel counts are not specialised: one compile serves every batch and image size.
 @triton.jit(do_not_specialize=["N", "OH", "OW"])
 def _bn_relu_avgpool_conv_kernel(
-    x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr,
-    N, C_in, OH, OW, C_out,
-    stride_xn, stride_xh, stride_xw, stride_xc,
-    stride_on, stride_oh, stride_ow, stride_oc,
-    stride_wk, stride_scale, stride_shift,
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    scale_ptr,
+    shift_ptr,
+    N,
+    C_in,
+    OH,
+    OW,
+    C_out,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    stride_wk,
+    stride_scale,
+    stride_shift,
     IEEE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -75,8 +93,17 @@ def _bn_relu_avgpool_conv_kernel(
 
 
 def bn_relu_avgpool_conv(
-    x, weight, out, *, in_scale, in_shift,
-    BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=None,
+    x,
+    weight,
+    out,
+    *,
+    in_scale,
+    in_shift,
+    BLOCK_M=64,
+    BLOCK_N=64,
+    BLOCK_K=32,
+    num_warps=4,
+    num_stages=None,
 ):
     """out <- conv1x1(avgpool2x2_s2(relu(x*in_scale + in_shift)), weight).
 
@@ -112,12 +139,25 @@ def bn_relu_avgpool_conv(
     if num_stages is not None:
         launch_opts["num_stages"] = num_stages
     _bn_relu_avgpool_conv_kernel[grid](
-        x, weight, out, in_scale, in_shift,
-        n, c_in, oh, ow, c_out,
-        *x.stride(), *out.stride(),
-        weight.stride(0), in_scale.stride(0), in_shift.stride(0),
+        x,
+        weight,
+        out,
+        in_scale,
+        in_shift,
+        n,
+        c_in,
+        oh,
+        ow,
+        c_out,
+        *x.stride(),
+        *out.stride(),
+        weight.stride(0),
+        in_scale.stride(0),
+        in_shift.stride(0),
         IEEE_DOT=weight.dtype == torch.float32,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
         **launch_opts,
     )
     return out

@@ -29,15 +29,43 @@ def _bn_relu(a, scale_ptr, shift_ptr, offs_ci, ci_mask, in_mask, stride_scale, s
 # new kernel per batch or image size for no gain, since loads are vectorised along channels.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
 def _bn_relu_conv_kernel(
-    x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr,
-    N, H, W, C_in, OH, OW, C_out,
-    stride_xn, stride_xh, stride_xw, stride_xc,
-    stride_on, stride_oh, stride_ow, stride_oc,
-    stride_wk, stride_scale, stride_shift, stride_bias,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr,
-    IEEE_DOT: tl.constexpr, FLAT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    scale_ptr,
+    shift_ptr,
+    bias_ptr,
+    N,
+    H,
+    W,
+    C_in,
+    OH,
+    OW,
+    C_out,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    stride_wk,
+    stride_scale,
+    stride_shift,
+    stride_bias,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU_OUT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -101,8 +129,9 @@ def _bn_relu_conv_kernel(
                     other=0.0,
                 ).to(tl.float32)
                 if HAS_PROLOGUE:
-                    a = _bn_relu(a, scale_ptr, shift_ptr, offs_ci, ci_mask, tap_mask[:, None], stride_scale,
-                                 stride_shift)
+                    a = _bn_relu(
+                        a, scale_ptr, shift_ptr, offs_ci, ci_mask, tap_mask[:, None], stride_scale, stride_shift
+                    )
 
                 # Tail rows (ci >= C_in) load as zero, so they add nothing whatever `a` holds.
                 w = tl.load(
@@ -154,9 +183,22 @@ def pack_conv_weight(w_torch_oikk, dtype, device=None):
 
 
 def bn_relu_conv(
-    x, weight, out, *, kernel_size, stride=1, padding=0,
-    in_scale=None, in_shift=None, bias=None, relu_out=False,
-    BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=None,
+    x,
+    weight,
+    out,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    in_scale=None,
+    in_shift=None,
+    bias=None,
+    relu_out=False,
+    BLOCK_M=64,
+    BLOCK_N=64,
+    BLOCK_K=32,
+    num_warps=4,
+    num_stages=None,
 ):
     """out <- [relu](conv2d(relu(x*in_scale + in_shift), weight, stride, padding) + bias).
 
@@ -164,8 +206,18 @@ def bn_relu_conv(
     allocated); weight: pack_conv_weight(...) output, [KH*KW*Cin, Cout] with unit column stride.
     in_scale/in_shift (both or neither) and bias are float32 vectors.
     """
-    g = check_conv_args(x, weight, out, kernel_size=kernel_size, stride=stride, padding=padding,
-                        in_scale=in_scale, in_shift=in_shift, bias=bias, blocks=(BLOCK_M, BLOCK_N, BLOCK_K))
+    g = check_conv_args(
+        x,
+        weight,
+        out,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        in_scale=in_scale,
+        in_shift=in_shift,
+        bias=bias,
+        blocks=(BLOCK_M, BLOCK_N, BLOCK_K),
+    )
     if out.numel() == 0:
         return out
     n, h, w, c_in, oh, ow, c_out, kh, kw = g
@@ -179,14 +231,37 @@ def bn_relu_conv(
     if num_stages is not None:
         launch_opts["num_stages"] = num_stages
     _bn_relu_conv_kernel[grid](
-        x, weight, out, scale, shift, bias_arg,
-        n, h, w, c_in, oh, ow, c_out,
-        *x.stride(), *out.stride(),
-        weight.stride(0), scale.stride(0), shift.stride(0), bias_arg.stride(0),
-        KH=kh, KW=kw, STRIDE=stride, PAD=padding,
-        HAS_PROLOGUE=has_prologue, HAS_BIAS=bias is not None, RELU_OUT=bool(relu_out),
-        IEEE_DOT=weight.dtype == torch.float32, FLAT_K=kh * kw > 1 and c_in < FLAT_K_BELOW,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        x,
+        weight,
+        out,
+        scale,
+        shift,
+        bias_arg,
+        n,
+        h,
+        w,
+        c_in,
+        oh,
+        ow,
+        c_out,
+        *x.stride(),
+        *out.stride(),
+        weight.stride(0),
+        scale.stride(0),
+        shift.stride(0),
+        bias_arg.stride(0),
+        KH=kh,
+        KW=kw,
+        STRIDE=stride,
+        PAD=padding,
+        HAS_PROLOGUE=has_prologue,
+        HAS_BIAS=bias is not None,
+        RELU_OUT=bool(relu_out),
+        IEEE_DOT=weight.dtype == torch.float32,
+        FLAT_K=kh * kw > 1 and c_in < FLAT_K_BELOW,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
         **launch_opts,
     )
     return out

@@ -23,9 +23,24 @@ from ._math import _dot, relu_keep_nan
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, bias_ptr, n, oh, ow, offs_co, pix_mask, co_mask,
-              stride_on, stride_oh, stride_ow, stride_oc, stride_bias,
-              HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr):
+def _epilogue(
+    acc,
+    out_ptr,
+    bias_ptr,
+    n,
+    oh,
+    ow,
+    offs_co,
+    pix_mask,
+    co_mask,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    stride_bias,
+    HAS_BIAS: tl.constexpr,
+    RELU_OUT: tl.constexpr,
+):
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_co * stride_bias, mask=co_mask, other=0.0)
         acc = acc + bias[None, :]
@@ -42,14 +57,39 @@ def _epilogue(acc, out_ptr, bias_ptr, n, oh, ow, offs_co, pix_mask, co_mask,
 # N, H, W, OH, OW only bound rows: not specialised, so one compile serves every batch and size.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
 def _conv1x1_v2_kernel(
-    x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr,
-    N, H, W, C_in, OH, OW, C_out,
-    stride_xn, stride_xh, stride_xw, stride_xc,
-    stride_on, stride_oh, stride_ow, stride_oc,
-    stride_wk, stride_scale, stride_shift, stride_bias,
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    scale_ptr,
+    shift_ptr,
+    bias_ptr,
+    N,
+    H,
+    W,
+    C_in,
+    OH,
+    OW,
+    C_out,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    stride_wk,
+    stride_scale,
+    stride_shift,
+    stride_bias,
     STRIDE: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU_OUT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -71,8 +111,9 @@ def _conv1x1_v2_kernel(
             mask=ci_mask[:, None] & co_mask[None, :],
             other=0.0,
         )
-        a = tl.load(x_pix_ptr[:, None] + offs_ci[None, :] * stride_xc,
-                    mask=pix_mask[:, None] & ci_mask[None, :], other=0.0)
+        a = tl.load(
+            x_pix_ptr[:, None] + offs_ci[None, :] * stride_xc, mask=pix_mask[:, None] & ci_mask[None, :], other=0.0
+        )
         if HAS_PROLOGUE:
             # No select: see the module docstring for why masked rows and channels add nothing.
             scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
@@ -80,20 +121,64 @@ def _conv1x1_v2_kernel(
             a = relu_keep_nan(a.to(tl.float32) * scale[None, :] + shift[None, :])
         acc = _dot(a.to(w.dtype), w, acc, IEEE_DOT)
 
-    _epilogue(acc, out_ptr, bias_ptr, n, oh, ow, offs_co, pix_mask, co_mask,
-              stride_on, stride_oh, stride_ow, stride_oc, stride_bias, HAS_BIAS, RELU_OUT)
+    _epilogue(
+        acc,
+        out_ptr,
+        bias_ptr,
+        n,
+        oh,
+        ow,
+        offs_co,
+        pix_mask,
+        co_mask,
+        stride_on,
+        stride_oh,
+        stride_ow,
+        stride_oc,
+        stride_bias,
+        HAS_BIAS,
+        RELU_OUT,
+    )
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
 def _conv_taps_v2_kernel(
-    x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, bias_ptr,
-    N, H, W, C_in, OH, OW, C_out,
-    stride_xn, stride_xh, stride_xw, stride_xc,
-    stride_on, stride_oh, stride_ow, stride_oc,
-    stride_wk, stride_scale, stride_shift, stride_bias,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU_OUT: tl.constexpr, IEEE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    scale_ptr,
+    shift_ptr,
+    bias_ptr,
+    N,
+    H,
+    W,
+    C_in,
+    OH,
+    OW,
+    C_out,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    stride_wk,
+    stride_scale,
+    stride_shift,
+    stride_bias,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU_OUT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -136,8 +221,11 @@ def _conv_taps_v2_kernel(
             mask=ci_mask[:, None] & co_mask[None, :],
             other=0.0,
         )
-        a = tl.load(x_pix_ptr[:, None] + (kh * stride_xh + kw * stride_xw) + offs_ci[None, :] * stride_xc,
-                    mask=tap_mask[:, None] & ci_mask[None, :], other=0.0)
+        a = tl.load(
+            x_pix_ptr[:, None] + (kh * stride_xh + kw * stride_xw) + offs_ci[None, :] * stride_xc,
+            mask=tap_mask[:, None] & ci_mask[None, :],
+            other=0.0,
+        )
         if HAS_PROLOGUE:
             # Padding is zero in the activated tensor, not relu(shift): here the select is needed.
             scale = tl.load(scale_ptr + offs_ci * stride_scale, mask=ci_mask, other=0.0)
@@ -152,21 +240,60 @@ def _conv_taps_v2_kernel(
         kw = tl.where(next_row, 0, kw)
         kh = tl.where(next_row, kh + 1, kh)
 
-    _epilogue(acc, out_ptr, bias_ptr, n, oh, ow, offs_co, pix_mask, co_mask,
-              stride_on, stride_oh, stride_ow, stride_oc, stride_bias, HAS_BIAS, RELU_OUT)
+    _epilogue(
+        acc,
+        out_ptr,
+        bias_ptr,
+        n,
+        oh,
+        ow,
+        offs_co,
+        pix_mask,
+        co_mask,
+        stride_on,
+        stride_oh,
+        stride_ow,
+        stride_oc,
+        stride_bias,
+        HAS_BIAS,
+        RELU_OUT,
+    )
 
 
 MAX_KERNEL = 31  # the tap loop keeps a row's in-image taps as bits of an int32
 
 
 def bn_relu_conv_v2(
-    x, weight, out, *, kernel_size, stride=1, padding=0,
-    in_scale=None, in_shift=None, bias=None, relu_out=False,
-    BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=None,
+    x,
+    weight,
+    out,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    in_scale=None,
+    in_shift=None,
+    bias=None,
+    relu_out=False,
+    BLOCK_M=64,
+    BLOCK_N=64,
+    BLOCK_K=32,
+    num_warps=4,
+    num_stages=None,
 ):
     """bn_relu_conv's op and arguments (see its docstring), run by the v2 kernels."""
-    g = check_conv_args(x, weight, out, kernel_size=kernel_size, stride=stride, padding=padding,
-                        in_scale=in_scale, in_shift=in_shift, bias=bias, blocks=(BLOCK_M, BLOCK_N, BLOCK_K))
+    g = check_conv_args(
+        x,
+        weight,
+        out,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        in_scale=in_scale,
+        in_shift=in_shift,
+        bias=bias,
+        blocks=(BLOCK_M, BLOCK_N, BLOCK_K),
+    )
     if out.numel() == 0:
         return out
     n, h, w, c_in, oh, ow, c_out, kh, kw = g
@@ -179,14 +306,36 @@ def bn_relu_conv_v2(
     bias_arg = bias if bias is not None else weight
     grid = (triton.cdiv(n * oh * ow, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
     args = (
-        x, weight, out, scale, shift, bias_arg,
-        n, h, w, c_in, oh, ow, c_out,
-        *x.stride(), *out.stride(),
-        weight.stride(0), scale.stride(0), shift.stride(0), bias_arg.stride(0),
+        x,
+        weight,
+        out,
+        scale,
+        shift,
+        bias_arg,
+        n,
+        h,
+        w,
+        c_in,
+        oh,
+        ow,
+        c_out,
+        *x.stride(),
+        *out.stride(),
+        weight.stride(0),
+        scale.stride(0),
+        shift.stride(0),
+        bias_arg.stride(0),
     )
-    flags = dict(HAS_PROLOGUE=has_prologue, HAS_BIAS=bias is not None, RELU_OUT=bool(relu_out),
-                 IEEE_DOT=weight.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                 num_warps=num_warps)
+    flags = dict(
+        HAS_PROLOGUE=has_prologue,
+        HAS_BIAS=bias is not None,
+        RELU_OUT=bool(relu_out),
+        IEEE_DOT=weight.dtype == torch.float32,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        num_warps=num_warps,
+    )
     if num_stages is not None:
         flags["num_stages"] = num_stages
     if kh == kw == 1 and padding == 0:

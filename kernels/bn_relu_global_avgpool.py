@@ -10,19 +10,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import _relu
 from ._common import check_block, check_nhwc, check_same_device, check_vector
+from ._math import _relu
 
 
 # Pixel counts are not specialised: one compile serves every image size.
 @triton.jit(do_not_specialize=["H", "W"])
 def _bn_relu_global_avgpool_kernel(
-    x_ptr, scale_ptr, shift_ptr, out_ptr,
-    H, W, C,
-    stride_xn, stride_xh, stride_xw, stride_xc,
-    stride_scale, stride_shift,
-    stride_on, stride_oc,
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    H,
+    W,
+    C,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_scale,
+    stride_shift,
+    stride_on,
+    stride_oc,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
@@ -74,12 +85,19 @@ def bn_relu_global_avgpool(x, scale, shift, out, BLOCK_C=64, BLOCK_HW=64, num_wa
         return out
     grid = (n, triton.cdiv(c, BLOCK_C))
     _bn_relu_global_avgpool_kernel[grid](
-        x, scale, shift, out,
-        h, w, c,
+        x,
+        scale,
+        shift,
+        out,
+        h,
+        w,
+        c,
         *x.stride(),
-        scale.stride(0), shift.stride(0),
+        scale.stride(0),
+        shift.stride(0),
         *out.stride(),
-        BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C,
+        BLOCK_HW=BLOCK_HW,
+        BLOCK_C=BLOCK_C,
         num_warps=num_warps,
     )
     return out

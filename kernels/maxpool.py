@@ -12,11 +12,24 @@ from ._common import check_block, check_nhwc, check_same_device
 # Pixel counts are not specialised: one compile serves every batch and image size.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
 def _max_pool_3x3_s2_kernel(
-    x_ptr, out_ptr,
-    N, H, W, C, OH, OW,
-    stride_xn, stride_xh, stride_xw, stride_xc,
-    stride_on, stride_oh, stride_ow, stride_oc,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    N,
+    H,
+    W,
+    C,
+    OH,
+    OW,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_xc,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -78,10 +91,18 @@ def max_pool_3x3_s2(x, out, BLOCK_M=64, BLOCK_C=32, num_warps=4):
         return out
     grid = (triton.cdiv(n * oh * ow, BLOCK_M), triton.cdiv(c, BLOCK_C))
     _max_pool_3x3_s2_kernel[grid](
-        x, out,
-        n, h, w, c, oh, ow,
-        *x.stride(), *out.stride(),
-        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+        x,
+        out,
+        n,
+        h,
+        w,
+        c,
+        oh,
+        ow,
+        *x.stride(),
+        *out.stride(),
+        BLOCK_M=BLOCK_M,
+        BLOCK_C=BLOCK_C,
         num_warps=num_warps,
     )
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_batchnorm
 from PIL import Image
 
 import densetriton
@@ -21,8 +22,6 @@ from densetriton import DenseNetSpec
 from densetriton.cli import main
 from densetriton.images import load_image, preprocess, topk
 from densetriton.reference import ReferenceDenseNet
-
-from helpers import randomize_batchnorm
 
 SPEC = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "imagenet")
 CIFAR_SPEC = DenseNetSpec(4, (2, 2), 8, 2, 0.5, 3, "cifar")
@@ -82,7 +81,9 @@ def make_images(folder: Path, seed: str) -> dict:
     p["gray"] = folder / "gray.png"
     Image.fromarray(rng.integers(0, 256, (44, 40), dtype=np.uint8)).save(p["gray"])
     p["rgba"] = folder / "rgba.png"
-    Image.fromarray(np.dstack([_noise(rng, 40, 40), rng.integers(0, 256, (40, 40), dtype=np.uint8)]), "RGBA").save(p["rgba"])
+    Image.fromarray(np.dstack([_noise(rng, 40, 40), rng.integers(0, 256, (40, 40), dtype=np.uint8)]), "RGBA").save(
+        p["rgba"]
+    )
     p["palette"] = folder / "palette.png"
     pal = Image.fromarray(rng.integers(0, 16, (40, 48), dtype=np.uint8), "P")
     pal.putpalette(rng.integers(0, 256, 48, dtype=np.uint8).tolist())
@@ -127,7 +128,9 @@ def read_csv(path):
     header, body = rows[0], rows[1:]
     k = (len(header) - 2) // 2
     assert header == ["path"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")] + ["model"]
-    assert len({r[-1] for r in body}) <= 1 and all(re.fullmatch("[0-9a-f]{12}", r[-1]) for r in body)  # one model wrote them
+    assert len({r[-1] for r in body}) <= 1 and all(
+        re.fullmatch("[0-9a-f]{12}", r[-1]) for r in body
+    )  # one model wrote them
     return [(r[0], [(r[1 + 2 * i], float(r[2 + 2 * i])) for i in range(k)]) for r in body]
 
 

@@ -94,19 +94,24 @@ def test_orientation_matches_pillow(tmp_path):
         path = _save_jpeg(tmp_path / f"o{orientation}.jpg", pixels, orientation)
         data, header = open(path, "rb").read(), decode.jpeg_header(path, open(path, "rb").read())
         assert header[2] == orientation
-        img = orient(decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.device("cpu"))[0],
-                     orientation)
+        img = orient(
+            decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.device("cpu"))[0], orientation
+        )
         expected = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
         assert img.shape == expected.shape, orientation
         assert torch.equal(img, expected), orientation  # the same libjpeg-turbo decode: identical pixels
         assert header[:2] == (expected.shape[2], expected.shape[1])  # upright width, height from the header
 
 
-@pytest.mark.parametrize("pre_dict", [
-    PRE,  # shorter side 40, center crop 32
-    {"resize_size": [36, 28], "crop_size": None, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},  # exact HxW
-    {"resize_size": 40, "crop_size": 32, "mean": [0.45], "std": [0.22]},  # a grayscale model: luminance
-], ids=["shorter-side-crop", "exact-size", "grayscale"])
+@pytest.mark.parametrize(
+    "pre_dict",
+    [
+        PRE,  # shorter side 40, center crop 32
+        {"resize_size": [36, 28], "crop_size": None, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},  # exact HxW
+        {"resize_size": 40, "crop_size": 32, "mean": [0.45], "std": [0.22]},  # a grayscale model: luminance
+    ],
+    ids=["shorter-side-crop", "exact-size", "grayscale"],
+)
 def test_tensor_path_matches_pillow(varied, pre_dict):
     """The bound stated in docs/images.md (fails with the resize's antialias off, a channel order
     swapped, the wrong luminance weights or mean/std not applied)."""
@@ -158,7 +163,9 @@ def _mixed_folder(folder):
     kinds = make_images(folder, "decode")
     rng = _rng("mixed")
     for i in range(5):
-        kinds[f"jpeg{i}"] = _save_jpeg(folder / f"j{i}.jpg", _photo(rng, 50 + 9 * i, 64), orientation=(1, 6, 3, 8, 1)[i])
+        kinds[f"jpeg{i}"] = _save_jpeg(
+            folder / f"j{i}.jpg", _photo(rng, 50 + 9 * i, 64), orientation=(1, 6, 3, 8, 1)[i]
+        )
     data = open(kinds["jpeg4"], "rb").read()
     (folder / "truncated.jpg").write_bytes(data[: len(data) * 2 // 3])
     kinds["truncated"] = str(folder / "truncated.jpg")
@@ -187,8 +194,14 @@ def test_predict_gpu_decode_matches_cpu_decode(tmp_path, weights, capsys, monkey
     monkeypatch.setattr(torchvision.io, "decode_jpeg", picky)
     outs = {}
     for mode in ("cpu", "gpu"):
-        rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--decode", mode, "--batch-size", "3",
-                                                               "--workers", "0", "--out", tmp_path / f"{mode}.csv"))
+        rc, _, err = run_cli(
+            capsys,
+            "predict",
+            folder,
+            *common(
+                weights, "--decode", mode, "--batch-size", "3", "--workers", "0", "--out", tmp_path / f"{mode}.csv"
+            ),
+        )
         assert rc == 0, err
         outs[mode] = (read_csv(tmp_path / f"{mode}.csv"), err)
     assert refused and refused[-1] == 1  # the batch call failed, then j2.jpg alone
@@ -225,11 +238,27 @@ def test_next_batch_prepared_before_outputs_are_read(tmp_path, weights, monkeypa
         return engine(x)
 
     args = type("Args", (), {"batch_size": 3, "workers": 0, "decode": "gpu"})()
-    tally = stream.stream_images(engine, list(enumerate(paths)), args, run=run,
-                                 on_batch=lambda rows: events.append(("rows", rows[0][0])), desc="t", show=False)
+    tally = stream.stream_images(
+        engine,
+        list(enumerate(paths)),
+        args,
+        run=run,
+        on_batch=lambda rows: events.append(("rows", rows[0][0])),
+        desc="t",
+        show=False,
+    )
     assert tally.done == 7
-    assert events == [("decode", 0), ("run", 3), ("decode", 3), ("rows", 0), ("run", 3), ("decode", 6), ("rows", 3),
-                      ("run", 1), ("rows", 6)]
+    assert events == [
+        ("decode", 0),
+        ("run", 3),
+        ("decode", 3),
+        ("rows", 0),
+        ("run", 3),
+        ("decode", 6),
+        ("rows", 3),
+        ("run", 1),
+        ("rows", 6),
+    ]
 
 
 @pytest.mark.gpu
@@ -255,8 +284,27 @@ def test_cuda_predict_gpu_decode(tmp_path, weights, capsys):  # noqa: F811
     _mixed_folder(folder)
     rows = {}
     for mode in ("cpu", "gpu"):
-        rc, _, err = run_cli(capsys, "predict", folder, "--weights", weights, "--device", "cuda", "--dtype", "float32",
-                             "--backend", "reference", "--decode", mode, "--batch-size", "3", "--workers", "2", "--out", tmp_path / f"{mode}.csv")
+        rc, _, err = run_cli(
+            capsys,
+            "predict",
+            folder,
+            "--weights",
+            weights,
+            "--device",
+            "cuda",
+            "--dtype",
+            "float32",
+            "--backend",
+            "reference",
+            "--decode",
+            mode,
+            "--batch-size",
+            "3",
+            "--workers",
+            "2",
+            "--out",
+            tmp_path / f"{mode}.csv",
+        )
         assert rc == 0, err
         rows[mode] = read_csv(tmp_path / f"{mode}.csv")
     assert [p for p, _ in rows["gpu"]] == [p for p, _ in rows["cpu"]]
@@ -274,8 +322,12 @@ def test_embed_gpu_decode_in_a_worker(tmp_path, weights, capsys):  # noqa: F811
     feats = {}
     for mode in ("cpu", "gpu"):
         out = tmp_path / f"{mode}.npy"
-        rc, _, err = run_cli(capsys, "embed", folder, *common(weights, "--decode", mode, "--batch-size", "2",
-                                                             "--workers", "1", "--out", out))
+        rc, _, err = run_cli(
+            capsys,
+            "embed",
+            folder,
+            *common(weights, "--decode", mode, "--batch-size", "2", "--workers", "1", "--out", out),
+        )
         assert rc == 0, err
         feats[mode] = (np.load(out), (tmp_path / f"{mode}.npy.paths.txt").read_text())
     assert feats["gpu"][1] == feats["cpu"][1]
@@ -287,8 +339,10 @@ def test_images_of_one_size_are_resized_together(tmp_path, monkeypatch):
     """Six JPEGs of two stored sizes, turned by EXIF into two upright sizes: two resize calls, not
     six, and each image exactly as it comes out alone (fails without preprocess_decoded's grouping)."""
     rng = _rng("together")
-    paths = [_save_jpeg(tmp_path / f"{i}.jpg", _photo(rng, *((48, 64), (64, 48))[i % 2]), orientation=(1, 1, 6, 1, 1, 8)[i])
-             for i in range(6)]
+    paths = [
+        _save_jpeg(tmp_path / f"{i}.jpg", _photo(rng, *((48, 64), (64, 48))[i % 2]), orientation=(1, 1, 6, 1, 1, 8)[i])
+        for i in range(6)
+    ]
     dataset = EncodedImages(list(enumerate(paths)), build_transform(PRE), PRE)
     jpegs, _, _ = collate_encoded([dataset[i] for i in range(6)])
     pre = TensorPreprocess(PRE, "cpu")

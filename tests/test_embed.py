@@ -7,18 +7,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import rel_err
+from image_commands import (  # noqa: F401 -- fixtures are used by name
+    NAMES,
+    PRE,
+    SPEC,
+    _noise,
+    _rng,
+    _tensors,
+    common,
+    ctrl_c_on_second_batch,
+    engine,
+    images,
+    one_thread,
+    run_cli,
+    scan_order,
+    weights,
+)
 from PIL import Image
 
 import densetriton
 import densetriton.embed
 from densetriton.images import load_image, preprocess
 from densetriton.stream import model_id
-
-from helpers import rel_err
-from image_commands import (  # noqa: F401 -- fixtures are used by name
-    NAMES, PRE, SPEC, _noise, _rng, _tensors, common, ctrl_c_on_second_batch, engine, images, one_thread,
-    run_cli, scan_order, weights,
-)
 
 
 def test_embed_resume_never_mixes_two_models_features(weights, engine, tmp_path, capsys):
@@ -31,13 +42,17 @@ def test_embed_resume_never_mixes_two_models_features(weights, engine, tmp_path,
     relabelled = tmp_path / "relabelled.safetensors"  # a new head on the same features: the same rows
     tensors = dict(_tensors(SPEC, 0), **{"classifier.weight": torch.randn(3, SPEC.num_features)})
     densetriton.save_weights(relabelled, tensors, SPEC, class_names=["a", "b", "c"], preprocessing=PRE)
-    assert model_id(densetriton.load(str(relabelled), device="cpu", backend="reference"), head=False) == model_id(engine, head=False)
+    assert model_id(densetriton.load(str(relabelled), device="cpu", backend="reference"), head=False) == model_id(
+        engine, head=False
+    )
     for out in (tmp_path / "f.npy", tmp_path / "f.safetensors"):
         (folder / "two.png").unlink(missing_ok=True)
         assert run_cli(capsys, "embed", folder, *common(weights, "--out", out, "--workers", "0"))[0] == 0
         before = out.read_bytes()
         Image.fromarray(_noise(rng, 40, 40)).save(folder / "two.png")
-        rc, _, err = run_cli(capsys, "embed", folder, *common(str(retrained), "--out", out, "--workers", "0", "--resume"))
+        rc, _, err = run_cli(
+            capsys, "embed", folder, *common(str(retrained), "--out", out, "--workers", "0", "--resume")
+        )
         assert rc == 1 and "holds features of another model" in err and out.read_bytes() == before, err
     # A .npy written before FILE.npy.json named its model cannot be checked: refused, not guessed.
     npy = tmp_path / "f.npy"
@@ -49,10 +64,14 @@ def test_embed_resume_never_mixes_two_models_features(weights, engine, tmp_path,
     partial.mkdir()
     from safetensors.torch import save_file
 
-    save_file({"features": torch.randn(1, SPEC.num_features)}, str(partial / "chunk-r0000-1-0.safetensors"),
-              metadata={"paths": json.dumps([str(folder / "one.png")]), "model_id": "0123456789ab"})
-    rc, _, err = run_cli(capsys, "embed", folder, *common(weights, "--out", tmp_path / "g.safetensors", "--workers", "0",
-                                                          "--resume"))
+    save_file(
+        {"features": torch.randn(1, SPEC.num_features)},
+        str(partial / "chunk-r0000-1-0.safetensors"),
+        metadata={"paths": json.dumps([str(folder / "one.png")]), "model_id": "0123456789ab"},
+    )
+    rc, _, err = run_cli(
+        capsys, "embed", folder, *common(weights, "--out", tmp_path / "g.safetensors", "--workers", "0", "--resume")
+    )
     assert rc == 1 and f"{partial} holds features of another model (model 0123456789ab)" in err
     assert len(list(partial.iterdir())) == 1
     rc, _, err = run_cli(capsys, "embed", folder, *common(str(relabelled), "--out", out, "--workers", "0", "--resume"))
@@ -60,7 +79,9 @@ def test_embed_resume_never_mixes_two_models_features(weights, engine, tmp_path,
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
-def test_an_interrupted_run_without_resume_goes_on_replacing_file(weights, engine, tmp_path, capsys, monkeypatch, suffix):
+def test_an_interrupted_run_without_resume_goes_on_replacing_file(
+    weights, engine, tmp_path, capsys, monkeypatch, suffix
+):
     """FILE of model A; a run of model B without --resume (it replaces FILE) stops after a chunk:
     --resume with B finishes the replacement (A's rows are neither kept nor checked), and --resume
     with A is refused, since FILE.partial/ holds B's rows."""
@@ -72,7 +93,20 @@ def test_an_interrupted_run_without_resume_goes_on_replacing_file(weights, engin
     b = tmp_path / "b.safetensors"
     densetriton.save_weights(b, _tensors(SPEC, 1), SPEC, class_names=NAMES, preprocessing=PRE)
     out = tmp_path / f"f{suffix}"
-    run = ["embed", folder, "--backend", "reference", "--device", "cpu", "--out", out, "--workers", "0", "--batch-size", "2"]
+    run = [
+        "embed",
+        folder,
+        "--backend",
+        "reference",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+    ]
     assert run_cli(capsys, *run, "--weights", weights)[0] == 0
     features = ctrl_c_on_second_batch(monkeypatch, "features")
     rc, _, err = run_cli(capsys, *run, "--weights", b)
@@ -173,8 +207,11 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     src, kinds = images
     folder = tmp_path / "data"
     shutil.copytree(src, folder)
-    good = [p.replace(str(src), str(folder)) for p in scan_order(src, kinds)
-            if p not in {str(kinds["corrupt"]), str(kinds["fake"])}]
+    good = [
+        p.replace(str(src), str(folder))
+        for p in scan_order(src, kinds)
+        if p not in {str(kinds["corrupt"]), str(kinds["fake"])}
+    ]
     expected = torch.cat([engine.features(preprocess(load_image(p), engine)) for p in good])
     npy = tmp_path / "feats.npy"
     args = common(weights, "--out", npy, "--workers", "0", "--batch-size", "3")
@@ -202,8 +239,11 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     partial.mkdir()
     from safetensors.torch import save_file
 
-    save_file({"features": torch.from_numpy(np.load(npy))[:2].contiguous()}, str(partial / "chunk-r0000-1-0.safetensors"),
-              metadata={"paths": json.dumps(good[:2]), "model_id": model_id(engine, head=False)})
+    save_file(
+        {"features": torch.from_numpy(np.load(npy))[:2].contiguous()},
+        str(partial / "chunk-r0000-1-0.safetensors"),
+        metadata={"paths": json.dumps(good[:2]), "model_id": model_id(engine, head=False)},
+    )
     rc, _, err = run_cli(capsys, "embed", folder, *args, "--resume")
     assert rc == 0 and "resuming: 7 of 9 images already embedded" in err
     assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == good
@@ -236,11 +276,16 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     # Without --resume a stale FILE.partial/ is cleared, not mixed in.
     stale = tmp_path / "feats.npy.partial"
     stale.mkdir()
-    save_file({"features": torch.ones(1, SPEC.num_features)}, str(stale / "chunk-r0000-0-0.safetensors"),
-              metadata={"paths": json.dumps([good[0]])})
+    save_file(
+        {"features": torch.ones(1, SPEC.num_features)},
+        str(stale / "chunk-r0000-0-0.safetensors"),
+        metadata={"paths": json.dumps([good[0]])},
+    )
     rc, _, err = run_cli(capsys, "embed", folder, *args)
     assert rc == 0 and "embedded 8 images" in err and not stale.exists()
-    assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == [str(added)] + good  # input order
+    assert (tmp_path / "feats.npy.paths.txt").read_text(encoding="utf-8").splitlines() == [
+        str(added)
+    ] + good  # input order
     assert rel_err(torch.from_numpy(np.load(npy))[1:], expected) < 1e-5
 
     # Too many paths for a safetensors header: refused before any image is read.
@@ -254,8 +299,9 @@ def test_embed_resume_after_an_interruption(weights, engine, images, tmp_path, c
     assert rc == 1 and "holds 5 features per image, this model gives" in err
 
 
-def test_resume_after_every_row_reached_partial_but_before_file_was_written(weights, engine, tmp_path, capsys,
-                                                                            monkeypatch):
+def test_resume_after_every_row_reached_partial_but_before_file_was_written(
+    weights, engine, tmp_path, capsys, monkeypatch
+):
     """Stopped after the last chunk reached FILE.partial/ and before FILE was written (a Ctrl-C in
     _write_features): --resume has nothing left to embed, and writes FILE from FILE.partial/ with
     every row once, in input order, then removes FILE.partial/. Fails if the final merge condition

@@ -7,13 +7,12 @@ import sys
 import pytest
 import torch
 import torchvision
+from densetriton.weights_tools import convert_module
+from helpers import randomize_batchnorm, rel_err
 
 import densetriton
-from densetriton.weights_tools import convert_module
 from densetriton import DenseNetSpec, get_spec
 from densetriton.reference import ReferenceDenseNet
-
-from helpers import randomize_batchnorm, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -64,8 +63,13 @@ def test_specs_match_the_reference(spec, size, batch, dtype, tol):
     engine = densetriton.load(spec, weights=None, device=DEVICE, dtype=dtype, backend="triton")
     engine_ref = densetriton.load(spec, weights=None, device="cpu", backend="reference")
     weights = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    engine = densetriton.Engine(densetriton.weights.Weights(spec, weights), device=engine.device, dtype=dtype,
-                                backend="triton", pretrained=False)
+    engine = densetriton.Engine(
+        densetriton.weights.Weights(spec, weights),
+        device=engine.device,
+        dtype=dtype,
+        backend="triton",
+        pretrained=False,
+    )
     engine_ref._model.load_state_dict(weights, strict=False)
     x = torch.randn(batch, 3, size, size)
     assert rel_err(engine(x.to(DEVICE)), engine_ref(x)) < tol
@@ -76,7 +80,9 @@ def tiny_engine():
     spec = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet")
     model = _random_model(spec, seed=9, size=40)
     weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
-    return model, densetriton.Engine(weights, device=torch.device(DEVICE), dtype=torch.float32, backend="triton", pretrained=False)
+    return model, densetriton.Engine(
+        weights, device=torch.device(DEVICE), dtype=torch.float32, backend="triton", pretrained=False
+    )
 
 
 def test_forward_calls_no_cat(tiny_engine):
@@ -100,10 +106,17 @@ def test_a_call_allocates_only_its_result_and_the_stem_reads_the_callers_tensor(
     model, _ = tiny_engine
     launched = []
     for name in ("bn_relu_conv", "bn_relu_avgpool_conv", "max_pool_3x3_s2", "bn_relu_global_avgpool"):
-        monkeypatch.setattr(kernels, name, lambda *args, _name=name, **kw: launched.append((_name, args[0] if args else None)))
+        monkeypatch.setattr(
+            kernels, name, lambda *args, _name=name, **kw: launched.append((_name, args[0] if args else None))
+        )
     tensors = {k: v for k, v in model.state_dict().items() if "num_batches" not in k}
-    engine = densetriton.Engine(densetriton.weights.Weights(model.spec, tensors), device=torch.device(DEVICE),
-                                dtype=torch.float32, backend="triton", pretrained=False)
+    engine = densetriton.Engine(
+        densetriton.weights.Weights(model.spec, tensors),
+        device=torch.device(DEVICE),
+        dtype=torch.float32,
+        backend="triton",
+        pretrained=False,
+    )
     x = torch.randn(2, 3, 40, 40, device=DEVICE)
     engine(x)  # builds (and on CUDA captures) the plan
     launched.clear()
@@ -119,8 +132,12 @@ def test_a_call_allocates_only_its_result_and_the_stem_reads_the_callers_tensor(
 
 @pytest.mark.parametrize(
     "spec,size",
-    [(DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 40), (DenseNetSpec(6, (3, 2, 4), 10, 3, 0.7, 5, "imagenet"), 45),
-     (DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"), 9), (DenseNetSpec(3, (2, 2), 5, None, 0.5, 0, "cifar"), 12)],
+    [
+        (DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 40),
+        (DenseNetSpec(6, (3, 2, 4), 10, 3, 0.7, 5, "imagenet"), 45),
+        (DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"), 9),
+        (DenseNetSpec(3, (2, 2), 5, None, 0.5, 0, "cifar"), 12),
+    ],
     ids=["bottleneck", "odd-widths", "plain-cifar", "plain-no-classifier"],
 )
 def test_no_stage_reads_a_buffer_element_nobody_wrote(spec, size):
@@ -128,8 +145,13 @@ def test_no_stage_reads_a_buffer_element_nobody_wrote(spec, size):
     built: a stage that read a stale or unwritten element would carry NaN into the result."""
     model = _random_model(spec, seed=11, size=size)
     tensors = {k: v for k, v in model.state_dict().items() if "num_batches" not in k}
-    engine = densetriton.Engine(densetriton.weights.Weights(spec, tensors), device=torch.device(DEVICE),
-                                dtype=torch.float32, backend="triton", pretrained=False)
+    engine = densetriton.Engine(
+        densetriton.weights.Weights(spec, tensors),
+        device=torch.device(DEVICE),
+        dtype=torch.float32,
+        backend="triton",
+        pretrained=False,
+    )
     x = torch.randn(3, 3, size, size)
     plan = engine._model.plan(3, size, size)
     for buffer in (*plan.arenas, plan.features) + ((plan.scratch,) if plan.scratch is not None else ()):
@@ -243,8 +265,14 @@ def test_input_too_small_and_empty_batch(tiny_engine):
         ("after", "import triton\n", "float32", "RuntimeError", "TRITON_INTERPRET=1"),
         ("after", "import densetriton.kernels\n", "float32", "RuntimeError", "TRITON_INTERPRET=1"),
         # Triton's library interpreted but our kernels decorated while the variable was unset.
-        ("after", "os.environ['TRITON_INTERPRET'] = '1'\nimport triton\ndel os.environ['TRITON_INTERPRET']\n"
-                  "import densetriton.kernels\n", "float32", "RuntimeError", "TRITON_INTERPRET=1"),
+        (
+            "after",
+            "os.environ['TRITON_INTERPRET'] = '1'\nimport triton\ndel os.environ['TRITON_INTERPRET']\n"
+            "import densetriton.kernels\n",
+            "float32",
+            "RuntimeError",
+            "TRITON_INTERPRET=1",
+        ),
         # The interpreter's tl.dot on bfloat16 gives garbage: refused, not run.
         ("before", "", "bfloat16", "ValueError", "bfloat16 does not run correctly under Triton's interpreter"),
     ],
@@ -252,7 +280,8 @@ def test_input_too_small_and_empty_batch(tiny_engine):
 )
 def test_cpu_triton_without_a_working_interpreter_is_one_clear_error(interpret, before, dtype, error, match):
     code = (
-        "import os\n" + before
+        "import os\n"
+        + before
         + ("os.environ['TRITON_INTERPRET'] = '1'\n" if interpret == "after" else "")
         + "import densetriton, torch\n"
         "from densetriton import DenseNetSpec\n"
@@ -265,7 +294,9 @@ def test_cpu_triton_without_a_working_interpreter_is_one_clear_error(interpret, 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret == "before":
         env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert "ERROR:" in out.stdout and match in out.stdout, out.stdout + out.stderr
 
 
@@ -281,7 +312,9 @@ def test_cpu_triton_with_the_interpreter_set_before_python_starts_runs():
         "print('ERR', ((e(x) - r(x)).norm() / r(x).norm()).item())\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     from densetriton.executor import _triton_version
 
     if _triton_version() < (3, 8):  # the GPU host's triton 3.6: its interpreter fails these kernels
@@ -316,10 +349,23 @@ class _StandInGraph:
             launch(None, None)
 
 
-@pytest.mark.parametrize("stem,num_classes,first", [
-    ("imagenet", 5, "features"), ("imagenet", 5, "logits"), ("cifar", 5, "features"),
-    ("imagenet", 0, "features"), ("cifar", 0, "features"),
-], ids=["imagenet-features-first", "imagenet-logits-first", "cifar-features-first", "imagenet-backbone", "cifar-backbone"])
+@pytest.mark.parametrize(
+    "stem,num_classes,first",
+    [
+        ("imagenet", 5, "features"),
+        ("imagenet", 5, "logits"),
+        ("cifar", 5, "features"),
+        ("imagenet", 0, "features"),
+        ("cifar", 0, "features"),
+    ],
+    ids=[
+        "imagenet-features-first",
+        "imagenet-logits-first",
+        "cifar-features-first",
+        "imagenet-backbone",
+        "cifar-backbone",
+    ],
+)
 def test_a_replayed_graph_runs_every_launch_exactly_once_for_logits_and_features(stem, num_classes, first, monkeypatch):
     """The graph holds every launch but the stem and the classifier, so features calls (the only
     calls a backbone gets) capture and replay it too, and logits and features calls replay the
@@ -328,10 +374,18 @@ def test_a_replayed_graph_runs_every_launch_exactly_once_for_logits_and_features
     spec = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, stem)
     size = 40 if stem == "imagenet" else 12
     model = _random_model(spec, seed=21, size=size)
-    tensors = {k: v for k, v in model.state_dict().items()
-               if "num_batches" not in k and (num_classes or not k.startswith("classifier."))}
-    engine = densetriton.Engine(densetriton.weights.Weights(spec.replace(num_classes=num_classes), tensors),
-                                device=torch.device(DEVICE), dtype=torch.float32, backend="triton", pretrained=False)
+    tensors = {
+        k: v
+        for k, v in model.state_dict().items()
+        if "num_batches" not in k and (num_classes or not k.startswith("classifier."))
+    }
+    engine = densetriton.Engine(
+        densetriton.weights.Weights(spec.replace(num_classes=num_classes), tensors),
+        device=torch.device(DEVICE),
+        dtype=torch.float32,
+        backend="triton",
+        pretrained=False,
+    )
     captures = []
 
     def capture(plan, x, logits, stream):
@@ -349,6 +403,7 @@ def test_a_replayed_graph_runs_every_launch_exactly_once_for_logits_and_features
         def run(x, logits):
             counts[i] += 1
             launch(x, logits)
+
         return run
 
     plan.launches = [(stage, counted(i, launch)) for i, (stage, launch) in enumerate(plan.launches)]
@@ -399,7 +454,10 @@ def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
         assert torch.equal(graphed.features(x), eager.features(x))
     plans = list(graphed._model.plans.values())
     assert plans and all(p.graph is not None for p in plans)
-    assert graphed.planned_memory_bytes(8, 224, 224) == graphed._model.plan(8, 224, 224).nbytes + graphed._model.weight_bytes
+    assert (
+        graphed.planned_memory_bytes(8, 224, 224)
+        == graphed._model.plan(8, 224, 224).nbytes + graphed._model.weight_bytes
+    )
     # A features call captures too (embedding workloads may never ask for logits), and a
     # backbone without a classifier, which gets only features calls, is graphed.
     x = torch.randn(4, 3, 224, 224, device="cuda")
@@ -409,8 +467,13 @@ def test_gpu_cuda_graph_replay_equals_kernel_by_kernel_launches(monkeypatch):
     monkeypatch.delenv("DENSETRITON_CUDA_GRAPHS")  # set to 0 for the eager engine above
     backbone = graphed.weights.spec.replace(num_classes=0)
     tensors = {k: v for k, v in graphed.weights.tensors.items() if not k.startswith("classifier.")}
-    engine = densetriton.Engine(densetriton.weights.Weights(backbone, tensors), device=graphed.device,
-                                dtype=torch.float16, backend="triton", pretrained=False)
+    engine = densetriton.Engine(
+        densetriton.weights.Weights(backbone, tensors),
+        device=graphed.device,
+        dtype=torch.float16,
+        backend="triton",
+        pretrained=False,
+    )
     for batch in (2, 2):
         x = torch.randn(batch, 3, 224, 224, device="cuda")
         assert torch.equal(engine.features(x), eager.features(x))
@@ -456,8 +519,13 @@ def test_gpu_registry_models_at_224(name, dtype, monkeypatch):
     size = 224  # the CIFAR models too (their stem keeps 224x224 through block 1: up to 24 GiB of buffers at batch 64)
     model = _random_model(spec, seed=11, size=64 if spec.stem == "imagenet" else 32).cuda()
     weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
-    engine = densetriton.Engine(weights, device=torch.device("cuda", torch.cuda.current_device()), dtype=dtype,
-                                backend="triton", pretrained=False)
+    engine = densetriton.Engine(
+        weights,
+        device=torch.device("cuda", torch.cuda.current_device()),
+        dtype=dtype,
+        backend="triton",
+        pretrained=False,
+    )
     # A float32 reference, not TF32 (monkeypatch restores the global flags afterwards).
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -485,10 +553,17 @@ def test_a_backbone_without_classifier_gives_the_same_features_and_no_logits(tin
     model, _ = tiny_engine
     spec = model.spec.replace(num_classes=0)
     assert "classifier.weight" not in spec.state_dict_shapes()
-    tensors = {k: v for k, v in model.state_dict().items() if "num_batches" not in k and not k.startswith("classifier.")}
+    tensors = {
+        k: v for k, v in model.state_dict().items() if "num_batches" not in k and not k.startswith("classifier.")
+    }
     device = torch.device(DEVICE if backend == "triton" else "cpu")
-    engine = densetriton.Engine(densetriton.weights.Weights(spec, tensors), device=device, dtype=torch.float32,
-                                backend=backend, pretrained=False)
+    engine = densetriton.Engine(
+        densetriton.weights.Weights(spec, tensors),
+        device=device,
+        dtype=torch.float32,
+        backend=backend,
+        pretrained=False,
+    )
     if backend == "triton":
         plan = engine._model.plan(3, 40, 40)
         assert [stage.op for stage, _ in plan.launches][-1] == "head"

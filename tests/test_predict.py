@@ -6,22 +6,40 @@ from pathlib import Path
 
 import pytest
 import torch
+from image_commands import (  # noqa: F401 -- fixtures are used by name
+    CIFAR_SPEC,
+    NAMES,
+    PRE,
+    PROB_TOL,
+    SPEC,
+    _noise,
+    _rng,
+    _tensors,
+    assert_matches_engine,
+    common,
+    ctrl_c_on_second_batch,
+    direct,
+    engine,
+    images,
+    one_thread,
+    read_csv,
+    read_jsonl,
+    run_cli,
+    scan_order,
+    weights,
+)
 from PIL import Image
 
 import densetriton
 from densetriton.images import load_image, preprocess, topk
 
-from image_commands import (  # noqa: F401 -- fixtures are used by name
-    CIFAR_SPEC, NAMES, PRE, PROB_TOL, SPEC, _noise, _rng, _tensors, assert_matches_engine, common,
-    ctrl_c_on_second_batch, direct, engine, images, one_thread, read_csv, read_jsonl, run_cli, scan_order,
-    weights,
-)
-
 
 def test_predict_folder_csv_matches_the_engine(weights, engine, images, tmp_path, capsys):
     folder, kinds = images
     out = tmp_path / "results.csv"
-    rc, stdout, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--topk", "2", "--batch-size", "3", "--workers", "0"))
+    rc, stdout, err = run_cli(
+        capsys, "predict", folder, *common(weights, "--out", out, "--topk", "2", "--batch-size", "3", "--workers", "0")
+    )
     assert rc == 0
     rows = read_csv(out)
     bad = {str(kinds["corrupt"]), str(kinds["fake"])}
@@ -40,7 +58,12 @@ def test_predict_folder_csv_matches_the_engine(weights, engine, images, tmp_path
 def test_predict_jsonl_multi_label_with_workers(weights, engine, images, tmp_path, capsys):
     folder, kinds = images
     out = tmp_path / "results.jsonl"
-    rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--topk", "3", "--multi-label", "--batch-size", "4", "--workers", "2"))
+    rc, _, err = run_cli(
+        capsys,
+        "predict",
+        folder,
+        *common(weights, "--out", out, "--topk", "3", "--multi-label", "--batch-size", "4", "--workers", "2"),
+    )
     assert rc == 0
     rows = read_jsonl(out)
     assert len(rows) == 7
@@ -86,7 +109,9 @@ def test_operating_points_calibrate_what_predict_reports(weights, images, tmp_pa
     points_file = tmp_path / "points.txt"
     points_file.write_text("\n".join("nan" if p is None else str(p) for p in points) + "\n")
     calibrated = tmp_path / "calibrated.safetensors"
-    rc, stdout, _ = run_cli(capsys, "convert", "--checkpoint", weights, "--operating-points", points_file, "--out", calibrated)
+    rc, stdout, _ = run_cli(
+        capsys, "convert", "--checkpoint", weights, "--operating-points", points_file, "--out", calibrated
+    )
     assert rc == 0 and "outputs: a sigmoid per class" in stdout and "operating points: 0.02, none" in stdout
     w = densetriton.weights.load_weights(calibrated)
     assert w.multi_label is True and w.operating_points == points  # implied multi-label
@@ -98,7 +123,7 @@ def test_operating_points_calibrate_what_predict_reports(weights, images, tmp_pa
     out = tmp_path / "calibrated.csv"
     rc, _, err = run_cli(capsys, "predict", kinds["nested"], *common(str(calibrated), "--out", out, "--topk", n))
     assert rc == 0 and "operating point at 0.5" in err
-    (path, top), = read_csv(out)
+    ((path, top),) = read_csv(out)
     logits = engine(preprocess(load_image(path), engine))
     expected = topk(logits, n, engine.class_names, multi_label=True, operating_points=points)[0]
     assert [c for c, _ in top] == [c for c, _ in expected]
@@ -124,7 +149,9 @@ def test_operating_points_calibrate_what_predict_reports(weights, images, tmp_pa
         ("0.5\n" * n, ("--no-multi-label",), "operating points need a multi-label model"),
     ):
         points_file.write_text(text)
-        rc, _, err = run_cli(capsys, "convert", "--checkpoint", weights, "--operating-points", points_file, *flags, "--out", bad)
+        rc, _, err = run_cli(
+            capsys, "convert", "--checkpoint", weights, "--operating-points", points_file, *flags, "--out", bad
+        )
         assert rc == 1 and message in err, err
         assert not bad.exists()
 
@@ -239,8 +266,10 @@ def test_resume_never_mixes_two_models_rows(weights, engine, tmp_path, capsys, m
         assert run_cli(capsys, *base)[0] == 0
         before = out.read_bytes()
         Image.fromarray(_noise(rng, 40, 40)).save(folder / f"new-{out.suffix[1:]}.png")
-        for argv in (["predict", folder, *common(str(retrained), "--out", out, "--workers", "0", "--topk", "2", "--resume")],
-                     [*base, "--multi-label", "--resume"]):  # sigmoids beside softmaxes
+        for argv in (
+            ["predict", folder, *common(str(retrained), "--out", out, "--workers", "0", "--topk", "2", "--resume")],
+            [*base, "--multi-label", "--resume"],
+        ):  # sigmoids beside softmaxes
             rc, _, err = run_cli(capsys, *argv)
             assert rc == 1 and "holds rows of another model" in err and "resume with the model that wrote it" in err
             assert out.read_bytes() == before
@@ -249,22 +278,33 @@ def test_resume_never_mixes_two_models_rows(weights, engine, tmp_path, capsys, m
     # Another model with more classes at the same --topk: its rows are another model's (said
     # first), not a --topk slip.
     five = tmp_path / "five.safetensors"
-    densetriton.save_weights(five, _tensors(SPEC.replace(num_classes=5), 2), SPEC.replace(num_classes=5),
-                             class_names=["a", "b", "c", "d", "e"], preprocessing=PRE)
+    densetriton.save_weights(
+        five,
+        _tensors(SPEC.replace(num_classes=5), 2),
+        SPEC.replace(num_classes=5),
+        class_names=["a", "b", "c", "d", "e"],
+        preprocessing=PRE,
+    )
     wide = tmp_path / "wide.csv"
     assert run_cli(capsys, "predict", folder, *common(weights, "--out", wide, "--workers", "0", "--topk", "5"))[0] == 0
-    rc, _, err = run_cli(capsys, "predict", folder, *common(str(five), "--out", wide, "--workers", "0", "--topk", "5", "--resume"))
+    rc, _, err = run_cli(
+        capsys, "predict", folder, *common(str(five), "--out", wide, "--workers", "0", "--topk", "5", "--resume")
+    )
     assert rc == 1 and "holds rows of another model" in err, err
     # A file written before rows named their model cannot be checked: refused, not guessed.
     old = tmp_path / "old.csv"
     old.write_text("path,label_1,prob_1,label_2,prob_2\n" + f"{folder / 'one.png'},cat,0.5,dog,0.25\n")
-    rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", old, "--workers", "0", "--topk", "2", "--resume"))
+    rc, _, err = run_cli(
+        capsys, "predict", folder, *common(weights, "--out", old, "--workers", "0", "--topk", "2", "--resume")
+    )
     assert rc == 1 and "names no model in its rows" in err
 
     # Ctrl-C says where the results so far are, and how to go on.
     ctrl_c_on_second_batch(monkeypatch, "__call__")
     out = tmp_path / "stopped.csv"
-    rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--workers", "0", "--batch-size", "1"))
+    rc, _, err = run_cli(
+        capsys, "predict", folder, *common(weights, "--out", out, "--workers", "0", "--batch-size", "1")
+    )
     assert rc == 130 and f"1 images' results are in {out}: run the same command with --resume" in err
     assert len(read_csv(out)) == 1
 
@@ -283,7 +323,9 @@ def test_resume_jsonl_and_mismatched_topk(weights, engine, tmp_path, capsys):
     assert [Path(p).name for p, _ in rows] == ["one.png", "two.png"]
     assert_matches_engine(rows, engine, 2)
 
-    rc, _, err = run_cli(capsys, "predict", folder, *common(weights, "--out", out, "--workers", "0", "--topk", "3", "--resume"))
+    rc, _, err = run_cli(
+        capsys, "predict", folder, *common(weights, "--out", out, "--workers", "0", "--topk", "3", "--resume")
+    )
     assert rc == 1 and "not --topk 3" in err and err.count("\n") == 1
     assert read_jsonl(out) == rows
 
@@ -301,7 +343,23 @@ def test_mixed_sizes_without_preprocessing(tmp_path, capsys):
     for name, size in [("a.png", 32), ("b.png", 24), ("c.png", 32), ("d.png", 1), ("e.png", 24)]:
         Image.fromarray(_noise(rng, size, size)).save(folder / name)
     out = tmp_path / "r.csv"
-    rc, _, err = run_cli(capsys, "predict", folder, "--weights", path, "--backend", "reference", "--device", "cpu", "--out", out, "--workers", "0", "--batch-size", "5")
+    rc, _, err = run_cli(
+        capsys,
+        "predict",
+        folder,
+        "--weights",
+        path,
+        "--backend",
+        "reference",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--workers",
+        "0",
+        "--batch-size",
+        "5",
+    )
     assert rc == 0
     rows = read_csv(out)
     assert [Path(p).name for p, _ in rows] == ["a.png", "b.png", "c.png", "e.png"]
@@ -335,8 +393,22 @@ def test_grayscale_model_sees_every_image_kind_as_luminance(images, tmp_path, ca
     assert rc == 1 and "records no preprocessing" in err and "--mean" in err and err.count("\n") == 1, err
     # What the message asks for: convert the file again with the preprocessing; the class names stay.
     fixed = tmp_path / "gray-fixed.safetensors"
-    rc, _, err = run_cli(capsys, "convert", "--checkpoint", bare, "--out", fixed, "--mean", "0.45", "--std", "0.25",
-                         "--resize-size", "40", "--crop-size", "32")
+    rc, _, err = run_cli(
+        capsys,
+        "convert",
+        "--checkpoint",
+        bare,
+        "--out",
+        fixed,
+        "--mean",
+        "0.45",
+        "--std",
+        "0.25",
+        "--resize-size",
+        "40",
+        "--crop-size",
+        "32",
+    )
     assert rc == 0, err
     assert densetriton.load(fixed, device="cpu", backend="reference").class_names == NAMES
     rc, out_text, err = run_cli(capsys, "predict", kinds["gray"], *common(str(fixed)))

@@ -9,18 +9,30 @@ import sys
 
 import pytest
 import torch
+from helpers import rel_err
+from image_commands import (  # noqa: F401 -- fixtures are used by name
+    PRE,
+    PROB_TOL,
+    REPO,
+    _noise,
+    _rng,
+    assert_matches_engine,
+    common,
+    engine,
+    images,
+    make_images,
+    one_thread,
+    read_csv,
+    read_jsonl,
+    run_cli,
+    weights,
+)
 from PIL import Image
 
 from densetriton.cli import main
 from densetriton.images import load_image, preprocess
 from densetriton.outputs import OutputLock
 from densetriton.stream import model_id
-
-from helpers import rel_err
-from image_commands import (  # noqa: F401 -- fixtures are used by name
-    PRE, PROB_TOL, REPO, _noise, _rng, assert_matches_engine, common, engine, images, make_images, one_thread,
-    read_csv, read_jsonl, run_cli, weights,
-)
 
 
 def test_model_id_names_what_the_images_become_not_how_it_is_spelled(engine):
@@ -38,8 +50,14 @@ def test_model_id_names_what_the_images_become_not_how_it_is_spelled(engine):
     assert with_pre(resize_size=[40]) == with_pre(crop_size=(32, 32)) == base
     assert with_pre(mean=[0.5, 0.4, 0.3], std=(0.2, 0.25, 0.3)) == base
     assert with_pre(mean=[1, 0, 0]) == with_pre(mean=[1.0, 0.0, 0.0]) != base
-    different = [with_pre(resize_size=41), with_pre(resize_size=[40, 40]), with_pre(crop_size=[32, 30]),
-                 with_pre(crop_size=31), with_pre(std=[0.2, 0.25, 0.31]), with_pre(resize_size=None, crop_size=None)]
+    different = [
+        with_pre(resize_size=41),
+        with_pre(resize_size=[40, 40]),
+        with_pre(crop_size=[32, 30]),
+        with_pre(crop_size=31),
+        with_pre(std=[0.2, 0.25, 0.31]),
+        with_pre(resize_size=None, crop_size=None),
+    ]
     assert len({base, *different}) == 1 + len(different)
 
 
@@ -49,7 +67,10 @@ def test_errors_are_one_line(weights, images, tmp_path, capsys):
         (["predict", folder, *common(weights, "--out", tmp_path / "r.txt")], "--out must end in .csv or .jsonl"),
         (["embed", folder, *common(weights, "--out", tmp_path / "f.pt")], "--out must end in .npy or .safetensors"),
         (["predict", folder, "--device", "cpu"], "give --model NAME"),
-        (["predict", folder, "--model", "densenet40_k12", "--device", "cpu"], "no pretrained weights are published for densenet40_k12"),
+        (
+            ["predict", folder, "--model", "densenet40_k12", "--device", "cpu"],
+            "no pretrained weights are published for densenet40_k12",
+        ),
         (["predict", folder, *common(weights, "--resume")], "--resume needs --out"),
         (["predict", tmp_path / "empty", *common(weights)], "no image files found"),
         (["predict", folder, "--weights", tmp_path / "nope.safetensors", "--device", "cpu"], "weights file not found"),
@@ -82,12 +103,21 @@ def test_one_exit_status_rule_first_run_or_resumed(weights, images, tmp_path, ca
     skipped; 1 when none has. A --resume with nothing left but an unreadable file exits as the first
     run did (predict returned 1 there: `done == 0 and skipped`, before stream.exit_status)."""
     _, kinds = images
-    for command, out in (("predict", tmp_path / "r.csv"), ("predict", tmp_path / "r.jsonl"), ("embed", tmp_path / "f.npy")):
+    for command, out in (
+        ("predict", tmp_path / "r.csv"),
+        ("predict", tmp_path / "r.jsonl"),
+        ("embed", tmp_path / "f.npy"),
+    ):
         argv = [command, kinds["gray"], kinds["corrupt"], *common(weights, "--out", out, "--workers", "0")]
         for extra in ([], ["--resume"], ["--resume"]):
             rc, _, err = run_cli(capsys, *argv, *extra)
             assert rc == 0 and "skipped 1:" in err and str(kinds["corrupt"]) in err, (command, extra, err)
-        unreadable = [command, kinds["corrupt"], kinds["fake"], *common(weights, "--out", out.with_stem("none"), "--workers", "0")]
+        unreadable = [
+            command,
+            kinds["corrupt"],
+            kinds["fake"],
+            *common(weights, "--out", out.with_stem("none"), "--workers", "0"),
+        ]
         for extra in ([], ["--resume"]):
             rc, _, err = run_cli(capsys, *unreadable, *extra)
             assert rc == 1 and "skipped 2:" in err, (command, extra, err)
@@ -95,14 +125,32 @@ def test_one_exit_status_rule_first_run_or_resumed(weights, images, tmp_path, ca
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        assert "Exit status, the same for a first run and a resumed one: 0 when at least one image has its result" in text
+        assert (
+            "Exit status, the same for a first run and a resumed one: 0 when at least one image has its result" in text
+        )
 
 
 def test_help_reads_well(capsys):
     for command, words in {
-        "predict": ["--topk", "--multi-label", "--resume", "--out", "torchrun", "EXIF", "composited onto white", "label_1, prob_1"],
-        "embed": [".npy.paths.txt", "safetensors", "engine.features", "torchrun", "--resume", "FILE.partial/",
-                  'separated by "\\n" alone'],
+        "predict": [
+            "--topk",
+            "--multi-label",
+            "--resume",
+            "--out",
+            "torchrun",
+            "EXIF",
+            "composited onto white",
+            "label_1, prob_1",
+        ],
+        "embed": [
+            ".npy.paths.txt",
+            "safetensors",
+            "engine.features",
+            "torchrun",
+            "--resume",
+            "FILE.partial/",
+            'separated by "\\n" alone',
+        ],
     }.items():
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
@@ -130,12 +178,26 @@ def _torchrun(*argv, cwd, path=()):
     pythonpath = os.pathsep.join([*map(str, path), str(REPO), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "-m", "densetriton", *map(str, argv),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "densetriton",
+        *map(str, argv),
     ]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-    if (proc.returncode and "--resume" not in argv and "results: " in proc.stderr
-            and "terminate called without an active exception" in proc.stderr):
+    if (
+        proc.returncode
+        and "--resume" not in argv
+        and "results: " in proc.stderr
+        and "terminate called without an active exception" in proc.stderr
+    ):
         # A rank aborted in gloo's teardown after the run had finished and written its results
         # (seen once in ~25 runs here, never reproduced): torch's, not this run's. A run without
         # --resume replaces its output, so it runs again once; the caller's assertions then judge
@@ -170,7 +232,12 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
     assert rc == 0
 
     merged = tmp_path / "merged.csv"
-    proc = _torchrun("predict", folder, *common(weights, "--out", merged, "--workers", "1", "--topk", "2", "--batch-size", "2"), cwd=tmp_path)
+    proc = _torchrun(
+        "predict",
+        folder,
+        *common(weights, "--out", merged, "--workers", "1", "--topk", "2", "--batch-size", "2"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = read_csv(single), read_csv(merged)
     assert len(a) == 11 and [p for p, _ in b] == [p for p, _ in a]  # input order
@@ -185,12 +252,16 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
 
     # Another run holds the output: every rank refuses at once, naming it; nothing is written.
     with OutputLock(merged):
-        proc = _torchrun("predict", folder, *common(weights, "--out", merged, "--workers", "0", "--resume"), cwd=tmp_path)
+        proc = _torchrun(
+            "predict", folder, *common(weights, "--out", merged, "--workers", "0", "--resume"), cwd=tmp_path
+        )
     assert proc.returncode != 0 and f"is being written by another run (pid {os.getpid()} on" in proc.stderr
     assert "classified" not in proc.stderr and read_csv(merged) == b and not list(tmp_path.glob("merged.csv.part*"))
 
     feats = tmp_path / "feats.safetensors"
-    proc = _torchrun("embed", folder, *common(weights, "--out", feats, "--workers", "0", "--batch-size", "3"), cwd=tmp_path)
+    proc = _torchrun(
+        "embed", folder, *common(weights, "--out", feats, "--workers", "0", "--batch-size", "3"), cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with safe_open(str(feats), framework="pt") as f:
         features, paths = f.get_tensor("features"), json.loads(f.metadata()["paths"])
@@ -209,7 +280,10 @@ def test_torchrun_two_processes_match_one(weights, engine, tmp_path, capsys):
     resume = ("predict", folder, *common(weights, "--out", merged, "--workers", "0", "--topk", "2", "--resume"))
     proc = _torchrun(*resume, cwd=tmp_path, path=[tmp_path / "hook"])
     assert proc.returncode != 0 and "stopped before merging" in proc.stderr, proc.stderr[-3000:]
-    assert read_csv(merged) == b and sorted(p.name for p in tmp_path.glob("merged.csv.part*")) == ["merged.csv.part0", "merged.csv.part1"]
+    assert read_csv(merged) == b and sorted(p.name for p in tmp_path.glob("merged.csv.part*")) == [
+        "merged.csv.part0",
+        "merged.csv.part1",
+    ]
     proc = _torchrun(*resume, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "classified 0 images" in proc.stderr and "12 already done" in proc.stderr

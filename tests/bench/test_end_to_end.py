@@ -43,9 +43,21 @@ def test_tiny_end_to_end_run(tmp_path):
     """Every peer runs over the same 8 files; the command peers write a row per file; the breakdown
     times every stage; JSON and Markdown are written and agree."""
     torch.manual_seed(0)
-    s = E.E2ESettings(device=torch.device("cpu"), model="tiny", batch=4, dtype="float32", workers=0,
-                      out=tmp_path / "results", images=8, sizes=((48, 36), (36, 60)), backend="reference",
-                      spec=SPEC, tensors=random_weights(SPEC).tensors, preprocessing=PRE, sample=8)
+    s = E.E2ESettings(
+        device=torch.device("cpu"),
+        model="tiny",
+        batch=4,
+        dtype="float32",
+        workers=0,
+        out=tmp_path / "results",
+        images=8,
+        sizes=((48, 36), (36, 60)),
+        backend="reference",
+        spec=SPEC,
+        tensors=random_weights(SPEC).tensors,
+        preprocessing=PRE,
+        sample=8,
+    )
     doc, paths = E.run(s)
     peers = {r["peer"]: r for r in doc["results"]}
     assert set(peers) == {"engine only", "densetriton --decode gpu", "densetriton --decode cpu", "torchvision pipeline"}
@@ -56,7 +68,9 @@ def test_tiny_end_to_end_run(tmp_path):
     for b in doc["breakdown"]:
         assert b["images"] == 8 and all(v > 0 for v in b["ms_per_image"].values()), b
     ratio = doc["ratios"]["gpu_decode_over_cpu_decode"]
-    assert ratio == pytest.approx(peers["densetriton --decode gpu"]["images_per_s"] / peers["densetriton --decode cpu"]["images_per_s"])
+    assert ratio == pytest.approx(
+        peers["densetriton --decode gpu"]["images_per_s"] / peers["densetriton --decode cpu"]["images_per_s"]
+    )
     assert json.loads(Path(paths["json"]).read_text())["results"] == doc["results"]
     md = Path(paths["md"]).read_text()
     assert "| densetriton --decode gpu |" in md and "| torchvision pipeline |" in md and "| gpu |" in md
@@ -70,12 +84,35 @@ def test_cli_reads_the_bench_options(tmp_path, monkeypatch):
 
     def fake_run(s):
         seen["s"] = s
-        return {"device": "cpu", "device_detail": "", "torch": "", "torchvision": "", "commit": None,
-                "settings": s.to_json(), "results": [], "breakdown": [], "ratios": {}, "notes": []}, {}
+        return {
+            "device": "cpu",
+            "device_detail": "",
+            "torch": "",
+            "torchvision": "",
+            "commit": None,
+            "settings": s.to_json(),
+            "results": [],
+            "breakdown": [],
+            "ratios": {},
+            "notes": [],
+        }, {}
 
     monkeypatch.setattr(E, "run", fake_run)
-    rc = main(["bench", "--end-to-end", str(tmp_path), "--batch-size", "8", "--workers", "3", "--device", "cpu",
-               "--out", str(tmp_path / "r")])
+    rc = main(
+        [
+            "bench",
+            "--end-to-end",
+            str(tmp_path),
+            "--batch-size",
+            "8",
+            "--workers",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     assert rc == 0
     s = seen["s"]
     assert (s.folder, s.batch, s.workers, s.model, s.out) == (tmp_path, 8, 3, "densenet121", tmp_path / "r")

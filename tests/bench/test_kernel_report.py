@@ -10,14 +10,18 @@ import subprocess
 import sys
 
 import pytest
-
 from densetriton.bench.kernel_report import Specialisation, table
 
 
 def report(*args, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "densetriton.bench.kernel_report", *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "densetriton.bench.kernel_report", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def test_new_batch_and_image_sizes_compile_nothing_new_when_their_tiles_are_the_same():
@@ -74,8 +78,13 @@ def test_table_flags_spills_failures_and_shared_memory_over_the_limit():
 
 def test_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-m", "densetriton.bench.kernel_report", "--count-only"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "densetriton.bench.kernel_report", "--count-only"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 2 and "unset TRITON_INTERPRET" in out.stderr
 
 

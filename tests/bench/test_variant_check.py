@@ -7,8 +7,11 @@ from densetriton.bench import variant_check
 
 def test_a_variant_over_the_tolerance_fails_the_check(monkeypatch, capsys):
     rows = {"v1": (0.0, 4e-3), "v2": (2e-2, 2.1e-2)}
-    monkeypatch.setattr(variant_check, "check_model", lambda model, batches, dtype, selections, device, size:
-                        [(b, s, *rows[s]) for b in batches for s in selections])
+    monkeypatch.setattr(
+        variant_check,
+        "check_model",
+        lambda model, batches, dtype, selections, device, size: [(b, s, *rows[s]) for b in batches for s in selections],
+    )
     assert variant_check.main(["--model", "densenet121", "--batch-size", "1", "--device", "cpu"]) == 1
     out = capsys.readouterr().out
     assert "DENSETRITON_KERNELS=v2: rel err vs v1 2.00e-02, vs float32 reference 2.10e-02" in out

@@ -21,8 +21,9 @@ def reference(x, w_oikk, *, stride, padding, scale=None, shift=None, bias=None, 
     a = x.double().cpu().permute(0, 3, 1, 2)
     if scale is not None:
         a = F.relu(a * scale.double().cpu()[None, :, None, None] + shift.double().cpu()[None, :, None, None])
-    y = F.conv2d(a, w_oikk.double().cpu(), bias=None if bias is None else bias.double().cpu(),
-                 stride=stride, padding=padding)
+    y = F.conv2d(
+        a, w_oikk.double().cpu(), bias=None if bias is None else bias.double().cpu(), stride=stride, padding=padding
+    )
     return (F.relu(y) if relu_out else y).permute(0, 2, 3, 1)
 
 
@@ -84,8 +85,18 @@ def test_v2_matches_torch(device, gen, dtype, n, h, w, c_in, c_out, k, stride, p
     x, w_ref, weight, scale, shift, b = layer(gen, device, dtype, n, h, w, c_in, c_out, k, prologue, bias)
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     band = GuardBand((n, oh, ow, c_out), dtype=dtype, device=device)
-    kwargs = dict(kernel_size=k, stride=stride, padding=pad, in_scale=scale, in_shift=shift, bias=b,
-                  relu_out=relu_out, BLOCK_M=blocks[0], BLOCK_N=blocks[1], BLOCK_K=blocks[2])
+    kwargs = dict(
+        kernel_size=k,
+        stride=stride,
+        padding=pad,
+        in_scale=scale,
+        in_shift=shift,
+        bias=b,
+        relu_out=relu_out,
+        BLOCK_M=blocks[0],
+        BLOCK_N=blocks[1],
+        BLOCK_K=blocks[2],
+    )
 
     bn_relu_conv_v2(x, weight, band.view, **kwargs)
 
@@ -112,8 +123,20 @@ def test_nan_and_inf_go_where_torchs_go(device, gen, dtype, k, pad, prologue, re
     plant_nonfinite(x, gen)
     band = GuardBand((n, h, w, c_out), dtype=dtype, device=device)
 
-    bn_relu_conv_v2(x, weight, band.view, kernel_size=k, padding=pad, in_scale=scale, in_shift=shift, bias=b,
-                    relu_out=relu_out, BLOCK_M=64, BLOCK_N=32, BLOCK_K=16)
+    bn_relu_conv_v2(
+        x,
+        weight,
+        band.view,
+        kernel_size=k,
+        padding=pad,
+        in_scale=scale,
+        in_shift=shift,
+        bias=b,
+        relu_out=relu_out,
+        BLOCK_M=64,
+        BLOCK_N=32,
+        BLOCK_K=16,
+    )
 
     ref = reference(x, w_ref, stride=1, padding=pad, scale=scale, shift=shift, bias=b, relu_out=relu_out)
     assert_nonfinite_like(band.view, ref, dtype)
@@ -129,7 +152,11 @@ def test_same_arguments_and_errors_as_v1(device, gen):
     with pytest.raises(ValueError, match="BLOCK_K must be a power of two >= 16"):
         bn_relu_conv_v2(x, weight, out, kernel_size=3, padding=1, BLOCK_K=24)
     with pytest.raises(ValueError, match="kernels up to 31x31, got 33x1"):
-        bn_relu_conv_v2(randn(gen, 1, 40, 4, 1, device=device), pack_conv_weight(randn(gen, 4, 1, 33, 1), torch.float32,
-                        device), torch.empty(1, 8, 4, 4, device=device), kernel_size=(33, 1))
+        bn_relu_conv_v2(
+            randn(gen, 1, 40, 4, 1, device=device),
+            pack_conv_weight(randn(gen, 4, 1, 33, 1), torch.float32, device),
+            torch.empty(1, 8, 4, 4, device=device),
+            kernel_size=(33, 1),
+        )
     with pytest.raises(ValueError, match="in_scale and in_shift must be given together"):
         bn_relu_conv_v2(x, weight, out, kernel_size=3, padding=1, in_scale=randn(gen, 8, device=device))
