@@ -4,10 +4,10 @@ Three steps, each cached at its own level:
 
 1. `build_stages(spec)` -- the network as a list of stages (one kernel launch each), naming the
    folded weights it uses and the buffer slices it reads and writes. Depends on the spec only.
-2. `fold_weights(spec, tensors, dtype, device)` -- BatchNorms turned into per-channel
+2. `fold_batchnorm(tensors, spec, dtype, device)` -- BatchNorms turned into per-channel
    scale/shift (applied as a kernel prologue) or folded into the following conv's weights
    plus a bias; conv weights packed as [KH*KW*Cin, Cout] GEMM operands. Once per engine.
-3. `Plan(...)` -- for one (N, H, W): the preallocated buffers and every launch bound to its
+3. `Plan(spec, stages, folded, n=, height=, width=, ...)` -- for one (N, H, W): the preallocated buffers and every launch bound to its
    views, its kernel variant (densetriton.variants) and its tiles (densetriton.tiles). A call
    only launches.
 
@@ -292,13 +292,13 @@ class Plan:
         spec,
         stages,
         folded,
-        n,
-        height,
-        width,
-        dtype,
-        device,
-        interpreted,
         *,
+        n: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device,
+        interpreted: bool,
         kernel_choice: KernelChoice | None = None,
         tuned: TunedTable | None = None,
     ):

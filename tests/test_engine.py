@@ -199,7 +199,9 @@ def test_warmup_builds_each_plan_so_that_later_calls_build_none(monkeypatch):
     built = []
     real = densetriton.plan.Plan.__init__
     monkeypatch.setattr(
-        densetriton.plan.Plan, "__init__", lambda self, *a, **k: built.append(a[3:6]) or real(self, *a, **k)
+        densetriton.plan.Plan,
+        "__init__",
+        lambda self, *a, **k: built.append((k["n"], k["height"], k["width"])) or real(self, *a, **k),
     )
     reference = densetriton.Engine(
         engine.weights, device=torch.device("cpu"), dtype=torch.float32, backend="reference", pretrained=False

@@ -138,10 +138,10 @@ def test_out_of_memory_is_one_clear_error_and_the_engine_recovers(monkeypatch):
 
     real_plan = executor_module.Plan
 
-    def plan_that_runs_out(spec, stages, folded, n, *args, **kwargs):
-        if n >= 1000:
+    def plan_that_runs_out(spec, stages, folded, **kwargs):
+        if kwargs["n"] >= 1000:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real_plan(spec, stages, folded, n, *args, **kwargs)
+        return real_plan(spec, stages, folded, **kwargs)
 
     monkeypatch.setattr(executor_module, "Plan", plan_that_runs_out)
     x = torch.randn(2, 3, 40, 40, device=engine.device)
