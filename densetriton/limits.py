@@ -36,6 +36,9 @@ MAX_KEY_CHARS = 1024
 # JSON held in a file's metadata or config (safetensors metadata, Keras config, a spec).
 MAX_JSON_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64
+# Values in a JSON text (its commas outside strings): 64 MB of ["ab","ab",...] is 10 million strings
+# and 600 MB once parsed. 1,000,000 class names fit twice over.
+MAX_JSON_ITEMS = 2_000_000
 
 # -- spec fields ---------------------------------------------------------------------------------
 
@@ -93,10 +96,15 @@ _DEPTH_CHUNK = 1 << 22
 def json_depth(text: str | bytes) -> int:
     """The deepest nesting of [ and { outside strings in a JSON text, found without parsing it
     (json.loads recurses once per level: a deep enough text raises RecursionError, or worse)."""
+    return json_structure(text)[0]
+
+
+def json_structure(text: str | bytes) -> tuple[int, int]:
+    """(json_depth, the commas outside strings) of a JSON text, found without parsing it."""
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     # Escaped backslashes first, then escaped quotes: what is left of a string is its quotes.
     chars = np.frombuffer(data.replace(b"\\\\", b"").replace(b'\\"', b""), dtype=np.uint8)
-    deepest = depth = quotes = 0
+    deepest = depth = quotes = commas = 0
     for start in range(0, len(chars), _DEPTH_CHUNK):  # in chunks: a few bytes of memory per byte of text
         chunk = chars[start:start + _DEPTH_CHUNK]
         outside = (quotes + np.cumsum(chunk == ord('"'))) % 2 == 0
@@ -105,7 +113,8 @@ def json_depth(text: str | bytes) -> int:
         if len(levels):
             deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
             quotes += int(np.count_nonzero(chunk == ord('"')))
-    return deepest
+            commas += int(np.count_nonzero(outside & (chunk == ord(","))))
+    return deepest, commas
 
 
 def load_json(text: str | bytes, path, what: str):
@@ -116,7 +125,9 @@ def load_json(text: str | bytes, path, what: str):
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     if len(data) > MAX_JSON_BYTES:
         raise refuse(path, f"{what} size", f"{len(data)} bytes", f"{MAX_JSON_BYTES} bytes")
-    depth = json_depth(data)
+    depth, commas = json_structure(data)
     if depth > MAX_JSON_DEPTH:
         raise refuse(path, f"{what} nesting depth", depth, MAX_JSON_DEPTH)
+    if commas + 1 > MAX_JSON_ITEMS:
+        raise refuse(path, f"the number of values in {what}", f"{commas + 1} or more", MAX_JSON_ITEMS)
     return json.loads(text)

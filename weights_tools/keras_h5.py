@@ -154,6 +154,7 @@ def check_hdf5(f, path) -> None:
     import h5py
 
     groups, seen, total = [f], {hash(f.id)}, 0
+    packed = [0, 0]  # compressed datasets: bytes declared, bytes stored
     while groups:
         group = groups.pop()
         for name in group:
@@ -170,15 +171,23 @@ def check_hdf5(f, path) -> None:
             if len(seen) > _MAX_HDF5_OBJECTS:
                 raise refused(path, "the HDF5 object count", f"over {_MAX_HDF5_OBJECTS}", _MAX_HDF5_OBJECTS, KerasRefused)
             if isinstance(obj, h5py.Dataset):
-                total += _check_dataset(obj, where, path)
+                declared, stored = _check_dataset(obj, where, path)
+                total += declared
+                if stored is not None:
+                    packed[0], packed[1] = packed[0] + declared, packed[1] + stored
             elif isinstance(obj, h5py.Group):
                 groups.append(obj)
     if total > MAX_TOTAL_TENSOR_BYTES:
         raise refused(path, "the datasets' total size", f"{total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes", KerasRefused)
+    # Each compressed dataset under 16 MiB is exempt from the ratio: together they are not.
+    if packed[0] > SMALL_MEMBER_BYTES and packed[0] > MAX_COMPRESSION_RATIO * packed[1]:
+        raise refused(path, f"the compressed datasets' total size ({packed[1]} bytes stored)", f"{packed[0]} bytes",
+                      f"{MAX_COMPRESSION_RATIO} times their compressed size", KerasRefused)
 
 
-def _check_dataset(dataset, where: str, path) -> int:
-    """One dataset's storage, from its creation properties: its declared bytes."""
+def _check_dataset(dataset, where: str, path) -> tuple[int, int | None]:
+    """One dataset's storage, from its creation properties: its declared bytes, and the bytes the
+    file stores for it if it is compressed (else None)."""
     if dataset.external:
         files = ", ".join(sorted({ascii(entry[0]) for entry in dataset.external}))
         raise refused(path, f"dataset {where!a}'s storage", f"external, in {files}", "data inside the file",
@@ -198,7 +207,7 @@ def _check_dataset(dataset, where: str, path) -> int:
     if compressed and declared > SMALL_MEMBER_BYTES and declared > MAX_COMPRESSION_RATIO * stored:
         raise refused(path, f"dataset {where!a}'s size ({stored} bytes compressed)", f"{declared} bytes",
                       f"{MAX_COMPRESSION_RATIO} times its compressed size", KerasRefused)
-    return declared
+    return declared, (stored if compressed else None)
 
 
 def _text(value) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..limits import MAX_TENSOR_BYTES, MAX_TOTAL_TENSOR_BYTES, FileRefused
 from ..spec import DenseNetSpec
-from ..weights import FORMAT
+from ..weights import FORMAT, check_safetensors_header
 from .bounds import load_json
 from .errors import CheckpointRefused, ConversionError, one_line, refused
 from .keras_h5 import KERAS_SUFFIXES, read_keras
@@ -60,6 +60,7 @@ def read_safetensors(path: Path) -> Checkpoint:
     from safetensors.torch import load_file
 
     _check_not_other_format(path)
+    check_safetensors_header(path)  # the library itself reads headers up to 100 MB
     try:
         total = 0
         with safe_open(str(path), framework="pt") as f:

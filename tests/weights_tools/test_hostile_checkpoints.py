@@ -384,8 +384,31 @@ def _legacy_pickles_of_many_opcodes(tmp_path):
     return path
 
 
+def _many_small_compressed_datasets(tmp_path):
+    """A Keras 3 weights file of 80 Conv2D kernels of 16 MiB of zeros, each gzipped to ~70 KB: each
+    dataset is small, so exempt from the ratio, and all of them were read (1.8 GB peak, exit 1)
+    before the compressed datasets' total was held to the ratio."""
+    path = tmp_path / "many.weights.h5"
+    with h5py.File(path, "w") as f:
+        for i in range(80):
+            f.create_dataset(f"layers/conv2d{'_' + str(i) if i else ''}/vars/0", data=np.zeros((1024, 4096), np.float32),
+                             chunks=(256, 4096), compression="gzip", compression_opts=1)
+    return path
+
+
+def _many_class_names(tmp_path):
+    """A densetriton weights file converted again whose class_names are 9 million "ab" (45 MB of
+    JSON, its header under MAX_JSON_BYTES): parsed, 1.25 GB peak (exit 1), before JSON values were counted."""
+    sd = {k: v.contiguous() for k, v in _small_state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(sd, tmp_path / "names.safetensors",
+              metadata={"format": "densetriton", "class_names": json.dumps(["ab"] * 9_000_000, separators=(",", ":"))})
+    return tmp_path / "names.safetensors"
+
+
 # name: (make, what the one error line says, exit status)
 MORE_CASES = {
+    "json-of-10-million-values": (_many_class_names, "the number of values in", 2),
+    "h5-many-small-compressed-datasets": (_many_small_compressed_datasets, "times their compressed size", 2),
     "zip-many-small-members": (_many_small_members, "times their compressed size", 2),
     "views-of-one-storage": (_views_of_one_storage, "of their storages", 2),
     "legacy-storage-never-read": (_legacy_storage_never_read, "the storage list does not match", 1),
