@@ -188,12 +188,19 @@ def load_json(text: str | bytes, path, what: str, error: type[FileRefused] = Che
         raise error(str(e)) from None
 
 
+# Dimensions of one tensor: a DenseNet's have at most 4 (5 in a 3-D one, which is refused by name);
+# 100,000 dimensions of size 0 fit any storage, and every message naming the shape is 600 KB.
+MAX_TENSOR_DIMS = 8
+
+
 def tensor_fits(size, stride, offset: int, itemsize: int, storage_bytes: int) -> str | None:
     """Why a tensor of this size, stride and offset does not fit its storage, or None if it does:
     its elements (numel * itemsize, from the offset) and its extent (the last element it reaches)
     must both lie inside the storage, so a stride-0 or overlapping view is refused."""
+    if len(size) > MAX_TENSOR_DIMS:
+        return f"{len(size)} dimensions (at most {MAX_TENSOR_DIMS} read)"
     if any(not isinstance(v, int) or v < 0 for v in (*size, *stride, offset)) or len(size) != len(stride):
-        return f"a size {tuple(size)}, stride {tuple(stride)} and offset {offset!r} no tensor has"
+        return f"a size {tuple(size)[:16]}, stride {tuple(stride)[:16]} and offset {offset!r} no tensor has"
     numel = math.prod(size)
     if numel == 0:
         return None

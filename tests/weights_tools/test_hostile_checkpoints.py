@@ -405,8 +405,20 @@ def _many_class_names(tmp_path):
     return tmp_path / "names.safetensors"
 
 
+def _tensor_of_many_dims(tmp_path):
+    """A state dict whose op_threshs has 100,000 dimensions of size 0 (it fits any storage): the
+    conversion succeeded (exit 0) after a warning line of 600 KB naming its shape."""
+    sd = _small_state_dict()
+    refs = {k: _TensorRef(_StorageRef(str(i), max(v.numel(), 1)), tuple(v.shape), tuple(v.stride()))
+            for i, (k, v) in enumerate(sd.items())}
+    refs["op_threshs"] = _TensorRef(_StorageRef("z", 1), (0,) * 100_000, (1,) * 100_000)
+    storages = {str(i): v.contiguous().numpy().tobytes() for i, v in enumerate(sd.values())}
+    return _torch_zip(tmp_path / "dims.pt", _torch_pickle(refs), {**storages, "z": bytes(4)})
+
+
 # name: (make, what the one error line says, exit status)
 MORE_CASES = {
+    "tensor-of-100000-dimensions": (_tensor_of_many_dims, "100000 dimensions", 2),
     "json-of-10-million-values": (_many_class_names, "the number of values in", 2),
     "h5-many-small-compressed-datasets": (_many_small_compressed_datasets, "times their compressed size", 2),
     "zip-many-small-members": (_many_small_members, "times their compressed size", 2),
