@@ -416,8 +416,20 @@ def _tensor_of_many_dims(tmp_path):
     return _torch_zip(tmp_path / "dims.pt", _torch_pickle(refs), {**storages, "z": bytes(4)})
 
 
+def _many_empty_tensors(tmp_path):
+    """A safetensors file (34 MB) listing 600,000 empty tensors: 22 s of CPU and 1.46 GB peak (exit
+    1) before the tensor count was bounded from the raw header."""
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(600_000)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text)
+    return path
+
+
 # name: (make, what the one error line says, exit status)
 MORE_CASES = {
+    "safetensors-600000-empty-tensors": (_many_empty_tensors, "the tensor count is 600000", 2),
     "tensor-of-100000-dimensions": (_tensor_of_many_dims, "100000 dimensions", 2),
     "json-of-10-million-values": (_many_class_names, "the number of values in", 2),
     "h5-many-small-compressed-datasets": (_many_small_compressed_datasets, "times their compressed size", 2),
