@@ -106,9 +106,11 @@ def json_structure(text: str | bytes) -> tuple[int, int]:
     chars = np.frombuffer(data.replace(b"\\\\", b"").replace(b'\\"', b""), dtype=np.uint8)
     deepest = depth = quotes = commas = 0
     for start in range(0, len(chars), _DEPTH_CHUNK):  # in chunks: a few bytes of memory per byte of text
-        chunk = chars[start:start + _DEPTH_CHUNK]
+        chunk = chars[start : start + _DEPTH_CHUNK]
         outside = (quotes + np.cumsum(chunk == ord('"'))) % 2 == 0
-        step = ((chunk == ord("[")) | (chunk == ord("{"))).astype(np.int64) - ((chunk == ord("]")) | (chunk == ord("}")))
+        step = ((chunk == ord("[")) | (chunk == ord("{"))).astype(np.int64) - (
+            (chunk == ord("]")) | (chunk == ord("}"))
+        )
         levels = depth + np.cumsum(np.where(outside, step, 0))
         if len(levels):
             deepest, depth = max(deepest, int(levels.max())), int(levels[-1])

@@ -48,10 +48,17 @@ def check_zip_members(archive: zipfile.ZipFile, path, error: type[FileRefused] =
     for info in archive.infolist():
         name = ascii(info.filename)
         if info.file_size > SMALL_MEMBER_BYTES and info.file_size > MAX_COMPRESSION_RATIO * info.compress_size:
-            raise refused(path, f"zip member {name}'s size ({info.compress_size} bytes compressed)",
-                          f"{info.file_size} bytes", f"{MAX_COMPRESSION_RATIO} times its compressed size", error)
+            raise refused(
+                path,
+                f"zip member {name}'s size ({info.compress_size} bytes compressed)",
+                f"{info.file_size} bytes",
+                f"{MAX_COMPRESSION_RATIO} times its compressed size",
+                error,
+            )
         if info.file_size > MAX_TENSOR_BYTES:
-            raise refused(path, f"zip member {name}'s size", f"{info.file_size} bytes", f"{MAX_TENSOR_BYTES} bytes", error)
+            raise refused(
+                path, f"zip member {name}'s size", f"{info.file_size} bytes", f"{MAX_TENSOR_BYTES} bytes", error
+            )
         total += info.file_size
     if total > MAX_TOTAL_TENSOR_BYTES:
         raise refused(path, "the zip members' total size", f"{total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes", error)
@@ -67,11 +74,21 @@ def check_zip_totals(archive: zipfile.ZipFile, path, error: type[FileRefused] = 
     inflated, compressed = sum(i.file_size for i in infos), sum(i.compress_size for i in infos)
     held = _archive_bytes(archive)
     if held is not None and compressed > held:
-        raise refused(path, "the zip members' total compressed size (members overlap, or the zip directory is wrong)",
-                      f"{compressed} bytes", f"the archive's {held} bytes", error)
+        raise refused(
+            path,
+            "the zip members' total compressed size (members overlap, or the zip directory is wrong)",
+            f"{compressed} bytes",
+            f"the archive's {held} bytes",
+            error,
+        )
     if inflated > SMALL_MEMBER_BYTES and inflated > MAX_COMPRESSION_RATIO * compressed:
-        raise refused(path, f"the zip members' total size ({compressed} bytes compressed)", f"{inflated} bytes",
-                      f"{MAX_COMPRESSION_RATIO} times their compressed size", error)
+        raise refused(
+            path,
+            f"the zip members' total size ({compressed} bytes compressed)",
+            f"{inflated} bytes",
+            f"{MAX_COMPRESSION_RATIO} times their compressed size",
+            error,
+        )
 
 
 def _archive_bytes(archive) -> int | None:
@@ -138,10 +155,10 @@ def _consume(op, stack: list, marks: list) -> int:
         below = before.index(pickletools.markobject)
     else:
         below = len(before)
-    operands = stack[len(stack) - below:] if below else []
+    operands = stack[len(stack) - below :] if below else []
     if len(operands) < below:
         raise IndexError("stack underflow")
-    del stack[len(stack) - below:]
+    del stack[len(stack) - below :]
     if op.name in _IN_PLACE:  # the container under the operands grows by what is put in it
         target = operands[0]
         children += [cell[0] for cell in operands[1:]]
@@ -164,7 +181,9 @@ class _Bounded:
     def read(self, n: int = -1) -> bytes:
         want = self.left if n is None or n < 0 else n
         if want > self.left:
-            raise refused(self.path, f"{self.what}'s size", f"over {MAX_PICKLE_BYTES} bytes", f"{MAX_PICKLE_BYTES} bytes")
+            raise refused(
+                self.path, f"{self.what}'s size", f"over {MAX_PICKLE_BYTES} bytes", f"{MAX_PICKLE_BYTES} bytes"
+            )
         data = self.source.read(want)
         self.left -= len(data)
         return data
@@ -172,7 +191,9 @@ class _Bounded:
     def readline(self) -> bytes:
         line = self.source.readline(self.left + 1)
         if len(line) > self.left:
-            raise refused(self.path, f"{self.what}'s size", f"over {MAX_PICKLE_BYTES} bytes", f"{MAX_PICKLE_BYTES} bytes")
+            raise refused(
+                self.path, f"{self.what}'s size", f"over {MAX_PICKLE_BYTES} bytes", f"{MAX_PICKLE_BYTES} bytes"
+            )
         self.left -= len(line)
         return line
 
@@ -209,8 +230,10 @@ def tensor_fits(size, stride, offset: int, itemsize: int, storage_bytes: int) ->
     extent = 1 + sum((s - 1) * st for s, st in zip(size, stride))
     room = storage_bytes - offset * itemsize
     if numel * itemsize > room or extent * itemsize > room:
-        return (f"{numel} elements of {itemsize} bytes (shape {tuple(size)}, stride {tuple(stride)}) in a storage of "
-                f"{storage_bytes} bytes from offset {offset}")
+        return (
+            f"{numel} elements of {itemsize} bytes (shape {tuple(size)}, stride {tuple(stride)}) in a storage of "
+            f"{storage_bytes} bytes from offset {offset}"
+        )
     return None
 
 
@@ -220,8 +243,9 @@ def check_tensor(t: torch.Tensor, name: str, path) -> int:
         raise refused(path, f"tensor {name!a}'s layout", t.layout, "dense (strided) tensors")
     if t.device.type == "meta":
         raise refused(path, f"tensor {name!a}'s device", "meta (no data)", "tensors with data")
-    why = tensor_fits(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.element_size(),
-                      t.untyped_storage().nbytes())
+    why = tensor_fits(
+        tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.element_size(), t.untyped_storage().nbytes()
+    )
     if why is not None:
         raise refused(path, f"tensor {name!a}", why, "its storage")
     nbytes = t.numel() * t.element_size()
@@ -242,5 +266,10 @@ def check_tensors(tensors: dict, path) -> None:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in found}
     held = sum(storages.values())
     if total > SMALL_MEMBER_BYTES and total > held:
-        raise refused(path, f"the tensors' total size (views sharing {len(storages)} storages)", f"{total} bytes",
-                      f"the {held} bytes of their storages", error=CheckpointRefused)
+        raise refused(
+            path,
+            f"the tensors' total size (views sharing {len(storages)} storages)",
+            f"{total} bytes",
+            f"the {held} bytes of their storages",
+            error=CheckpointRefused,
+        )

@@ -57,20 +57,28 @@ _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "m
 # Where a DenseNet's own keys begin, after any wrapper's prefix.
 _DENSENET_ROOTS = ("features", "classifier", "class_layers")
 # Module names training code gives its loss (criterion, loss_fn, train_loss, bce_loss, ...).
-_LOSS_MODULE = re.compile(r"^(criterion|criterions|loss|losses|(\w+_)?loss(_fn|_func|_function)?|\w+_criterion)$", re.IGNORECASE)
+_LOSS_MODULE = re.compile(
+    r"^(criterion|criterions|loss|losses|(\w+_)?loss(_fn|_func|_function)?|\w+_criterion)$", re.IGNORECASE
+)
 
 # Renames to torchvision's current names, applied in this order to every key once its wrapper's
 # prefix is dropped: (pattern, replacement, whose names they are).
 # DOTALL: a "." that stops at a newline makes "(.*)$" backtrack over a long key once per match.
-_KEY_RENAMES = tuple((re.compile(pattern, re.DOTALL), replacement) for pattern, replacement, _whose in (
-    # Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
-    (r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$", r"\1\2",
-     "torchvision < 0.2"),
-    # MONAI's DenseNet: a dense layer's modules sit in a Sequential named "layers", and the head is
-    # class_layers = Sequential(relu, pool, flatten, out) -- the same function as torchvision's.
-    (r"^(.*denselayer\d+)\.layers\.(.*)$", r"\1.\2", "MONAI"),
-    (r"^class_layers\.out\.(weight|bias)$", r"classifier.\1", "MONAI"),
-))
+_KEY_RENAMES = tuple(
+    (re.compile(pattern, re.DOTALL), replacement)
+    for pattern, replacement, _whose in (
+        # Old torchvision checkpoints name a dense layer's modules "norm.1", "conv.2", ...
+        (
+            r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$",
+            r"\1\2",
+            "torchvision < 0.2",
+        ),
+        # MONAI's DenseNet: a dense layer's modules sit in a Sequential named "layers", and the head is
+        # class_layers = Sequential(relu, pool, flatten, out) -- the same function as torchvision's.
+        (r"^(.*denselayer\d+)\.layers\.(.*)$", r"\1.\2", "MONAI"),
+        (r"^class_layers\.out\.(weight|bias)$", r"classifier.\1", "MONAI"),
+    )
+)
 # classifier = Sequential(Linear, Sigmoid): renamed only when it holds one Linear (see _unwrap_sequential_classifier).
 _SEQUENTIAL_CLASSIFIER = re.compile(r"^classifier\.(\d+)\.(weight|bias)$")
 
@@ -127,16 +135,22 @@ def _select(checkpoint, prefix: str | None) -> dict:
             return _unnest(obj[name])
         obj = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), dict)), None)
     dotted = name + "."  # whole components: "model." does not select "model_ema.*"
-    selected = {k[len(dotted):]: v for k, v in _unnest(checkpoint).items() if isinstance(k, str) and k.startswith(dotted)}
+    selected = {
+        k[len(dotted) :]: v for k, v in _unnest(checkpoint).items() if isinstance(k, str) and k.startswith(dotted)
+    }
     if not any(isinstance(v, torch.Tensor) for v in selected.values()):
-        raise ConversionError(f"no tensor in the checkpoint has a key starting with {dotted!r}, and it holds no "
-                              f"state dict named {name!r}")
+        raise ConversionError(
+            f"no tensor in the checkpoint has a key starting with {dotted!r}, and it holds no state dict named {name!r}"
+        )
     return selected
 
 
 def _has_classifier(tensors: dict[str, torch.Tensor]) -> bool:
-    return any(k[len(w):].split(".")[0] in ("classifier", "class_layers")
-               for k in tensors if (w := _wrapper_prefix(k)) is not None)
+    return any(
+        k[len(w) :].split(".")[0] in ("classifier", "class_layers")
+        for k in tensors
+        if (w := _wrapper_prefix(k)) is not None
+    )
 
 
 def _is_training_state(key: str, value: torch.Tensor) -> bool:
@@ -161,12 +175,19 @@ def _adopt_separate_head(tensors: dict[str, torch.Tensor], wrapper: str) -> dict
         return tensors
     (module,) = modules
     weight, bias = outside.get(f"{module}.weight"), outside.get(f"{module}.bias")
-    if (weight is None or weight.dim() != 2 or len(outside) != 1 + (bias is not None)
-            or (bias is not None and tuple(bias.shape) != (weight.shape[0],))):
+    if (
+        weight is None
+        or weight.dim() != 2
+        or len(outside) != 1 + (bias is not None)
+        or (bias is not None and tuple(bias.shape) != (weight.shape[0],))
+    ):
         return tensors
-    warnings.warn(f"took {module!r} ({weight.shape[0]} outputs) as the classifier: the checkpoint's DenseNet has "
-                  f"none, and this Linear is the only other module (assumed applied to the pooled features, as "
-                  f"DenseNet's classifier is)", stacklevel=4)
+    warnings.warn(
+        f"took {module!r} ({weight.shape[0]} outputs) as the classifier: the checkpoint's DenseNet has "
+        f"none, and this Linear is the only other module (assumed applied to the pooled features, as "
+        f"DenseNet's classifier is)",
+        stacklevel=4,
+    )
     if bias is None:
         bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
     rest = {k: v for k, v in tensors.items() if k not in outside}
@@ -183,8 +204,10 @@ def _outside_hint(state_dict: dict, unexpected: list[str]) -> str:
     (wrapper,) = wrappers
     if any(_wrapper_prefix(k) is not None or k.startswith(wrapper) for k in unexpected):
         return ""
-    return (f" (if {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''} take no part in the model's "
-            f"outputs, --prefix {wrapper} converts the DenseNet alone)")
+    return (
+        f" (if {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''} take no part in the model's "
+        f"outputs, --prefix {wrapper} converts the DenseNet alone)"
+    )
 
 
 def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -199,19 +222,28 @@ def normalize_state_dict(state_dict: dict, prefix: str | None = None) -> dict[st
     odd = [k for k, v in found.items() if isinstance(v, torch.Tensor) and not isinstance(k, str)]
     if odd:
         raise ConversionError(f"the state dict has a tensor under a key that is not a string: {odd[0]!r}")
-    tensors = {k: v for k, v in found.items()
-               if isinstance(v, torch.Tensor)
-               and not k.endswith("num_batches_tracked")  # a training counter, not a weight
-               and k.split(".")[-1] != "op_threshs"}  # torchxrayvision's operating points: metadata (see convert_state_dict)
-    if (not any(_wrapper_prefix(k) is not None for k in tensors) and "conv0.weight" in tensors
-            and any(k.startswith("denseblock1.") for k in tensors)):
+    tensors = {
+        k: v
+        for k, v in found.items()
+        if isinstance(v, torch.Tensor)
+        and not k.endswith("num_batches_tracked")  # a training counter, not a weight
+        and k.split(".")[-1] != "op_threshs"
+    }  # torchxrayvision's operating points: metadata (see convert_state_dict)
+    if (
+        not any(_wrapper_prefix(k) is not None for k in tensors)
+        and "conv0.weight" in tensors
+        and any(k.startswith("denseblock1.") for k in tensors)
+    ):
         # model.features.state_dict(): a backbone saved on its own, its keys without "features."
         tensors = {f"features.{k}": v for k, v in tensors.items()}
     training = sorted(k for k, v in tensors.items() if _is_training_state(k, v))
     if training and any(_wrapper_prefix(k) is not None for k in tensors):
         shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
-        warnings.warn(f"left out {len(training)} tensor(s) of training state saved beside the model ({shown}): a "
-                      f"loss's weights or an averaging count, which no forward pass uses", stacklevel=3)
+        warnings.warn(
+            f"left out {len(training)} tensor(s) of training state saved beside the model ({shown}): a "
+            f"loss's weights or an averaging count, which no forward pass uses",
+            stacklevel=3,
+        )
         tensors = {k: v for k, v in tensors.items() if k not in training}
     wrappers = {_wrapper_prefix(k) for k in tensors} - {None}
     if len(wrappers) == 1:
@@ -230,14 +262,16 @@ def _renamed(tensors: dict[str, torch.Tensor], wrappers: set) -> dict[str, torch
     ...) and through _KEY_RENAMES; two keys ending at one name are an error."""
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        name = key[len(_wrapper_prefix(key) or ""):]
+        name = key[len(_wrapper_prefix(key) or "") :]
         for pattern, replacement in _KEY_RENAMES:
             name = pattern.sub(replacement, name)
         if name in out:
             several = ""
             if "" not in wrappers and len(wrappers) > 1:
-                several = f": the checkpoint holds DenseNet tensors under {', '.join(map(repr, sorted(wrappers)))}; " \
-                          f"choose one with --prefix (prefix=...)"
+                several = (
+                    f": the checkpoint holds DenseNet tensors under {', '.join(map(repr, sorted(wrappers)))}; "
+                    f"choose one with --prefix (prefix=...)"
+                )
             raise ConversionError(f"two checkpoint tensors map to {name!r} (one is {key!r}){several}")
         out[name] = value
     return out
@@ -252,7 +286,8 @@ def _unwrap_sequential_classifier(tensors: dict[str, torch.Tensor]) -> dict[str,
     weight = tensors.get(f"classifier.{i}.weight")
     if weight is None or weight.dim() != 2 or "classifier.weight" in tensors:
         raise ConversionError(
-            "the classifier is a multi-layer head (" + ", ".join(sorted(k for k in tensors if k.startswith("classifier.")))
+            "the classifier is a multi-layer head ("
+            + ", ".join(sorted(k for k in tensors if k.startswith("classifier.")))
             + "); densetriton supports DenseNet's single linear classifier, optionally wrapped in a Sequential"
         )
     return {
@@ -283,9 +318,14 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
     def shape(name):
         if name not in tensors:
             others = sorted(k for k in tensors if k.split(".")[0] not in _DENSENET_ROOTS)
-            shown = "; it also holds " + ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "") \
-                if others else ""
-            raise ConversionError(f"cannot infer the architecture: no tensor {name!r} (is this a DenseNet checkpoint?){shown}")
+            shown = (
+                "; it also holds " + ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+                if others
+                else ""
+            )
+            raise ConversionError(
+                f"cannot infer the architecture: no tensor {name!r} (is this a DenseNet checkpoint?){shown}"
+            )
         return tuple(tensors[name].shape)
 
     _refuse_3d(tensors)
@@ -307,7 +347,9 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
         growth_rate = shape(f"{first}.conv2.weight")[0]
         width = shape(f"{first}.conv1.weight")[0]
         if width % growth_rate:
-            raise ConversionError(f"cannot infer bn_size: bottleneck width {width} is not a multiple of k={growth_rate}")
+            raise ConversionError(
+                f"cannot infer bn_size: bottleneck width {width} is not a multiple of k={growth_rate}"
+            )
         bn_size = width // growth_rate
     else:
         growth_rate, bn_size = shape(f"{first}.conv1.weight")[0], None
@@ -323,11 +365,15 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
                 break
     # No classifier at all: a backbone saved for its features (num_classes 0).
     if "classifier.bias" in tensors and "classifier.weight" not in tensors:
-        raise ConversionError("cannot infer the architecture: the classifier has a bias (classifier.bias) but no "
-                              "weight (classifier.weight)")
+        raise ConversionError(
+            "cannot infer the architecture: the classifier has a bias (classifier.bias) but no "
+            "weight (classifier.weight)"
+        )
     num_classes = shape("classifier.weight")[0] if any(k.startswith("classifier.") for k in tensors) else 0
     try:
-        return DenseNetSpec(growth_rate, tuple(block_config), conv0[0], bn_size, compression, num_classes, stem, conv0[1])
+        return DenseNetSpec(
+            growth_rate, tuple(block_config), conv0[0], bn_size, compression, num_classes, stem, conv0[1]
+        )
     except ValueError as e:
         raise ConversionError(f"cannot infer the architecture: {e}") from None
 
@@ -367,13 +413,30 @@ def convert_state_dict(
     spec = _resolve_spec(tensors, arch, bn_eps)
     _validate(tensors, spec, state_dict)
     class_names, multi_label, operating_points = _head_policy(
-        spec, state_dict, source, class_names=class_names, multi_label=multi_label,
-        operating_points=operating_points, carried=_carried)
-    return _save(out, tensors, spec, progress=progress, class_names=class_names, preprocessing=preprocessing,
-                 source=source, multi_label=multi_label, operating_points=operating_points)
+        spec,
+        state_dict,
+        source,
+        class_names=class_names,
+        multi_label=multi_label,
+        operating_points=operating_points,
+        carried=_carried,
+    )
+    return _save(
+        out,
+        tensors,
+        spec,
+        progress=progress,
+        class_names=class_names,
+        preprocessing=preprocessing,
+        source=source,
+        multi_label=multi_label,
+        operating_points=operating_points,
+    )
 
 
-def _resolve_spec(tensors: dict[str, torch.Tensor], arch: str | DenseNetSpec | None, bn_eps: float | None) -> DenseNetSpec:
+def _resolve_spec(
+    tensors: dict[str, torch.Tensor], arch: str | DenseNetSpec | None, bn_eps: float | None
+) -> DenseNetSpec:
     """The spec to convert to: inferred from the shapes, or the given one (a registry name's
     taking the checkpoint's head size and input channels, and checked against the shapes)."""
     if arch is None:
@@ -394,7 +457,9 @@ def _resolve_spec(tensors: dict[str, torch.Tensor], arch: str | DenseNetSpec | N
         except ConversionError:
             found = None  # not even inferable: the listing in _validate says what is wrong
         if found is not None and found != spec:
-            raise ConversionError(f"the checkpoint holds {describe_spec(found)}, not {describe_spec(spec)} (--arch {arch})")
+            raise ConversionError(
+                f"the checkpoint holds {describe_spec(found)}, not {describe_spec(spec)} (--arch {arch})"
+            )
     if bn_eps is not None:
         try:
             spec = spec.replace(bn_eps=bn_eps)
@@ -416,31 +481,54 @@ def _validate(tensors: dict[str, torch.Tensor], spec: DenseNetSpec, state_dict: 
             raise ConversionError(
                 f"the DenseNet has no classifier of its own, and the rest of the checkpoint ({listing(unexpected)}) is "
                 f"not one Linear layer to take as it: a multi-layer or normalised head is not supported"
-                f"{hint.replace('converts the DenseNet alone', 'converts the DenseNet alone, for its features')}") from None
+                f"{hint.replace('converts the DenseNet alone', 'converts the DenseNet alone, for its features')}"
+            ) from None
         raise ConversionError(f"{e}{hint}") from None
 
 
-def _head_policy(spec: DenseNetSpec, state_dict: dict, source: str | None, *, class_names, multi_label,
-                 operating_points, carried: frozenset) -> tuple:
+def _head_policy(
+    spec: DenseNetSpec,
+    state_dict: dict,
+    source: str | None,
+    *,
+    class_names,
+    multi_label,
+    operating_points,
+    carried: frozenset,
+) -> tuple:
     """What the classifier's outputs mean: (class_names, multi_label, operating_points). A backbone
     takes none (those the converted file carried are left out with a warning); operating points
     come from a torchxrayvision checkpoint's op_threshs when none are given, and imply multi_label."""
     if not spec.num_classes:
-        head = {"class_names": class_names is not None, "multi_label": bool(multi_label),
-                "operating_points": operating_points is not None}
+        head = {
+            "class_names": class_names is not None,
+            "multi_label": bool(multi_label),
+            "operating_points": operating_points is not None,
+        }
         if any(present and name not in carried for name, present in head.items()):
-            raise ConversionError("the checkpoint has no classifier (a backbone: features only), so it takes no class "
-                                  "names, --multi-label or operating points")
+            raise ConversionError(
+                "the checkpoint has no classifier (a backbone: features only), so it takes no class "
+                "names, --multi-label or operating points"
+            )
         if any(head.values()):  # the file converted recorded them for the classifier left out (--prefix)
-            warnings.warn(f"left out the file's {', '.join(n.replace('_', ' ') for n, p in head.items() if p)}: "
-                          f"they belong to a classifier this conversion does not keep", stacklevel=3)
+            warnings.warn(
+                f"left out the file's {', '.join(n.replace('_', ' ') for n, p in head.items() if p)}: "
+                f"they belong to a classifier this conversion does not keep",
+                stacklevel=3,
+            )
             class_names, multi_label, operating_points = None, None, None
-        warnings.warn(f"the checkpoint has no classifier: converted as {describe_spec(spec)}, a backbone that gives "
-                      f"features only (engine.features, densetriton embed), not predictions", stacklevel=3)
+        warnings.warn(
+            f"the checkpoint has no classifier: converted as {describe_spec(spec)}, a backbone that gives "
+            f"features only (engine.features, densetriton embed), not predictions",
+            stacklevel=3,
+        )
     if spec.num_classes == 1000 and class_names is None:
-        warnings.warn("no class names recorded for its 1000 classes, so predict shows class indices; for ImageNet-1k's "
-                      "(torchvision's or timm's weights, or a model fine-tuned from them that kept their classifier) "
-                      "convert with --class-names imagenet", stacklevel=3)
+        warnings.warn(
+            "no class names recorded for its 1000 classes, so predict shows class indices; for ImageNet-1k's "
+            "(torchvision's or timm's weights, or a model fine-tuned from them that kept their classifier) "
+            "convert with --class-names imagenet",
+            stacklevel=3,
+        )
     if operating_points is None and multi_label is not False and spec.num_classes:
         operating_points = _operating_points_in(state_dict, spec, source)
     if operating_points is not None and multi_label is None:
@@ -448,14 +536,16 @@ def _head_policy(spec: DenseNetSpec, state_dict: dict, source: str | None, *, cl
     return class_names, multi_label, operating_points
 
 
-def _save(out, tensors: dict[str, torch.Tensor], spec: DenseNetSpec, *, progress: bool | None, preprocessing,
-          **metadata) -> Path:
+def _save(
+    out, tensors: dict[str, torch.Tensor], spec: DenseNetSpec, *, progress: bool | None, preprocessing, **metadata
+) -> Path:
     """The spec's tensors copied to contiguous CPU memory (with progress: the slow part for large
     checkpoints on slow disks), written atomically with the metadata."""
     cpu, seen = {}, set()
     shown = None if progress is None else not progress  # None: show on a terminal only
-    for name in tqdm(spec.state_dict_shapes(), desc=f"converting {describe_spec(spec)}", unit="tensor", disable=shown,
-                     leave=False):
+    for name in tqdm(
+        spec.state_dict_shapes(), desc=f"converting {describe_spec(spec)}", unit="tensor", disable=shown, leave=False
+    ):
         cpu[name] = _own_copy(tensors[name].detach().to("cpu"), seen)
     if preprocessing is None:
         preprocessing = default_preprocessing(spec)
@@ -486,16 +576,23 @@ def _check_keys(found: dict, source: str | None) -> None:
     """Before any key is matched against the renames or listed in an error: each within MAX_KEY_CHARS."""
     long = next((k for k in found if isinstance(k, str) and len(k) > MAX_KEY_CHARS), None)
     if long is not None:
-        raise refused(source or "the state dict", f"the length of a key ({long[:40]!a}...)", f"{len(long)} characters",
-                      MAX_KEY_CHARS)
+        raise refused(
+            source or "the state dict",
+            f"the length of a key ({long[:40]!a}...)",
+            f"{len(long)} characters",
+            MAX_KEY_CHARS,
+        )
 
 
 def _operating_points_in(state_dict: dict, spec: DenseNetSpec, source: str | None) -> list[float | None] | None:
     """torchxrayvision's `op_threshs` (NaN for outputs it did not train), when the checkpoint has
     usable ones; unusable ones (a stale length after a new head, values outside (0, 1), all NaN)
     are left out with a warning rather than stopping the conversion."""
-    found = [v for k, v in _unnest(state_dict).items()
-             if isinstance(k, str) and k.split(".")[-1] == "op_threshs" and isinstance(v, torch.Tensor)]
+    found = [
+        v
+        for k, v in _unnest(state_dict).items()
+        if isinstance(k, str) and k.split(".")[-1] == "op_threshs" and isinstance(v, torch.Tensor)
+    ]
     if len(found) != 1:
         return None
     t = found[0]
@@ -505,8 +602,11 @@ def _operating_points_in(state_dict: dict, spec: DenseNetSpec, source: str | Non
             raise WeightsError(f"a {t.dtype} tensor of shape {tuple(t.shape)}")
         return check_operating_points(t.double().tolist(), spec, multi_label=True)
     except WeightsError as e:
-        warnings.warn(f"the checkpoint's op_threshs {tuple(t.shape)} do not fit its {spec.num_classes}-class "
-                      f"classifier as operating points ({e}): left out", stacklevel=5)
+        warnings.warn(
+            f"the checkpoint's op_threshs {tuple(t.shape)} do not fit its {spec.num_classes}-class "
+            f"classifier as operating points ({e}): left out",
+            stacklevel=5,
+        )
         return None
 
 
@@ -541,16 +641,21 @@ def convert_checkpoint(
     checkpoint = read_checkpoint(path)
     state_dict, carried = checkpoint.state, checkpoint.carried
     # What comes from the file itself, not from the caller: left out, not refused, if the result has no classifier.
-    from_file = frozenset(k for k, v in (("class_names", class_names), ("multi_label", multi_label),
-                                          ("operating_points", operating_points)) if v is None and carried.get(k) is not None)
+    from_file = frozenset(
+        k
+        for k, v in (("class_names", class_names), ("multi_label", multi_label), ("operating_points", operating_points))
+        if v is None and carried.get(k) is not None
+    )
     class_names = class_names if class_names is not None else carried.get("class_names")
     if preprocessing is None and carried.get("preprocessing") is not None:
         preprocessing = carried["preprocessing"]
         try:  # a file written before new files were checked for it: say how to replace it
             check_crop_fits(preprocessing)
         except WeightsError as e:
-            raise ConversionError(f"{e}; {path.name} records it: pass --mean, --std, --resize-size and --crop-size "
-                                  f"to record the preprocessing the model was trained with") from None
+            raise ConversionError(
+                f"{e}; {path.name} records it: pass --mean, --std, --resize-size and --crop-size "
+                f"to record the preprocessing the model was trained with"
+            ) from None
         except (TypeError, AttributeError, IndexError, KeyError):
             pass  # not even well-formed: save_weights' check_preprocessing says what is wrong
     bn_eps = bn_eps if bn_eps is not None else carried.get("bn_eps")
@@ -558,9 +663,18 @@ def convert_checkpoint(
     if operating_points is None and multi_label is not False:
         operating_points = carried.get("operating_points")  # --no-multi-label drops them
     return convert_state_dict(
-        state_dict, out, arch=arch, class_names=class_names, preprocessing=preprocessing,
-        source=f"checkpoint:{path.name}", progress=progress, bn_eps=bn_eps, multi_label=multi_label,
-        operating_points=operating_points, prefix=prefix, _carried=from_file,
+        state_dict,
+        out,
+        arch=arch,
+        class_names=class_names,
+        preprocessing=preprocessing,
+        source=f"checkpoint:{path.name}",
+        progress=progress,
+        bn_eps=bn_eps,
+        multi_label=multi_label,
+        operating_points=operating_points,
+        prefix=prefix,
+        _carried=from_file,
     )
 
 
@@ -573,7 +687,10 @@ def convert_module(
 ) -> Path:
     """Convert a live torchvision.models.DenseNet (or any module with its layout, MONAI's DenseNet too)."""
     return convert_state_dict(
-        model.state_dict(), out, class_names=class_names, preprocessing=preprocessing,
+        model.state_dict(),
+        out,
+        class_names=class_names,
+        preprocessing=preprocessing,
         source=f"module:{type(model).__name__}",
     )
 
@@ -602,9 +719,11 @@ def check_torchvision_file(path: Path) -> None:
             digest.update(block)
     found, expected = digest.hexdigest()[: len(match.group(1))], match.group(1)
     if found != expected:
-        raise ConversionError(f"{path} is not torchvision's file: its sha256 begins {found}, its name says {expected}. "
-                              f"Delete it (torchvision then downloads the right one) or put the file from "
-                              f"torchvision's URL there")
+        raise ConversionError(
+            f"{path} is not torchvision's file: its sha256 begins {found}, its name says {expected}. "
+            f"Delete it (torchvision then downloads the right one) or put the file from "
+            f"torchvision's URL there"
+        )
 
 
 def convert_torchvision(arch: str, out: str | os.PathLike, *, progress: bool | None = None) -> Path:

@@ -72,10 +72,29 @@ _DENSENET_ACTIVATIONS = {"relu", "linear", "softmax", "sigmoid"}
 # The layer classes of keras.applications' DenseNet and of a fine-tuned head on it; any other
 # layer in a config changes the function. Dropout and noise layers are identities at inference.
 _DENSENET_LAYERS = {
-    "InputLayer", "ZeroPadding2D", "Conv2D", "BatchNormalization", "Activation", "ReLU", "MaxPooling2D",
-    "MaxPool2D", "AveragePooling2D", "AvgPool2D", "Concatenate", "GlobalAveragePooling2D", "GlobalAvgPool2D",
-    "Flatten", "Dropout", "SpatialDropout2D", "GaussianDropout", "GaussianNoise", "Dense", "Softmax",
-    "Functional", "Model", "Sequential",
+    "InputLayer",
+    "ZeroPadding2D",
+    "Conv2D",
+    "BatchNormalization",
+    "Activation",
+    "ReLU",
+    "MaxPooling2D",
+    "MaxPool2D",
+    "AveragePooling2D",
+    "AvgPool2D",
+    "Concatenate",
+    "GlobalAveragePooling2D",
+    "GlobalAvgPool2D",
+    "Flatten",
+    "Dropout",
+    "SpatialDropout2D",
+    "GaussianDropout",
+    "GaussianNoise",
+    "Dense",
+    "Softmax",
+    "Functional",
+    "Model",
+    "Sequential",
 }
 
 
@@ -162,14 +181,21 @@ def check_hdf5(f, path) -> None:
             link = group.get(name, getlink=True)
             if not isinstance(link, h5py.HardLink):
                 target = getattr(link, "filename", None) or getattr(link, "path", "?")
-                raise refused(path, f"HDF5 link {where!a}", f"a link of kind {type(link).__name__} to {target!a}",
-                              "hard links inside the file", KerasRefused)
+                raise refused(
+                    path,
+                    f"HDF5 link {where!a}",
+                    f"a link of kind {type(link).__name__} to {target!a}",
+                    "hard links inside the file",
+                    KerasRefused,
+                )
             obj = group[name]
             if hash(obj.id) in seen:
                 continue  # a group linked twice (or into itself) is walked once
             seen.add(hash(obj.id))
             if len(seen) > _MAX_HDF5_OBJECTS:
-                raise refused(path, "the HDF5 object count", f"over {_MAX_HDF5_OBJECTS}", _MAX_HDF5_OBJECTS, KerasRefused)
+                raise refused(
+                    path, "the HDF5 object count", f"over {_MAX_HDF5_OBJECTS}", _MAX_HDF5_OBJECTS, KerasRefused
+                )
             if isinstance(obj, h5py.Dataset):
                 declared, stored = _check_dataset(obj, where, path)
                 total += declared
@@ -178,11 +204,18 @@ def check_hdf5(f, path) -> None:
             elif isinstance(obj, h5py.Group):
                 groups.append(obj)
     if total > MAX_TOTAL_TENSOR_BYTES:
-        raise refused(path, "the datasets' total size", f"{total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes", KerasRefused)
+        raise refused(
+            path, "the datasets' total size", f"{total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes", KerasRefused
+        )
     # Each compressed dataset under 16 MiB is exempt from the ratio: together they are not.
     if packed[0] > SMALL_MEMBER_BYTES and packed[0] > MAX_COMPRESSION_RATIO * packed[1]:
-        raise refused(path, f"the compressed datasets' total size ({packed[1]} bytes stored)", f"{packed[0]} bytes",
-                      f"{MAX_COMPRESSION_RATIO} times their compressed size", KerasRefused)
+        raise refused(
+            path,
+            f"the compressed datasets' total size ({packed[1]} bytes stored)",
+            f"{packed[0]} bytes",
+            f"{MAX_COMPRESSION_RATIO} times their compressed size",
+            KerasRefused,
+        )
 
 
 def _check_dataset(dataset, where: str, path) -> tuple[int, int | None]:
@@ -190,23 +223,38 @@ def _check_dataset(dataset, where: str, path) -> tuple[int, int | None]:
     file stores for it if it is compressed (else None)."""
     if dataset.external:
         files = ", ".join(sorted({ascii(entry[0]) for entry in dataset.external}))
-        raise refused(path, f"dataset {where!a}'s storage", f"external, in {files}", "data inside the file",
-                      KerasRefused)
+        raise refused(
+            path, f"dataset {where!a}'s storage", f"external, in {files}", "data inside the file", KerasRefused
+        )
     if dataset.is_virtual:
-        raise refused(path, f"dataset {where!a}'s storage", "virtual (mapped from other datasets or files)",
-                      "data inside the file", KerasRefused)
+        raise refused(
+            path,
+            f"dataset {where!a}'s storage",
+            "virtual (mapped from other datasets or files)",
+            "data inside the file",
+            KerasRefused,
+        )
     declared = math.prod(dataset.shape or ()) * dataset.dtype.itemsize
     stored = dataset.id.get_storage_size()
     compressed = dataset.id.get_create_plist().get_nfilters() > 0
     if declared > MAX_TENSOR_BYTES:
-        raise refused(path, f"dataset {where!a}'s size", f"{declared} bytes", f"{MAX_TENSOR_BYTES} bytes",
-                      KerasRefused)
+        raise refused(path, f"dataset {where!a}'s size", f"{declared} bytes", f"{MAX_TENSOR_BYTES} bytes", KerasRefused)
     if not compressed and stored < declared:
-        raise refused(path, f"dataset {where!a}'s size ({stored} bytes stored)", f"{declared} bytes",
-                      "the bytes the file stores for it", KerasRefused)
+        raise refused(
+            path,
+            f"dataset {where!a}'s size ({stored} bytes stored)",
+            f"{declared} bytes",
+            "the bytes the file stores for it",
+            KerasRefused,
+        )
     if compressed and declared > SMALL_MEMBER_BYTES and declared > MAX_COMPRESSION_RATIO * stored:
-        raise refused(path, f"dataset {where!a}'s size ({stored} bytes compressed)", f"{declared} bytes",
-                      f"{MAX_COMPRESSION_RATIO} times its compressed size", KerasRefused)
+        raise refused(
+            path,
+            f"dataset {where!a}'s size ({stored} bytes compressed)",
+            f"{declared} bytes",
+            f"{MAX_COMPRESSION_RATIO} times its compressed size",
+            KerasRefused,
+        )
     return declared, (stored if compressed else None)
 
 
@@ -229,8 +277,14 @@ def _attr(group, name: str) -> list[str]:
 def _array(dataset) -> torch.Tensor:
     if not hasattr(dataset, "dtype"):
         raise KerasError(f"{dataset.name} is a group where a weight (dataset) belongs")
-    bfloat16 = dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2 and _text(dataset.attrs.get("dtype", "")) == "bfloat16"
-    if dataset.dtype.kind != "f" and not bfloat16:  # before reading: a variable-length dtype reads more than it declares
+    bfloat16 = (
+        dataset.dtype.kind == "V"
+        and dataset.dtype.itemsize == 2
+        and _text(dataset.attrs.get("dtype", "")) == "bfloat16"
+    )
+    if (
+        dataset.dtype.kind != "f" and not bfloat16
+    ):  # before reading: a variable-length dtype reads more than it declares
         raise KerasError(f"{dataset.name} holds {dataset.dtype} values, not floating point")
     array = np.asarray(dataset)
     if bfloat16:  # Keras 3 stores bfloat16 variables as raw 16-bit words, marked in an attribute.
@@ -297,7 +351,9 @@ def _torch_name(tail: list[str], role: str) -> str | None:
         return f"features.{'conv0' if m.group(1) == 'conv' else 'norm0'}.{suffix}" if m.group(1) == kind else None
     if m := _DENSE_LAYER.fullmatch(owner):
         block, layer, step, found = int(m.group(1)) - 1, int(m.group(2)), m.group(3), m.group(4)
-        module = {("0", "bn"): "norm1", ("1", "conv"): "conv1", ("1", "bn"): "norm2", ("2", "conv"): "conv2"}.get((step, found))
+        module = {("0", "bn"): "norm1", ("1", "conv"): "conv1", ("1", "bn"): "norm2", ("2", "conv"): "conv2"}.get(
+            (step, found)
+        )
         if module is None or found != kind or block < 1:
             return None
         return f"features.denseblock{block}.denselayer{layer}.{module}.{suffix}"
@@ -346,11 +402,15 @@ def _read_keras3(f) -> dict[str, torch.Tensor]:
     for kind, entries in found.items():
         containers = {where for where, _, _ in entries}
         if kind != "dense" and len(containers) > 1:
-            raise KerasError(f"{kind} layers in more than one model ({', '.join(sorted(containers))}): their order is ambiguous")
+            raise KerasError(
+                f"{kind} layers in more than one model ({', '.join(sorted(containers))}): their order is ambiguous"
+            )
         ordered[kind] = [values for _, _, values in sorted(entries, key=lambda e: e[1])]
     for i, values in enumerate(ordered["batch_normalization"]):
         if len(values) != 4:
-            raise KerasError(f"BatchNormalization layer {i + 1} has {len(values)} variables, not 4 (gamma, beta, mean, variance)")
+            raise KerasError(
+                f"BatchNormalization layer {i + 1} has {len(values)} variables, not 4 (gamma, beta, mean, variance)"
+            )
     return _by_position(ordered["conv2d"], ordered["batch_normalization"], ordered["dense"])
 
 
@@ -405,7 +465,9 @@ def _classifier(denses: list[dict]) -> dict[str, torch.Tensor]:
     if not denses:  # include_top=False and no head: a backbone (its pooling is checked against the config)
         return {}
     if len(denses) > 1:
-        raise KerasError(f"the model has {len(denses)} Dense layers: densetriton supports DenseNet's single linear classifier")
+        raise KerasError(
+            f"the model has {len(denses)} Dense layers: densetriton supports DenseNet's single linear classifier"
+        )
     (dense,) = denses
     if "kernel" not in dense:
         raise KerasError("the model's Dense classifier has no kernel")
@@ -416,7 +478,9 @@ def _classifier(denses: list[dict]) -> dict[str, torch.Tensor]:
 
 def _transpose(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keras conv kernels are [kh, kw, in, out]; torch's are [out, in, kh, kw]."""
-    return {name: value.permute(3, 2, 0, 1).contiguous() if value.dim() == 4 else value for name, value in tensors.items()}
+    return {
+        name: value.permute(3, 2, 0, 1).contiguous() if value.dim() == 4 else value for name, value in tensors.items()
+    }
 
 
 def _config_layers(model: dict):
@@ -452,23 +516,35 @@ def _with_config(tensors: dict[str, torch.Tensor], config, path: Path) -> KerasC
             "built with pooling='avg' converts to a features-only model"
         )
     # pooling="max" gives the same weights a different head: refused, not averaged.
-    max_pooled = sorted({c["class_name"] for c in layers if c["class_name"] in ("GlobalMaxPooling2D", "GlobalMaxPool2D")})
+    max_pooled = sorted(
+        {c["class_name"] for c in layers if c["class_name"] in ("GlobalMaxPooling2D", "GlobalMaxPool2D")}
+    )
     if max_pooled:
         raise KerasError(
             f"the model pools its features with {max_pooled[0]} (pooling='max'); DenseNet's head, and densetriton's, "
             f"is global average pooling"
         )
-    foreign = sorted({f"{c['class_name']} ({c['config'].get('name', '?')})" for c in layers
-                      if c["class_name"] not in _DENSENET_LAYERS})
+    foreign = sorted(
+        {
+            f"{c['class_name']} ({c['config'].get('name', '?')})"
+            for c in layers
+            if c["class_name"] not in _DENSENET_LAYERS
+        }
+    )
     if foreign:
         raise KerasError(
             f"the model has layers a DenseNet does not: {', '.join(foreign[:6])}. Such layers change what the "
             f"model computes without leaving a weight to convert; preprocessing inside the model (Rescaling, "
             f"Normalization, Lambda) is recorded with convert --mean/--std/--resize-size instead"
         )
-    if any(c["class_name"] == "ReLU" and any(c["config"].get(k) not in (None, 0, 0.0) for k in ("max_value", "negative_slope", "threshold"))
-           for c in layers):
-        raise KerasError("the model has a ReLU with max_value, negative_slope or threshold set; a DenseNet's ReLU is plain")
+    if any(
+        c["class_name"] == "ReLU"
+        and any(c["config"].get(k) not in (None, 0, 0.0) for k in ("max_value", "negative_slope", "threshold"))
+        for c in layers
+    ):
+        raise KerasError(
+            "the model has a ReLU with max_value, negative_slope or threshold set; a DenseNet's ReLU is plain"
+        )
     activations = set()
     for c in layers:
         act = c["config"].get("activation")

@@ -41,11 +41,61 @@ from .torch_files import TorchFile
 # Modules whose functions run commands, touch files or the network, import or execute code. The
 # placeholders would make them harmless here anyway; a file naming them is refused as hostile.
 _HOSTILE_MODULES = frozenset(
-    ["os", "posix", "nt", "sys", "subprocess", "pathlib", "shutil", "socket", "importlib", "runpy", "pickle", "marshal", "types", "code", "codeop", "pty", "ctypes", "multiprocessing", "operator", "io", "tempfile", "webbrowser", "urllib", "http", "asyncio", "threading", "signal", "glob", "zipfile", "tarfile", "pdb", "timeit", "cProfile", "profile", "trace", "posixpath", "ntpath", "inspect", "platform"]
+    [
+        "os",
+        "posix",
+        "nt",
+        "sys",
+        "subprocess",
+        "pathlib",
+        "shutil",
+        "socket",
+        "importlib",
+        "runpy",
+        "pickle",
+        "marshal",
+        "types",
+        "code",
+        "codeop",
+        "pty",
+        "ctypes",
+        "multiprocessing",
+        "operator",
+        "io",
+        "tempfile",
+        "webbrowser",
+        "urllib",
+        "http",
+        "asyncio",
+        "threading",
+        "signal",
+        "glob",
+        "zipfile",
+        "tarfile",
+        "pdb",
+        "timeit",
+        "cProfile",
+        "profile",
+        "trace",
+        "posixpath",
+        "ntpath",
+        "inspect",
+        "platform",
+    ]
 )
-_HOSTILE_TORCH = ("torch.hub", "torch.jit", "torch.package", "torch.utils.cpp_extension", "torch.distributed",
-                  "torch._C", "torch.ops", "torch.load", "torch.save", "torch.serialization.load",
-                  "torch.serialization.save")
+_HOSTILE_TORCH = (
+    "torch.hub",
+    "torch.jit",
+    "torch.package",
+    "torch.utils.cpp_extension",
+    "torch.distributed",
+    "torch._C",
+    "torch.ops",
+    "torch.load",
+    "torch.save",
+    "torch.serialization.load",
+    "torch.serialization.save",
+)
 # Limits on the module tree, far above any DenseNet's (densenet264: ~1000 modules and ~4000
 # tensors, depth 5); a module shared by several parents lists its tensors once per parent, as
 # state_dict() does, so a tiny file sharing one module over and over lists millions.
@@ -58,8 +108,14 @@ def _allowed_names(reader_names: dict) -> dict:
     torch_allowed = _get_allowed_globals()
     allowed = dict(reader_names)
     allowed.update({name: value for name, value in torch_allowed.items() if isinstance(value, torch.dtype)})
-    allowed.update({"collections.OrderedDict": OrderedDict, "builtins.set": set, "torch.Size": torch.Size,
-                    "torch.device": torch.device})
+    allowed.update(
+        {
+            "collections.OrderedDict": OrderedDict,
+            "builtins.set": set,
+            "torch.Size": torch.Size,
+            "torch.device": torch.device,
+        }
+    )
     return allowed
 
 
@@ -104,7 +160,25 @@ class ModuleTreeRefused(CheckpointRefused):
 # Builtins that run code, touch files or reach into objects; other builtins (list, dict,
 # frozenset, object: what defaultdicts and old protocols name) are placeholders like any name.
 _HOSTILE_BUILTINS = frozenset(
-    ["eval", "exec", "compile", "open", "__import__", "breakpoint", "input", "globals", "locals", "vars", "getattr", "setattr", "delattr", "exit", "quit", "help", "memoryview"]
+    [
+        "eval",
+        "exec",
+        "compile",
+        "open",
+        "__import__",
+        "breakpoint",
+        "input",
+        "globals",
+        "locals",
+        "vars",
+        "getattr",
+        "setattr",
+        "delattr",
+        "exit",
+        "quit",
+        "help",
+        "memoryview",
+    ]
 )
 
 
@@ -196,7 +270,11 @@ def _module_state(obj) -> dict | None:
     state = obj.state if isinstance(obj, PickledObject) else None
     if isinstance(state, tuple) and len(state) == 2:  # (state, slotstate)
         state = state[0]
-    if isinstance(state, dict) and isinstance(state.get("_modules"), dict) and isinstance(state.get("_parameters"), dict):
+    if (
+        isinstance(state, dict)
+        and isinstance(state.get("_modules"), dict)
+        and isinstance(state.get("_parameters"), dict)
+    ):
         return state
     return None
 
@@ -218,8 +296,17 @@ def module_state_dict(obj, path=None) -> dict[str, torch.Tensor]:
     path = "the pickled module" if path is None else path
     count = _count_tensors(state, path)
     if count > _MAX_TENSORS:
-        raise ModuleTreeRefused(str(refused(path, "the tensors its module tree lists (the module tree is not a model's: "
-                                            "modules shared over and over)", f"{count:,}", f"{_MAX_TENSORS:,}")))
+        raise ModuleTreeRefused(
+            str(
+                refused(
+                    path,
+                    "the tensors its module tree lists (the module tree is not a model's: "
+                    "modules shared over and over)",
+                    f"{count:,}",
+                    f"{_MAX_TENSORS:,}",
+                )
+            )
+        )
     listed: dict[int, list] = {}  # id(module state) -> its (name, tensor) entries, relative to it
 
     def entries(state: dict, where: str) -> list:
@@ -248,11 +335,21 @@ def _count_tensors(top: dict, path) -> int:
         if id(state) in counts:
             return counts[id(state)]
         if id(state) in walking or depth > _MAX_DEPTH:
-            raise ModuleTreeRefused(str(refused(path, f"the module tree at {where or '(top)'!a} (the module tree is "
-                                                f"not a model's)", f"a module inside itself or nested over {_MAX_DEPTH} "
-                                                f"deep", f"{_MAX_DEPTH} levels")))
+            raise ModuleTreeRefused(
+                str(
+                    refused(
+                        path,
+                        f"the module tree at {where or '(top)'!a} (the module tree is not a model's)",
+                        f"a module inside itself or nested over {_MAX_DEPTH} deep",
+                        f"{_MAX_DEPTH} levels",
+                    )
+                )
+            )
         walking.add(id(state))
-        own = sum(isinstance(v, torch.Tensor) for v in [*state["_parameters"].values(), *(state.get("_buffers") or {}).values()])
+        own = sum(
+            isinstance(v, torch.Tensor)
+            for v in [*state["_parameters"].values(), *(state.get("_buffers") or {}).values()]
+        )
         total = own + sum(count(child, f"{where}{name}.", depth + 1) for name, child in _child_states(state))
         walking.discard(id(state))
         counts[id(state)] = total
@@ -265,8 +362,10 @@ def _own_tensors(state: dict, where: str) -> list:
     """A module's own parameters and persistent buffers, as (name, tensor)."""
     skipped = state.get("_non_persistent_buffers_set") or set()
     if not isinstance(skipped, (set, frozenset)):  # a list here would make the lookups below quadratic
-        raise pickle.UnpicklingError(f"{where or '(top)'!a}'s _non_persistent_buffers_set is a {type(skipped).__name__}, "
-                                     f"not a set: not a module torch pickled")
+        raise pickle.UnpicklingError(
+            f"{where or '(top)'!a}'s _non_persistent_buffers_set is a {type(skipped).__name__}, "
+            f"not a set: not a module torch pickled"
+        )
     buffers = {k: v for k, v in (state.get("_buffers") or {}).items() if k not in skipped}
     found = []
     for name, value in [*state["_parameters"].items(), *buffers.items()]:

@@ -38,8 +38,10 @@ def read_torch(path: Path) -> Checkpoint:
     whole pickled modules, read by pickled_module's restricted unpickler."""
     _check_not_other_format(path)
     if tarfile.is_tarfile(str(path)):
-        raise ConversionError(f"{path} is a tar checkpoint (torch < 0.4), which is not read: load it in an old torch "
-                              f"you trust and save its state_dict()")
+        raise ConversionError(
+            f"{path} is a tar checkpoint (torch < 0.4), which is not read: load it in an old torch "
+            f"you trust and save its state_dict()"
+        )
     try:
         return Checkpoint(replace_modules(load_pickled(path), path=path))
     except FileRefused:
@@ -127,8 +129,23 @@ def _check_not_other_format(path: Path) -> None:
 
 
 # Bytes per element of safetensors' dtype names (an unknown one counts as 8, the largest).
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def _densetriton_metadata(metadata: dict, path: Path) -> dict:

@@ -33,10 +33,19 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 # torch.save's storage classes (torch.FloatStorage, ...; torch.cuda.* in legacy files saved on a GPU).
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-    "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128, "UntypedStorage": torch.uint8,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128,
+    "UntypedStorage": torch.uint8,
 }
 _CHUNK = 16 << 20
 
@@ -121,7 +130,9 @@ class TorchFile:
             raise refused(self.path, what, f"{nbytes} bytes", f"the {held} bytes the file holds for it")
         self.total += nbytes
         if self.total > MAX_TOTAL_TENSOR_BYTES:
-            raise refused(self.path, "the storages' total size", f"{self.total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes")
+            raise refused(
+                self.path, "the storages' total size", f"{self.total} bytes", f"{MAX_TOTAL_TENSOR_BYTES} bytes"
+            )
 
     # -- the zip format --------------------------------------------------------------------
 
@@ -130,14 +141,20 @@ class TorchFile:
             check_zip_members(archive, self.path)
             names = archive.namelist()
             if is_torchscript(names):
-                raise refused(self.path, "the archive", "a TorchScript model (code/, constants.pkl)",
-                              "checkpoints: TorchScript runs code and is not read; save the model's state_dict()")
+                raise refused(
+                    self.path,
+                    "the archive",
+                    "a TorchScript model (code/, constants.pkl)",
+                    "checkpoints: TorchScript runs code and is not read; save the model's state_dict()",
+                )
             pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
             if len(pickles) != 1:
                 raise pickle.UnpicklingError("a zip file without torch.save's data.pkl: not a PyTorch checkpoint")
             prefix = pickles[0][: -len("data.pkl")]
             if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big":
-                raise pickle.UnpicklingError("saved on a big-endian machine: load and save it again on a little-endian one")
+                raise pickle.UnpicklingError(
+                    "saved on a big-endian machine: load and save it again on a little-endian one"
+                )
             data = archive.read(pickles[0])
             self.opcodes += scan_pickle(data, self.path, "data.pkl")
             unpickler = make_unpickler(io.BytesIO(data))
@@ -173,9 +190,12 @@ class TorchFile:
                 raise pickle.UnpicklingError("not a PyTorch checkpoint (an unknown torch.save format version)")
             platform = self._next_pickle(f, make_unpickler, "the platform pickle")
             if isinstance(platform, dict) and platform.get("little_endian") is False:
-                raise pickle.UnpicklingError("saved on a big-endian machine: load and save it again on a little-endian one")
-            result = self._next_pickle(f, make_unpickler, "the object pickle",
-                                       lambda saved_id, end: self._legacy_storage(saved_id, size - end))
+                raise pickle.UnpicklingError(
+                    "saved on a big-endian machine: load and save it again on a little-endian one"
+                )
+            result = self._next_pickle(
+                f, make_unpickler, "the object pickle", lambda saved_id, end: self._legacy_storage(saved_id, size - end)
+            )
             keys = self._next_pickle(f, make_unpickler, "the storage list pickle")
             self._read_legacy_storages(f, keys)
             return result
@@ -211,8 +231,10 @@ class TorchFile:
             itemsize = torch.empty((), dtype=storage.dtype).element_size()
             (count,) = struct.unpack("<q", f.read(8).ljust(8, b"\0"))
             if count * itemsize != storage.data.numel():
-                raise pickle.UnpicklingError(f"storage {key!a} holds {count} elements, not the "
-                                             f"{storage.data.numel() // itemsize} its tensors declare")
+                raise pickle.UnpicklingError(
+                    f"storage {key!a} holds {count} elements, not the "
+                    f"{storage.data.numel() // itemsize} its tensors declare"
+                )
             _read_into(f, storage.data.numpy(), f"storage {key!a}")
 
 
@@ -230,7 +252,5 @@ def _read_into(stream, out: np.ndarray, what: str) -> None:
         chunk = stream.read(min(_CHUNK, len(out) - done))
         if not chunk:
             raise pickle.UnpicklingError(f"{what} ends early: the file is truncated")
-        out[done:done + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        out[done : done + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
         done += len(chunk)
-
-

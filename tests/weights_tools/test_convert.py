@@ -11,21 +11,22 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from densetriton.weights_tools import convert_checkpoint, convert_module, infer_spec, normalize_state_dict
+from helpers import randomize_batchnorm, rel_err
 from safetensors.torch import save_file
 
 import densetriton
 from densetriton.cli import main
 from densetriton.weights import WeightsError, load_weights, to_torchvision_state_dict
-from densetriton.weights_tools import convert_checkpoint, convert_module, infer_spec, normalize_state_dict
-
-from helpers import randomize_batchnorm, rel_err
 
 
 @pytest.fixture
 def small_model():
     """A small torchvision DenseNet with non-trivial BatchNorms: cheap, but every code path."""
     torch.manual_seed(0)
-    model = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+    model = torchvision.models.DenseNet(
+        growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5
+    )
     return randomize_batchnorm(model, seed=1, image_size=32)
 
 
@@ -77,13 +78,32 @@ def test_sequential_classifier_of_any_size_converts(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"finding{i}" for i in range(14)) + "\n")
     out = tmp_path / "chexnet.safetensors"
-    assert main(["convert", "--checkpoint", str(ckpt), "--arch", "densenet121", "--class-names", str(names), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--checkpoint",
+                str(ckpt),
+                "--arch",
+                "densenet121",
+                "--class-names",
+                str(names),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     engine = densetriton.load(out, device="cpu", backend="reference")
     assert engine.spec.num_classes == 14 and engine.class_names[3] == "finding3"
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        expected = model[0](x) if isinstance(model, torch.nn.Sequential) else model.classifier[0](
-            torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(model.features(x)), 1), 1)
+        expected = (
+            model[0](x)
+            if isinstance(model, torch.nn.Sequential)
+            else model.classifier[0](
+                torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(model.features(x)), 1), 1)
+            )
         )
     assert rel_err(engine(x), expected) < 1e-5
     # load("densenet121", weights=that file) is accepted: same architecture, its own head.
@@ -97,7 +117,9 @@ def test_round_trip_to_torchvision_is_bit_exact(small_model, tmp_path):
     assert set(sd) == {k for k in original if not k.endswith("num_batches_tracked")}
     for k, v in sd.items():
         assert v.dtype == original[k].dtype and torch.equal(v, original[k]), k
-    fresh = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+    fresh = torchvision.models.DenseNet(
+        growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5
+    )
     fresh.load_state_dict(sd, strict=False)
     missing = set(fresh.state_dict()) - set(sd)
     assert all(k.endswith("num_batches_tracked") for k in missing)
@@ -126,7 +148,10 @@ def test_plain_safetensors_without_metadata_loads(small_model, tmp_path):
 
 
 def test_plain_and_cifar_specs_are_inferred(tmp_path):
-    for spec in (densetriton.DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"), densetriton.DenseNetSpec(6, (2, 3, 2), 10, 2, 0.7, 3, "cifar")):
+    for spec in (
+        densetriton.DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"),
+        densetriton.DenseNetSpec(6, (2, 3, 2), 10, 2, 0.7, 3, "cifar"),
+    ):
         sd = densetriton.engine.random_weights(spec).tensors
         assert infer_spec(sd) == spec
 
@@ -155,10 +180,17 @@ def test_errors_list_the_tensors_and_write_nothing(small_model, tmp_path):
     bad = dict(sd)
     bad["features.denseblock1.denselayer1.conv2.weight"] = torch.ones(4, 8, 1, 1)
     torch.save(bad, tmp_path / "bad.pth")
-    _assert_refused(tmp_path / "bad.pth", out, r"mis-shaped", r"conv2\.weight \(4, 8, 1, 1\) \(expected \(4, 8, 3, 3\)\)")
+    _assert_refused(
+        tmp_path / "bad.pth", out, r"mis-shaped", r"conv2\.weight \(4, 8, 1, 1\) \(expected \(4, 8, 3, 3\)\)"
+    )
 
     torch.save(sd, tmp_path / "ok.pth")
-    _assert_refused(tmp_path / "ok.pth", out, r"holds DenseNet\(k=4, blocks=\[2, 3\].*not densenet121 with 5 classes", arch="densenet121")
+    _assert_refused(
+        tmp_path / "ok.pth",
+        out,
+        r"holds DenseNet\(k=4, blocks=\[2, 3\].*not densenet121 with 5 classes",
+        arch="densenet121",
+    )
 
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
     _assert_refused(tmp_path / "garbage.pth", out, r"not a readable PyTorch checkpoint")
@@ -177,38 +209,63 @@ def _lightning_checkpoint(state_dicts: dict[str, dict], **beside) -> dict:
     trainer's state around them."""
     sd = {f"{name}.{k}": v for name, model_sd in state_dicts.items() for k, v in model_sd.items()}
     sd.update(beside)
-    return {"epoch": 4, "global_step": 400, "pytorch-lightning_version": "2.4.0", "state_dict": sd,
-            "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(3)}}, "param_groups": [{"lr": 0.1}]}],
-            "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.001, "num_classes": 5}}
+    return {
+        "epoch": 4,
+        "global_step": 400,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": sd,
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(3)}}, "param_groups": [{"lr": 0.1}]}],
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"lr": 0.001, "num_classes": 5},
+    }
 
 
 def test_a_loss_saved_beside_the_model_is_left_out_and_nothing_else_is(small_model, tmp_path):
     # A Lightning module keeps its loss's pos_weight next to the model; AveragedModel counts its updates.
-    ckpt = _lightning_checkpoint({"model": small_model.state_dict()}, **{"criterion.pos_weight": torch.rand(5),
-                                                                         "train_loss_fn.weight": torch.rand(5),
-                                                                         "n_averaged": torch.tensor(7)})
+    ckpt = _lightning_checkpoint(
+        {"model": small_model.state_dict()},
+        **{"criterion.pos_weight": torch.rand(5), "train_loss_fn.weight": torch.rand(5), "n_averaged": torch.tensor(7)},
+    )
     torch.save(ckpt, tmp_path / "last.ckpt")
-    with pytest.warns(UserWarning, match=r"left out 3 tensor\(s\) of training state saved beside the model "
-                                         r"\(criterion\.pos_weight, n_averaged, train_loss_fn\.weight\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"left out 3 tensor\(s\) of training state saved beside the model "
+        r"\(criterion\.pos_weight, n_averaged, train_loss_fn\.weight\)",
+    ):
         out = convert_checkpoint(tmp_path / "last.ckpt", tmp_path / "out.safetensors")
     logits_agree(small_model, out)
     with pytest.warns(UserWarning, match=r"left out 3 tensor"):
-        assert main(["convert", "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "cli.safetensors")]) == 0
+        assert (
+            main(["convert", "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "cli.safetensors")])
+            == 0
+        )
 
     # Anything else may take part in the outputs, inside the model's prefix or beside it: refused.
     out = tmp_path / "refused.safetensors"
     torch.manual_seed(4)
     imagenet_head = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2)
-    after = {"backbone": imagenet_head.state_dict(), "fc": torch.nn.Linear(1000, 3).state_dict()}  # Linear after the 1000 classes
-    torch.save({"state_dict": {f"{m}.{k}": v for m, sd in after.items() for k, v in sd.items()}}, tmp_path / "after.pth")
-    _assert_refused(tmp_path / "after.pth", out, r"2 unexpected: fc\.weight, fc\.bias",
-                    r"if fc\.bias, fc\.weight take no part in the model's outputs, --prefix backbone\. converts")
+    after = {
+        "backbone": imagenet_head.state_dict(),
+        "fc": torch.nn.Linear(1000, 3).state_dict(),
+    }  # Linear after the 1000 classes
+    torch.save(
+        {"state_dict": {f"{m}.{k}": v for m, sd in after.items() for k, v in sd.items()}}, tmp_path / "after.pth"
+    )
+    _assert_refused(
+        tmp_path / "after.pth",
+        out,
+        r"2 unexpected: fc\.weight, fc\.bias",
+        r"if fc\.bias, fc\.weight take no part in the model's outputs, --prefix backbone\. converts",
+    )
     cases = {"model.temperature": tmp_path / "inside.ckpt", "temperature": tmp_path / "beside.ckpt"}
     for key, path in cases.items():
         torch.save(_lightning_checkpoint({"model": small_model.state_dict()}, **{key: torch.tensor(1.5)}), path)
         _assert_refused(path, out, rf"1 unexpected: {re.escape(key)}")
-    torch.save({f"module.model.{k}": v for k, v in small_model.state_dict().items()}
-               | {"module.temperature": torch.tensor(1.5), "module.mean": torch.rand(3)}, tmp_path / "dp.pth")
+    torch.save(
+        {f"module.model.{k}": v for k, v in small_model.state_dict().items()}
+        | {"module.temperature": torch.tensor(1.5), "module.mean": torch.rand(3)},
+        tmp_path / "dp.pth",
+    )
     _assert_refused(tmp_path / "dp.pth", out, r"2 unexpected: module\.temperature, module\.mean")
     torch.save(dict(small_model.state_dict(), temperature=torch.tensor(1.5)), tmp_path / "plain.pth")
     _assert_refused(tmp_path / "plain.pth", out, r"1 unexpected: temperature")
@@ -220,11 +277,17 @@ def test_a_loss_saved_beside_the_model_is_left_out_and_nothing_else_is(small_mod
 def test_prefix_picks_one_of_two_models(small_model, tmp_path, capsys):
     ema = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
     ema = randomize_batchnorm(ema, seed=2, image_size=32)
-    torch.save(_lightning_checkpoint({"model": small_model.state_dict(), "model_ema.module": ema.state_dict()}),
-               tmp_path / "ema.ckpt")
+    torch.save(
+        _lightning_checkpoint({"model": small_model.state_dict(), "model_ema.module": ema.state_dict()}),
+        tmp_path / "ema.ckpt",
+    )
     out = tmp_path / "out.safetensors"
-    _assert_refused(tmp_path / "ema.ckpt", out, r"DenseNet tensors under 'model\.', 'model_ema\.module\.'; choose one "
-                                                r"with --prefix")
+    _assert_refused(
+        tmp_path / "ema.ckpt",
+        out,
+        r"DenseNet tensors under 'model\.', 'model_ema\.module\.'; choose one "
+        r"with --prefix",
+    )
     logits_agree(ema, convert_checkpoint(tmp_path / "ema.ckpt", out, prefix="model_ema."))
     assert main(["convert", "--checkpoint", str(tmp_path / "ema.ckpt"), "--out", str(out), "--prefix", "model"]) == 0
     logits_agree(small_model, out)  # whole components: "model" is not "model_ema"
@@ -232,7 +295,9 @@ def test_prefix_picks_one_of_two_models(small_model, tmp_path, capsys):
     assert "no tensor in the checkpoint has a key starting with 'ema.'" in capsys.readouterr().err
     logits_agree(small_model, out)  # the failed conversion left the file as it was
     # timm keeps its EMA weights as a second state dict, DeiT under "model_ema": the prefix names it.
-    torch.save({"epoch": 9, "state_dict": small_model.state_dict(), "state_dict_ema": ema.state_dict()}, tmp_path / "timm.pth")
+    torch.save(
+        {"epoch": 9, "state_dict": small_model.state_dict(), "state_dict_ema": ema.state_dict()}, tmp_path / "timm.pth"
+    )
     logits_agree(small_model, convert_checkpoint(tmp_path / "timm.pth", out))
     logits_agree(ema, convert_checkpoint(tmp_path / "timm.pth", out, prefix="state_dict_ema"))
     torch.save({"model": small_model.state_dict(), "model_ema": ema.state_dict()}, tmp_path / "deit.pth")
@@ -269,14 +334,26 @@ def test_a_linear_head_beside_the_densenet_becomes_its_classifier(small_model, t
     refused = tmp_path / "refused.safetensors"
     two = dict(net.state_dict(), **{"head2.weight": torch.randn(7, 7), "head2.bias": torch.randn(7)})
     torch.save(two, tmp_path / "two.pth")
-    _assert_refused(tmp_path / "two.pth", refused, r"the DenseNet has no classifier of its own",
-                    r"head\.bias, head\.weight, head2\.bias, head2\.weight\) is not one Linear layer")
+    _assert_refused(
+        tmp_path / "two.pth",
+        refused,
+        r"the DenseNet has no classifier of its own",
+        r"head\.bias, head\.weight, head2\.bias, head2\.weight\) is not one Linear layer",
+    )
     # A head that normalises first (BatchNorm1d, then Linear) is one module more: refused too.
     normed = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
-    normed.update({"head.0.weight": torch.rand(7), "head.0.running_mean": torch.randn(7),
-                   "head.1.weight": torch.randn(7, net.head.in_features), "head.1.bias": torch.randn(7)})
+    normed.update(
+        {
+            "head.0.weight": torch.rand(7),
+            "head.0.running_mean": torch.randn(7),
+            "head.1.weight": torch.randn(7, net.head.in_features),
+            "head.1.bias": torch.randn(7),
+        }
+    )
     torch.save(normed, tmp_path / "normed.pth")
-    _assert_refused(tmp_path / "normed.pth", refused, r"the DenseNet has no classifier of its own", r"head\.0\.running_mean")
+    _assert_refused(
+        tmp_path / "normed.pth", refused, r"the DenseNet has no classifier of its own", r"head\.0\.running_mean"
+    )
     assert not refused.exists()
     # Without a bias, the head is the same function with a zero one.
     net.head = torch.nn.Linear(net.head.in_features, 7, bias=False)
@@ -293,13 +370,21 @@ def test_a_backbone_saved_without_its_classifier_converts_for_its_features(small
         x = torch.randn(2, 3, 40, 40)
         expected = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(small_model.features(x)), 1), 1)
     torch.save(small_model.features.state_dict(), tmp_path / "features.pth")
-    torch.save({"state_dict": {f"module.{k}": v for k, v in small_model.state_dict().items()
-                               if not k.startswith("classifier.")}}, tmp_path / "no-classifier.pth")
+    torch.save(
+        {
+            "state_dict": {
+                f"module.{k}": v for k, v in small_model.state_dict().items() if not k.startswith("classifier.")
+            }
+        },
+        tmp_path / "no-classifier.pth",
+    )
     identity = copy.deepcopy(small_model)
     identity.classifier = torch.nn.Identity()
-    sources = [lambda out: convert_checkpoint(tmp_path / "features.pth", out),
-               lambda out: convert_checkpoint(tmp_path / "no-classifier.pth", out),
-               lambda out: convert_module(identity, out)]
+    sources = [
+        lambda out: convert_checkpoint(tmp_path / "features.pth", out),
+        lambda out: convert_checkpoint(tmp_path / "no-classifier.pth", out),
+        lambda out: convert_module(identity, out),
+    ]
     for i, convert in enumerate(sources):
         out = tmp_path / f"backbone{i}.safetensors"
         with pytest.warns(UserWarning, match="has no classifier: converted as DenseNet.*classes=none.*features only"):
@@ -309,8 +394,10 @@ def test_a_backbone_saved_without_its_classifier_converts_for_its_features(small
         assert torch.equal(engine.features(x), identity(x))  # bit-exact: the same reference computation
         assert rel_err(engine.features(x), expected) < 1e-6
     # torchvision's DenseNet(num_classes=0) saves a Linear with no outputs: no classifier either.
-    zero = dict(small_model.state_dict(), **{"classifier.weight": torch.empty(0, small_model.classifier.in_features),
-                                             "classifier.bias": torch.empty(0)})
+    zero = dict(
+        small_model.state_dict(),
+        **{"classifier.weight": torch.empty(0, small_model.classifier.in_features), "classifier.bias": torch.empty(0)},
+    )
     torch.save(zero, tmp_path / "zero.pth")
     with pytest.warns(UserWarning, match="has no classifier"):
         assert load_weights(convert_checkpoint(tmp_path / "zero.pth", tmp_path / "z.safetensors")).spec.num_classes == 0
@@ -320,21 +407,38 @@ def test_a_backbone_saved_without_its_classifier_converts_for_its_features(small
     # The backbone of a densetriton file with class names (--prefix features.): the file's names
     # and multi-label flag belong to the classifier left out, so they are left out too, with a warning.
     torch.save(small_model.state_dict(), tmp_path / "full.pth")
-    full = convert_checkpoint(tmp_path / "full.pth", tmp_path / "full.safetensors", class_names=list("abcde"), multi_label=True)
-    with pytest.warns(UserWarning, match="has no classifier"), \
-            pytest.warns(UserWarning, match="left out the file's class names, multi label"):
+    full = convert_checkpoint(
+        tmp_path / "full.pth", tmp_path / "full.safetensors", class_names=list("abcde"), multi_label=True
+    )
+    with (
+        pytest.warns(UserWarning, match="has no classifier"),
+        pytest.warns(UserWarning, match="left out the file's class names, multi label"),
+    ):
         backbone = load_weights(convert_checkpoint(full, tmp_path / "fb.safetensors", prefix="features."))
     assert backbone.spec.num_classes == 0 and backbone.class_names is None and backbone.multi_label is None
     # The architecture named (a registry name): the same backbone.
     torch.save(torchvision.models.densenet121().features.state_dict(), tmp_path / "densenet121-features.pth")
     with pytest.warns(UserWarning, match="converted as densenet121 with no classifier"):
-        named = convert_checkpoint(tmp_path / "densenet121-features.pth", tmp_path / "named.safetensors", arch="densenet121")
+        named = convert_checkpoint(
+            tmp_path / "densenet121-features.pth", tmp_path / "named.safetensors", arch="densenet121"
+        )
     assert densetriton.load_weights(named).spec == densetriton.get_spec("densenet121").replace(num_classes=0)
     # Class names or sigmoid outputs need a classifier: one error, nothing written.
     (tmp_path / "names.txt").write_text("cat\ndog\n")
-    for flags, says in ((["--class-names", str(tmp_path / "names.txt")], "takes no class names"),
-                        (["--multi-label"], "takes no class names, --multi-label")):
-        rc = main(["convert", "--checkpoint", str(tmp_path / "features.pth"), "--out", str(tmp_path / "x.safetensors"), *flags])
+    for flags, says in (
+        (["--class-names", str(tmp_path / "names.txt")], "takes no class names"),
+        (["--multi-label"], "takes no class names, --multi-label"),
+    ):
+        rc = main(
+            [
+                "convert",
+                "--checkpoint",
+                str(tmp_path / "features.pth"),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+                *flags,
+            ]
+        )
         assert rc == 1 and says in capsys.readouterr().err
         assert not (tmp_path / "x.safetensors").exists()
     # predict needs a classifier: one line, before any image is read; embed gives the features.
@@ -414,9 +518,12 @@ def test_convert_option_files_and_odd_inputs_give_errors_that_say_what_to_fix(sm
     assert f"--class-names {tmp_path}: a folder, not a text file" in err("--class-names", str(tmp_path))
     assert "is not 3 finite numbers" in err("--mean", "nan", "0", "0", "--std", "1", "1", "1")
     (tmp_path / "points.txt").write_text("0.2\nnan\n1\n0.3\n0.4\n")
-    assert "points.txt, line 3: '1' is not an operating point" in err("--operating-points", str(tmp_path / "points.txt"))
+    assert "points.txt, line 3: '1' is not an operating point" in err(
+        "--operating-points", str(tmp_path / "points.txt")
+    )
     assert "crop_size 300 is larger than the resized image (resize_size 256)" in err(
-        "--mean", "0", "0", "0", "--std", "1", "1", "1", "--resize-size", "256", "--crop-size", "300")
+        "--mean", "0", "0", "0", "--std", "1", "1", "1", "--resize-size", "256", "--crop-size", "300"
+    )
     # A file written before crops were checked: converting it again says how to record a new one.
     from safetensors import safe_open
 
@@ -430,14 +537,38 @@ def test_convert_option_files_and_odd_inputs_give_errors_that_say_what_to_fix(sm
     e = capsys.readouterr().err
     assert "crop_size 80 is larger than the resized image" in e and "old.safetensors records it: pass --mean" in e
     assert not renewed.exists()
-    assert main(["convert", "--checkpoint", str(old), "--out", str(renewed), "--mean", "0.5", "0.5", "0.5",
-                 "--std", "0.25", "0.25", "0.25", "--resize-size", "80", "--crop-size", "80"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--checkpoint",
+                str(old),
+                "--out",
+                str(renewed),
+                "--mean",
+                "0.5",
+                "0.5",
+                "0.5",
+                "--std",
+                "0.25",
+                "0.25",
+                "0.25",
+                "--resize-size",
+                "80",
+                "--crop-size",
+                "80",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert load_weights(renewed).preprocessing["resize_size"] == 80
     # Not even well-formed (a hand-edited file): the preprocessing check says what is wrong.
-    for bad, says in (({"resize_size": "40", "crop_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}, "resize_size '40' is not"),
-                      ([1, 2], "preprocessing must be a dict"),
-                      ({"resize_size": 40, "crop_size": [], "mean": [0.5] * 3, "std": [0.25] * 3}, "crop_size [] is not")):
+    for bad, says in (
+        ({"resize_size": "40", "crop_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}, "resize_size '40' is not"),
+        ([1, 2], "preprocessing must be a dict"),
+        ({"resize_size": 40, "crop_size": [], "mean": [0.5] * 3, "std": [0.25] * 3}, "crop_size [] is not"),
+    ):
         metadata["preprocessing"] = json.dumps(bad)
         save_file(tensors, str(old), metadata=metadata)
         assert main(["convert", "--checkpoint", str(old), "--out", str(tmp_path / "x.safetensors")]) == 1
@@ -445,7 +576,10 @@ def test_convert_option_files_and_odd_inputs_give_errors_that_say_what_to_fix(sm
         assert says in e and "Traceback" not in e, e
     (tmp_path / "empty.pth").write_bytes(b"")
     np.save(tmp_path / "array.npy", np.zeros(3))
-    for path, says in ((tmp_path / "empty.pth", "is empty (0 bytes)"), (tmp_path / "array.npy", "is a NumPy array file")):
+    for path, says in (
+        (tmp_path / "empty.pth", "is empty (0 bytes)"),
+        (tmp_path / "array.npy", "is a NumPy array file"),
+    ):
         assert main(["convert", "--checkpoint", str(path), "--out", str(out)]) == 1
         assert says in capsys.readouterr().err
     assert load_weights(out).class_names == ["cat", "dog", "eel", "fox", "yak"]  # no failed call touched it
@@ -465,10 +599,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_multi_layer_classifier_head_is_refused(small_model, tmp_path):
     sd = {k: v for k, v in small_model.state_dict().items() if not k.startswith("classifier.")}
-    sd.update({"classifier.0.weight": torch.ones(16, 20), "classifier.0.bias": torch.ones(16),
-               "classifier.2.weight": torch.ones(5, 16), "classifier.2.bias": torch.ones(5)})
+    sd.update(
+        {
+            "classifier.0.weight": torch.ones(16, 20),
+            "classifier.0.bias": torch.ones(16),
+            "classifier.2.weight": torch.ones(5, 16),
+            "classifier.2.bias": torch.ones(5),
+        }
+    )
     torch.save(sd, tmp_path / "mlp-head.pth")
-    _assert_refused(tmp_path / "mlp-head.pth", tmp_path / "out.safetensors", r"multi-layer head", r"classifier\.2\.weight")
+    _assert_refused(
+        tmp_path / "mlp-head.pth", tmp_path / "out.safetensors", r"multi-layer head", r"classifier\.2\.weight"
+    )
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -486,7 +628,9 @@ def _monai_model(seed, **kwargs):
 def test_monai_grayscale_densenet_converts_and_computes_what_monai_does(tmp_path, backend, tol):
     """MONAI's DenseNet: '.layers.' inside each dense layer, 'class_layers.out' for the head, one
     input channel, saved as MONAI's CheckpointSaver saves ({"net": state_dict, ...})."""
-    model = _monai_model(3, in_channels=1, out_channels=3, init_features=8, growth_rate=4, block_config=(2, 3), bn_size=2)
+    model = _monai_model(
+        3, in_channels=1, out_channels=3, init_features=8, growth_rate=4, block_config=(2, 3), bn_size=2
+    )
     assert any(".layers." in k for k in model.state_dict()) and "class_layers.out.weight" in model.state_dict()
     ckpt = tmp_path / "checkpoint_epoch=10.pt"
     torch.save({"net": model.state_dict(), "opt": {"lr": 0.1}}, ckpt)
@@ -516,8 +660,30 @@ def test_monai_densenet121_for_xrays_converts_from_the_command_line(tmp_path, ca
     names = tmp_path / "findings.txt"
     names.write_text("\n".join(f"finding{i}" for i in range(14)) + "\n")
     out = tmp_path / "xray.safetensors"
-    assert main(["convert", "--checkpoint", str(ckpt), "--arch", "densenet121", "--class-names", str(names),
-                 "--mean", "0.5", "--std", "0.25", "--resize-size", "256", "--crop-size", "224", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--checkpoint",
+                str(ckpt),
+                "--arch",
+                "densenet121",
+                "--class-names",
+                str(names),
+                "--mean",
+                "0.5",
+                "--std",
+                "0.25",
+                "--resize-size",
+                "256",
+                "--crop-size",
+                "224",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "densenet121 with 1 input channel and 14 classes" in printed
     assert "resize 256, center crop 224, grayscale, mean [0.5], std [0.25]" in printed
@@ -532,7 +698,9 @@ def test_monai_densenet121_for_xrays_converts_from_the_command_line(tmp_path, ca
 
 
 def test_convert_preprocessing_options_are_checked_and_write_nothing(tmp_path, capsys):
-    model = _monai_model(8, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1)
+    model = _monai_model(
+        8, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1
+    )
     ckpt = tmp_path / "m.pt"
     torch.save(model.state_dict(), ckpt)
     out = tmp_path / "m.safetensors"
@@ -556,10 +724,14 @@ def test_convert_preprocessing_options_are_checked_and_write_nothing(tmp_path, c
 
 def test_a_3d_monai_densenet_is_refused_by_name(tmp_path):
     nets = pytest.importorskip("monai.networks.nets")
-    model = nets.DenseNet(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1)
+    model = nets.DenseNet(
+        spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1
+    )
     torch.save(model.state_dict(), tmp_path / "ct3d.pt")
     for arch in (None, "densenet121"):  # named as 3-D whether or not an architecture is given
-        _assert_refused(tmp_path / "ct3d.pt", tmp_path / "out.safetensors", r"3-D DenseNet", r"\(4, 1, 7, 7, 7\)", arch=arch)
+        _assert_refused(
+            tmp_path / "ct3d.pt", tmp_path / "out.safetensors", r"3-D DenseNet", r"\(4, 1, 7, 7, 7\)", arch=arch
+        )
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -574,13 +746,20 @@ def test_timms_deep_stem_densenets_are_refused_by_name(small_model, tmp_path):
             sd[f"features.norm{i}.{stat}"] = torch.rand(c_out)
     torch.save(sd, tmp_path / "densenet264d.pth")
     for arch in (None, "densenet264"):
-        _assert_refused(tmp_path / "densenet264d.pth", tmp_path / "out.safetensors", r"three convolutions",
-                        r"timm's deep-stem", arch=arch)
+        _assert_refused(
+            tmp_path / "densenet264d.pth",
+            tmp_path / "out.safetensors",
+            r"three convolutions",
+            r"timm's deep-stem",
+            arch=arch,
+        )
     assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_a_grayscale_preprocessing_needs_its_mean_and_std(tmp_path):
-    model = _monai_model(9, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1)
+    model = _monai_model(
+        9, in_channels=1, out_channels=2, init_features=4, growth_rate=2, block_config=(1, 1), bn_size=1
+    )
     with pytest.raises(WeightsError, match=r"mean is missing \(a 1-channel model has no default\); std is missing"):
         convert_module(model, tmp_path / "g.safetensors", preprocessing={"resize_size": 40, "crop_size": 32})
     assert not (tmp_path / "g.safetensors").exists()

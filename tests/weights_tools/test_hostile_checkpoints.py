@@ -83,8 +83,9 @@ def _torch_zip(path, data_pkl: bytes, storages: dict[str, bytes] = {}, deflated:
 
 def _legacy_file(path, object_pickle: bytes, keys: list[str], data: bytes = b""):
     header = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
-    header += pickle.dumps({"protocol_version": 1001, "little_endian": True,
-                            "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
+    header += pickle.dumps(
+        {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2
+    )
     path.write_bytes(header + object_pickle + pickle.dumps(keys, protocol=2) + data)
     return path
 
@@ -103,8 +104,9 @@ def _small_state_dict(classes: int = 3) -> dict:
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2,
-                                        num_classes=classes)
+    model = torchvision.models.DenseNet(
+        growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2, num_classes=classes
+    )
     return model.state_dict()
 
 
@@ -121,11 +123,14 @@ def _keras3_weights(path, kernel_dataset=None):
     with h5py.File(path, "w") as f:
         layers = f.create_group("layers")
         for i, (k, cin, cout) in enumerate(convs):
-            layers.create_group(f"conv2d{'_' + str(i) if i else ''}/vars")["0"] = rng.normal(size=(k, k, cin, cout)).astype("f4")
+            layers.create_group(f"conv2d{'_' + str(i) if i else ''}/vars")["0"] = rng.normal(
+                size=(k, k, cin, cout)
+            ).astype("f4")
         for i, c in enumerate(bns):
             group = layers.create_group(f"batch_normalization{'_' + str(i) if i else ''}/vars")
-            for j, values in enumerate((rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c),
-                                        rng.uniform(0.5, 1.5, c))):
+            for j, values in enumerate(
+                (rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c))
+            ):
                 group[str(j)] = values.astype("f4")
         dense = layers.create_group("dense/vars")
         if kernel_dataset is None:
@@ -144,8 +149,12 @@ def _secret_file(tmp_path):
 
 def _external_storage(tmp_path):
     secret = _secret_file(tmp_path)
-    return _keras3_weights(tmp_path / "ext.weights.h5", lambda g, shape: g.create_dataset(
-        "0", shape=shape, dtype="f4", external=[(str(secret), 0, 4 * math.prod(shape))]))
+    return _keras3_weights(
+        tmp_path / "ext.weights.h5",
+        lambda g, shape: g.create_dataset(
+            "0", shape=shape, dtype="f4", external=[(str(secret), 0, 4 * math.prod(shape))]
+        ),
+    )
 
 
 def _virtual_dataset(tmp_path):
@@ -174,13 +183,18 @@ def _external_link(tmp_path):
 
 def _fill_value_only(tmp_path):
     # 200 million floats (800 MB) declared, not one stored: h5py would hand back the fill value.
-    return _keras3_weights(tmp_path / "fill.weights.h5",
-                           lambda g, shape: g.create_dataset("0", shape=(10, 20_000_000), dtype="f4"))
+    return _keras3_weights(
+        tmp_path / "fill.weights.h5", lambda g, shape: g.create_dataset("0", shape=(10, 20_000_000), dtype="f4")
+    )
 
 
 def _compressed_fill(tmp_path):
-    return _keras3_weights(tmp_path / "gzip.weights.h5", lambda g, shape: g.create_dataset(
-        "0", shape=(10, 20_000_000), dtype="f4", chunks=(10, 1_000_000), compression="gzip"))
+    return _keras3_weights(
+        tmp_path / "gzip.weights.h5",
+        lambda g, shape: g.create_dataset(
+            "0", shape=(10, 20_000_000), dtype="f4", chunks=(10, 1_000_000), compression="gzip"
+        ),
+    )
 
 
 def _keras_archive(tmp_path, name, write_config):
@@ -277,8 +291,11 @@ def _torchscript(tmp_path):
 def _deep_metadata(tmp_path):
     # A densetriton weights file converted again: its class names are JSON nested 100,000 deep.
     sd = {k: v.contiguous() for k, v in _small_state_dict().items() if not k.endswith("num_batches_tracked")}
-    save_file(sd, tmp_path / "deep.safetensors",
-              metadata={"format": "densetriton", "class_names": "[" * 100_000 + "]" * 100_000})
+    save_file(
+        sd,
+        tmp_path / "deep.safetensors",
+        metadata={"format": "densetriton", "class_names": "[" * 100_000 + "]" * 100_000},
+    )
     return tmp_path / "deep.safetensors"
 
 
@@ -327,8 +344,12 @@ def _many_small_members(tmp_path):
     was held to the ratio."""
     numel, count = (16 << 20) // 4, 80
     refs = {f"w{i}": _TensorRef(_StorageRef(str(i), numel), (numel,), (1,)) for i in range(count)}
-    return _torch_zip(tmp_path / "many-members.pt", _torch_pickle(refs),
-                      {str(i): bytes(16 << 20) for i in range(count)}, deflated={str(i) for i in range(count)})
+    return _torch_zip(
+        tmp_path / "many-members.pt",
+        _torch_pickle(refs),
+        {str(i): bytes(16 << 20) for i in range(count)},
+        deflated={str(i) for i in range(count)},
+    )
 
 
 def _views_of_one_storage(tmp_path):
@@ -342,16 +363,20 @@ def _views_of_one_storage(tmp_path):
     shapes = spec.state_dict_shapes()
     numel = max(math.prod(s) for s in shapes.values())
     refs = OrderedDict((k, _TensorRef(_StorageRef("0", numel), s, _contiguous_stride(s))) for k, s in shapes.items())
-    return _torch_zip(tmp_path / "views.pt", _torch_pickle(refs), {"0": np.ones(numel, np.float32).tobytes()},
-                      deflated={"0"})
+    return _torch_zip(
+        tmp_path / "views.pt", _torch_pickle(refs), {"0": np.ones(numel, np.float32).tobytes()}, deflated={"0"}
+    )
 
 
 def _legacy_storage_never_read(tmp_path):
     """A legacy file whose storage list is empty: its storages were allocated and never read, so the
     tensors held uninitialised memory (freed heap: bytes of whatever the process read before), and
     converted when that memory was zeros."""
-    refs = OrderedDict((k, _TensorRef(_StorageRef(str(i), v.numel()), tuple(v.shape), tuple(v.stride())))
-                       for i, (k, v) in enumerate(_small_state_dict().items()) if not k.endswith("num_batches_tracked"))
+    refs = OrderedDict(
+        (k, _TensorRef(_StorageRef(str(i), v.numel()), tuple(v.shape), tuple(v.stride())))
+        for i, (k, v) in enumerate(_small_state_dict().items())
+        if not k.endswith("num_batches_tracked")
+    )
     return _legacy_file(tmp_path / "unread.pt", _torch_pickle(refs, legacy=True), [], bytes(100_000))
 
 
@@ -359,8 +384,9 @@ def _quadratic_key(tmp_path):
     """A key of 950,000 characters: many "denselayer1.layers." and a newline. The MONAI rename's
     "(.*)$" (whose "." stopped at the newline) backtracked over the key once per match: hung (over 90 s)."""
     key = "features." + "denselayer1.layers." * 50_000 + "\nx"
-    return _torch_zip(tmp_path / "key.pt", _torch_pickle({key: _TensorRef(_StorageRef("0", 1), (1,), (1,))}),
-                      {"0": bytes(4)})
+    return _torch_zip(
+        tmp_path / "key.pt", _torch_pickle({key: _TensorRef(_StorageRef("0", 1), (1,), (1,))}), {"0": bytes(4)}
+    )
 
 
 def _non_persistent_list(tmp_path):
@@ -377,8 +403,10 @@ def _legacy_pickles_of_many_opcodes(tmp_path):
     opcode bound alone (4,000,000 each then), so all 2.75 million were scanned and unpickled (exit
     1, no state dict). The file's pickles now share one budget, spent in the second pickle."""
     padding = b"N0" * 275_000
-    pickles = [b"\x80\x02" + padding + pickle.dumps(v, protocol=2)[2:]
-               for v in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}, {}, [])]
+    pickles = [
+        b"\x80\x02" + padding + pickle.dumps(v, protocol=2)[2:]
+        for v in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}, {}, [])
+    ]
     path = tmp_path / "opcodes.pt"
     path.write_bytes(b"".join(pickles))
     return path
@@ -391,8 +419,13 @@ def _many_small_compressed_datasets(tmp_path):
     path = tmp_path / "many.weights.h5"
     with h5py.File(path, "w") as f:
         for i in range(80):
-            f.create_dataset(f"layers/conv2d{'_' + str(i) if i else ''}/vars/0", data=np.zeros((1024, 4096), np.float32),
-                             chunks=(256, 4096), compression="gzip", compression_opts=1)
+            f.create_dataset(
+                f"layers/conv2d{'_' + str(i) if i else ''}/vars/0",
+                data=np.zeros((1024, 4096), np.float32),
+                chunks=(256, 4096),
+                compression="gzip",
+                compression_opts=1,
+            )
     return path
 
 
@@ -400,8 +433,11 @@ def _many_class_names(tmp_path):
     """A densetriton weights file converted again whose class_names are 9 million "ab" (45 MB of
     JSON, its header under MAX_JSON_BYTES): parsed, 1.25 GB peak (exit 1), before JSON values were counted."""
     sd = {k: v.contiguous() for k, v in _small_state_dict().items() if not k.endswith("num_batches_tracked")}
-    save_file(sd, tmp_path / "names.safetensors",
-              metadata={"format": "densetriton", "class_names": json.dumps(["ab"] * 9_000_000, separators=(",", ":"))})
+    save_file(
+        sd,
+        tmp_path / "names.safetensors",
+        metadata={"format": "densetriton", "class_names": json.dumps(["ab"] * 9_000_000, separators=(",", ":"))},
+    )
     return tmp_path / "names.safetensors"
 
 
@@ -409,8 +445,10 @@ def _tensor_of_many_dims(tmp_path):
     """A state dict whose op_threshs has 100,000 dimensions of size 0 (it fits any storage): the
     conversion succeeded (exit 0) after a warning line of 600 KB naming its shape."""
     sd = _small_state_dict()
-    refs = {k: _TensorRef(_StorageRef(str(i), max(v.numel(), 1)), tuple(v.shape), tuple(v.stride()))
-            for i, (k, v) in enumerate(sd.items())}
+    refs = {
+        k: _TensorRef(_StorageRef(str(i), max(v.numel(), 1)), tuple(v.shape), tuple(v.stride()))
+        for i, (k, v) in enumerate(sd.items())
+    }
     refs["op_threshs"] = _TensorRef(_StorageRef("z", 1), (0,) * 100_000, (1,) * 100_000)
     storages = {str(i): v.contiguous().numpy().tobytes() for i, v in enumerate(sd.values())}
     return _torch_zip(tmp_path / "dims.pt", _torch_pickle(refs), {**storages, "z": bytes(4)})
@@ -462,8 +500,9 @@ def test_tensors_sharing_a_storage_convert(tmp_path):
     """A checkpoint in which two entries are one tensor (torch.save keeps one storage for both; tied
     values, or a training script's aliasing) converts, each entry copied out of the shared storage.
     (Fails without the copy: safetensors refuses tensors sharing memory, in a multi-line error.)"""
-    from densetriton.weights import load_weights
     from densetriton.weights_tools.convert import convert_checkpoint
+
+    from densetriton.weights import load_weights
 
     sd = {k: v for k, v in _small_state_dict().items() if not k.endswith("num_batches_tracked")}
     shared = torch.rand(sd["features.norm5.weight"].shape) + 0.5
@@ -518,15 +557,17 @@ def test_limits_leave_densenet264_with_a_100000_class_head_convertible():
             return infos
 
     check_zip_members(Directory(), "densenet264.pt")
-    refs = {name: _TensorRef(_StorageRef(str(i), math.prod(shape)), shape, _contiguous_stride(shape))
-            for i, (name, shape) in enumerate(shapes.items())}
+    refs = {
+        name: _TensorRef(_StorageRef(str(i), math.prod(shape)), shape, _contiguous_stride(shape))
+        for i, (name, shape) in enumerate(shapes.items())
+    }
     scan_pickle(_torch_pickle(OrderedDict(refs)), "densenet264.pt")
     shape = shapes["classifier.weight"]
     assert tensor_fits(shape, _contiguous_stride(shape), 0, 4, sizes["classifier.weight"]) is None
 
 
 def _contiguous_stride(shape):
-    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
 
 
 def test_a_real_densenet264_module_tree_is_read_whole(tmp_path):
@@ -534,8 +575,9 @@ def test_a_real_densenet264_module_tree_is_read_whole(tmp_path):
     models) passes the pickle's opcode and depth bounds and the module tree's tensor bound."""
     import torchvision
 
-    model = torchvision.models.DenseNet(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64,
-                                        num_classes=2)
+    model = torchvision.models.DenseNet(
+        growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64, num_classes=2
+    )
     torch.save(model, tmp_path / "whole.pt")
     got = module_state_dict(load_pickled(tmp_path / "whole.pt"))
     expected = model.state_dict()
@@ -548,9 +590,13 @@ def test_depth_scan_sees_a_container_filled_after_it_was_memoised():
     depth is the filled one, as the memo and the stack share one depth cell. (A scan whose memo
     kept the depth at the time of PUT sees depth 1 here.)"""
     n = 1500
-    stream = b"\x80\x02" + b"".join(b"]r" + struct.pack("<I", i) + b"0" for i in range(n + 1))  # EMPTY_LIST LONG_BINPUT POP
-    stream += b"".join(b"j" + struct.pack("<I", i) + b"j" + struct.pack("<I", i + 1) + b"a0"  # GET i, GET i+1, APPEND, POP
-                       for i in reversed(range(n)))
+    stream = b"\x80\x02" + b"".join(
+        b"]r" + struct.pack("<I", i) + b"0" for i in range(n + 1)
+    )  # EMPTY_LIST LONG_BINPUT POP
+    stream += b"".join(
+        b"j" + struct.pack("<I", i) + b"j" + struct.pack("<I", i + 1) + b"a0"  # GET i, GET i+1, APPEND, POP
+        for i in reversed(range(n))
+    )
     stream += b"j" + struct.pack("<I", 0) + b"."
     nested, depth = pickle.loads(stream), 0
     while nested:
@@ -565,8 +611,11 @@ def test_json_is_bounded_as_a_refusal_of_the_file(tmp_path):
     """A .keras config of 70 MB (past MAX_JSON_BYTES, under the zip bounds: stored) is refused before it is parsed."""
     from densetriton.weights_tools.keras_h5 import KerasRefused, read_keras
 
-    path = _keras_archive(tmp_path, "big.keras", lambda z: z.writestr(
-        "config.json", json.dumps({"x": " " * (70 << 20)}), compress_type=zipfile.ZIP_STORED))
+    path = _keras_archive(
+        tmp_path,
+        "big.keras",
+        lambda z: z.writestr("config.json", json.dumps({"x": " " * (70 << 20)}), compress_type=zipfile.ZIP_STORED),
+    )
     with pytest.raises(KerasRefused, match="config.json's size"):
         read_keras(path)
 
@@ -577,11 +626,14 @@ def test_legacy_file_saved_on_a_gpu_reads_on_the_cpu(tmp_path):
     an offset. (Fails if torch_files maps only torch.* storage names.)"""
     values = torch.randn(6)
     storage = _StorageRef("140", 6, torch.cuda.FloatStorage)
-    obj = _torch_pickle({"w": _TensorRef(storage, (2, 3), (3, 1)), "v": _TensorRef(storage, (2,), (1,), offset=4)},
-                        legacy=True)
+    obj = _torch_pickle(
+        {"w": _TensorRef(storage, (2, 3), (3, 1)), "v": _TensorRef(storage, (2,), (1,), offset=4)}, legacy=True
+    )
     path = _legacy_file(tmp_path / "cuda.pt", obj, ["140"], struct.pack("<q", 6) + values.numpy().tobytes())
     got = load_pickled(path)
-    assert got["w"].device.type == "cpu" and torch.equal(got["w"], values.view(2, 3)) and torch.equal(got["v"], values[4:])
+    assert (
+        got["w"].device.type == "cpu" and torch.equal(got["w"], values.view(2, 3)) and torch.equal(got["v"], values[4:])
+    )
     assert got["w"].untyped_storage().data_ptr() == got["v"].untyped_storage().data_ptr()
 
 
@@ -589,7 +641,9 @@ def test_legacy_file_whose_weights_end_like_a_zip_directory_reads_as_legacy(tmp_
     """A legacy file is told from a zip by its first bytes, as torch.load tells them: weights whose
     last bytes happen to form a zip end-of-directory record (zipfile.is_zipfile says yes) still
     read. (Fails if the format is chosen by zipfile.is_zipfile.)"""
-    record = np.frombuffer(b"PK\x05\x06" + bytes(20), dtype=np.float32)  # 24 bytes: an empty zip's directory, and 2 more
+    record = np.frombuffer(
+        b"PK\x05\x06" + bytes(20), dtype=np.float32
+    )  # 24 bytes: an empty zip's directory, and 2 more
     obj = _torch_pickle({"w": _TensorRef(_StorageRef("0", 6), (6,), (1,))}, legacy=True)
     path = _legacy_file(tmp_path / "looks-zipped.pt", obj, ["0"], struct.pack("<q", 6) + record.tobytes())
     assert zipfile.is_zipfile(path)

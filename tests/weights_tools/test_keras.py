@@ -16,14 +16,14 @@ os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported; the
 keras = pytest.importorskip("keras")
 h5py = pytest.importorskip("h5py")
 
+from densetriton.weights_tools import convert_checkpoint  # noqa: E402
+from densetriton.weights_tools.keras_h5 import _config_layers  # noqa: E402
+from helpers import rel_err  # noqa: E402
+
 import densetriton  # noqa: E402
 from densetriton.cli import main  # noqa: E402
 from densetriton.reference import ReferenceDenseNet  # noqa: E402
 from densetriton.weights import WeightsError, load_weights  # noqa: E402
-from densetriton.weights_tools import convert_checkpoint  # noqa: E402
-from densetriton.weights_tools.keras_h5 import _config_layers  # noqa: E402
-
-from helpers import rel_err  # noqa: E402
 
 KERAS_EPS = 1.001e-5
 
@@ -104,8 +104,14 @@ def _finetuned(seed, head_activation="sigmoid"):
     dropout and a new Dense head, as a Sequential (the base is a nested model in the file)."""
     keras.utils.set_random_seed(seed)
     base = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(64, 64, 3))
-    model = keras.Sequential([keras.Input((64, 64, 3)), base, keras.layers.Dropout(0.2),
-                              keras.layers.Dense(14, activation=head_activation, name="findings")])
+    model = keras.Sequential(
+        [
+            keras.Input((64, 64, 3)),
+            base,
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(14, activation=head_activation, name="findings"),
+        ]
+    )
     return _randomize_batchnorms(model, seed=seed + 1)
 
 
@@ -176,11 +182,17 @@ def test_keras2_names_renamed_weights_and_split_attributes_convert(nested, tmp_p
     _as_keras2(tmp_path / "model.h5", tmp_path / "keras2.h5", split=nested)
     with h5py.File(tmp_path / "keras2.h5", "r") as f:
         group = f["densenet121"] if nested else f["conv1/conv"]
-        names = [n.decode() for k in ("weight_names", "weight_names0", "weight_names1") if k in group.attrs
-                 for n in group.attrs[k]]
+        names = [
+            n.decode()
+            for k in ("weight_names", "weight_names0", "weight_names1")
+            if k in group.attrs
+            for n in group.attrs[k]
+        ]
         assert "conv1/conv_1/kernel:0" in names
         assert ("layer_names0" in f.attrs) == nested
-    with pytest.warns(UserWarning, match=r"weights only, with no model config to check: keras\.applications' DenseNet is assumed"):
+    with pytest.warns(
+        UserWarning, match=r"weights only, with no model config to check: keras\.applications' DenseNet is assumed"
+    ):
         out = convert_checkpoint(tmp_path / "keras2.h5", tmp_path / "out.safetensors", progress=False)
     assert load_weights(out).spec.bn_eps == KERAS_EPS  # no config in a weights-only file: keras.applications'
     x = torch.randn(2, 3, 64, 64)
@@ -213,9 +225,14 @@ def test_a_small_keras_densenet_runs_on_the_triton_kernels(tmp_path):
 
     keras.utils.set_random_seed(7)
     model = _randomize_batchnorms(
-        DenseNet([1, 2, 1, 1], weights=None, input_shape=(48, 48, 1), classes=3, classifier_activation=None), seed=8)
-    out = convert_checkpoint(_save(model, "weights.h5", tmp_path), tmp_path / "small.safetensors", progress=False,
-                             preprocessing={"resize_size": None, "crop_size": None, "mean": [0.5], "std": [0.25]})
+        DenseNet([1, 2, 1, 1], weights=None, input_shape=(48, 48, 1), classes=3, classifier_activation=None), seed=8
+    )
+    out = convert_checkpoint(
+        _save(model, "weights.h5", tmp_path),
+        tmp_path / "small.safetensors",
+        progress=False,
+        preprocessing={"resize_size": None, "crop_size": None, "mean": [0.5], "std": [0.25]},
+    )
     assert load_weights(out).spec == densetriton.DenseNetSpec(32, (1, 2, 1, 1), 64, 4, 0.5, 3, "imagenet", 1, KERAS_EPS)
     engine = densetriton.load(out, device="cpu", backend="triton", dtype=torch.float32)
     x = torch.randn(2, 1, 48, 48)
@@ -223,8 +240,13 @@ def test_a_small_keras_densenet_runs_on_the_triton_kernels(tmp_path):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.integers(1, 3), min_size=4, max_size=4), st.sampled_from([1, 3]), st.integers(1, 9),
-       st.sampled_from(["weights.h5", "keras"]), st.integers(0, 2**16))
+@given(
+    st.lists(st.integers(1, 3), min_size=4, max_size=4),
+    st.sampled_from([1, 3]),
+    st.integers(1, 9),
+    st.sampled_from(["weights.h5", "keras"]),
+    st.integers(0, 2**16),
+)
 def test_keras_densenets_of_any_depth_convert_by_layer_order(blocks, channels, classes, fmt, seed):
     """Keras 3 files name layers by class and position only: the block structure read off their
     order must be the one the model was built with, whatever the layers per block."""
@@ -234,16 +256,22 @@ def test_keras_densenets_of_any_depth_convert_by_layer_order(blocks, channels, c
     from keras.src.applications.densenet import DenseNet
 
     keras.utils.set_random_seed(seed)
-    model = _randomize_batchnorms(DenseNet(blocks, weights=None, input_shape=(32, 32, channels), classes=classes,
-                                           classifier_activation=None), seed=seed + 1, tiny_final_variance=False)
+    model = _randomize_batchnorms(
+        DenseNet(blocks, weights=None, input_shape=(32, 32, channels), classes=classes, classifier_activation=None),
+        seed=seed + 1,
+        tiny_final_variance=False,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         pre = {"resize_size": None, "crop_size": None, "mean": [0.5] * channels, "std": [0.25] * channels}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # weights only: the file has no config to check
-            out = convert_checkpoint(_save(model, fmt, Path(tmp)), Path(tmp) / "out.safetensors", progress=False,
-                                     preprocessing=pre)
+            out = convert_checkpoint(
+                _save(model, fmt, Path(tmp)), Path(tmp) / "out.safetensors", progress=False, preprocessing=pre
+            )
         w = load_weights(out)
-        assert w.spec == densetriton.DenseNetSpec(32, tuple(blocks), 64, 4, 0.5, classes, "imagenet", channels, KERAS_EPS)
+        assert w.spec == densetriton.DenseNetSpec(
+            32, tuple(blocks), 64, 4, 0.5, classes, "imagenet", channels, KERAS_EPS
+        )
         x = torch.randn(2, channels, 32, 32)
         assert rel_err(densetriton.load(out, device="cpu", backend="reference")(x), _keras_logits(model, x)) < 1e-5
 
@@ -318,17 +346,29 @@ def test_weightless_layers_that_change_the_function_are_refused(fmt, tmp_path):
     keras.utils.set_random_seed(0)
     base = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
     model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255), base, keras.layers.Dense(2)])
-    _refused(_save(model, fmt, tmp_path), tmp_path / "out.safetensors", r"layers a DenseNet does not: Rescaling",
-             r"--mean/--std")
-    clipped = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.ReLU(max_value=6.0), keras.layers.Dense(2)])
+    _refused(
+        _save(model, fmt, tmp_path),
+        tmp_path / "out.safetensors",
+        r"layers a DenseNet does not: Rescaling",
+        r"--mean/--std",
+    )
+    clipped = keras.Sequential(
+        [keras.Input((32, 32, 3)), base, keras.layers.ReLU(max_value=6.0), keras.layers.Dense(2)]
+    )
     _refused(_save(clipped, fmt, tmp_path), tmp_path / "out.safetensors", r"ReLU with max_value")
 
 
 def test_keras_models_that_are_not_densenets_are_refused(tmp_path):
     keras.utils.set_random_seed(0)
     out = tmp_path / "out.safetensors"
-    small = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3), keras.layers.GlobalAveragePooling2D(),
-                              keras.layers.Dense(2)])
+    small = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(8, 3),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(2),
+        ]
+    )
     _refused(_save(small, "h5", tmp_path), out, r"not keras\.applications DenseNet layers", r"conv2d")
     _refused(_save(small, "weights.h5", tmp_path), out, r"Conv2D layer has a bias")
     headless = keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
@@ -342,7 +382,8 @@ def test_a_keras_backbone_without_head_converts_to_features_only(fmt, tmp_path):
     densetriton's features; without pooling its output is the feature map, which is refused."""
     keras.utils.set_random_seed(4)
     base = _randomize_batchnorms(
-        keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3)), seed=5)
+        keras.applications.DenseNet121(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3)), seed=5
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = convert_checkpoint(_save(base, fmt, tmp_path), tmp_path / "backbone.safetensors", progress=False)
@@ -355,8 +396,12 @@ def test_a_keras_backbone_without_head_converts_to_features_only(fmt, tmp_path):
     assert rel_err(engine.features(x), _keras_logits(base, x)) < 1e-5
     if fmt != "weights.h5":  # only a config can say the output is not pooled
         unpooled = keras.applications.DenseNet121(weights=None, include_top=False, input_shape=(32, 32, 3))
-        _refused(_save(unpooled, fmt, tmp_path), tmp_path / "out.safetensors", r"does not pool its features",
-                 r"pooling='avg'")
+        _refused(
+            _save(unpooled, fmt, tmp_path),
+            tmp_path / "out.safetensors",
+            r"does not pool its features",
+            r"pooling='avg'",
+        )
 
 
 def test_broken_keras_files_are_one_clear_error(xray_densenet121, tmp_path):
@@ -370,8 +415,12 @@ def test_broken_keras_files_are_one_clear_error(xray_densenet121, tmp_path):
     (tmp_path / "broken.keras").write_bytes(b"PK\x03\x04 not really a zip")
     _refused(tmp_path / "broken.keras", out, r"not a readable Keras file")
     (tmp_path / "null-eps.h5").write_bytes(good)
-    _edit_config(tmp_path / "null-eps.h5", lambda c: next(
-        layer for layer in _config_layers(c) if layer["class_name"] == "BatchNormalization")["config"].update(epsilon=None))
+    _edit_config(
+        tmp_path / "null-eps.h5",
+        lambda c: next(layer for layer in _config_layers(c) if layer["class_name"] == "BatchNormalization")[
+            "config"
+        ].update(epsilon=None),
+    )
     _refused(tmp_path / "null-eps.h5", out, r"not a readable Keras file \(TypeError")
     with h5py.File(tmp_path / "dataset.weights.h5", "w") as f:
         f.create_dataset("layers", data=np.ones(3))
@@ -379,5 +428,7 @@ def test_broken_keras_files_are_one_clear_error(xray_densenet121, tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         convert_checkpoint(tmp_path / "missing.h5", out)
     # load() reads converted files only, and says how to get one.
-    with pytest.raises(WeightsError, match=r"convert the checkpoint first: densetriton convert --checkpoint .*model\.h5"):
+    with pytest.raises(
+        WeightsError, match=r"convert the checkpoint first: densetriton convert --checkpoint .*model\.h5"
+    ):
         densetriton.load(tmp_path / "model.h5", device="cpu")

@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from densetriton.weights_tools import convert_checkpoint
+from densetriton.weights_tools.pickled_module import load_pickled, module_state_dict
+from helpers import randomize_batchnorm, rel_err
 
 import densetriton
 from densetriton.weights import WeightsError
-from densetriton.weights_tools import convert_checkpoint
-from densetriton.weights_tools.pickled_module import load_pickled, module_state_dict
-
-from helpers import randomize_batchnorm, rel_err
 
 # torchxrayvision's DenseNet as its published weights were pickled: its own classes (not
 # torchvision's), one input channel, an `op_threshs` buffer left None, `features2` as the head.
@@ -112,7 +111,9 @@ def forget(module):
 
 def small_torchvision():
     torch.manual_seed(0)
-    model = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5)
+    model = torchvision.models.DenseNet(
+        growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5
+    )
     return randomize_batchnorm(model, seed=1, image_size=32)
 
 
@@ -147,8 +148,11 @@ def test_loads_from_threads_agree_and_leave_warning_filters_alone(tmp_path, lega
 @pytest.mark.parametrize("form", ["model", "dict-with-model", "dataparallel-in-dict"])
 def test_whole_torchvision_model_converts(tmp_path, form, legacy):
     model = small_torchvision()
-    obj = {"model": model, "dict-with-model": {"epoch": 7, "model": model, "best_acc": 0.9},
-           "dataparallel-in-dict": {"net": torch.nn.DataParallel(model), "epoch": 7}}[form]
+    obj = {
+        "model": model,
+        "dict-with-model": {"epoch": 7, "model": model, "best_acc": 0.9},
+        "dataparallel-in-dict": {"net": torch.nn.DataParallel(model), "epoch": 7},
+    }[form]
     ckpt = tmp_path / "whole.pth"
     torch.save(obj, ckpt, _use_new_zipfile_serialization=not legacy)
     with pytest.raises(pickle.UnpicklingError):
@@ -189,9 +193,13 @@ def test_torchxrayvision_style_model_converts_without_its_code(xrv_like, tmp_pat
     torch.save(model, ckpt, _use_new_zipfile_serialization=not legacy)
     forget(xrv_like)
 
-    out = convert_checkpoint(ckpt, tmp_path / "xrv.safetensors", class_names=[f"finding {i}" for i in range(18)],
-                             preprocessing={"resize_size": 40, "crop_size": 40, "mean": [0.5], "std": [1 / 2048]},
-                             multi_label=True)
+    out = convert_checkpoint(
+        ckpt,
+        tmp_path / "xrv.safetensors",
+        class_names=[f"finding {i}" for i in range(18)],
+        preprocessing={"resize_size": 40, "crop_size": 40, "mean": [0.5], "std": [1 / 2048]},
+        multi_label=True,
+    )
     assert "xrv_like_models" not in sys.modules
     engine = densetriton.load(out, device="cpu", backend="reference")
     assert engine.spec.in_channels == 1 and engine.spec.num_classes == 18 and engine.multi_label
@@ -334,8 +342,15 @@ def test_state_dicts_beside_objects_weights_only_refuses_convert(tmp_path):
     # weights_only refuses the whole file for them, the placeholders let the weights through.
     model = small_torchvision()
     ckpt = tmp_path / "ckpt.pth.tar"
-    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1, arch="densenet"),
-                "best_auc": np.float64(0.84), "epoch": 12}, ckpt)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "args": argparse.Namespace(lr=0.1, arch="densenet"),
+            "best_auc": np.float64(0.84),
+            "epoch": 12,
+        },
+        ckpt,
+    )
     with pytest.raises(pickle.UnpicklingError):
         torch.load(ckpt, weights_only=True)
     agree(model, convert_checkpoint(ckpt, tmp_path / "out.safetensors"))
@@ -346,8 +361,14 @@ def test_harmless_builtins_are_placeholders_and_stale_op_threshs_are_left_out(tm
     # longer fit the classifier (a new 5-class head on an 18-finding model) warn and are dropped.
     model = small_torchvision()
     ckpt = tmp_path / "ckpt.pt"
-    torch.save({"state_dict": {**model.state_dict(), "op_threshs": torch.rand(18)},
-                "history": collections.defaultdict(list, loss=[0.3]), "frozen": frozenset({1})}, ckpt)
+    torch.save(
+        {
+            "state_dict": {**model.state_dict(), "op_threshs": torch.rand(18)},
+            "history": collections.defaultdict(list, loss=[0.3]),
+            "frozen": frozenset({1}),
+        },
+        ckpt,
+    )
     with pytest.warns(UserWarning, match=r"op_threshs \(18,\) do not fit its 5-class classifier"):
         out = convert_checkpoint(ckpt, tmp_path / "out.safetensors")
     agree(model, out)
