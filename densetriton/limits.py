@@ -19,6 +19,8 @@ import numpy as np
 
 # One tensor, and all tensors of one file (densenet264 with a 100,000-class float32 head is ~1.2 GB).
 MAX_TENSOR_BYTES = 4 << 30
+# Tensors one safetensors file may list (600,000 empty ones in a 34 MB header take the library 400 MB).
+MAX_TENSOR_COUNT = 100_000
 MAX_TOTAL_TENSOR_BYTES = 8 << 30
 # A zip member (torch checkpoint, .keras archive) may inflate to at most this many times its
 # compressed size, unless it is small: torch writes members uncompressed, and float weights

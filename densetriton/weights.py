@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write
-from .limits import MAX_IMAGE_SIDE, MAX_JSON_BYTES, FileRefused, OverBound, load_json, refuse
+from .limits import MAX_IMAGE_SIDE, MAX_JSON_BYTES, MAX_TENSOR_COUNT, FileRefused, OverBound, load_json, refuse
 from .spec import DenseNetSpec, describe_spec
 
 FORMAT = "densetriton"
@@ -302,14 +302,19 @@ def save_weights(
 
 def check_safetensors_header(path: Path) -> None:
     """A safetensors file starts with its header's length (8 bytes, little-endian), then the header
-    JSON: one longer than MAX_JSON_BYTES is refused before it is read. (A length past the end of
-    the file is safetensors' own error, as is what a pickle's or zip's first bytes read as.)"""
+    JSON: one longer than MAX_JSON_BYTES, or listing more than MAX_TENSOR_COUNT tensors (each has
+    one "data_offsets" key, counted in the raw bytes), is refused before the library parses it. (A
+    length past the end of the file is safetensors' own error, as is what a pickle's or zip's first
+    bytes read as.)"""
     with open(path, "rb") as f:
         head = f.read(8)
         size = os.fstat(f.fileno()).st_size
-    declared = int.from_bytes(head, "little")
-    if len(head) == 8 and MAX_JSON_BYTES < declared <= size - 8:
-        raise refuse(path, "its safetensors header length", f"{declared} bytes", f"{MAX_JSON_BYTES} bytes")
+        declared = int.from_bytes(head, "little")
+        if len(head) == 8 and MAX_JSON_BYTES < declared <= size - 8:
+            raise refuse(path, "its safetensors header length", f"{declared} bytes", f"{MAX_JSON_BYTES} bytes")
+        count = f.read(min(declared, MAX_JSON_BYTES)).count(b'"data_offsets"')
+    if count > MAX_TENSOR_COUNT:
+        raise refuse(path, "the tensor count", count, MAX_TENSOR_COUNT)
 
 
 @dataclass

@@ -85,18 +85,31 @@ HOSTILE_SPECS = {
     ),
 }
 # The cases also run as `densetriton info FILE` in a child (each child costs a few seconds of imports).
-CLI_CASES = ["layers_1e9", "blocks_100000", "deep_spec", "resize_20000", "huge_header"]
+CLI_CASES = ["layers_1e9", "blocks_100000", "deep_spec", "resize_20000", "huge_header", "many_tensors"]
+
+
+def _many_empty_tensors(path):
+    """600,000 empty tensors in a 34 MB header: without the tensor count bound `info` peaked at
+    1,039 MB while safetensors parsed the header."""
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(600_000)}
+    header["__metadata__"] = {"format": "densetriton", "format_version": "1", "spec": "{}"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    return path
 
 
 def _hostile_file(folder, name):
     path = folder / f"{name}.safetensors"
     if name == "huge_header":
         return _huge_header(path), "its safetensors header length is 73400320 bytes"
+    if name == "many_tensors":
+        return _many_empty_tensors(path), "the tensor count is 600000"
     metadata, mentions = HOSTILE_SPECS[name]
     return _densetriton_file(path, **metadata), mentions
 
 
-@pytest.mark.parametrize("name", [*HOSTILE_SPECS, "huge_header"])
+@pytest.mark.parametrize("name", [*HOSTILE_SPECS, "huge_header", "many_tensors"])
 def test_hostile_weights_files_are_refused_by_load(tmp_path, name):
     """load_weights and densetriton.load: a FileRefused (a ValueError) naming the file, what it declared
     and the bound, before anything is allocated. Without the spec bounds the first cases take gigabytes

@@ -209,8 +209,6 @@ def load_json(text: str | bytes, path, what: str, error: type[FileRefused] = Che
         raise error(str(e)) from None
 
 
-# Tensors in one file (densenet264 has about 4,000): each costs time and memory to list and check.
-MAX_TENSOR_COUNT = 100_000
 # Dimensions of one tensor: a DenseNet's have at most 4 (5 in a 3-D one, which is refused by name);
 # 100,000 dimensions of size 0 fit any storage, and every message naming the shape is 600 KB.
 MAX_TENSOR_DIMS = 8
