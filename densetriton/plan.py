@@ -97,114 +97,62 @@ def memory_layout(spec: DenseNetSpec, n: int, height: int, width: int):
 
 def build_stages(spec: DenseNetSpec) -> list[Stage]:
     """The network as a list of kernel launches, in order."""
-    stages = []
-    c0, k, last = spec.num_init_features, spec.growth_rate, len(spec.block_config)
-    if spec.stem == "imagenet":
-        stages.append(
-            Stage(
-                "conv0",
-                "conv",
-                View("input", 0, spec.in_channels),
-                View("stem", 0, c0),
-                {"weight": "conv0.weight", "bias": "conv0.bias"},
-                7,
-                2,
-                3,
-                relu_out=True,
-            )
-        )
-        stages.append(Stage("pool0", "max_pool", View("stem", 0, c0), View("block1", 0, c0)))
-    else:
-        stages.append(
-            Stage(
-                "conv0",
-                "conv",
-                View("input", 0, spec.in_channels),
-                View("block1", 0, c0),
-                {"weight": "conv0.weight"},
-                3,
-                1,
-                1,
-            )
-        )
-    transitions = spec.transition_channels()
+    stages = _stem_stages(spec)
+    transitions, last = spec.transition_channels(), len(spec.block_config)
     for b, ((c_in, c_end), layers) in enumerate(zip(spec.block_channels(), spec.block_config), 1):
-        block = f"block{b}"
         for i in range(layers):
-            p = f"denseblock{b}.denselayer{i + 1}"
-            c, prologue = c_in + i * k, {"in_scale": f"{p}.norm1.scale", "in_shift": f"{p}.norm1.shift"}
-            new_channels = View(block, c, c + k)
-            if spec.bn_size is None:
-                # Plain layer: BN-ReLU prologue, 3x3 conv straight into the block buffer.
-                stages.append(
-                    Stage(
-                        f"{p}.conv1",
-                        "conv",
-                        View(block, 0, c),
-                        new_channels,
-                        {"weight": f"{p}.conv1.weight", **prologue},
-                        3,
-                        1,
-                        1,
-                    )
-                )
-            else:
-                width = spec.bn_size * k
-                # relu(BN2(conv1x1(relu(BN1(x))))): BN1 in the prologue, BN2 folded into conv1.
-                stages.append(
-                    Stage(
-                        f"{p}.conv1",
-                        "conv",
-                        View(block, 0, c),
-                        View("bottleneck_scratch", 0, width),
-                        {"weight": f"{p}.conv1.weight", "bias": f"{p}.conv1.bias", **prologue},
-                        relu_out=True,
-                    )
-                )
-                stages.append(
-                    Stage(
-                        f"{p}.conv2",
-                        "conv",
-                        View("bottleneck_scratch", 0, width),
-                        new_channels,
-                        {"weight": f"{p}.conv2.weight"},
-                        3,
-                        1,
-                        1,
-                    )
-                )
+            stages += _dense_layer_stages(spec, b, i, c_in + i * spec.growth_rate)
         if b < last:
             t = f"transition{b}"
+            weights = {"weight": f"{t}.conv.weight", "in_scale": f"{t}.norm.scale", "in_shift": f"{t}.norm.shift"}
             stages.append(
                 Stage(
-                    t,
-                    "transition",
-                    View(block, 0, c_end),
-                    View(f"block{b + 1}", 0, transitions[b - 1]),
-                    {"weight": f"{t}.conv.weight", "in_scale": f"{t}.norm.scale", "in_shift": f"{t}.norm.shift"},
+                    t, "transition", View(f"block{b}", 0, c_end), View(f"block{b + 1}", 0, transitions[b - 1]), weights
                 )
             )
-    c_final = spec.num_features
-    stages.append(
-        Stage(
-            "norm5",
-            "head",
-            View(f"block{last}", 0, c_final),
-            View("features", 0, c_final),
-            {"scale": "norm5.scale", "shift": "norm5.shift"},
-        )
+    return stages + _head_stages(spec, f"block{last}")
+
+
+def _stem_stages(spec: DenseNetSpec) -> list[Stage]:
+    """ImageNet: 7x7/2 conv with BN-ReLU folded in, then the 3x3/2 max-pool; CIFAR: one 3x3 conv."""
+    c0, image = spec.num_init_features, View("input", 0, spec.in_channels)
+    if spec.stem == "cifar":
+        weights = {"weight": "conv0.weight"}
+        return [Stage("conv0", "conv", image, View("block1", 0, c0), weights, kernel_size=3, stride=1, padding=1)]
+    weights = {"weight": "conv0.weight", "bias": "conv0.bias"}
+    return [
+        Stage("conv0", "conv", image, View("stem", 0, c0), weights, kernel_size=7, stride=2, padding=3, relu_out=True),
+        Stage("pool0", "max_pool", View("stem", 0, c0), View("block1", 0, c0)),
+    ]
+
+
+def _dense_layer_stages(spec: DenseNetSpec, b: int, i: int, c: int) -> list[Stage]:
+    """Dense layer i of block b, reading the block's first c channels and appending its k."""
+    p, block, k = f"denseblock{b}.denselayer{i + 1}", f"block{b}", spec.growth_rate
+    prologue = {"in_scale": f"{p}.norm1.scale", "in_shift": f"{p}.norm1.shift"}
+    new_channels, conv3x3 = View(block, c, c + k), dict(kernel_size=3, stride=1, padding=1)
+    if spec.bn_size is None:  # plain layer: BN-ReLU prologue, 3x3 conv straight into the block buffer
+        weights = {"weight": f"{p}.conv1.weight", **prologue}
+        return [Stage(f"{p}.conv1", "conv", View(block, 0, c), new_channels, weights, **conv3x3)]
+    # relu(BN2(conv1x1(relu(BN1(x))))): BN1 in the prologue, BN2 folded into conv1.
+    scratch = View("bottleneck_scratch", 0, spec.bn_size * k)
+    weights1 = {"weight": f"{p}.conv1.weight", "bias": f"{p}.conv1.bias", **prologue}
+    return [
+        Stage(f"{p}.conv1", "conv", View(block, 0, c), scratch, weights1, relu_out=True),
+        Stage(f"{p}.conv2", "conv", scratch, new_channels, {"weight": f"{p}.conv2.weight"}, **conv3x3),
+    ]
+
+
+def _head_stages(spec: DenseNetSpec, last_block: str) -> list[Stage]:
+    """norm5-ReLU-global average pool into the features, then the classifier where there is one."""
+    c_final, features = spec.num_features, View("features", 0, spec.num_features)
+    head = Stage(
+        "norm5", "head", View(last_block, 0, c_final), features, {"scale": "norm5.scale", "shift": "norm5.shift"}
     )
-    if spec.num_classes:  # a backbone without a classifier ends at the features
-        stages.append(
-            Stage(
-                "classifier",
-                "classifier",
-                View("features", 0, c_final),
-                View("logits", 0, spec.num_classes),
-                {"weight": "classifier.weight", "bias": "classifier.bias"},
-            )
-        )
-    return stages
+    if not spec.num_classes:  # a backbone without a classifier ends at the features
+        return [head]
+    weights = {"weight": "classifier.weight", "bias": "classifier.bias"}
+    return [head, Stage("classifier", "classifier", features, View("logits", 0, spec.num_classes), weights)]
 
 
 def _bn_scale_shift(tensors: dict, prefix: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
