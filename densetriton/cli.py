@@ -14,26 +14,11 @@ from pathlib import Path
 
 from .limits import FileRefused
 from .outputs import OutputLock, check_target, refuse_inputs_as_outputs, remove_stale_temps
+from .spec import describe_spec
 
 
 def _info(args) -> int:
-    from .spec import MODELS, get_spec, list_models
-
-    weights = None
-    if args.model in MODELS:
-        spec = get_spec(args.model)
-    elif Path(args.model).suffix == ".safetensors" or Path(args.model).is_file():
-        from .spec import describe_spec
-        from .weights import load_weights
-
-        weights = load_weights(args.model)
-        spec = weights.spec
-    elif Path(args.model).is_dir():
-        raise ValueError(
-            f"{args.model} is a folder: info takes a model name ({', '.join(list_models())}) or a weights file"
-        )
-    else:
-        spec = get_spec(args.model)  # the unknown-model error, listing the registry
+    spec, weights = _info_target(args.model)
     size = args.image_size if args.image_size is not None else (224 if spec.stem == "imagenet" else 32)
     if size < spec.min_input_size():
         raise ValueError(
@@ -41,11 +26,43 @@ def _info(args) -> int:
             f"{spec.min_input_size()}x{spec.min_input_size()}"
         )
     print(args.model if weights is None else f"{args.model}: {describe_spec(spec)}")
+    _print_spec(spec, size)
+    file_facts = {} if weights is None else _print_file_facts(weights, spec)
+    if args.json:
+        facts = {
+            "spec": spec.to_dict(),
+            "parameters": spec.num_parameters(),
+            "image_size": size,
+            "macs": spec.macs(size),
+        }
+        print(json.dumps({**facts, **file_facts}))
+    return 0
+
+
+def _info_target(model: str):
+    """(spec, weights or None) of a registry name or a weights file."""
+    from .spec import MODELS, get_spec, list_models
+    from .weights import load_weights
+
+    if model in MODELS:
+        return get_spec(model), None
+    if Path(model).suffix == ".safetensors" or Path(model).is_file():
+        weights = load_weights(model)
+        return weights.spec, weights
+    if Path(model).is_dir():
+        raise ValueError(f"{model} is a folder: info takes a model name ({', '.join(list_models())}) or a weights file")
+    return get_spec(model), None  # the unknown-model error, listing the registry
+
+
+def _print_spec(spec, size: int) -> None:
+    layer = (
+        f"bottleneck BN-ReLU-conv1x1({spec.bottleneck_channels})-BN-ReLU-conv3x3"
+        if spec.bn_size
+        else "plain BN-ReLU-conv3x3"
+    )
     print(f"  growth rate k       {spec.growth_rate}")
     print(f"  layers per block    {'-'.join(map(str, spec.block_config))}")
-    print(
-        f"  layer               {'bottleneck BN-ReLU-conv1x1(' + str(spec.bottleneck_channels) + ')-BN-ReLU-conv3x3' if spec.bn_size else 'plain BN-ReLU-conv3x3'}"
-    )
+    print(f"  layer               {layer}")
     print(f"  compression theta   {spec.compression}")
     print(f"  stem                {spec.stem} ({spec.num_init_features} channels)")
     print(f"  depth L             {spec.depth}")
@@ -54,63 +71,46 @@ def _info(args) -> int:
         print(f"  input channels      {spec.in_channels}")
     if spec.bn_eps != 1e-5:
         print(f"  BatchNorm eps       {spec.bn_eps:g}")
-    sizes = spec.feature_sizes(size, size)
-    transitions = spec.transition_channels() + [None]
-    for b, ((c_in, c_out), layers, (h, w), t) in enumerate(
-        zip(spec.block_channels(), spec.block_config, sizes, transitions), 1
-    ):
-        tail = (
-            f" -> transition -> {t}"
-            if t is not None
-            else " -> norm5, global pool" + (", classifier" if spec.num_classes else "")
-        )
+    blocks = zip(
+        spec.block_channels(), spec.block_config, spec.feature_sizes(size, size), spec.transition_channels() + [None]
+    )
+    for b, ((c_in, c_out), layers, (h, w), t) in enumerate(blocks, 1):
+        end = " -> norm5, global pool" + (", classifier" if spec.num_classes else "")
+        tail = f" -> transition -> {t}" if t is not None else end
         print(f"  block {b}: {layers:3d} layers, {h}x{w}, channels {c_in} -> {c_out}{tail}")
     print(f"  parameters          {spec.num_parameters():,}")
     print(f"  multiply-adds       {spec.macs(size):,} at {size}x{size} ({spec.macs(size) / 1e9:.2f} GMACs)")
     print(f"  smallest input      {spec.min_input_size()}x{spec.min_input_size()}")
-    file_facts = {}
-    if weights is not None:
-        from .images import describe_preprocessing
 
-        names = weights.class_names
-        from .weights import listing
 
-        shown = listing(names, limit=5) if names else "none recorded"
-        outputs = {
-            True: "a sigmoid per class (multi-label)",
-            False: "a softmax over the classes",
-            None: "not recorded (softmax)",
-        }
-        pre = describe_preprocessing(weights.preprocessing) if weights.preprocessing else "none recorded"
-        if spec.num_classes:
-            print(f"  class names         {shown}")
-            print(f"  outputs             {outputs[weights.multi_label]}")
-        else:
-            print(f"  outputs             {spec.num_features} pooled features (engine.features, densetriton embed)")
-        if weights.operating_points is not None:
-            print(f"  operating points    {_points(weights.operating_points)} (predict puts each at 0.5)")
-        print(f"  preprocessing       {pre}")
-        print(f"  source              {weights.source or 'not recorded'}")
-        file_facts = {
-            "class_names": names,
-            "multi_label": weights.multi_label,
-            "preprocessing": weights.preprocessing,
-            "operating_points": weights.operating_points,
-            "source": weights.source,
-        }
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "spec": spec.to_dict(),
-                    "parameters": spec.num_parameters(),
-                    "image_size": size,
-                    "macs": spec.macs(size),
-                    **file_facts,
-                }
-            )
-        )
-    return 0
+def _print_file_facts(weights, spec) -> dict:
+    """What a weights file records besides its tensors, printed; returned for --json."""
+    from .images import describe_preprocessing
+    from .weights import listing
+
+    names = weights.class_names
+    outputs = {
+        True: "a sigmoid per class (multi-label)",
+        False: "a softmax over the classes",
+        None: "not recorded (softmax)",
+    }
+    if spec.num_classes:
+        print(f"  class names         {listing(names, limit=5) if names else 'none recorded'}")
+        print(f"  outputs             {outputs[weights.multi_label]}")
+    else:
+        print(f"  outputs             {spec.num_features} pooled features (engine.features, densetriton embed)")
+    if weights.operating_points is not None:
+        print(f"  operating points    {_points(weights.operating_points)} (predict puts each at 0.5)")
+    pre = describe_preprocessing(weights.preprocessing) if weights.preprocessing else "none recorded"
+    print(f"  preprocessing       {pre}")
+    print(f"  source              {weights.source or 'not recorded'}")
+    return {
+        "class_names": names,
+        "multi_label": weights.multi_label,
+        "preprocessing": weights.preprocessing,
+        "operating_points": weights.operating_points,
+        "source": weights.source,
+    }
 
 
 def _points(points) -> str:
