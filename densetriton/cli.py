@@ -247,14 +247,32 @@ def _convert_to(args, class_names, preprocessing, points) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .spec import list_models
-
     parser = argparse.ArgumentParser(
         prog="densetriton",
         description="DenseNet inference with fused Triton kernels: convert weights, inspect models, classify, benchmark.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_info_command(sub)
+    _add_convert_command(sub)
+    for module in ("densetriton.bench.cli", "densetriton.predict", "densetriton.embed", "densetriton.serve"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise
+            continue
+        register(sub)
+    for command in sub.choices.values():  # --debug after the command as well as before it
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors"
+        )
+    return parser
+
+
+def _add_info_command(sub) -> None:
+    from .spec import list_models
 
     p = sub.add_parser("info", help="print a model's or weights file's architecture, parameter count and multiply-adds")
     p.add_argument(
@@ -269,14 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     p.set_defaults(func=_info)
 
+
+def _add_convert_command(sub) -> None:
+    from .spec import list_models
+
     p = sub.add_parser(
         "convert",
         help="convert torchvision's pretrained weights or a checkpoint into a .safetensors weights file",
         description="Convert torchvision's pretrained weights (--arch) or a local checkpoint (--checkpoint: .pth, .pt, "
         ".pth.tar, .safetensors; nested state dicts, 'module.' prefixes, legacy keys, Sequential classifiers, MONAI's "
         "DenseNet, timm's, grayscale stems and backbones without a classifier (features only) are handled; or a Keras DenseNet: .h5, .weights.h5, .keras) into a densetriton "
-        "weights file. Pickles load with weights_only=True, or (whole pickled models, torchxrayvision's) with inert "
-        "placeholders for the classes they name; Keras configs are read as JSON: no code from a file runs.",
+        "weights file. Pickles are read by densetriton's own restricted reader (never torch.load), with inert "
+        "placeholders for the classes they name; Keras configs are read as JSON: no code from a file runs. A file "
+        "declaring more than it holds or more than a bound allows is refused (exit status 2).",
     )
     p.add_argument("--out", required=True, help="the .safetensors file to write (written atomically)")
     p.add_argument(
@@ -339,20 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--crop-size", type=int, metavar="N", help="center-crop to NxN (default: no crop)")
     p.set_defaults(func=_convert)
-
-    for module in ("densetriton.bench.cli", "densetriton.predict", "densetriton.embed", "densetriton.serve"):
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except ModuleNotFoundError as e:
-            if e.name is None or not module.startswith(e.name):
-                raise
-            continue
-        register(sub)
-    for command in sub.choices.values():  # --debug after the command as well as before it
-        command.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors"
-        )
-    return parser
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
