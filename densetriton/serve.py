@@ -122,10 +122,15 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=SERVE_EPILOG,
     )
-    g = p.add_argument_group("model")
+    _add_model_arguments(p.add_argument_group("model"), list_models())
+    _add_server_arguments(p.add_argument_group("server"), positive_int)
+    p.set_defaults(func=serve_command)
+
+
+def _add_model_arguments(g, models) -> None:
     g.add_argument(
         "--model",
-        choices=list_models(),
+        choices=models,
         metavar="NAME",
         help="a registry model: torchvision's pretrained weights; with --weights, the architecture the file must hold",
     )
@@ -147,7 +152,9 @@ def register(subparsers) -> None:
         default=None,
         help="a sigmoid per class, as predict --multi-label (default: what the weights file records)",
     )
-    g = p.add_argument_group("server")
+
+
+def _add_server_arguments(g, positive_int) -> None:
     g.add_argument(
         "--host", default="127.0.0.1", choices=HOSTS, help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -213,7 +220,6 @@ def register(subparsers) -> None:
         choices=("debug", "info", "warning", "error"),
         help="uvicorn's and LitServe's logging; info shows every request (default warning)",
     )
-    p.set_defaults(func=serve_command)
 
 
 SERVE_EPILOG = """
