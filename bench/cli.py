@@ -25,6 +25,14 @@ def register(sub) -> None:
         "256, float16 (bfloat16 on CPU), 224x224, every peer (the compile peers run on CPU only when named). "
         "--quick: few repeats; on CPU also densenet121 only, batches 1 2.",
     )
+    _add_what_to_run(p)
+    _add_how_to_run(p)
+    _add_end_to_end(p)
+    p.set_defaults(func=run)
+    register_tune(sub)
+
+
+def _add_what_to_run(p) -> None:
     p.add_argument(
         "--model",
         nargs="+",
@@ -52,6 +60,9 @@ def register(sub) -> None:
         metavar="PEER",
         help="peers to run (default all; " + ", ".join(PEER_IDS) + ")",
     )
+
+
+def _add_how_to_run(p) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
@@ -84,7 +95,10 @@ def register(sub) -> None:
         "launch, no graph: adds the launch gaps a graph hides)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # -- end to end (bench/end_to_end.py) --
+
+
+def _add_end_to_end(p) -> None:
+    """Files -> predictions instead of the model bench (bench/end_to_end.py)."""
     p.add_argument(
         "--end-to-end",
         nargs="?",
@@ -100,9 +114,6 @@ def register(sub) -> None:
         metavar="W",
         help="--end-to-end: DataLoader workers of every peer (default: the CPUs less one on CUDA)",
     )
-    # -- end of end to end --
-    p.set_defaults(func=run)
-    register_tune(sub)
 
 
 def register_tune(sub) -> None:
