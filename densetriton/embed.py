@@ -99,6 +99,40 @@ Examples:
 _FILE_ROWS_AT_ONCE = 1 << 16  # rows copied from the old FILE into the new one at a time
 
 
+def _fill_rows(rows, out: str, width: int, model_id: str, paths: list[str], file_rows: int) -> None:
+    """rows: a [len(paths), width] float32 array or tensor, written in place: the old FILE's first
+    file_rows rows, then each later path's first row in FILE.partial/'s chunks."""
+    from safetensors import safe_open
+
+    position = {path_key(p): i for i, p in enumerate(paths[file_rows:], start=file_rows)}
+    block = _FILE_ROWS_AT_ONCE
+    if file_rows and out.lower().endswith(".npy"):
+        old = np.load(out, mmap_mode="r", allow_pickle=False)
+        for i in range(0, file_rows, block):
+            j = min(i + block, file_rows)
+            rows[i:j] = old[i:j]  # .npy to .npy: both numpy
+        del old
+    elif file_rows:
+        with safe_open(out, framework="pt") as f:
+            old = f.get_slice("features")
+            for i in range(0, file_rows, block):
+                j = min(i + block, file_rows)
+                rows[i:j] = old[i:j]  # .safetensors to .safetensors: both torch
+    for chunk, chunk_paths in _progress_chunks(out, width, model_id):
+        take = [(j, position.pop(path_key(p))) for j, p in enumerate(chunk_paths) if path_key(p) in position]
+        if take:
+            with safe_open(str(chunk), framework="pt") as f:
+                features = f.get_tensor("features")
+            source, target = zip(*take)
+            picked = features[list(source)]
+            rows[list(target)] = picked
+    if position:  # FILE.partial/ changed under this run: write nothing rather than rows never computed
+        raise RuntimeError(
+            f"{len(position)} rows, {next(iter(position))!r} first, vanished from "
+            f"{_progress_dir(out)}/ before {out} was written; run again with --resume"
+        )
+
+
 def _write_features(
     out: str, width: int, model: str, model_id: str, paths: list[str], *, file_rows: int, resumed: bool
 ) -> None:
@@ -106,47 +140,16 @@ def _write_features(
     resumed run), every later one the first row FILE.partial/'s chunks hold for its path. Rows
     stream from FILE and one chunk at a time into the new file (a memory map for .npy), so a
     large FILE is never held in memory, let alone several copies of it."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .atomic import atomic_write
-
-    position = {path_key(p): i for i, p in enumerate(paths[file_rows:], start=file_rows)}
-    block = _FILE_ROWS_AT_ONCE
-
-    def fill(rows) -> None:
-        """rows: a [len(paths), width] float32 array or tensor, written in place."""
-        if file_rows and out.lower().endswith(".npy"):
-            old = np.load(out, mmap_mode="r", allow_pickle=False)
-            for i in range(0, file_rows, block):
-                j = min(i + block, file_rows)
-                rows[i:j] = old[i:j]  # .npy to .npy: both numpy
-            del old
-        elif file_rows:
-            with safe_open(out, framework="pt") as f:
-                old = f.get_slice("features")
-                for i in range(0, file_rows, block):
-                    j = min(i + block, file_rows)
-                    rows[i:j] = old[i:j]  # .safetensors to .safetensors: both torch
-        for chunk, chunk_paths in _progress_chunks(out, width, model_id):
-            take = [(j, position.pop(path_key(p))) for j, p in enumerate(chunk_paths) if path_key(p) in position]
-            if take:
-                with safe_open(str(chunk), framework="pt") as f:
-                    features = f.get_tensor("features")
-                source, target = zip(*take)
-                picked = features[list(source)]
-                rows[list(target)] = picked
-        if position:  # FILE.partial/ changed under this run: write nothing rather than rows never computed
-            raise RuntimeError(
-                f"{len(position)} rows, {next(iter(position))!r} first, vanished from "
-                f"{_progress_dir(out)}/ before {out} was written; run again with --resume"
-            )
 
     if out.lower().endswith(".npy"):
 
         def write_npy(tmp):
             with _NpyRows(tmp, len(paths), width) as rows:
-                fill(rows)
+                _fill_rows(rows, out, width, model_id, paths, file_rows)
 
         def write_paths(tmp):
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -169,7 +172,7 @@ def _write_features(
         atomic_write(out, write_npy)
     else:
         rows = torch.empty(len(paths), width)
-        fill(rows)
+        _fill_rows(rows, out, width, model_id, paths, file_rows)
         metadata = {"format": "densetriton-features", "paths": json.dumps(paths), "model": model, "model_id": model_id}
 
         def write_safetensors(tmp):
