@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-PEER_IDS = (
-    "densetriton",
-    "torchvision-eager-fp32",
-    "torchvision-eager-fp16-cl",
-    "torch-compile-default",
-    "torch-compile-reduce-overhead",
-    "torch-compile-max-autotune",
-    "onnxruntime",
-)
+from .schema import PEER_IDS
+
 BENCH_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")  # ImageNet stems
 
 

@@ -14,15 +14,8 @@ from pathlib import Path
 
 import torch
 
-PEERS = (
-    "densetriton",
-    "torchvision-eager-fp32",
-    "torchvision-eager-fp16-cl",
-    "torch-compile-default",
-    "torch-compile-reduce-overhead",
-    "torch-compile-max-autotune",
-    "onnxruntime",
-)
+from .schema import PEER_IDS as PEERS
+
 COMPILE_MODES = {
     "torch-compile-default": "default",
     "torch-compile-reduce-overhead": "reduce-overhead",

@@ -4,22 +4,24 @@ The fields issue 4 names are required; extras are documented here and allowed, s
 can add fields without breaking readers.
 """
 
+# Every peer the bench can run, in the issue's order (bench/peers.py builds them; the CLI and this
+# schema read the names from here, without importing torch).
+PEER_IDS = (
+    "densetriton",
+    "torchvision-eager-fp32",
+    "torchvision-eager-fp16-cl",
+    "torch-compile-default",
+    "torch-compile-reduce-overhead",
+    "torch-compile-max-autotune",
+    "onnxruntime",
+)
+
 _num = {"type": "number"}
 _count = {"type": "integer", "minimum": 0}
 _pos = {"type": "number", "exclusiveMinimum": 0}
 _opt_str = {"type": ["string", "null"]}
 DTYPE = {"enum": ["float16", "bfloat16", "float32"]}
-PEER = {
-    "enum": [
-        "densetriton",
-        "torchvision-eager-fp32",
-        "torchvision-eager-fp16-cl",
-        "torch-compile-default",
-        "torch-compile-reduce-overhead",
-        "torch-compile-max-autotune",
-        "onnxruntime",
-    ]
-}
+PEER = {"enum": list(PEER_IDS)}
 
 RECORD = {
     "type": "object",

@@ -128,6 +128,8 @@ def register(subparsers) -> None:
 
 
 def _add_model_arguments(g, models) -> None:
+    from .stream import add_dtype_and_backend
+
     g.add_argument(
         "--model",
         choices=models,
@@ -135,17 +137,7 @@ def _add_model_arguments(g, models) -> None:
         help="a registry model: torchvision's pretrained weights; with --weights, the architecture the file must hold",
     )
     g.add_argument("--weights", metavar="FILE", help="a weights file (.safetensors, see `densetriton convert`)")
-    g.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16"),
-        help="compute dtype (default: float16 on CUDA, float32 on CPU)",
-    )
-    g.add_argument(
-        "--backend",
-        choices=("auto", "reference", "triton"),
-        default="auto",
-        help="triton (fused kernels), reference (plain PyTorch) or auto: triton on CUDA (default)",
-    )
+    add_dtype_and_backend(g)
     g.add_argument(
         "--multi-label",
         action=argparse.BooleanOptionalAction,

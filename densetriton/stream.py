@@ -125,6 +125,21 @@ def exit_status(done: int, already: int) -> int:
     return 0 if done + already else 1
 
 
+def add_dtype_and_backend(g) -> None:
+    """--dtype and --backend, as every command that builds an engine takes them."""
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="compute dtype (default: float16 on CUDA, float32 on CPU)",
+    )
+    g.add_argument(
+        "--backend",
+        choices=("auto", "reference", "triton"),
+        default="auto",
+        help="triton (fused kernels), reference (plain PyTorch) or auto: triton on CUDA (default)",
+    )
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     from .spec import TORCHVISION_MODELS, list_models
 
@@ -142,17 +157,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--device", help="cuda, cuda:N or cpu (default: cuda when available; cuda:LOCAL_RANK under torchrun)"
     )
-    g.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16"),
-        help="compute dtype (default: float16 on CUDA, float32 on CPU)",
-    )
-    g.add_argument(
-        "--backend",
-        choices=("auto", "reference", "triton"),
-        default="auto",
-        help="triton (fused kernels), reference (plain PyTorch) or auto: triton on CUDA (default)",
-    )
+    add_dtype_and_backend(g)
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per batch (default 32)")
     g.add_argument(
