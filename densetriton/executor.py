@@ -10,7 +10,7 @@ from types import ModuleType
 
 import torch
 
-from .plan import Plan, build_stages, fold_batchnorm, memory_layout
+from .plan import Plan, build_stages, fold_batchnorm, memory_layout, stem_v2_workspace
 from .spec import NO_CLASSIFIER, DenseNetSpec
 from .tiles import TunedTable, find_tuned_table
 from .variants import kernel_choice_from_env
@@ -175,7 +175,11 @@ class TritonExecutor:
     def planned_bytes(self, n: int, height: int, width: int) -> int:
         """Bytes of the buffers and scratch a plan for this size allocates (weights not counted)."""
         _, _, arena_numel, scratch_numel = memory_layout(self.spec, n, height, width)
-        return (sum(arena_numel) + scratch_numel) * self.dtype.itemsize + n * self.spec.num_features * 4
+        stem_numel = 0
+        if self.kernel_choice.of("stem") == "v2":
+            numel, lent = stem_v2_workspace(self.spec, self.stages[0], n, height, width)
+            stem_numel = 0 if lent else numel
+        return (sum(arena_numel) + scratch_numel + stem_numel) * self.dtype.itemsize + n * self.spec.num_features * 4
 
     def _trim(self, budget: int) -> None:
         while self.plans and sum(p.nbytes for p in self.plans.values()) > max(budget, 0):

@@ -95,6 +95,19 @@ def memory_layout(spec: DenseNetSpec, n: int, height: int, width: int):
     return shapes, arena_of, arena_numel, scratch_numel
 
 
+def stem_v2_workspace(spec: DenseNetSpec, stem: Stage, n: int, height: int, width: int) -> tuple[int, bool]:
+    """The stem v2's packed copy of the input: (its elements, whether block 1's arena holds them).
+    The arena lends them where it is large enough and the stem writes elsewhere: nothing there is
+    live until max-pool writes block 1, after the stem has read the copy. Plans and the engine's
+    planned bytes both ask here."""
+    from . import kernels
+
+    c_in = stem.reads.stop - stem.reads.start
+    numel = kernels.stem_workspace_numel(n, c_in, stem.kernel_size, stem.padding, height, width)
+    block1_arena_numel = memory_layout(spec, n, height, width)[2][0]
+    return numel, stem.writes.buffer == "stem" and block1_arena_numel >= numel
+
+
 def build_stages(spec: DenseNetSpec) -> list[Stage]:
     """The network as a list of kernel launches, in order."""
     stages = _stem_stages(spec)
@@ -252,7 +265,7 @@ class Plan:
     ):
         from . import kernels
 
-        self.key, self.dtype = (n, height, width), dtype
+        self.spec, self.key, self.dtype = spec, (n, height, width), dtype
         self.kernel_choice = kernel_choice or KernelChoice()
         self.tuned, self.interpreted = tuned, interpreted
         shapes, arena_of, arena_numel, scratch_numel = memory_layout(spec, n, height, width)
@@ -357,14 +370,12 @@ class Plan:
         return lambda x_, logits: launch()
 
     def _bind_stem_v2(self, stage, w, out, c_in, tiles, kernels):
-        """The stem through a packed copy of the input (kernels.stem_v2). The copy lives in block
-        1's arena where it fits and the stem writes elsewhere: nothing there is live until
-        max-pool writes block 1, after the stem has read the copy."""
+        """The stem through a packed copy of the input (kernels.stem_v2), in block 1's arena where
+        stem_v2_workspace says it may lend it."""
         (n, height, width), dtype = self.key, self.dtype
-        numel = kernels.stem_workspace_numel(n, c_in, stage.kernel_size, stage.padding, height, width)
-        lend = stage.writes.buffer == "stem" and self.arenas[0].numel() >= numel
-        workspace = self.arenas[0] if lend else torch.empty(numel, dtype=dtype, device=self.arenas[0].device)
-        self.nbytes += 0 if lend else numel * workspace.element_size()
+        numel, lent = stem_v2_workspace(self.spec, stage, n, height, width)
+        workspace = self.arenas[0] if lent else torch.empty(numel, dtype=dtype, device=self.arenas[0].device)
+        self.nbytes += 0 if lent else numel * workspace.element_size()
         conv = kernels.bind_stem_conv_v2(
             w["weight"],
             out,

@@ -100,9 +100,11 @@ def test_forward_calls_no_cat(tiny_engine):
 
 def test_a_call_allocates_only_its_result_and_the_stem_reads_the_callers_tensor(tiny_engine, monkeypatch):
     """With the kernels stubbed out (the interpreter allocates for itself), what is left is the
-    executor's own work per call: one allocation, the returned logits, and no copy of the input."""
+    executor's own work per call: one allocation, the returned logits, and no copy of the input
+    (the v1 stem's: v2 packs the input into its workspace)."""
     import densetriton.kernels as kernels
 
+    monkeypatch.setenv("DENSETRITON_KERNELS", "stem=v1")
     model, _ = tiny_engine
     launched = []
     for name in ("bn_relu_conv", "bn_relu_avgpool_conv", "max_pool_3x3_s2", "bn_relu_global_avgpool"):
@@ -215,6 +217,26 @@ def test_plans_are_reused_and_results_never_alias(tiny_engine):
         assert rel_err(b, model(x2.cpu())) < 1e-4
     # the plan's own byte count is what it allocated
     assert engine.planned_memory_bytes(2, 40, 40) == plan.nbytes + executor.weight_bytes
+
+
+@pytest.mark.parametrize("stem", ["v1", "v2"])
+def test_planned_bytes_are_what_a_plan_allocates(monkeypatch, stem):
+    """The engine's memory estimate (the plan cache's bound, the out-of-memory message) counts the
+    stem v2's packed input where block 1's arena cannot lend it, and only there."""
+    from densetriton.plan import stem_v2_workspace
+
+    monkeypatch.setenv("DENSETRITON_KERNELS", f"stem={stem}")
+    cases = [(get_spec("densenet121"), 64), (DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet"), 40)]
+    cases += [(DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"), 9)]
+    lent = set()
+    for spec, size in cases:
+        engine = densetriton.load(spec, weights=None, device=DEVICE, dtype=torch.float16, backend="triton")
+        executor = engine._model
+        assert executor.kernel_choice.of("stem") == stem
+        plan = executor.plan(2, size, size)
+        assert executor.planned_bytes(2, size, size) == plan.nbytes
+        lent.add(stem_v2_workspace(spec, executor.stages[0], 2, size, size)[1])
+    assert lent == {True, False}  # both ways of holding the packed input were counted
 
 
 def test_channels_last_and_noncontiguous_inputs(tiny_engine):
