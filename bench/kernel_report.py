@@ -92,7 +92,7 @@ def collect(models, batches, dtypes, image_sizes=(None,), kernel_choice=None):
     """(kernels by name, launches): every launch of every plan as (kernel, args, kwargs, where).
 
     The plans are built on CPU tensors with the GPU's tile sizes and the kernel variants of
-    kernel_choice (default: every op's v1); the recorder stands in for the kernels, so nothing
+    kernel_choice (default: each op's default); the recorder stands in for the kernels, so nothing
     runs. An image size of None is the model's own (224, or 32 for CIFAR).
     """
     import torch
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
         default=None,
         metavar="CHOICE",
         help="kernel variants, as DENSETRITON_KERNELS takes them (e.g. v2, or conv1x1=v2,conv3x3=v1); "
-        "default: $DENSETRITON_KERNELS, else v1",
+        "default: $DENSETRITON_KERNELS, else each op's default",
     )
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (default 90: H100)")
     p.add_argument(

@@ -1,9 +1,10 @@
 """Which kernel variant runs each op: DENSETRITON_KERNELS, read once when an engine is created.
 
-    DENSETRITON_KERNELS=v1                       every op's first kernels (the default)
+    (unset)                                      each op's default: stem v2, every other op v1
+    DENSETRITON_KERNELS=v1                       v1 for every op (the stem's old kernel included)
     DENSETRITON_KERNELS=v2                       v2 for every op that has one, v1 for the rest
-    DENSETRITON_KERNELS=conv1x1=v2,conv3x3=v2    per op; ops not named keep v1
-    DENSETRITON_KERNELS=v2,conv3x3=v1            a default for all, then per-op exceptions
+    DENSETRITON_KERNELS=conv1x1=v2,conv3x3=v2    per op; ops not named keep their default
+    DENSETRITON_KERNELS=v2,conv3x3=v1            a variant for all, then per-op exceptions
 
 Ops: stem (the first convolution), conv1x1 (dense layers' bottleneck), conv3x3 (dense layers'
 3x3, and plain layers' only conv), transition, max_pool, head, classifier. An engine reads the
@@ -11,8 +12,7 @@ variable when it is created and keeps its choice: setting it later changes only 
 later, so plans of different selections never share a cache.
 
 A variant becomes an op's default only once a GPU has timed it faster and the whole suite passes
-with it: the stem's v2 was timed faster on an H100 (bench/NOTES.md), but a plan's planned bytes do
-not yet count its packed input where that outgrows block 1's arena.
+with it (bench/NOTES.md keeps the measurements): so far the stem's v2.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 ENV_VAR = "DENSETRITON_KERNELS"
 # The variants each op has; the first is its default.
 OP_VARIANTS = {
-    "stem": ("v1", "v2"),
+    "stem": ("v2", "v1"),
     "conv1x1": ("v1", "v2"),
     "conv3x3": ("v1", "v2"),
     "transition": ("v1",),
