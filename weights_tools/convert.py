@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..limits import MAX_CLASSES, MAX_KEY_CHARS
+from ..limits import MAX_CLASSES, MAX_KEY_CHARS, OverBound
 from ..spec import TORCHVISION_MODELS, DenseNetSpec, describe_spec, get_spec
 from ..weights import (
     WeightsError,
@@ -374,6 +374,8 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
         return DenseNetSpec(
             growth_rate, tuple(block_config), conv0[0], bn_size, compression, num_classes, stem, conv0[1]
         )
+    except OverBound:
+        raise  # a network over limits.py's bounds: convert_checkpoint refuses the file that declares it
     except ValueError as e:
         raise ConversionError(f"cannot infer the architecture: {e}") from None
 
@@ -662,20 +664,23 @@ def convert_checkpoint(
     multi_label = multi_label if multi_label is not None else carried.get("multi_label")
     if operating_points is None and multi_label is not False:
         operating_points = carried.get("operating_points")  # --no-multi-label drops them
-    return convert_state_dict(
-        state_dict,
-        out,
-        arch=arch,
-        class_names=class_names,
-        preprocessing=preprocessing,
-        source=f"checkpoint:{path.name}",
-        progress=progress,
-        bn_eps=bn_eps,
-        multi_label=multi_label,
-        operating_points=operating_points,
-        prefix=prefix,
-        _carried=from_file,
-    )
+    try:
+        return convert_state_dict(
+            state_dict,
+            out,
+            arch=arch,
+            class_names=class_names,
+            preprocessing=preprocessing,
+            source=f"checkpoint:{path.name}",
+            progress=progress,
+            bn_eps=bn_eps,
+            multi_label=multi_label,
+            operating_points=operating_points,
+            prefix=prefix,
+            _carried=from_file,
+        )
+    except OverBound as e:  # its tensors describe a network over a bound (one a block, say)
+        raise refused(path, f"the architecture its tensors describe: {e.what}", e.declared, e.bound) from None
 
 
 def convert_module(
