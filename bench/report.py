@@ -11,23 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-# The record fields issue 4 names, in its order; extras follow, the raw times last.
-RECORD_FIELDS = (
-    "model",
-    "batch",
-    "dtype",
-    "image_size",
-    "peer",
-    "median_ms",
-    "p90_ms",
-    "images_per_s",
-    "peak_mem_bytes",
-    "cold_start_s",
-    "max_rel_err",
-    "top1_agree",
-    "floor_ms",
-)
-TOP_FIELDS = ("device", "torch", "triton", "torchvision", "commit", "created", "results")
+from .schema import RECORD_FIELDS
 
 
 def order_record(rec: dict) -> dict:

@@ -16,6 +16,25 @@ PEER_IDS = (
     "onnxruntime",
 )
 
+# The record fields issue 4 names, in its order (the report writes them first, extras after, the
+# raw times last), and a results file's top-level fields.
+RECORD_FIELDS = (
+    "model",
+    "batch",
+    "dtype",
+    "image_size",
+    "peer",
+    "median_ms",
+    "p90_ms",
+    "images_per_s",
+    "peak_mem_bytes",
+    "cold_start_s",
+    "max_rel_err",
+    "top1_agree",
+    "floor_ms",
+)
+TOP_FIELDS = ("device", "torch", "triton", "torchvision", "commit", "created", "results")
+
 _num = {"type": "number"}
 _count = {"type": "integer", "minimum": 0}
 _pos = {"type": "number", "exclusiveMinimum": 0}
@@ -25,22 +44,7 @@ PEER = {"enum": list(PEER_IDS)}
 
 RECORD = {
     "type": "object",
-    "required": [
-        "model",
-        "batch",
-        "dtype",
-        "image_size",
-        "peer",
-        "median_ms",
-        "p90_ms",
-        "images_per_s",
-        "peak_mem_bytes",
-        "cold_start_s",
-        "max_rel_err",
-        "top1_agree",
-        "floor_ms",
-        "times_ms",
-    ],
+    "required": [*RECORD_FIELDS, "times_ms"],
     "properties": {
         "model": {"type": "string"},
         "batch": {"type": "integer", "minimum": 1},
@@ -132,7 +136,7 @@ RESULTS = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "densetriton bench results",
     "type": "object",
-    "required": ["device", "torch", "triton", "torchvision", "commit", "created", "results"],
+    "required": list(TOP_FIELDS),
     "properties": {
         "schema_version": {"const": 1},
         "device": {"type": "string", "minLength": 1},

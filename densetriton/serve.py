@@ -39,21 +39,30 @@ class Drain:
     and answers the requests it has, while the workers still compute), then the workers, which
     ignore SIGINT and SIGTERM (Ctrl-C and `systemctl stop` signal every process of the group), get
     SIGUSR1, and LitServe stops the rest as on Ctrl-C. A second signal kills the HTTP processes and
-    the workers, giving up the requests in flight."""
+    the workers, giving up the requests in flight.
+
+    The HTTP processes stop on SIGTERM only and ignore SIGINT: uvicorn takes a SIGINT that follows
+    another signal as "force quit" and answers the requests it holds with a bare 500, and a Ctrl-C
+    reaches them beside the main process's SIGTERM."""
 
     def __init__(self):
         self.main_pid = os.getpid()
         self.stopping = False
 
     def install(self) -> None:
+        import uvicorn.server
+
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, self.handle)
+        # Read by uvicorn when each HTTP process (forked from this one) starts serving: the
+        # signals it handles itself, leaving SIGINT to self.handle.
+        uvicorn.server.HANDLED_SIGNALS = (signal.SIGTERM,)
 
     def handle(self, number, frame):
         if os.getpid() != self.main_pid:  # a process forked from this one, which inherits this handler:
-            if multiprocessing.current_process().name.startswith("LitServer-"):
+            if multiprocessing.current_process().name.startswith("LitServer-") and number == signal.SIGTERM:
                 raise SystemExit(0)  # an HTTP process whose uvicorn has answered its requests and stopped
-            return  # LitServe's queue manager: it is needed until the workers have answered
+            return  # a Ctrl-C to an HTTP process (the main one stops it), or LitServe's queue manager
         children = multiprocessing.active_children()
         if self.stopping:  # a second signal: the requests in flight are given up
             for process in children:

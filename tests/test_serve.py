@@ -373,33 +373,79 @@ def test_mixed_load_from_16_clients(server, files):
 # -- shutdown ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_answers_the_requests_in_flight(files, number):
-    """Requests wait in a batch (a 3 s timeout, the largest size never filled) when the signal
-    comes to every process of the server's group, as Ctrl-C and `systemctl stop` send it; each is
-    answered, right, and the server exits 0."""
-    engine = densetriton.load(files["single"], device="cpu", backend="reference")
+def forked_children(pid: int) -> list[int]:
+    """The processes `pid` forked that still run its command line (LitServe's HTTP processes and
+    queue manager; the spawned workers run multiprocessing's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                if b"densetriton" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            pass  # gone meanwhile
+    return found
+
+
+def answers_while_stopping(files, name: str, stop) -> tuple[list, "Server"]:
+    """Requests wait in a batch (a 3 s timeout, the largest size never filled) when `stop(server)`
+    signals it; (what each got, the server)."""
     kinds = ["gray", "cmyk", "rgba"]
     srv = Server(
-        files["single"], files["root"] / f"stop-{number}.log", "--batch-sizes", "1", "8", "--batch-timeout-ms", "3000"
+        files["single"], files["root"] / f"{name}.log", "--batch-sizes", "1", "8", "--batch-timeout-ms", "3000"
     )
+    srv.wait_healthy()
+    with ThreadPoolExecutor(len(kinds)) as pool:
+        pending = [pool.submit(srv.post, "/predict?topk=1", read(files["images"][k]), "image/png", None) for k in kinds]
+        time.sleep(1.2)  # sent and waiting in the worker's batch
+        assert not any(f.done() for f in pending)
+        stop(srv)
+        answers = [f.result(timeout=60) for f in pending]
+    return list(zip(kinds, answers)), srv
+
+
+def assert_answered_right(files, answers, srv) -> None:
+    engine = densetriton.load(files["single"], device="cpu", backend="reference")
+    for kind, (status, answer) in answers:
+        assert status == 200, (answer, srv.log.read_text()[-4000:])
+        name, prob = direct(engine, files["images"][kind], 1)[0]
+        assert answer["topk"][0]["label"] == name and abs(answer["topk"][0]["prob"] - prob) <= PROB_TOL
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_answers_the_requests_in_flight(files, number):
+    """The signal comes to every process of the server's group, as Ctrl-C and `systemctl stop`
+    send it: each request is answered, right, and the server exits 0."""
+    srv = None
     try:
-        srv.wait_healthy()
-        with ThreadPoolExecutor(len(kinds)) as pool:
-            pending = [
-                pool.submit(srv.post, "/predict?topk=1", read(files["images"][k]), "image/png", None) for k in kinds
-            ]
-            time.sleep(1.2)  # sent and waiting in the worker's batch
-            assert not any(f.done() for f in pending)
-            os.killpg(srv.process.pid, number)
-            answers = [f.result(timeout=60) for f in pending]
-        for kind, (status, answer) in zip(kinds, answers):
-            assert status == 200, (answer, srv.log.read_text()[-4000:])
-            name, prob = direct(engine, files["images"][kind], 1)[0]
-            assert answer["topk"][0]["label"] == name and abs(answer["topk"][0]["prob"] - prob) <= PROB_TOL
+        answers, srv = answers_while_stopping(files, f"stop-{number}", lambda s: os.killpg(s.process.pid, number))
+        assert_answered_right(files, answers, srv)
         assert srv.process.wait(timeout=60) == 0
     finally:
-        srv.kill()
+        if srv is not None:
+            srv.kill()
+
+
+def test_a_ctrl_c_after_the_stop_does_not_drop_the_requests_in_flight(files):
+    """An HTTP process that has begun stopping on SIGTERM and then gets a SIGINT (a Ctrl-C to the
+    group arriving after the main process's SIGTERM) still answers what it holds: uvicorn's own
+    handling would take the SIGINT as "force quit" and answer each with a bare 500."""
+
+    def stop(srv):
+        http_and_manager = forked_children(srv.process.pid)
+        assert len(http_and_manager) == 3, http_and_manager  # --api-servers 2, and the manager
+        for number in (signal.SIGTERM, signal.SIGINT):
+            for pid in http_and_manager:
+                os.kill(pid, number)
+            time.sleep(0.05)
+
+    srv = None
+    try:
+        answers, srv = answers_while_stopping(files, "sigterm-then-sigint", stop)
+        assert_answered_right(files, answers, srv)
+    finally:
+        if srv is not None:
+            srv.kill()
 
 
 # -- refusals before serving ---------------------------------------------------------------------
