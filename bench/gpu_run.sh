@@ -98,7 +98,8 @@ run_tests() {  # run_tests NAME LIMIT_S PYTEST_ARGS...: one pytest run, its stat
     shift 2
     echo "=== python -m pytest $* (limit ${limit}s)" >>"$OUTDIR/tests.log"
     # SIGINT, not SIGTERM, at the limit: pytest then still prints which tests failed and how long each took.
-    timeout -s INT -k 15 "$limit" "$PY" -m pytest "$@" -q -rfEs --durations=15 -p no:cacheprovider \
+    # -o addopts=: one process for the one GPU (pyproject's pytest-xdist workers may not even be installed).
+    timeout -s INT -k 15 "$limit" "$PY" -m pytest "$@" -o addopts= -q -rfEs --durations=15 -p no:cacheprovider \
         >>"$OUTDIR/tests.log" 2>&1 || rc=$?
     [[ $rc == 5 ]] && rc=0  # no test collected
     stage "$name" "$rc" "$( [[ $rc == 124 ]] && echo "cut at the test budget; " )$(pytest_tail)"
