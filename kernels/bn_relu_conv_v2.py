@@ -12,6 +12,11 @@
   taps, and only the inner loop (2 steps at Cin = 128) is pipelined, draining at every tap.
 
 Both ReLUs (prologue and epilogue) keep NaN, as torch.relu does: a NaN input gives NaN logits.
+
+Split-K (SPLIT_K > 1), for launches too small to fill the GPU (batch 1's late blocks are one
+program streaming the whole weight): SPLIT_K programs share a tile's K steps, each writes its
+float32 partial sum to a workspace [SPLIT_K, N*OH*OW, C_out], and a reduction kernel adds them
+in split order (so a result is the same bit for bit call to call), then the bias and the ReLU.
 """
 
 import torch
@@ -54,6 +59,14 @@ def _epilogue(
     )
 
 
+@triton.jit
+def _store_partial(acc, part_ptr, pid_k, offs_pix, offs_co, pix_mask, co_mask, M, C_out):
+    # This split's share of the K sum, for _split_k_reduce_kernel: workspace [SPLIT_K, M, C_out].
+    base = part_ptr + (pid_k * M).to(tl.int64) * C_out
+    rows = offs_pix.to(tl.int64) * C_out
+    tl.store(base + rows[:, None] + offs_co[None, :], acc, mask=pix_mask[:, None] & co_mask[None, :])
+
+
 # N, H, W, OH, OW only bound rows: not specialised, so one compile serves every batch and size.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
 def _conv1x1_v2_kernel(
@@ -63,6 +76,7 @@ def _conv1x1_v2_kernel(
     scale_ptr,
     shift_ptr,
     bias_ptr,
+    part_ptr,
     N,
     H,
     W,
@@ -90,6 +104,7 @@ def _conv1x1_v2_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -103,7 +118,14 @@ def _conv1x1_v2_kernel(
     x_pix_ptr = x_ptr + n * stride_xn + (oh * STRIDE) * stride_xh + (ow * STRIDE) * stride_xw
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C_in, BLOCK_K):
+    if SPLIT_K == 1:
+        k_begin = 0
+        k_end = C_in
+    else:  # this program's share of the channel blocks
+        per_split = tl.cdiv(tl.cdiv(C_in, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_begin = tl.program_id(2) * per_split
+        k_end = tl.minimum(k_begin + per_split, C_in)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_ci = k0 + tl.arange(0, BLOCK_K)
         ci_mask = offs_ci < C_in
         w = tl.load(
@@ -121,24 +143,27 @@ def _conv1x1_v2_kernel(
             a = relu_keep_nan(a.to(tl.float32) * scale[None, :] + shift[None, :])
         acc = _dot(a.to(w.dtype), w, acc, IEEE_DOT)
 
-    _epilogue(
-        acc,
-        out_ptr,
-        bias_ptr,
-        n,
-        oh,
-        ow,
-        offs_co,
-        pix_mask,
-        co_mask,
-        stride_on,
-        stride_oh,
-        stride_ow,
-        stride_oc,
-        stride_bias,
-        HAS_BIAS,
-        RELU_OUT,
-    )
+    if SPLIT_K == 1:
+        _epilogue(
+            acc,
+            out_ptr,
+            bias_ptr,
+            n,
+            oh,
+            ow,
+            offs_co,
+            pix_mask,
+            co_mask,
+            stride_on,
+            stride_oh,
+            stride_ow,
+            stride_oc,
+            stride_bias,
+            HAS_BIAS,
+            RELU_OUT,
+        )
+    else:
+        _store_partial(acc, part_ptr, tl.program_id(2), offs_pix, offs_co, pix_mask, co_mask, N * OH * OW, C_out)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
@@ -149,6 +174,7 @@ def _conv_taps_v2_kernel(
     scale_ptr,
     shift_ptr,
     bias_ptr,
+    part_ptr,
     N,
     H,
     W,
@@ -179,6 +205,7 @@ def _conv_taps_v2_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -207,10 +234,20 @@ def _conv_taps_v2_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One loop over (tap, channel block), tap-major as the packed weight rows are laid out. The
     # tap (kh, kw) and channel offset k0 advance as counters: no division inside the loop.
-    kh = 0
-    kw = 0
-    k0 = 0
-    for _ in range(0, KH * KW * tl.cdiv(C_in, BLOCK_K)):
+    steps = KH * KW * tl.cdiv(C_in, BLOCK_K)
+    if SPLIT_K == 1:
+        kh = 0
+        kw = 0
+        k0 = 0
+    else:  # this program's share of the steps, its counters set to its first step
+        per_split = tl.cdiv(steps, SPLIT_K)
+        first = tl.program_id(2) * per_split
+        steps = tl.minimum(per_split, steps - first)
+        tap = first // tl.cdiv(C_in, BLOCK_K)
+        k0 = (first % tl.cdiv(C_in, BLOCK_K)) * BLOCK_K
+        kh = tap // KW
+        kw = tap % KW
+    for _ in range(0, steps):
         offs_ci = k0 + tl.arange(0, BLOCK_K)
         ci_mask = offs_ci < C_in
         tap = kh * KW + kw
@@ -240,6 +277,61 @@ def _conv_taps_v2_kernel(
         kw = tl.where(next_row, 0, kw)
         kh = tl.where(next_row, kh + 1, kh)
 
+    if SPLIT_K == 1:
+        _epilogue(
+            acc,
+            out_ptr,
+            bias_ptr,
+            n,
+            oh,
+            ow,
+            offs_co,
+            pix_mask,
+            co_mask,
+            stride_on,
+            stride_oh,
+            stride_ow,
+            stride_oc,
+            stride_bias,
+            HAS_BIAS,
+            RELU_OUT,
+        )
+    else:
+        _store_partial(acc, part_ptr, tl.program_id(2), offs_pix, offs_co, pix_mask, co_mask, N * OH * OW, C_out)
+
+
+@triton.jit(do_not_specialize=["M", "OH", "OW"])
+def _split_k_reduce_kernel(
+    part_ptr,
+    out_ptr,
+    bias_ptr,
+    M,
+    OH,
+    OW,
+    C_out,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    stride_bias,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_pix = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pix_mask = offs_pix < M
+    co_mask = offs_co < C_out
+    mask = pix_mask[:, None] & co_mask[None, :]
+    part_tile = part_ptr + offs_pix.to(tl.int64)[:, None] * C_out + offs_co[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):  # in split order: the same sum, bit for bit, every call
+        acc += tl.load(part_tile + s * M.to(tl.int64) * C_out, mask=mask, other=0.0)
+    ow = offs_pix % OW
+    oh = (offs_pix // OW) % OH
+    n = (offs_pix // (OW * OH)).to(tl.int64)
     _epilogue(
         acc,
         out_ptr,
@@ -261,6 +353,22 @@ def _conv_taps_v2_kernel(
 
 
 MAX_KERNEL = 31  # the tap loop keeps a row's in-image taps as bits of an int32
+REDUCE_BLOCK = (64, 64)  # the split-K reduction's tile: elementwise, any size works
+
+
+def split_k_workspace_numel(rows: int, c_out: int, split_k: int) -> int:
+    """Elements of the float32 workspace a split-K launch needs (0 for split_k 1)."""
+    return split_k * rows * c_out if split_k > 1 else 0
+
+
+def _check_workspace(workspace, numel, device):
+    if not isinstance(workspace, torch.Tensor) or workspace.dtype != torch.float32:
+        raise ValueError("SPLIT_K > 1 needs a float32 workspace tensor (split_k_workspace_numel elements)")
+    if workspace.device != device or not workspace.is_contiguous() or workspace.numel() < numel:
+        raise ValueError(
+            f"the split-K workspace must be a contiguous float32 tensor of at least {numel} elements on "
+            f"{device}, got {workspace.numel()} on {workspace.device}"
+        )
 
 
 def bn_relu_conv_v2(
@@ -280,8 +388,12 @@ def bn_relu_conv_v2(
     BLOCK_K=32,
     num_warps=4,
     num_stages=None,
+    SPLIT_K=1,
+    workspace=None,
 ):
-    """bn_relu_conv's op and arguments (see its docstring), run by the v2 kernels."""
+    """bn_relu_conv's op and arguments (see its docstring), run by the v2 kernels. SPLIT_K > 1
+    splits the K sum over that many programs per tile, their partials in `workspace` (float32,
+    split_k_workspace_numel elements; the caller's, as every output here)."""
     g = check_conv_args(
         x,
         weight,
@@ -299,12 +411,17 @@ def bn_relu_conv_v2(
     n, h, w, c_in, oh, ow, c_out, kh, kw = g
     if max(kh, kw) > MAX_KERNEL:
         raise ValueError(f"bn_relu_conv_v2 takes kernels up to {MAX_KERNEL}x{MAX_KERNEL}, got {kh}x{kw}")
+    if not isinstance(SPLIT_K, int) or isinstance(SPLIT_K, bool) or SPLIT_K < 1:
+        raise ValueError(f"SPLIT_K must be a positive int, got {SPLIT_K!r}")
+    rows = n * oh * ow
+    if SPLIT_K > 1:
+        _check_workspace(workspace, split_k_workspace_numel(rows, c_out, SPLIT_K), x.device)
     has_prologue = in_scale is not None
     # Unused pointer arguments get a valid tensor; the constexpr flags compile their loads away.
     scale = in_scale if has_prologue else weight
     shift = in_shift if has_prologue else weight
     bias_arg = bias if bias is not None else weight
-    grid = (triton.cdiv(n * oh * ow, BLOCK_M), triton.cdiv(c_out, BLOCK_N))
+    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(c_out, BLOCK_N), SPLIT_K)
     args = (
         x,
         weight,
@@ -312,6 +429,7 @@ def bn_relu_conv_v2(
         scale,
         shift,
         bias_arg,
+        workspace if SPLIT_K > 1 else weight,
         n,
         h,
         w,
@@ -334,6 +452,7 @@ def bn_relu_conv_v2(
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
+        SPLIT_K=SPLIT_K,
         num_warps=num_warps,
     )
     if num_stages is not None:
@@ -342,4 +461,23 @@ def bn_relu_conv_v2(
         _conv1x1_v2_kernel[grid](*args, STRIDE=stride, **flags)
     else:
         _conv_taps_v2_kernel[grid](*args, KH=kh, KW=kw, STRIDE=stride, PAD=padding, **flags)
+    if SPLIT_K > 1:
+        block_m, block_n = REDUCE_BLOCK
+        reduce_grid = (triton.cdiv(rows, block_m), triton.cdiv(c_out, block_n))
+        _split_k_reduce_kernel[reduce_grid](
+            workspace,
+            out,
+            bias_arg,
+            rows,
+            oh,
+            ow,
+            c_out,
+            *out.stride(),
+            bias_arg.stride(0),
+            SPLIT_K=SPLIT_K,
+            HAS_BIAS=bias is not None,
+            RELU_OUT=bool(relu_out),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+        )
     return out

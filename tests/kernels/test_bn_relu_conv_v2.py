@@ -160,3 +160,58 @@ def test_same_arguments_and_errors_as_v1(device, gen):
         )
     with pytest.raises(ValueError, match="in_scale and in_shift must be given together"):
         bn_relu_conv_v2(x, weight, out, kernel_size=3, padding=1, in_scale=randn(gen, 8, device=device))
+
+
+SPLIT_CASES = [
+    # n, h, w, c_in, c_out, k, pad, prologue, bias, relu_out, blocks (M, N, K), split_k
+    # 1x1 bottleneck at batch 1: 5 channel blocks in 2 splits (3 + 2), the last one partly masked.
+    (1, 3, 3, 70, 24, 1, 0, True, True, True, (16, 16, 16), 2),
+    # 1x1, more splits than the 3 channel blocks: the fourth split adds nothing and stays right.
+    (2, 2, 3, 40, 19, 1, 0, True, False, False, (16, 16, 16), 4),
+    # 3x3 over the scratch: 9 taps x 2 channel blocks = 18 steps in 4 splits, each starting mid-tap.
+    (1, 4, 5, 24, 12, 3, 1, False, False, False, (16, 16, 16), 4),
+    # plain dense layer's 3x3 with the prologue and padding, 3 splits of 9 taps x 1 block.
+    (2, 3, 3, 13, 7, 3, 1, True, True, True, (16, 16, 16), 3),
+]
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("n,h,w,c_in,c_out,k,pad,prologue,bias,relu_out,blocks,split_k", SPLIT_CASES)
+def test_split_k_matches_torch_and_repeats_bit_for_bit(
+    device, gen, dtype, n, h, w, c_in, c_out, k, pad, prologue, bias, relu_out, blocks, split_k
+):
+    """Partials in a NaN-poisoned workspace, reduced in split order: float64 PyTorch's result, the
+    same bits on a second call, nothing written outside the output or past the workspace's need."""
+    from densetriton.kernels import split_k_workspace_numel
+
+    x, w_ref, weight, scale, shift, b = layer(gen, device, dtype, n, h, w, c_in, c_out, k, prologue, bias)
+    oh, ow = h + 2 * pad - k + 1, w + 2 * pad - k + 1
+    band = GuardBand((n, oh, ow, c_out), dtype=dtype, device=device)
+    need = split_k_workspace_numel(n * oh * ow, c_out, split_k)
+    workspace = torch.full((need + 64,), NAN, dtype=torch.float32, device=device)
+    kwargs = dict(kernel_size=k, padding=pad, in_scale=scale, in_shift=shift, bias=b, relu_out=relu_out)
+    tiles = dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1], BLOCK_K=blocks[2], SPLIT_K=split_k, workspace=workspace)
+
+    bn_relu_conv_v2(x, weight, band.view, **kwargs, **tiles)
+
+    ref = reference(x, w_ref, stride=1, padding=pad, scale=scale, shift=shift, bias=b, relu_out=relu_out)
+    assert_close(band.view, ref, dtype)
+    band.assert_untouched()
+    assert torch.isnan(workspace[need:]).all()
+    first = band.view.clone()
+    band.view.fill_(NAN)
+    workspace[:need].fill_(NAN)
+    bn_relu_conv_v2(x, weight, band.view, **kwargs, **tiles)
+    assert torch.equal(band.view, first), "two calls on the same inputs differ"
+
+
+def test_split_k_needs_the_callers_workspace(device, gen):
+    x, _, weight, *_ = layer(gen, device, torch.float32, 1, 2, 2, 32, 16, 1, False, False)
+    out = torch.empty(1, 2, 2, 16, device=device)
+    with pytest.raises(ValueError, match="needs a float32 workspace"):
+        bn_relu_conv_v2(x, weight, out, kernel_size=1, SPLIT_K=2)
+    small = torch.empty(2 * 4 * 16 - 1, device=device)
+    with pytest.raises(ValueError, match="at least 128 elements"):
+        bn_relu_conv_v2(x, weight, out, kernel_size=1, SPLIT_K=2, workspace=small)
+    with pytest.raises(ValueError, match="SPLIT_K must be a positive int"):
+        bn_relu_conv_v2(x, weight, out, kernel_size=1, SPLIT_K=0)
