@@ -32,7 +32,16 @@ import numpy as np
 import torch
 
 from densetriton.plan import buffer_shapes, build_stages, stage_op
-from densetriton.tiles import GEMM_OPS, LayerKey, choose_tiles, load_tuned_table, tuned_table_json, tuned_table_name
+from densetriton.tiles import (
+    GEMM_OPS,
+    MAX_SPLIT_K,
+    SPLIT_K_VARIANTS,
+    LayerKey,
+    choose_tiles,
+    load_tuned_table,
+    tuned_table_json,
+    tuned_table_name,
+)
 
 from .timing import Timer
 
@@ -111,6 +120,11 @@ def candidate_tiles(key: LayerKey) -> list[dict]:
     add({**base, "num_warps": 4 if base["num_warps"] == 8 else 8})
     for stages in (2, 4):
         add({**base, "num_stages": stages})
+    if (key.op, key.variant) in SPLIT_K_VARIANTS:  # K split over half or twice as many programs
+        split = base.get("SPLIT_K", 1)
+        for other in (split // 2, split * 2):
+            if 1 <= other <= 2 * MAX_SPLIT_K:
+                add({k: v for k, v in base.items() if k != "SPLIT_K"} | ({"SPLIT_K": other} if other > 1 else {}))
     return found
 
 

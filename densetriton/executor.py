@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -10,7 +11,15 @@ from types import ModuleType
 
 import torch
 
-from .plan import Plan, build_stages, fold_batchnorm, memory_layout, stem_v2_workspace
+from .plan import (
+    Plan,
+    build_stages,
+    fold_batchnorm,
+    launch_tiles,
+    memory_layout,
+    split_k_workspace_numel,
+    stem_v2_workspace,
+)
 from .spec import NO_CLASSIFIER, DenseNetSpec
 from .tiles import TunedTable, find_tuned_table
 from .variants import kernel_choice_from_env
@@ -179,7 +188,12 @@ class TritonExecutor:
         if self.kernel_choice.of("stem") == "v2":
             numel, lent = stem_v2_workspace(self.spec, self.stages[0], n, height, width)
             stem_numel = 0 if lent else numel
-        return (sum(arena_numel) + scratch_numel + stem_numel) * self.dtype.itemsize + n * self.spec.num_features * 4
+        choices = dict(dtype=self.dtype, kernel_choice=self.kernel_choice, interpreted=self.interpreted)
+        tiles_of = functools.partial(launch_tiles, tuned=self.tuned, **choices)
+        float32_numel = n * self.spec.num_features + split_k_workspace_numel(
+            self.spec, self.stages, n, height, width, tiles_of
+        )
+        return (sum(arena_numel) + scratch_numel + stem_numel) * self.dtype.itemsize + float32_numel * 4
 
     def _trim(self, budget: int) -> None:
         while self.plans and sum(p.nbytes for p in self.plans.values()) > max(budget, 0):

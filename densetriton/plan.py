@@ -245,6 +245,34 @@ def conv_launcher(variant: str):
     return getattr(kernels, CONV_LAUNCHERS[variant])
 
 
+def launch_tiles(
+    stage: Stage, n: int, out_hw: tuple, c_in: int, c_out: int, *, dtype, kernel_choice, interpreted, tuned
+) -> tuple[str, dict]:
+    """A stage's kernel variant and launch configuration (densetriton.tiles)."""
+    op = stage_op(stage)
+    variant = kernel_choice.of(op)
+    dtype = torch.float32 if op == "classifier" else dtype  # the classifier runs on float32 features
+    key = LayerKey(op, variant, str(dtype).removeprefix("torch."), n, *out_hw, c_in, c_out, stage.kernel_size)
+    return variant, choose_tiles(key, interpreted=interpreted, tuned=tuned)
+
+
+def split_k_workspace_numel(spec: DenseNetSpec, stages, n: int, height: int, width: int, tiles_of) -> int:
+    """Float32 elements of the one workspace a plan's split-K launches share (they run one after
+    another): the largest any dense-layer conv asks for, 0 where none splits. `tiles_of` is
+    launch_tiles with the plan's choices bound; plans and the engine's planned bytes both ask here."""
+    from . import kernels
+
+    shapes, need = buffer_shapes(spec, height, width), 0
+    for stage in stages:
+        if stage_op(stage) in ("conv1x1", "conv3x3"):
+            block = stage.writes.buffer if stage.writes.buffer.startswith("block") else stage.reads.buffer
+            hw = shapes[block][:2]  # a dense layer's convs keep its block's size
+            c_in, c_out = stage.reads.stop - stage.reads.start, stage.writes.stop - stage.writes.start
+            _, tiles = tiles_of(stage, n, hw, c_in, c_out)
+            need = max(need, kernels.split_k_workspace_numel(n * hw[0] * hw[1], c_out, tiles.get("SPLIT_K", 1)))
+    return need
+
+
 class Plan:
     """Buffers and bound launches for one (N, H, W): built once, then run many times."""
 
@@ -275,7 +303,9 @@ class Plan:
         }
         self.scratch = torch.empty(scratch_numel, dtype=dtype, device=device) if scratch_numel else None
         self.features = torch.empty(n, spec.num_features, dtype=torch.float32, device=device)
-        owned = [*self.arenas, self.features] + ([self.scratch] if self.scratch is not None else [])
+        split_numel = split_k_workspace_numel(spec, stages, n, height, width, self._tiles)
+        self.split_k_workspace = torch.empty(split_numel, dtype=torch.float32, device=device) if split_numel else None
+        owned = [*self.arenas, self.features] + [t for t in (self.scratch, self.split_k_workspace) if t is not None]
         self.nbytes = sum(t.numel() * t.element_size() for t in owned)
 
         self.graph = None  # a CUDA graph of graph_launches(), once captured
@@ -293,12 +323,8 @@ class Plan:
         return self.buffers[v.buffer][..., v.start : v.stop]
 
     def _tiles(self, stage: Stage, n: int, out_hw: tuple, c_in: int, c_out: int) -> tuple[str, dict]:
-        """The stage's kernel variant and launch configuration (densetriton.tiles)."""
-        op = stage_op(stage)
-        variant = self.kernel_choice.of(op)
-        dtype = torch.float32 if op == "classifier" else self.dtype  # the classifier runs on float32 features
-        key = LayerKey(op, variant, str(dtype).removeprefix("torch."), n, *out_hw, c_in, c_out, stage.kernel_size)
-        return variant, choose_tiles(key, interpreted=self.interpreted, tuned=self.tuned)
+        choices = dict(dtype=self.dtype, kernel_choice=self.kernel_choice, interpreted=self.interpreted)
+        return launch_tiles(stage, n, out_hw, c_in, c_out, tuned=self.tuned, **choices)
 
     def _bind(self, stage, folded, kernels, n, shapes):
         w = {arg: folded[name] for arg, name in stage.weights.items()}
@@ -337,6 +363,8 @@ class Plan:
         # The head's output has no pixels: its tiles follow the input's.
         variant, tiles = self._tiles(stage, n, (out if out.dim() == 4 else x).shape[1:3], c_in, c_out)
         if stage.op == "conv":
+            if tiles.get("SPLIT_K", 1) > 1:  # partials in the plan's workspace, sized for every split launch
+                tiles = {**tiles, "workspace": self.split_k_workspace}
             launch = functools.partial(
                 conv_launcher(variant),
                 x,

@@ -15,7 +15,8 @@ A tuned table:
                   "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3,
                   "split_k": 1}]}
 
-height and width are the output's; split_k must be 1 (no kernel splits K yet).
+height and width are the output's. split_k > 1 splits the K sum over that many programs per tile
+(SPLIT_K_VARIANTS: the ops and variants whose kernel can); every other entry's is 1.
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ GPU_TILES = {
     ("transition", "float32"): GemmRule(64, 128, 4096, 128, 32, 16, ((128, 64),)),
     ("classifier", "float32"): GemmRule(16, 16, 0, 128, 16, 16, ()),
 }
+# Split-K (bn_relu_conv_v2's SPLIT_K): a launch of fewer programs than one wave of the GPU's SMs
+# splits its K steps, doubling the programs while they stay within the wave and each split keeps
+# MIN_STEPS_PER_SPLIT steps (batch 1's block 4 is one program streaming 30 K steps of weights).
+SPLIT_K_VARIANTS = {("conv1x1", "v2"), ("conv3x3", "v2")}
+SM_WAVE = 132  # the H100's and H200's SMs
+MAX_SPLIT_K = 8
+MIN_STEPS_PER_SPLIT = 4
 # Under Triton's interpreter every program instance costs Python time: the largest tiles.
 INTERPRETER_TILES = GemmRule(256, 256, 0, 128, 128, 16, ())
 # The pooling ops: (axis the tile follows, smallest, largest) or a fixed size.
@@ -124,6 +132,18 @@ def gemm_tiles(rule: GemmRule, rows: int, k: int, c_out: int) -> dict:
     return tiles
 
 
+def split_k(key: LayerKey, tiles: dict) -> int:
+    """The heuristic split of a launch's K steps (1: none); see SM_WAVE."""
+    if (key.op, key.variant) not in SPLIT_K_VARIANTS:
+        return 1
+    programs = -(-key.rows // tiles["BLOCK_M"]) * -(-key.c_out // tiles["BLOCK_N"])
+    steps = key.kernel_size**2 * -(-key.c_in // tiles["BLOCK_K"])
+    split = 1
+    while split < MAX_SPLIT_K and programs * split * 2 <= SM_WAVE and steps // (split * 2) >= MIN_STEPS_PER_SPLIT:
+        split *= 2
+    return split
+
+
 def heuristic_tiles(key: LayerKey, *, interpreted: bool) -> dict:
     """The tables' launch configuration for one layer."""
     if key.op in POOL_TILES:
@@ -134,7 +154,9 @@ def heuristic_tiles(key: LayerKey, *, interpreted: bool) -> dict:
     k = key.c_in * key.kernel_size**2 if key.op == "stem" else key.c_in
     if interpreted:
         return gemm_tiles(INTERPRETER_TILES, key.rows, k, key.c_out)
-    return gemm_tiles(GPU_TILES[key.op, _dtype_class(key.dtype)], key.rows, k, key.c_out)
+    tiles = gemm_tiles(GPU_TILES[key.op, _dtype_class(key.dtype)], key.rows, k, key.c_out)
+    split = split_k(key, tiles)
+    return {**tiles, "SPLIT_K": split} if split > 1 else tiles
 
 
 class TunedTable:
@@ -199,9 +221,13 @@ def _entry(item, where: str) -> tuple[LayerKey, dict]:
                 f"{where}: {name} must be {'a power of two' if name != 'num_stages' else 'an int'} "
                 f">= {lo}, got {value!r}"
             )
-    if item.get("split_k", 1) != 1:
-        raise ValueError(f"{where}: split_k {item['split_k']!r}: no kernel splits K yet, only 1 is accepted")
-    return key, tiles
+    split = item.get("split_k", 1)
+    if not isinstance(split, int) or isinstance(split, bool) or not 1 <= split <= 64:
+        raise ValueError(f"{where}: split_k must be an int from 1 to 64, got {split!r}")
+    if split > 1 and (key.op, key.variant) not in SPLIT_K_VARIANTS:
+        ops = ", ".join(f"{op} {variant}" for op, variant in sorted(SPLIT_K_VARIANTS))
+        raise ValueError(f"{where}: split_k {split}: only {ops} split K")
+    return key, {**tiles, "SPLIT_K": split} if split > 1 else tiles
 
 
 def load_tuned_table(path) -> TunedTable:
@@ -226,7 +252,10 @@ def load_tuned_table(path) -> TunedTable:
 
 def tuned_table_json(gpu_name: str, triton_version: str, entries: dict) -> str:
     """A tuned table's text for {LayerKey: tiles} (what a tune command writes)."""
-    rows = [{**asdict(key), **{k: tiles[k] for k in TILE_KEYS}, "split_k": 1} for key, tiles in entries.items()]
+    rows = [
+        {**asdict(key), **{k: tiles[k] for k in TILE_KEYS}, "split_k": tiles.get("SPLIT_K", 1)}
+        for key, tiles in entries.items()
+    ]
     major_minor = ".".join(triton_version.split("+")[0].split(".")[:2])
     doc = {"format": TUNED_FORMAT, "version": TUNED_VERSION, "gpu": gpu_name, "triton": major_minor, "entries": rows}
     return json.dumps(doc, indent=1) + "\n"

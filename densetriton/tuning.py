@@ -85,8 +85,13 @@ def _stem_or_classifier_v2(key: LayerKey, x, weight, out, args: dict, tiles: dic
 def build_candidate(key: LayerKey, tiles: dict, *, device, seed: int = 0):
     """A zero-argument callable that launches `key`'s kernel variant with `tiles` on fixed random
     inputs and returns its output tensor (the same tensor every call). Bad tiles: ValueError."""
+    from . import kernels
+
     args = _inputs(key, device, seed)
     x, weight, out = args.pop("x"), args.pop("weight"), args.pop("out")
+    if tiles.get("SPLIT_K", 1) > 1:  # its partials' workspace, as a plan gives it
+        numel = kernels.split_k_workspace_numel(key.rows, key.c_out, tiles["SPLIT_K"])
+        tiles = {**tiles, "workspace": torch.empty(numel, dtype=torch.float32, device=device)}
     launch = functools.partial(_launcher(key), x, weight, out, **args, **tiles)
     if key.variant == "v2" and key.op in ("stem", "classifier"):  # their own arguments (densetriton.plan)
         launch = _stem_or_classifier_v2(key, x, weight, out, args, tiles)

@@ -203,7 +203,8 @@ def test_the_tuned_table_is_found_by_gpu_and_triton_user_cache_first(tmp_path):
         (lambda d: d["entries"][0].pop("c_in"), "entry 0: missing c_in"),
         (lambda d: d["entries"][0].update(BLOCK_K=24), "BLOCK_K must be a power of two >= 16"),
         (lambda d: d["entries"][0].update(num_warps=True), "num_warps must be a power of two"),
-        (lambda d: d["entries"][0].update(split_k=2), "split_k 2: no kernel splits K yet"),
+        (lambda d: d["entries"][0].update(split_k=2), "split_k 2: only conv1x1 v2, conv3x3 v2 split K"),
+        (lambda d: d["entries"][0].update(split_k=0), "split_k must be an int from 1 to 64"),
         (lambda d: d["entries"][0].update(op="max_pool"), "op must be one of"),
         (lambda d: d["entries"][0].update(colour="blue"), "unknown field"),
         (lambda d: d["entries"].append(dict(d["entries"][0])), "entry 1: a second entry for the same layer"),
@@ -298,3 +299,54 @@ def test_check_candidate_accepts_other_tiles_and_catches_a_wrong_kernel(key, mon
 def pack_like(rows: torch.Tensor, dtype) -> torch.Tensor:
     """[K, Cout] rows as a unit-column-stride operand (what pack_conv_weight returns)."""
     return rows.to(dtype).contiguous()
+
+
+# -- split-K --------------------------------------------------------------------------------------
+
+
+def test_split_k_fills_a_wave_only_where_a_launch_leaves_the_gpu_idle():
+    """Batch 1's block 4 (7x7): the 1x1 at 1920 channels is one program over 30 K steps, split 4 ways
+    (8 would leave 3 steps a split); its 3x3 (18 steps) too. Batch 256, v1, the interpreter: none."""
+    late_1x1 = _key(variant="v2", batch=1, hw=7, c_in=1920, c_out=128)
+    assert heuristic_tiles(late_1x1, interpreted=False)["SPLIT_K"] == 4
+    late_3x3 = _key(op="conv3x3", variant="v2", batch=1, hw=7, c_in=128, c_out=32, k=3)
+    assert heuristic_tiles(late_3x3, interpreted=False)["SPLIT_K"] == 4
+    for key in (_key(variant="v2"), _key(batch=1, hw=7, c_in=1920), _key(variant="v2", batch=1, hw=7, c_in=32)):
+        assert "SPLIT_K" not in heuristic_tiles(key, interpreted=False), key
+    assert "SPLIT_K" not in heuristic_tiles(late_1x1, interpreted=True)
+
+
+def test_a_tuned_split_k_is_written_read_and_launched(tmp_path):
+    key = _key(variant="v2", batch=1, hw=7, c_in=1920, c_out=128)
+    tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, SPLIT_K=8)
+    table = load_tuned_table(_table(tmp_path, {key: tiles}))
+    assert table.get(key) == tiles and choose_tiles(key, interpreted=False, tuned=table) == tiles
+    assert json.loads(tuned_table_json("g", "3.6", {key: tiles}))["entries"][0]["split_k"] == 8
+
+
+def test_a_whole_network_with_split_k_launches_matches_the_reference(monkeypatch):
+    """Every dense-layer conv split (2 ways for the 1x1s, 3 for the 3x3s) in the interpreter: the
+    reference's logits; the plan's one workspace is what its largest split asks for, and the
+    engine's planned bytes count it."""
+    import densetriton.plan
+
+    real = densetriton.plan.choose_tiles
+
+    def splitting(key, **kw):
+        tiles = real(key, **kw)
+        if key.op in ("conv1x1", "conv3x3"):
+            tiles = {**tiles, "SPLIT_K": 2 if key.op == "conv1x1" else 3}
+        return tiles
+
+    monkeypatch.setattr(densetriton.plan, "choose_tiles", splitting)
+    monkeypatch.setenv("DENSETRITON_KERNELS", "v2")
+    spec = DenseNetSpec(8, (2, 2), 16, 2, 0.5, 5, "imagenet")
+    model, engines = _engines(spec, 36, torch.float32, monkeypatch)
+    engine = engines["v2"]
+    x = torch.randn(2, 3, 36, 36)
+    with torch.no_grad():
+        assert rel_err(engine(x.to(DEVICE)), model(x)) < 1e-4
+    plan, executor = engine._model.plan(2, 36, 36), engine._model
+    widest = max(s.writes.stop - s.writes.start for s in executor.stages if stage_op(s) == "conv1x1")
+    assert plan.split_k_workspace.numel() == 2 * 2 * 9 * 9 * widest  # block 1 (9x9) is the largest
+    assert executor.planned_bytes(2, 36, 36) == plan.nbytes

@@ -14,6 +14,7 @@ import densetriton.plan
 from densetriton import DenseNetSpec
 from densetriton.cli import main
 from densetriton.tiles import GEMM_OPS, LayerKey, choose_tiles, find_tuned_table, load_tuned_table
+from densetriton.tuning import check_candidate
 from densetriton.variants import parse_kernel_choice
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,8 +47,11 @@ def test_layer_keys_are_the_keys_the_plan_tiles_its_launches_with(spec, size, ke
     monkeypatch.setenv("DENSETRITON_KERNELS", kernels)
     engine = densetriton.load(spec, weights=None, device="cpu", dtype=torch.float32, backend="triton")
     engine._model.plan(3, size, size)
-    expected = [k for k in seen if k.op in GEMM_OPS]
-    assert T.layer_keys(spec, 3, size, size, "float32", parse_kernel_choice(kernels)) == expected
+    expected = T.layer_keys(spec, 3, size, size, "float32", parse_kernel_choice(kernels))
+    # Sizing the split-K workspace looks up the dense layers' convs first: the engine's planned
+    # bytes, then the plan's own; then the plan binds every launch.
+    sizing = [k for k in expected if k.op in ("conv1x1", "conv3x3")]
+    assert [k for k in seen if k.op in GEMM_OPS] == sizing + sizing + expected
     assert len(expected) >= 5 and any(k.variant == "v2" for k in expected) == (kernels != "v1")
 
 
@@ -65,6 +69,18 @@ def test_candidates_start_with_the_current_tiles_and_change_one_axis_each():
         3,
         4,
     }
+
+
+def test_split_k_candidates_halve_and_double_the_split_and_pass_the_check():
+    """A v2 3x3 at batch 1 (heuristic split 4): candidates with 2 and 8 splits, each a valid launch
+    whose output matches v1's (workspace given as a plan gives it), in the interpreter."""
+    key = LayerKey("conv3x3", "v2", "float16", 1, 7, 7, 128, 32, 3)
+    assert choose_tiles(key, interpreted=False)["SPLIT_K"] == 4
+    splits = {c.get("SPLIT_K", 1) for c in T.candidate_tiles(key)}
+    assert splits == {2, 4, 8}
+    small = LayerKey("conv3x3", "v2", "float32", 1, 3, 3, 40, 16, 3)
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=4)
+    assert check_candidate(small, tiles, device="cpu") < 1e-5
 
 
 def _wrong_for(monkeypatch, tiles, calls):
