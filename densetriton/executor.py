@@ -17,7 +17,7 @@ from .plan import (
     fold_batchnorm,
     launch_tiles,
     memory_layout,
-    split_k_workspace_numel,
+    plan_split_k_workspace_numel,
     stem_v2_workspace,
 )
 from .spec import NO_CLASSIFIER, DenseNetSpec
@@ -190,7 +190,7 @@ class TritonExecutor:
             stem_numel = 0 if lent else numel
         choices = dict(dtype=self.dtype, kernel_choice=self.kernel_choice, interpreted=self.interpreted)
         tiles_of = functools.partial(launch_tiles, tuned=self.tuned, **choices)
-        float32_numel = n * self.spec.num_features + split_k_workspace_numel(
+        float32_numel = n * self.spec.num_features + plan_split_k_workspace_numel(
             self.spec, self.stages, n, height, width, tiles_of
         )
         return (sum(arena_numel) + scratch_numel + stem_numel) * self.dtype.itemsize + float32_numel * 4

@@ -256,7 +256,7 @@ def launch_tiles(
     return variant, choose_tiles(key, interpreted=interpreted, tuned=tuned)
 
 
-def split_k_workspace_numel(spec: DenseNetSpec, stages, n: int, height: int, width: int, tiles_of) -> int:
+def plan_split_k_workspace_numel(spec: DenseNetSpec, stages, n: int, height: int, width: int, tiles_of) -> int:
     """Float32 elements of the one workspace a plan's split-K launches share (they run one after
     another): the largest any dense-layer conv asks for, 0 where none splits. `tiles_of` is
     launch_tiles with the plan's choices bound; plans and the engine's planned bytes both ask here."""
@@ -303,7 +303,7 @@ class Plan:
         }
         self.scratch = torch.empty(scratch_numel, dtype=dtype, device=device) if scratch_numel else None
         self.features = torch.empty(n, spec.num_features, dtype=torch.float32, device=device)
-        split_numel = split_k_workspace_numel(spec, stages, n, height, width, self._tiles)
+        split_numel = plan_split_k_workspace_numel(spec, stages, n, height, width, self._tiles)
         self.split_k_workspace = torch.empty(split_numel, dtype=torch.float32, device=device) if split_numel else None
         owned = [*self.arenas, self.features] + [t for t in (self.scratch, self.split_k_workspace) if t is not None]
         self.nbytes = sum(t.numel() * t.element_size() for t in owned)

@@ -60,8 +60,11 @@ class Drain:
 
     def handle(self, number, frame):
         if os.getpid() != self.main_pid:  # a process forked from this one, which inherits this handler:
-            if multiprocessing.current_process().name.startswith("LitServer-") and number == signal.SIGTERM:
-                raise SystemExit(0)  # an HTTP process whose uvicorn has answered its requests and stopped
+            if multiprocessing.current_process().name.startswith("LitServer-"):
+                if number == signal.SIGTERM:
+                    raise SystemExit(0)  # an HTTP process whose uvicorn has answered its requests and stopped
+                if os.getppid() != self.main_pid:  # orphaned (the main process killed): stop as on SIGTERM
+                    os.kill(os.getpid(), signal.SIGTERM)
             return  # a Ctrl-C to an HTTP process (the main one stops it), or LitServe's queue manager
         children = multiprocessing.active_children()
         if self.stopping:  # a second signal: the requests in flight are given up

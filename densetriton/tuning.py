@@ -91,7 +91,8 @@ def build_candidate(key: LayerKey, tiles: dict, *, device, seed: int = 0):
     x, weight, out = args.pop("x"), args.pop("weight"), args.pop("out")
     if tiles.get("SPLIT_K", 1) > 1:  # its partials' workspace, as a plan gives it
         numel = kernels.split_k_workspace_numel(key.rows, key.c_out, tiles["SPLIT_K"])
-        tiles = {**tiles, "workspace": torch.empty(numel, dtype=torch.float32, device=device)}
+        # NaN, as the output: a partial left unwritten fails the candidate's check
+        tiles = {**tiles, "workspace": torch.full((numel,), float("nan"), dtype=torch.float32, device=device)}
     launch = functools.partial(_launcher(key), x, weight, out, **args, **tiles)
     if key.variant == "v2" and key.op in ("stem", "classifier"):  # their own arguments (densetriton.plan)
         launch = _stem_or_classifier_v2(key, x, weight, out, args, tiles)

@@ -62,7 +62,7 @@ def _epilogue(
 @triton.jit
 def _store_partial(acc, part_ptr, pid_k, offs_pix, offs_co, pix_mask, co_mask, M, C_out):
     # This split's share of the K sum, for _split_k_reduce_kernel: workspace [SPLIT_K, M, C_out].
-    base = part_ptr + (pid_k * M).to(tl.int64) * C_out
+    base = part_ptr + pid_k.to(tl.int64) * M * C_out
     rows = offs_pix.to(tl.int64) * C_out
     tl.store(base + rows[:, None] + offs_co[None, :], acc, mask=pix_mask[:, None] & co_mask[None, :])
 

@@ -11,6 +11,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def pytest_xdist_auto_num_workers(config):
+    """pyproject's `-n auto`: one process where there is a GPU (its tests share and time it), else
+    pytest-xdist's own count, one worker per core."""
+    return 0 if torch.cuda.is_available() else None
+
+
 # Under pytest-xdist (pyproject's addopts) each worker takes its share of the cores.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:

@@ -385,3 +385,9 @@ def test_a_plain_file_whose_tensors_describe_a_spec_over_the_bounds_is_refused(t
     run = run_cli("convert", "--checkpoint", str(path), "--out", str(out))
     assert_refused(run, mentions="the number of blocks) is 17, over the bound of 16")
     assert str(path) in run.error_lines[0] and not any(out.parent.iterdir())
+    # The same tensors handed over in memory: the converter's own error, nothing written.
+    from densetriton.weights_tools import ConversionError, convert_state_dict
+
+    with pytest.raises(ConversionError, match=r"cannot infer the architecture: .*is 17, over the bound of 16"):
+        convert_state_dict(state, out)
+    assert not any(out.parent.iterdir())

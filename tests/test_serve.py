@@ -448,6 +448,33 @@ def test_a_ctrl_c_after_the_stop_does_not_drop_the_requests_in_flight(files):
             srv.kill()
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit may wait for a reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_http_processes_orphaned_by_a_killed_server_stop_on_ctrl_c(files):
+    """The HTTP processes leave SIGINT to the main process; with the main process killed (SIGKILL,
+    the OOM killer), a Ctrl-C still stops them, so they do not keep the port."""
+    srv = Server(files["single"], files["root"] / "orphaned.log")
+    try:
+        srv.wait_healthy()
+        forked = forked_children(srv.process.pid)  # the two HTTP processes and the queue manager
+        os.kill(srv.process.pid, signal.SIGKILL)
+        srv.process.wait(timeout=30)
+        for pid in forked:
+            os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and sum(map(running, forked)) > 1:
+            time.sleep(0.2)
+        assert sum(map(running, forked)) == 1, srv.log.read_text()[-3000:]  # the manager ignores SIGINT
+    finally:
+        srv.kill()
+
+
 # -- refusals before serving ---------------------------------------------------------------------
 
 

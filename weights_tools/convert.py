@@ -49,7 +49,7 @@ from ..weights import (
 )
 from .bounds import check_tensor
 from .bounds import check_tensors as check_tensors_fit
-from .errors import ConversionError, refused
+from .errors import ArchitectureOverBound, ConversionError, refused
 from .readers import read_checkpoint
 
 # Containers under which training scripts commonly nest the weights.
@@ -374,8 +374,8 @@ def infer_spec(tensors: dict[str, torch.Tensor]) -> DenseNetSpec:
         return DenseNetSpec(
             growth_rate, tuple(block_config), conv0[0], bn_size, compression, num_classes, stem, conv0[1]
         )
-    except OverBound:
-        raise  # a network over limits.py's bounds: convert_checkpoint refuses the file that declares it
+    except OverBound as e:
+        raise ArchitectureOverBound(e.what, e.declared, e.bound, prefix="cannot infer the architecture: ") from None
     except ValueError as e:
         raise ConversionError(f"cannot infer the architecture: {e}") from None
 
@@ -456,6 +456,8 @@ def _resolve_spec(
             spec = spec.replace(in_channels=tensors["features.conv0.weight"].shape[1])
         try:
             found = infer_spec(tensors)
+        except ArchitectureOverBound:
+            raise  # refused whatever arch is given (convert_checkpoint names the file)
         except ConversionError:
             found = None  # not even inferable: the listing in _validate says what is wrong
         if found is not None and found != spec:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..limits import FileRefused, refuse
+from ..limits import FileRefused, OverBound, refuse
 from ..weights import WeightsError
 
 
@@ -13,6 +13,12 @@ class ConversionError(WeightsError):
 class CheckpointRefused(FileRefused, ConversionError):
     """A checkpoint declares more than it holds or than a bound allows (limits.py); nothing past
     the check was read, and the CLI exits with status 2."""
+
+
+class ArchitectureOverBound(OverBound, ConversionError):
+    """A state dict whose tensors describe a network over one of limits.py's bounds (a block per
+    tensor name, say): a ConversionError to convert_state_dict's callers; convert_checkpoint and
+    load_weights refuse the file that holds it (an OverBound)."""
 
 
 def refused(path, what: str, declared, bound, error: type[FileRefused] = CheckpointRefused) -> FileRefused:
