@@ -69,7 +69,11 @@ def test_v2_kernels_build_for_sm90_without_spills_and_fewer_instructions_per_k_s
         assert 0 < registers <= 255 and spill == 0 and shared <= 227 * 1024, rows[kernel]
         instructions, mma = map(int, re.fullmatch(r"(\d+)/(\d+)", k_step).groups())  # one flat loop: no outer
         assert mma >= 2 and instructions < 300, rows[kernel]
-    assert "_bn_relu_conv_kernel" in rows  # the stem and the classifier stay v1
+    assert "_bn_relu_conv_kernel" in rows  # the classifier stays v1
+    # Batch 1's late blocks split K (densetriton.tiles.split_k): the partials' reduction builds too.
+    assert "_split_k_reduce_kernel" in rows, rows
+    for kernel in ("_conv1x1_v2_kernel", "_conv_taps_v2_kernel"):
+        assert re.search(rf"^\| {kernel} \| [^|]*SPLIT_K=[248] ", out.stdout, re.M), kernel
 
 
 def test_a_bad_selection_is_one_argparse_error():
