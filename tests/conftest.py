@@ -12,6 +12,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown where it is not installed
 def pytest_xdist_auto_num_workers(config):
     """pyproject's `-n auto`: one process where there is a GPU (its tests share and time it), else
     pytest-xdist's own count, one worker per core."""
@@ -22,8 +26,6 @@ def pytest_xdist_auto_num_workers(config):
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
-
-import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
