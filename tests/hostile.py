@@ -28,7 +28,7 @@ class ChildRun:
     stdout: str
     stderr: str
     seconds: float
-    cpu_seconds: float  # the command's user + system time
+    cpu_seconds: float  # the command's user + system time, summed over its threads
     peak_mb: float
 
     @property
