@@ -245,6 +245,11 @@ def conv_launcher(variant: str):
     return getattr(kernels, CONV_LAUNCHERS[variant])
 
 
+def _block_of(stage: Stage) -> str:
+    """The block a stage serves, whose spatial size its scratch takes: the one it writes, else reads."""
+    return stage.writes.buffer if stage.writes.buffer.startswith("block") else stage.reads.buffer
+
+
 def launch_tiles(
     stage: Stage, n: int, out_hw: tuple, c_in: int, c_out: int, *, dtype, kernel_choice, interpreted, tuned
 ) -> tuple[str, dict]:
@@ -265,8 +270,7 @@ def plan_split_k_workspace_numel(spec: DenseNetSpec, stages, n: int, height: int
     shapes, need = buffer_shapes(spec, height, width), 0
     for stage in stages:
         if stage_op(stage) in ("conv1x1", "conv3x3"):
-            block = stage.writes.buffer if stage.writes.buffer.startswith("block") else stage.reads.buffer
-            hw = shapes[block][:2]  # a dense layer's convs keep its block's size
+            hw = shapes[_block_of(stage)][:2]  # a dense layer's convs keep its block's size
             c_in, c_out = stage.reads.stop - stage.reads.start, stage.writes.stop - stage.writes.start
             _, tiles = tiles_of(stage, n, hw, c_in, c_out)
             need = max(need, kernels.split_k_workspace_numel(n * hw[0] * hw[1], c_out, tiles.get("SPLIT_K", 1)))
@@ -329,7 +333,7 @@ class Plan:
     def _bind(self, stage, folded, kernels, n, shapes):
         w = {arg: folded[name] for arg, name in stage.weights.items()}
         # The scratch takes the spatial size of the block it serves.
-        block = stage.writes.buffer if stage.writes.buffer.startswith("block") else stage.reads.buffer
+        block = _block_of(stage)
         block_hw = shapes[block][:2] if block in shapes else None
         c_in, c_out = stage.reads.stop - stage.reads.start, stage.writes.stop - stage.writes.start
         if stage.op == "conv" and stage.reads.buffer == "input":

@@ -67,6 +67,54 @@ def _store_partial(acc, part_ptr, pid_k, offs_pix, offs_co, pix_mask, co_mask, M
     tl.store(base + rows[:, None] + offs_co[None, :], acc, mask=pix_mask[:, None] & co_mask[None, :])
 
 
+@triton.jit
+def _write_tile(
+    acc,
+    out_ptr,
+    bias_ptr,
+    part_ptr,
+    n,
+    oh,
+    ow,
+    offs_pix,
+    offs_co,
+    pix_mask,
+    co_mask,
+    M,
+    C_out,
+    stride_on,
+    stride_oh,
+    stride_ow,
+    stride_oc,
+    stride_bias,
+    HAS_BIAS: tl.constexpr,
+    RELU_OUT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    # A whole K sum goes out through the epilogue; a split's share to the workspace.
+    if SPLIT_K == 1:
+        _epilogue(
+            acc,
+            out_ptr,
+            bias_ptr,
+            n,
+            oh,
+            ow,
+            offs_co,
+            pix_mask,
+            co_mask,
+            stride_on,
+            stride_oh,
+            stride_ow,
+            stride_oc,
+            stride_bias,
+            HAS_BIAS,
+            RELU_OUT,
+        )
+    else:
+        _store_partial(acc, part_ptr, tl.program_id(2), offs_pix, offs_co, pix_mask, co_mask, M, C_out)
+
+
 # N, H, W, OH, OW only bound rows: not specialised, so one compile serves every batch and size.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
 def _conv1x1_v2_kernel(
@@ -143,27 +191,29 @@ def _conv1x1_v2_kernel(
             a = relu_keep_nan(a.to(tl.float32) * scale[None, :] + shift[None, :])
         acc = _dot(a.to(w.dtype), w, acc, IEEE_DOT)
 
-    if SPLIT_K == 1:
-        _epilogue(
-            acc,
-            out_ptr,
-            bias_ptr,
-            n,
-            oh,
-            ow,
-            offs_co,
-            pix_mask,
-            co_mask,
-            stride_on,
-            stride_oh,
-            stride_ow,
-            stride_oc,
-            stride_bias,
-            HAS_BIAS,
-            RELU_OUT,
-        )
-    else:
-        _store_partial(acc, part_ptr, tl.program_id(2), offs_pix, offs_co, pix_mask, co_mask, N * OH * OW, C_out)
+    _write_tile(
+        acc,
+        out_ptr,
+        bias_ptr,
+        part_ptr,
+        n,
+        oh,
+        ow,
+        offs_pix,
+        offs_co,
+        pix_mask,
+        co_mask,
+        N * OH * OW,
+        C_out,
+        stride_on,
+        stride_oh,
+        stride_ow,
+        stride_oc,
+        stride_bias,
+        HAS_BIAS,
+        RELU_OUT,
+        SPLIT_K,
+    )
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW"])
@@ -277,27 +327,29 @@ def _conv_taps_v2_kernel(
         kw = tl.where(next_row, 0, kw)
         kh = tl.where(next_row, kh + 1, kh)
 
-    if SPLIT_K == 1:
-        _epilogue(
-            acc,
-            out_ptr,
-            bias_ptr,
-            n,
-            oh,
-            ow,
-            offs_co,
-            pix_mask,
-            co_mask,
-            stride_on,
-            stride_oh,
-            stride_ow,
-            stride_oc,
-            stride_bias,
-            HAS_BIAS,
-            RELU_OUT,
-        )
-    else:
-        _store_partial(acc, part_ptr, tl.program_id(2), offs_pix, offs_co, pix_mask, co_mask, N * OH * OW, C_out)
+    _write_tile(
+        acc,
+        out_ptr,
+        bias_ptr,
+        part_ptr,
+        n,
+        oh,
+        ow,
+        offs_pix,
+        offs_co,
+        pix_mask,
+        co_mask,
+        N * OH * OW,
+        C_out,
+        stride_on,
+        stride_oh,
+        stride_ow,
+        stride_oc,
+        stride_bias,
+        HAS_BIAS,
+        RELU_OUT,
+        SPLIT_K,
+    )
 
 
 @triton.jit(do_not_specialize=["M", "OH", "OW"])

@@ -373,13 +373,18 @@ def test_mixed_load_from_16_clients(server, files):
 # -- shutdown ------------------------------------------------------------------------------------
 
 
+def stat_fields(pid) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, ... (OSError once the process is gone)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def forked_children(pid: int) -> list[int]:
     """The processes `pid` forked that still run its command line (LitServe's HTTP processes and
     queue manager; the spawned workers run multiprocessing's)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+            if entry.name.isdigit() and int(stat_fields(entry.name)[1]) == pid:
                 if b"densetriton" in (entry / "cmdline").read_bytes():
                     found.append(int(entry.name))
         except (OSError, IndexError, ValueError):
@@ -451,7 +456,7 @@ def test_a_ctrl_c_after_the_stop_does_not_drop_the_requests_in_flight(files):
 def running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's exit may wait for a reaper)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return stat_fields(pid)[0] != "Z"
     except OSError:
         return False
 
