@@ -1,18 +1,27 @@
 """Run a densetriton command on a hostile file in a child process and measure what it cost.
 
-The child's peak resident memory comes from os.wait4: that child's rusage alone (RUSAGE_CHILDREN
-would keep the maximum over every child the test process ever waited for).
+Each command is forked from a server that has already imported what `python -m densetriton` imports
+first (torch among them, ~2 s a process), then runs `densetriton/__main__.py` as `python -m` would.
+Its peak resident memory and CPU time come from the server's os.wait4 on that child alone: the
+memory includes the imports it inherited, as a command started afresh would hold them; the CPU time
+is what the file made it do.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 # What every hostile file must stay under: a one-line error, quickly, in little memory. Quickly:
 # under TIME_BOUND_S of the command's CPU time (what the file made it do, whatever else the machine
@@ -36,71 +45,116 @@ class ChildRun:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
-def _drain(stream, chunks: list) -> None:
-    chunks.append(stream.read())
+# The server: one JSON request a line (args, env, cwd, output files); for each it forks the command,
+# answers its pid, waits for it and answers "status peak_kb cpu_seconds". The forked child leaves
+# the loop and runs the command at the top level, so that it exits as `python -m densetriton` does
+# (atexit handlers, an uncaught exception's traceback and status 1).
+_SERVER = """
+import gc, json, os, runpy, sys
+import densetriton.cli
 
+gc.freeze()  # the imports' objects: no collection in a child touches (and so copies) their pages
 
-# The command is started by this few-MB launcher, which reports the command's peak memory and CPU
-# time on a pipe: a process started from this one (pytest, often over 1 GB) would report this process's
-# resident memory as part of its own peak (Linux folds the parent's in at exec).
-_LAUNCHER = """
-import os, signal, subprocess, sys
-child = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(child.pid, 0)
-os.write(int(sys.argv[1]), f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}".encode())
-code = os.waitstatus_to_exitcode(status)
-if code < 0:  # die of the same signal
-    signal.signal(-code, signal.SIG_DFL)
-    os.kill(os.getpid(), -code)
-sys.exit(code)
+def serve(requests, replies):
+    for line in requests:
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            return job
+        os.write(replies, f"{pid}\\n".encode())
+        _, status, usage = os.wait4(pid, 0)
+        os.write(replies, f"{status} {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}\\n".encode())
+    sys.exit(0)
+
+requests, replies = int(sys.argv[1]), int(sys.argv[2])
+job = serve(os.fdopen(requests, "rb", closefd=False), replies)
+os.close(requests), os.close(replies)
+os.setsid()  # a group of its own, which a timeout kills whole
+for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, job["stdout"], os.O_WRONLY), (2, job["stderr"], os.O_WRONLY)):
+    os.dup2(os.open(path, flags), fd)
+os.chdir(job["cwd"])
+os.environ.clear()
+os.environ.update(job["env"])
+sys.argv = ["densetriton", *job["args"]]
+runpy.run_module("densetriton", run_name="__main__", alter_sys=True)
 """
 
 
-def run_python(code_or_args: list[str], *, timeout: float = 60.0, env: dict | None = None) -> ChildRun:
-    """`python ARGS` in a child, killed past `timeout`; its exit status, output, times and peak memory."""
-    start = time.monotonic()
-    peak_read, peak_write = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-S", "-c", _LAUNCHER, str(peak_write), sys.executable, *code_or_args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-        text=True,
-        errors="replace",
-        pass_fds=(peak_write,),
-        start_new_session=True,
-    )
-    os.close(peak_write)
-    out, err = [], []
-    readers = [
-        threading.Thread(target=_drain, args=(proc.stdout, out)),
-        threading.Thread(target=_drain, args=(proc.stderr, err)),
-    ]
-    for r in readers:
-        r.start()
-    deadline, killed = start + timeout, False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline and not killed:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the command
-            killed = True
-        time.sleep(0.02)
-    for r in readers:
-        r.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
-    stderr = "".join(err) + (f"\n[killed after {timeout} s]" if killed else "")
-    with os.fdopen(peak_read, "rb") as reported:
-        # Killed: nothing reported; the launcher's own figures (its memory an upper bound).
-        peak_kb, cpu = reported.read().split() or (usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
-    seconds = time.monotonic() - start
-    return ChildRun(proc.returncode, "".join(out), stderr, seconds, float(cpu), int(peak_kb) / 1024)
+class _CommandServer:
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="densetriton-hostile-"))
+        requests_read, self.requests = os.pipe()
+        self.replies, replies_write = os.pipe()
+        self.log = open(self.folder / "server.log", "wb")  # noqa: SIM115 -- open while the server runs
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, str(requests_read), str(replies_write)],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=self.log,
+            pass_fds=(requests_read, replies_write),
+        )
+        os.close(requests_read), os.close(replies_write)
+        self.pending = b""
+        self.lock = threading.Lock()
+
+    def _reply(self, deadline: float | None) -> str | None:
+        """The server's next line; None once `deadline` (monotonic) has passed."""
+        while b"\n" not in self.pending:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.replies], [], [], wait)[0]:
+                return None
+            chunk = os.read(self.replies, 4096)
+            if not chunk:
+                raise RuntimeError(f"the command server died: {(self.folder / 'server.log').read_text()[-3000:]}")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line.decode()
+
+    def run(self, args: list[str], timeout: float, env: dict | None) -> ChildRun:
+        with self.lock:
+            out, err = self.folder / "stdout", self.folder / "stderr"
+            out.write_bytes(b""), err.write_bytes(b"")
+            job = {
+                "args": args,
+                "env": {**os.environ, **(env or {})},
+                "cwd": os.getcwd(),
+                "stdout": str(out),
+                "stderr": str(err),
+            }
+            start = time.monotonic()
+            os.write(self.requests, (json.dumps(job) + "\n").encode())
+            pid = int(self._reply(None))
+            finished = self._reply(start + timeout)
+            killed = finished is None
+            if killed:
+                with contextlib.suppress(ProcessLookupError):  # unless it has just ended
+                    os.killpg(pid, signal.SIGKILL)  # the command and whatever it started
+                finished = self._reply(None)
+            seconds = time.monotonic() - start
+            status, peak_kb, cpu = finished.split()
+            stderr = err.read_text(errors="replace") + (f"\n[killed after {timeout} s]" if killed else "")
+            code = os.waitstatus_to_exitcode(int(status))
+            return ChildRun(code, out.read_text(errors="replace"), stderr, seconds, float(cpu), int(peak_kb) / 1024)
+
+    def close(self) -> None:
+        os.close(self.requests)  # the server's loop ends
+        self.process.wait(timeout=30)
+        self.log.close()
+        for path in self.folder.iterdir():
+            path.unlink()
+        self.folder.rmdir()
+
+
+_server: _CommandServer | None = None
 
 
 def run_cli(*args: str, timeout: float = 60.0, env: dict | None = None) -> ChildRun:
-    """`densetriton ARGS` (as `python -m densetriton`) in a child process."""
-    return run_python(["-m", "densetriton", *args], timeout=timeout, env=env)
+    """`densetriton ARGS` (as `python -m densetriton`) in a child process, killed past `timeout`."""
+    global _server
+    if _server is None:
+        _server = _CommandServer()
+        atexit.register(_server.close)
+    return _server.run(list(args), timeout, env)
 
 
 def assert_refused(run: ChildRun, *, mentions: str | None = None, status: int = 2) -> None:
