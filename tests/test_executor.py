@@ -39,7 +39,8 @@ def test_densenet121_matches_torchvision(densenet121_file, dtype, tol):
     logits = engine(x.to(DEVICE))
     assert logits.dtype == torch.float32 and logits.shape == (2, 1000)
     assert rel_err(logits, expected) < tol
-    assert rel_err(engine.features(x.to(DEVICE)), expected_features) < tol
+    if dtype == torch.float32:  # the features path once: a second forward costs ~7 s in the interpreter
+        assert rel_err(engine.features(x.to(DEVICE)), expected_features) < tol
 
 
 def _random_model(spec, seed, size):
@@ -52,7 +53,7 @@ def _random_model(spec, seed, size):
     [
         (DenseNetSpec(4, (5,), 8, None, 1.0, 10, "cifar"), 9, 3),  # the paper's Figure 1, plain layers
         (DenseNetSpec(4, (5, 3), 8, None, 0.5, 7, "imagenet"), 37, 3),  # plain layers, ImageNet stem, odd size
-        (get_spec("densenet_bc100_k12"), 32, 2),  # the paper's CIFAR DenseNet-BC
+        (get_spec("densenet_bc100_k12"), 32, 1),  # the paper's CIFAR DenseNet-BC (one image: 48 layers interpreted)
         (DenseNetSpec(6, (3, 2, 4), 10, 3, 0.7, 5, "imagenet"), 61, 3),  # odd widths, theta 0.7
     ],
     ids=["plain-k4-cifar", "plain-k4-imagenet", "cifar-bc100", "odd-spec"],
