@@ -4,6 +4,7 @@ Without CUDA, Triton kernels run through Triton's interpreter, which must be swi
 triton is first imported: this file is loaded before any test module imports densetriton.
 """
 
+import gc
 import os
 
 import torch
@@ -26,6 +27,14 @@ def pytest_xdist_auto_num_workers(config):
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
+
+def pytest_collection_finish(session):
+    """What collection imported (torch, keras, every test module: ~0.5 M objects) lives to the end:
+    frozen, each full collection (the automatic ones, the bench's before every record) skips it,
+    ~0.2 s each instead of walking it all."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
