@@ -151,7 +151,7 @@ _server: _CommandServer | None = None
 def run_cli(*args: str, timeout: float = 60.0, env: dict | None = None) -> ChildRun:
     """`densetriton ARGS` (as `python -m densetriton`) in a child process, killed past `timeout`."""
     global _server
-    if _server is None:
+    if _server is None or _server.process.poll() is not None:  # first use, or killed meanwhile
         _server = _CommandServer()
         atexit.register(_server.close)
     return _server.run(list(args), timeout, env)
