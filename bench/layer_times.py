@@ -270,13 +270,15 @@ def layer_times(engine, x: torch.Tensor, *, repeats: int = 5, method: str = "gra
         raise ValueError(f"layer times need backend='triton', not {engine.backend!r}")
     if method not in METHODS:
         raise ValueError(f"unknown per-kind timing method {method!r}; one of {', '.join(METHODS)}")
-    executor = engine._model
     clock = clock or clock_for(engine.device)
     n, _, height, width = x.shape
     logits = torch.empty(n, engine.spec.num_classes, dtype=torch.float32, device=engine.device)
     cuda = engine.device.type == "cuda"
-    with engine._lock, torch.inference_mode(), torch.cuda.device(engine.device) if cuda else contextlib.nullcontext():
-        plan = executor.plan(n, height, width)
+    with (
+        torch.inference_mode(),
+        torch.cuda.device(engine.device) if cuda else contextlib.nullcontext(),
+        engine.exclusive_plan(n, height, width) as plan,
+    ):
         plan.run(x, logits)  # every kernel compiled before capture and the clock
         used, per_forward = _time_with_fallback(plan, x, logits, clock, method, repeats)
     counts = [stage_kind(stage) for stage, _ in plan.launches]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import threading
@@ -235,6 +236,15 @@ class Engine:
         if self.backend == "reference":
             return None
         return self._model.planned_bytes(batch, height, width) + self._model.weight_bytes
+
+    @contextlib.contextmanager
+    def exclusive_plan(self, batch: int, height: int, width: int):
+        """The Triton backend's plan for this input size, its buffers this caller's alone until the
+        block ends (the engine's lock is held): for tools that launch a plan's stages themselves."""
+        if self.backend != "triton":
+            raise ValueError(f"plans belong to backend='triton', not {self.backend!r}")
+        with self._lock:
+            yield self._model.plan(batch, height, width)
 
     def release(self) -> None:
         """Free the buffers of every cached plan (the weights stay)."""

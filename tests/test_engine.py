@@ -294,3 +294,19 @@ def test_the_reference_backend_warms_up_and_has_no_plan_cache():
     assert engine.plan_cache_bytes is None
     with pytest.raises(ValueError, match="keeps no plans"):
         engine.plan_cache_bytes = 1 << 30
+
+
+def test_an_exclusive_plan_is_the_one_calls_use_and_holds_the_engine_until_released():
+    engine = _triton_engine()
+    x = torch.randn(2, 3, 40, 36, device=DEVICE)
+    expected = engine(x)
+    logits = torch.full_like(expected, float("nan"))
+    with engine.exclusive_plan(2, 40, 36) as plan:
+        assert plan is engine._model.plan(2, 40, 36)  # the cached plan, not a new one
+        assert engine._lock.locked()  # a call from another thread waits here
+        plan.run(x, logits)
+    assert not engine._lock.locked()
+    assert torch.equal(logits, expected)
+    with pytest.raises(ValueError, match="plans belong to backend='triton'"):
+        with densetriton.load(SMALL, weights=None, device="cpu", backend="reference").exclusive_plan(1, 40, 40):
+            pass
