@@ -240,7 +240,8 @@ class Engine:
     @contextlib.contextmanager
     def exclusive_plan(self, batch: int, height: int, width: int):
         """The Triton backend's plan for this input size, its buffers this caller's alone until the
-        block ends (the engine's lock is held): for tools that launch a plan's stages themselves."""
+        block ends (the engine's lock is held): for tools that launch a plan's stages themselves.
+        Calling the engine inside the block waits for the block to end, which it never does."""
         if self.backend != "triton":
             raise ValueError(f"plans belong to backend='triton', not {self.backend!r}")
         with self._lock:

@@ -2,9 +2,10 @@
 
 Each command is forked from a server that has already imported what `python -m densetriton` imports
 first (torch among them, ~2 s a process), then runs `densetriton/__main__.py` as `python -m` would.
-Its peak resident memory and CPU time come from the server's os.wait4 on that child alone: the
-memory includes the imports it inherited, as a command started afresh would hold them; the CPU time
-is what the file made it do.
+Its status, peak resident memory and CPU time come from the server's os.wait4 on that child alone.
+A forked child does not count the imports it inherited until it touches them, nor the time they
+took: each server is calibrated against one `densetriton --help` started afresh, and every figure
+is reported on that scale, as a command started afresh would have measured.
 """
 
 from __future__ import annotations
@@ -80,12 +81,25 @@ runpy.run_module("densetriton", run_name="__main__", alter_sys=True)
 """
 
 
+# Read by Python or the C library as a process starts, before any command runs: a forked child
+# would silently ignore them (densetriton reads its own variables when a command runs).
+_STARTUP_ENV = ("PYTHON", "LD_", "MALLOC_")
+
+
+@dataclass
+class _Costs:
+    seconds: float
+    cpu_seconds: float
+    peak_mb: float
+
+
 class _CommandServer:
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="densetriton-hostile-"))
         requests_read, self.requests = os.pipe()
         self.replies, replies_write = os.pipe()
-        self.log = open(self.folder / "server.log", "wb")  # noqa: SIM115 -- open while the server runs
+        self.log_path = self.folder / "server.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 -- open while the server runs
         self.process = subprocess.Popen(
             [sys.executable, "-c", _SERVER, str(requests_read), str(replies_write)],
             stdin=subprocess.DEVNULL,
@@ -94,8 +108,28 @@ class _CommandServer:
             pass_fds=(requests_read, replies_write),
         )
         os.close(requests_read), os.close(replies_write)
-        self.pending = b""
+        self.pending, self.runs = b"", 0
         self.lock = threading.Lock()
+        self.offset = _Costs(0.0, 0.0, 0.0)
+        self.offset = self._calibrate()
+
+    def _calibrate(self) -> _Costs:
+        """What starting afresh adds to a forked `--help`: the imports' memory and time."""
+        start = time.monotonic()
+        fresh = subprocess.run(
+            [sys.executable, "-c", _FRESH, sys.executable, "-m", "densetriton", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        seconds = time.monotonic() - start
+        forked = self.run(["--help"], 120, None)
+        if fresh.returncode or forked.returncode or fresh.stderr.strip() or forked.stderr.strip():
+            raise RuntimeError(f"`densetriton --help` is not clean: {fresh.stderr[-2000:]}{forked.stderr[-2000:]}")
+        if self.log_path.read_bytes():  # what importing wrote would be each command's output
+            raise RuntimeError(f"importing densetriton.cli wrote: {self.log_path.read_text()[-3000:]}")
+        peak_kb, cpu = fresh.stdout.split()
+        return _Costs(seconds - forked.seconds, float(cpu) - forked.cpu_seconds, int(peak_kb) / 1024 - forked.peak_mb)
 
     def _reply(self, deadline: float | None) -> str | None:
         """The server's next line; None once `deadline` (monotonic) has passed."""
@@ -105,14 +139,17 @@ class _CommandServer:
                 return None
             chunk = os.read(self.replies, 4096)
             if not chunk:
-                raise RuntimeError(f"the command server died: {(self.folder / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(f"the command server died: {self.log_path.read_text()[-3000:]}")
             self.pending += chunk
         line, _, self.pending = self.pending.partition(b"\n")
         return line.decode()
 
     def run(self, args: list[str], timeout: float, env: dict | None) -> ChildRun:
+        if any(key.startswith(_STARTUP_ENV) for key in env or {}):
+            raise ValueError(f"a forked command cannot take variables read at startup: {sorted(env)}")
         with self.lock:
-            out, err = self.folder / "stdout", self.folder / "stderr"
+            self.runs += 1
+            out, err = self.folder / f"{self.runs}.out", self.folder / f"{self.runs}.err"
             out.write_bytes(b""), err.write_bytes(b"")
             job = {
                 "args": args,
@@ -121,20 +158,31 @@ class _CommandServer:
                 "stdout": str(out),
                 "stderr": str(err),
             }
-            start = time.monotonic()
-            os.write(self.requests, (json.dumps(job) + "\n").encode())
-            pid = int(self._reply(None))
-            finished = self._reply(start + timeout)
-            killed = finished is None
-            if killed:
-                with contextlib.suppress(ProcessLookupError):  # unless it has just ended
-                    os.killpg(pid, signal.SIGKILL)  # the command and whatever it started
-                finished = self._reply(None)
+            start, pid = time.monotonic(), None
+            try:
+                os.write(self.requests, (json.dumps(job) + "\n").encode())
+                pid = int(self._reply(None))
+                finished = self._reply(start + timeout)
+                killed = finished is None
+                if killed:
+                    _kill(pid)
+                    finished = self._reply(None)
+            except BaseException:  # an interrupt or a dead server: nothing may answer the next request
+                if pid is not None:
+                    _kill(pid)
+                self.process.kill()
+                raise
             seconds = time.monotonic() - start
             status, peak_kb, cpu = finished.split()
             stderr = err.read_text(errors="replace") + (f"\n[killed after {timeout} s]" if killed else "")
-            code = os.waitstatus_to_exitcode(int(status))
-            return ChildRun(code, out.read_text(errors="replace"), stderr, seconds, float(cpu), int(peak_kb) / 1024)
+            return ChildRun(
+                os.waitstatus_to_exitcode(int(status)),
+                out.read_text(errors="replace"),
+                stderr,
+                seconds + self.offset.seconds,
+                float(cpu) + self.offset.cpu_seconds,
+                int(peak_kb) / 1024 + self.offset.peak_mb,
+            )
 
     def close(self) -> None:
         os.close(self.requests)  # the server's loop ends
@@ -144,6 +192,23 @@ class _CommandServer:
             path.unlink()
         self.folder.rmdir()
 
+
+def _kill(pid: int) -> None:
+    """The command and whatever it started (its own session, once it has called setsid)."""
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)
+
+
+# A fresh command's peak memory and CPU time, from a launcher of a few MB: a process started from
+# pytest's (often over 1 GB) would count pytest's resident memory in its own peak.
+_FRESH = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 _server: _CommandServer | None = None
 
