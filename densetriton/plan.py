@@ -235,14 +235,21 @@ def stage_op(stage: Stage) -> str:
     return "conv1x1" if stage.kernel_size == 1 else "conv3x3"
 
 
-# The launcher of each convolution variant (same arguments, see densetriton.kernels).
-CONV_LAUNCHERS = {"v1": "bn_relu_conv", "v2": "bn_relu_conv_v2"}
+# The launcher of each convolution variant (same arguments, see densetriton.kernels) and the
+# options the variant adds to it.
+CONV_LAUNCHERS = {
+    "v1": ("bn_relu_conv", {}),
+    "v2": ("bn_relu_conv_v2", {}),
+    "v2-pdl": ("bn_relu_conv_v2", {"pdl": True}),
+}
 
 
 def conv_launcher(variant: str):
     from . import kernels
 
-    return getattr(kernels, CONV_LAUNCHERS[variant])
+    name, options = CONV_LAUNCHERS[variant]
+    launcher = getattr(kernels, name)
+    return functools.partial(launcher, **options) if options else launcher
 
 
 def _block_of(stage: Stage) -> str:
@@ -360,7 +367,14 @@ class Plan:
             if variant == "v2":  # features [N, C] -> logits [N, classes], split TF32 products
                 classify = functools.partial(kernels.classifier_v2, self.features, w["weight"], bias=w["bias"], **tiles)
                 return lambda x, logits: classify(out=logits)
-            conv = functools.partial(conv_launcher(variant), feats, w["weight"], kernel_size=1, bias=w["bias"], **tiles)
+            conv = functools.partial(
+                conv_launcher(variant),
+                feats,
+                w["weight"],
+                kernel_size=1,
+                bias=w["bias"],
+                **tiles,
+            )
             return lambda x, logits: conv(logits.view(n, 1, 1, c_out))
         x = self._view(stage.reads, n, shapes, block_hw)
         out = self._view(stage.writes, n, shapes, block_hw)

@@ -93,7 +93,7 @@ GPU_TILES = {
 # Split-K (bn_relu_conv_v2's SPLIT_K): a launch of fewer programs than one wave of the GPU's SMs
 # splits its K steps, doubling the programs while they stay within the wave and each split keeps
 # MIN_STEPS_PER_SPLIT steps (batch 1's block 4 is one program streaming 30 K steps of weights).
-SPLIT_K_VARIANTS = {("conv1x1", "v2"), ("conv3x3", "v2")}
+SPLIT_K_VARIANTS = {(op, v) for op in ("conv1x1", "conv3x3") for v in ("v2", "v2-pdl")}
 SM_WAVE = 132  # the H100's and H200's SMs
 MAX_SPLIT_K = 8
 MIN_STEPS_PER_SPLIT = 4

@@ -5,6 +5,8 @@
     DENSETRITON_KERNELS=v2                       v2 for every op that has one, v1 for the rest
     DENSETRITON_KERNELS=conv1x1=v2,conv3x3=v2    per op; ops not named keep their default
     DENSETRITON_KERNELS=v2,conv3x3=v1            a variant for all, then per-op exceptions
+    DENSETRITON_KERNELS=v2-pdl                   the dense layers' v2 with programmatic dependent
+                                                 launch (a GPU launch attribute; v2 in the interpreter)
 
 Ops: stem (the first convolution), conv1x1 (dense layers' bottleneck), conv3x3 (dense layers'
 3x3, and plain layers' only conv), transition, max_pool, head, classifier. An engine reads the
@@ -24,8 +26,8 @@ ENV_VAR = "DENSETRITON_KERNELS"
 # The variants each op has; the first is its default.
 OP_VARIANTS = {
     "stem": ("v2", "v1"),
-    "conv1x1": ("v1", "v2"),
-    "conv3x3": ("v1", "v2"),
+    "conv1x1": ("v1", "v2", "v2-pdl"),
+    "conv3x3": ("v1", "v2", "v2-pdl"),
     "transition": ("v1",),
     "max_pool": ("v1",),
     "head": ("v1",),

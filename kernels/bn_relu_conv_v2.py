@@ -17,14 +17,29 @@ Split-K (SPLIT_K > 1), for launches too small to fill the GPU (batch 1's late bl
 program streaming the whole weight): SPLIT_K programs share a tile's K steps, each writes its
 float32 partial sum to a workspace [SPLIT_K, N*OH*OW, C_out], and a reduction kernel adds them
 in split order (so a result is the same bit for bit call to call), then the bias and the ReLU.
+
+Programmatic dependent launch (pdl=True, Hopper on): each grid may be launched while the one
+before it still runs, and waits for it (its writes visible) before touching any activation; it
+lets the grid after it launch once every one of its programs has started. Launch latency and
+index set-up then overlap the previous layer's tail, which batch 1's ~200 short launches pay.
 """
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._common import check_conv_args
 from ._math import _dot, relu_keep_nan
+
+
+@triton.jit
+def _wait_for_the_launch_before(PDL: tl.constexpr):
+    # Under programmatic dependent launch: the previous grid's writes are visible after the wait,
+    # and the next grid may start launching (it waits in turn before touching anything).
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -153,7 +168,9 @@ def _conv1x1_v2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_the_launch_before(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -256,7 +273,9 @@ def _conv_taps_v2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_the_launch_before(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -371,7 +390,9 @@ def _split_k_reduce_kernel(
     RELU_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_the_launch_before(PDL)
     offs_pix = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     pix_mask = offs_pix < M
@@ -413,6 +434,14 @@ def split_k_workspace_numel(rows: int, c_out: int, split_k: int) -> int:
     return split_k * rows * c_out if split_k > 1 else 0
 
 
+def _pdl_flags(pdl: bool) -> dict:
+    """The kernels' constexpr and, when on, Triton's launch option for programmatic dependent
+    launch. Triton's interpreter runs each launch whole and in order (and has no griddepcontrol):
+    there pdl changes nothing."""
+    on = bool(pdl) and isinstance(_conv1x1_v2_kernel, triton.runtime.JITFunction)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
 def _check_workspace(workspace, numel, device):
     if not isinstance(workspace, torch.Tensor) or workspace.dtype != torch.float32:
         raise ValueError("SPLIT_K > 1 needs a float32 workspace tensor (split_k_workspace_numel elements)")
@@ -442,10 +471,12 @@ def bn_relu_conv_v2(
     num_stages=None,
     SPLIT_K=1,
     workspace=None,
+    pdl=False,
 ):
     """bn_relu_conv's op and arguments (see its docstring), run by the v2 kernels. SPLIT_K > 1
     splits the K sum over that many programs per tile, their partials in `workspace` (float32,
-    split_k_workspace_numel elements; the caller's, as every output here)."""
+    split_k_workspace_numel elements; the caller's, as every output here). pdl: launch with
+    programmatic dependent launch (sm_90 and later; see the module doc)."""
     g = check_conv_args(
         x,
         weight,
@@ -506,6 +537,7 @@ def bn_relu_conv_v2(
         BLOCK_K=BLOCK_K,
         SPLIT_K=SPLIT_K,
         num_warps=num_warps,
+        **_pdl_flags(pdl),
     )
     if num_stages is not None:
         flags["num_stages"] = num_stages
@@ -531,5 +563,6 @@ def bn_relu_conv_v2(
             RELU_OUT=bool(relu_out),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
+            **_pdl_flags(pdl),
         )
     return out

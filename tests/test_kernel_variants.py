@@ -1,6 +1,7 @@
 """Kernel variants (DENSETRITON_KERNELS), the tile tables, tuned tables, and a sweep's candidate check."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -39,10 +40,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         ("v2,conv3x3=v1", {"conv1x1": "v2", "stem": "v2", "classifier": "v2"}),
         ("conv3x3=v2,stem=v1", {"conv3x3": "v2"}),
         ("v1,stem=v2", {"stem": "v2"}),
+        ("v2-pdl", {"conv1x1": "v2-pdl", "conv3x3": "v2-pdl", "stem": "v2"}),
+        ("v2,conv1x1=v2-pdl", {"conv1x1": "v2-pdl", "conv3x3": "v2", "stem": "v2", "classifier": "v2"}),
     ],
 )
 def test_kernel_choice_syntax(text, expected):
-    """`expected`: the ops that run v2."""
+    """`expected`: the ops that run another variant than v1."""
     choice = parse_kernel_choice(text)
     assert {op: choice.of(op) for op in OP_VARIANTS} == {op: expected.get(op, "v1") for op in OP_VARIANTS}
 
@@ -79,13 +82,13 @@ def test_an_engine_refuses_an_unknown_variant_at_load(monkeypatch):
 # -- whole networks under v2 --------------------------------------------------------------------
 
 
-def _engines(spec, size, dtype, monkeypatch):
-    """The same random weights under v1, v2 and the float32 reference backend."""
+def _engines(spec, size, dtype, monkeypatch, names=("v1", "v2")):
+    """The same random weights under each DENSETRITON_KERNELS of `names`, and the float32 reference model."""
     torch.manual_seed(3)
     model = randomize_batchnorm(ReferenceDenseNet(spec), seed=4, image_size=size)
     weights = densetriton.weights.Weights(spec, {k: v for k, v in model.state_dict().items() if "num_batches" not in k})
     engines = {}
-    for name in ("v1", "v2"):
+    for name in names:
         monkeypatch.setenv("DENSETRITON_KERNELS", name)
         engines[name] = densetriton.Engine(
             weights, device=torch.device(DEVICE), dtype=dtype, backend="triton", pretrained=False
@@ -139,6 +142,33 @@ def test_a_nan_pixel_gives_nan_logits_under_v2(monkeypatch):
     x[1, 0, 5, 7] = float("nan")
     logits = engines["v2"](x.to(DEVICE)).cpu()
     assert torch.isfinite(logits[0]).all() and torch.isnan(logits[1]).all()
+
+
+def test_v2_pdl_runs_the_v2_kernels_with_programmatic_dependent_launch_and_the_same_bits(monkeypatch):
+    """v2-pdl binds pdl=True into every dense conv (the GPU launches them so; the interpreter runs
+    them as v2): its engine gives v2's results bit for bit, batch 1's split launches included."""
+    spec = DenseNetSpec(4, (2, 3), 8, 2, 0.5, 5, "imagenet")
+    v2, v2_pdl = "conv1x1=v2,conv3x3=v2", "conv1x1=v2-pdl,conv3x3=v2-pdl"
+    _, engines = _engines(spec, 37, torch.float16, monkeypatch, names=(v2, v2_pdl))
+    pdl = []
+    real = kernels.bn_relu_conv_v2
+
+    def spy(*args, **kwargs):
+        pdl.append(kwargs.get("pdl", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "bn_relu_conv_v2", spy)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 37, 37).to(DEVICE)
+        before = len(pdl)
+        with_pdl = engines[v2_pdl](x)
+        assert pdl[before:] and all(pdl[before:]), "the v2-pdl engine launched without pdl"
+        before = len(pdl)
+        assert torch.equal(with_pdl, engines[v2](x))
+        assert not any(pdl[before:]), "the v2 engine launched with pdl"
+    flags = sys.modules["densetriton.kernels.bn_relu_conv_v2"]._pdl_flags(True)
+    # The interpreter has no griddepcontrol: there pdl is off; compiled, it is the kernels' and Triton's.
+    assert flags == ({"PDL": True, "launch_pdl": True} if DEVICE == "cuda" else {"PDL": False})
 
 
 # -- tile tables ----------------------------------------------------------------------------------
@@ -203,7 +233,10 @@ def test_the_tuned_table_is_found_by_gpu_and_triton_user_cache_first(tmp_path):
         (lambda d: d["entries"][0].pop("c_in"), "entry 0: missing c_in"),
         (lambda d: d["entries"][0].update(BLOCK_K=24), "BLOCK_K must be a power of two >= 16"),
         (lambda d: d["entries"][0].update(num_warps=True), "num_warps must be a power of two"),
-        (lambda d: d["entries"][0].update(split_k=2), "split_k 2: only conv1x1 v2, conv3x3 v2 split K"),
+        (
+            lambda d: d["entries"][0].update(split_k=2),
+            "split_k 2: only conv1x1 v2, conv1x1 v2-pdl, conv3x3 v2, conv3x3 v2-pdl split K",
+        ),
         (lambda d: d["entries"][0].update(split_k=0), "split_k must be an int from 1 to 64"),
         (lambda d: d["entries"][0].update(op="max_pool"), "op must be one of"),
         (lambda d: d["entries"][0].update(colour="blue"), "unknown field"),

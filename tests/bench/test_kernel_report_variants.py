@@ -49,9 +49,20 @@ def test_sass_k_loop_counts_the_innermost_loop_holding_the_mma_and_what_its_oute
 
 
 def test_v2_kernels_build_for_sm90_without_spills_and_fewer_instructions_per_k_step():
-    out = report("--model", "densenet121", "--batch-size", "1", "--kernels", "conv1x1=v2,conv3x3=v2", "--fail-on-spill")
+    # The 1x1 with programmatic dependent launch, the 3x3 without: both paths of the v2 kernels and
+    # of the split-K reduction in one build (--fail-on-spill also fails a PDL kernel whose PTX
+    # lacks griddepcontrol.wait).
+    kernels = "conv1x1=v2-pdl,conv3x3=v2"
+    out = report("--model", "densenet121", "--batch-size", "1", "--kernels", kernels, "--fail-on-spill")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "kernel variants: conv1x1=v2,conv3x3=v2\n" in out.stdout
+    assert f"kernel variants: {kernels}\n" in out.stdout
+    pdl = {(kernel, flag) for kernel, flag in re.findall(r"^\| (_\w+_kernel) \| [^|]*PDL=([01])", out.stdout, re.M)}
+    assert pdl == {
+        ("_conv1x1_v2_kernel", "1"),
+        ("_conv_taps_v2_kernel", "0"),
+        ("_split_k_reduce_kernel", "1"),
+        ("_split_k_reduce_kernel", "0"),
+    }, pdl
     rows = {
         cells[0]: cells
         for cells in (

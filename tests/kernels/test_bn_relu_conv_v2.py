@@ -215,3 +215,21 @@ def test_split_k_needs_the_callers_workspace(device, gen):
         bn_relu_conv_v2(x, weight, out, kernel_size=1, SPLIT_K=2, workspace=small)
     with pytest.raises(ValueError, match="SPLIT_K must be a positive int"):
         bn_relu_conv_v2(x, weight, out, kernel_size=1, SPLIT_K=0)
+
+
+@pytest.mark.parametrize("k,pad,split_k", [(1, 0, 1), (1, 0, 2), (3, 1, 1), (3, 1, 4)])
+def test_programmatic_dependent_launch_gives_the_same_bits(device, gen, k, pad, split_k):
+    """pdl=True: on a GPU each grid may start before the one before it ends and waits for it (the
+    reduction after its split conv too); the results must not change by a bit. The interpreter
+    runs launches whole and in order, so there it is the same call."""
+    x, w_ref, weight, scale, shift, b = layer(gen, device, torch.float16, 2, 5, 6, 40, 24, k, True, True)
+    workspace = torch.full((split_k * 2 * 5 * 6 * 24 + 64,), NAN, dtype=torch.float32, device=device)
+    kwargs = dict(kernel_size=k, padding=pad, in_scale=scale, in_shift=shift, bias=b, relu_out=True)
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=split_k, workspace=workspace)
+    outs = []
+    for pdl in (False, True, True):
+        out = torch.full((2, 5, 6, 24), NAN, dtype=torch.float16, device=device)
+        outs.append(bn_relu_conv_v2(x, weight, out, **kwargs, **tiles, pdl=pdl))
+    ref = reference(x, w_ref, stride=1, padding=pad, scale=scale, shift=shift, bias=b, relu_out=True)
+    assert_close(outs[1], ref, torch.float16)
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
