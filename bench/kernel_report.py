@@ -273,6 +273,8 @@ def _build_one(fn, spec, packed, backend, arch):
         spec.k_loop = sass_k_loop(_sass(compiled.asm["cubin"], arch))
         if kwargs.get("PDL") and "griddepcontrol.wait" not in compiled.asm["ptx"]:
             spec.error = "PDL=1, but its PTX never waits for the launch before (no griddepcontrol.wait)"
+        elif kwargs.get("PDL") and not getattr(compiled.metadata, "launch_pdl", False):
+            spec.error = "PDL=1, but it is not launched with programmatic dependent launch (launch_pdl)"
     except Exception as e:  # one failure is a finding, not the end of the report
         spec.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 

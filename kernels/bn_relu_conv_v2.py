@@ -434,11 +434,13 @@ def split_k_workspace_numel(rows: int, c_out: int, split_k: int) -> int:
     return split_k * rows * c_out if split_k > 1 else 0
 
 
-def _pdl_flags(pdl: bool) -> dict:
+def _pdl_flags(pdl: bool, device: torch.device) -> dict:
     """The kernels' constexpr and, when on, Triton's launch option for programmatic dependent
-    launch. Triton's interpreter runs each launch whole and in order (and has no griddepcontrol):
-    there pdl changes nothing."""
+    launch. It is off where there is no griddepcontrol: Triton's interpreter (which runs each
+    launch whole and in order) and GPUs before sm_90."""
     on = bool(pdl) and isinstance(_conv1x1_v2_kernel, triton.runtime.JITFunction)
+    if on and device.type == "cuda":
+        on = torch.cuda.get_device_capability(device)[0] >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
@@ -476,7 +478,7 @@ def bn_relu_conv_v2(
     """bn_relu_conv's op and arguments (see its docstring), run by the v2 kernels. SPLIT_K > 1
     splits the K sum over that many programs per tile, their partials in `workspace` (float32,
     split_k_workspace_numel elements; the caller's, as every output here). pdl: launch with
-    programmatic dependent launch (sm_90 and later; see the module doc)."""
+    programmatic dependent launch (sm_90 and later, else ignored; see the module doc)."""
     g = check_conv_args(
         x,
         weight,
@@ -537,7 +539,7 @@ def bn_relu_conv_v2(
         BLOCK_K=BLOCK_K,
         SPLIT_K=SPLIT_K,
         num_warps=num_warps,
-        **_pdl_flags(pdl),
+        **_pdl_flags(pdl, x.device),
     )
     if num_stages is not None:
         flags["num_stages"] = num_stages
@@ -563,6 +565,6 @@ def bn_relu_conv_v2(
             RELU_OUT=bool(relu_out),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
-            **_pdl_flags(pdl),
+            **_pdl_flags(pdl, x.device),
         )
     return out

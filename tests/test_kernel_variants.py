@@ -161,14 +161,21 @@ def test_v2_pdl_runs_the_v2_kernels_with_programmatic_dependent_launch_and_the_s
     for batch in (1, 3):
         x = torch.randn(batch, 3, 37, 37).to(DEVICE)
         before = len(pdl)
-        with_pdl = engines[v2_pdl](x)
+        with_pdl = engines[v2_pdl](x)  # on a GPU: the eager run inside the graph's capture
         assert pdl[before:] and all(pdl[before:]), "the v2-pdl engine launched without pdl"
         before = len(pdl)
         assert torch.equal(with_pdl, engines[v2](x))
         assert not any(pdl[before:]), "the v2 engine launched with pdl"
-    flags = sys.modules["densetriton.kernels.bn_relu_conv_v2"]._pdl_flags(True)
-    # The interpreter has no griddepcontrol: there pdl is off; compiled, it is the kernels' and Triton's.
-    assert flags == ({"PDL": True, "launch_pdl": True} if DEVICE == "cuda" else {"PDL": False})
+        if DEVICE == "cuda":  # the graph, replayed, on other inputs: PDL's edges inside a CUDA graph
+            plan = engines[v2_pdl]._model.plan(batch, 37, 37)
+            assert plan.graph is not None and not plan.graph_failed, "the v2-pdl plan was not captured"
+            for _ in range(3):
+                x = torch.randn(batch, 3, 37, 37, device=DEVICE)
+                assert torch.equal(engines[v2_pdl](x), engines[v2](x))
+    flags = sys.modules["densetriton.kernels.bn_relu_conv_v2"]._pdl_flags(True, torch.device(DEVICE))
+    # The interpreter and GPUs before sm_90 have no griddepcontrol: there pdl is off.
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert flags == ({"PDL": True, "launch_pdl": True} if hopper else {"PDL": False})
 
 
 # -- tile tables ----------------------------------------------------------------------------------

@@ -219,17 +219,58 @@ def test_split_k_needs_the_callers_workspace(device, gen):
 
 @pytest.mark.parametrize("k,pad,split_k", [(1, 0, 1), (1, 0, 2), (3, 1, 1), (3, 1, 4)])
 def test_programmatic_dependent_launch_gives_the_same_bits(device, gen, k, pad, split_k):
-    """pdl=True: on a GPU each grid may start before the one before it ends and waits for it (the
-    reduction after its split conv too); the results must not change by a bit. The interpreter
-    runs launches whole and in order, so there it is the same call."""
-    x, w_ref, weight, scale, shift, b = layer(gen, device, torch.float16, 2, 5, 6, 40, 24, k, True, True)
-    workspace = torch.full((split_k * 2 * 5 * 6 * 24 + 64,), NAN, dtype=torch.float32, device=device)
-    kwargs = dict(kernel_size=k, padding=pad, in_scale=scale, in_shift=shift, bias=b, relu_out=True)
-    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=split_k, workspace=workspace)
-    outs = []
-    for pdl in (False, True, True):
-        out = torch.full((2, 5, 6, 24), NAN, dtype=torch.float16, device=device)
-        outs.append(bn_relu_conv_v2(x, weight, out, **kwargs, **tiles, pdl=pdl))
-    ref = reference(x, w_ref, stride=1, padding=pad, scale=scale, shift=shift, bias=b, relu_out=True)
-    assert_close(outs[1], ref, torch.float16)
-    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    """pdl=True: a producer conv (a long K loop) writes `mid`, a consumer conv (split or not, its
+    reduction too) reads it; both PDL launches. On a GPU each round is queued behind a sleeping
+    kernel, so every grid is launched while the one before it runs: a program that read before
+    its wait would see the previous round's `mid` or partials (other inputs, NaN-refilled
+    workspace) and differ from the same chain without PDL. The interpreter runs launches whole
+    and in order: there it is one round of the same call."""
+    cuda = device == "cuda"
+    c_in, c_mid, c_out = (2048 if cuda else 40), 32, 24
+    _, _, w_producer, scale, shift, b_producer = layer(gen, device, torch.float16, 2, 5, 6, c_in, c_mid, 1, True, True)
+    _, w_ref, w_consumer, scale2, shift2, b = layer(gen, device, torch.float16, 2, 5, 6, c_mid, c_out, k, True, True)
+    workspace = torch.empty(split_k * 2 * 5 * 6 * c_out + 64, dtype=torch.float32, device=device)
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+
+    def chain(x, mid, out, pdl):
+        bn_relu_conv_v2(
+            x,
+            w_producer,
+            mid,
+            kernel_size=1,
+            in_scale=scale,
+            in_shift=shift,
+            bias=b_producer,
+            relu_out=True,
+            pdl=pdl,
+            **tiles,
+        )
+        bn_relu_conv_v2(
+            mid,
+            w_consumer,
+            out,
+            kernel_size=k,
+            padding=pad,
+            in_scale=scale2,
+            in_shift=shift2,
+            bias=b,
+            relu_out=True,
+            SPLIT_K=split_k,
+            workspace=workspace,
+            pdl=pdl,
+            **tiles,
+        )
+
+    mids = [torch.full((2, 5, 6, c_mid), NAN, dtype=torch.float16, device=device) for _ in range(2)]
+    outs = [torch.full((2, 5, 6, c_out), NAN, dtype=torch.float16, device=device) for _ in range(2)]
+    for _ in range(20 if cuda else 1):
+        x = randn(gen, 2, 5, 6, c_in, dtype=torch.float16, device=device)
+        chain(x, mids[0], outs[0], pdl=False)
+        workspace.fill_(NAN)
+        if cuda:
+            torch.cuda._sleep(2_000_000)  # ~1 ms: the chain's launches queue up behind it
+        chain(x, mids[1], outs[1], pdl=True)
+        assert torch.equal(outs[1], outs[0]) and torch.equal(mids[1], mids[0])
+        workspace.fill_(NAN)
+    ref = reference(mids[0], w_ref, stride=1, padding=pad, scale=scale2, shift=shift2, bias=b, relu_out=True)
+    assert_close(outs[0], ref, torch.float16)
