@@ -367,14 +367,7 @@ class Plan:
             if variant == "v2":  # features [N, C] -> logits [N, classes], split TF32 products
                 classify = functools.partial(kernels.classifier_v2, self.features, w["weight"], bias=w["bias"], **tiles)
                 return lambda x, logits: classify(out=logits)
-            conv = functools.partial(
-                conv_launcher(variant),
-                feats,
-                w["weight"],
-                kernel_size=1,
-                bias=w["bias"],
-                **tiles,
-            )
+            conv = functools.partial(conv_launcher(variant), feats, w["weight"], kernel_size=1, bias=w["bias"], **tiles)
             return lambda x, logits: conv(logits.view(n, 1, 1, c_out))
         x = self._view(stage.reads, n, shapes, block_hw)
         out = self._view(stage.writes, n, shapes, block_hw)

@@ -529,6 +529,7 @@ def bn_relu_conv_v2(
         shift.stride(0),
         bias_arg.stride(0),
     )
+    pdl_flags = _pdl_flags(pdl, x.device)  # the conv's and its reduction's
     flags = dict(
         HAS_PROLOGUE=has_prologue,
         HAS_BIAS=bias is not None,
@@ -539,7 +540,7 @@ def bn_relu_conv_v2(
         BLOCK_K=BLOCK_K,
         SPLIT_K=SPLIT_K,
         num_warps=num_warps,
-        **_pdl_flags(pdl, x.device),
+        **pdl_flags,
     )
     if num_stages is not None:
         flags["num_stages"] = num_stages
@@ -565,6 +566,6 @@ def bn_relu_conv_v2(
             RELU_OUT=bool(relu_out),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
-            **_pdl_flags(pdl, x.device),
+            **pdl_flags,
         )
     return out
